@@ -1,0 +1,33 @@
+# The two commands of README.md: `make demo` runs the main job, `make test` passes the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export RAY_TMPDIR ?= $(CURDIR)/.tmp/ray
+export SPIN_RAY_CACHE ?= $(CURDIR)/.cache/spin_ray
+export MALLOC_ARENA_MAX ?= 2
+
+.PHONY: setup demo test test-unit test-integration test-e2e bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@mkdir -p $(RAY_TMPDIR)
+	$(VENV)/bin/spin-ray demo
+
+test: setup
+	@mkdir -p $(RAY_TMPDIR)
+	$(PY) -m pytest tests -q
+
+test-unit: setup
+	$(PY) -m pytest tests/unit -q
+
+test-integration: setup
+	@mkdir -p $(RAY_TMPDIR)
+	$(PY) -m pytest tests/integration -q
+
+test-e2e: setup
+	@mkdir -p $(RAY_TMPDIR)
+	$(PY) -m pytest tests/e2e -q
+
+clean:
+	rm -rf .tmp .pytest_cache

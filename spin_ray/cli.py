@@ -1,0 +1,94 @@
+"""The `spin-ray` command line: one sub-command per stage, errors as one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from spin_ray import __version__
+from spin_ray.config import ConfigError, load_config
+from spin_ray.data import DataError
+from spin_ray.models import ModelResolutionError
+
+# Errors that are the user's input, not our bug: print the message, no traceback, exit 2.
+USER_ERRORS = (ConfigError, DataError, ModelResolutionError)
+
+
+def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("config", nargs=None if required else "?", help="YAML run config")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. training.beta=0.2")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from spin_ray.prepare import format_summary, validate
+
+    summary = validate(load_config(args.config, args.overrides))
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    import time
+
+    from spin_ray.models import resolve_model
+
+    started = time.perf_counter()
+    resolved = resolve_model(args.model, args.cache_dir)
+    print(f"{resolved.spec} -> {resolved.path} ({resolved.source}, {time.perf_counter() - started:.1f}s)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from spin_ray.demo import run_demo
+
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path and "=" in config_path and not os.path.exists(config_path):
+        config_path, overrides = None, [config_path, *overrides]  # `spin-ray demo key=value` without a file
+    if not any(o.startswith("generation.max_new_tokens=") for o in overrides):
+        overrides.append("generation.max_new_tokens=96")
+    run_demo(load_config(config_path, overrides), prompts=args.prompts, steps=args.steps, learning_rate=args.lr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spin-ray", description="Self-play fine-tuning (SPIN) of language models on Ray."
+    )
+    parser.add_argument("--version", action="version", version=f"spin-ray {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="parse a config, resolve its model and data, print a summary")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("prepare-model", help="resolve a model spec, converting an alias to safetensors once")
+    p.add_argument("model", help="alias (smollm2-135m-instruct), local folder or hub id")
+    p.add_argument("--cache-dir", default=None, help="conversion cache (default $SPIN_RAY_CACHE or ~/.cache/spin_ray)")
+    p.set_defaults(func=cmd_prepare_model)
+
+    p = sub.add_parser("demo", help="one SPIN iteration in miniature on SmolLM2 + GSM8K, in one process")
+    _add_config_args(p, required=False)
+    p.add_argument("--prompts", type=int, default=4, help="GSM8K prompts to answer (default 4)")
+    p.add_argument("--steps", type=int, default=3, help="SPIN optimizer steps (default 3)")
+    p.add_argument("--lr", type=float, default=1e-5, help="learning rate of the demo steps (default 1e-5)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"spin-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

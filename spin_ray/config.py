@@ -1,0 +1,250 @@
+"""The one validated, typed run configuration: YAML files plus `key=value` overrides."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be accepted; the message names the key."""
+
+
+class _Section(BaseModel):
+    # extra="forbid" turns a typo like `trainig.beta` into an error instead of a silent default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Alias (smollm2-135m-instruct), local folder, or Hugging Face model id of the initial model p_0.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where aliases are converted to safetensors once. Default: $SPIN_RAY_CACHE or ~/.cache/spin_ray.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter dtype. float32 on CPU (bf16 is 2x slower there), bfloat16 on GPU."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint folder. Off by default.")
+
+
+class DataConfig(_Section):
+    train: str = Field(
+        "gsm8k",
+        description="SFT data: built-in name (gsm8k, gsm8k:test) or an fsspec path/URL to jsonl, json, parquet or a saved HF dataset.",
+    )
+    eval: str | None = Field("gsm8k:test", description="Held-out data, same forms as data.train; null for none.")
+    format: Literal["auto", "jsonl", "json", "parquet", "hf"] = Field(
+        "auto", description="File format; auto picks it from the extension (a folder is a saved HF dataset)."
+    )
+    split: str = Field("train", description="Split to take when data.train is a saved HF DatasetDict.")
+    prompt_column: str = Field("prompt", description="Column holding the prompt text (prompt/response layout).")
+    response_column: str = Field("response", description="Column holding the human response text.")
+    messages_column: str = Field(
+        "messages",
+        description="Column holding a chat list [{role, content}, ...] whose last turn is the assistant's (chat layout). Used when present.",
+    )
+    system_prompt: str | None = Field(
+        None, description="System message prepended to prompts that have none; null keeps the chat template's default."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first N valid records (after validation).")
+    skip_invalid: bool = Field(
+        False, description="Skip invalid rows (counted and reported) instead of stopping at the first one."
+    )
+    max_prompt_tokens: int = Field(512, ge=8, description="Longest prompt, in tokens after the chat template.")
+    max_response_tokens: int = Field(
+        512, ge=8, description="Longest response (human or generated), in tokens including the end-of-turn token."
+    )
+    overlong: Literal["drop", "truncate"] = Field(
+        "drop",
+        description="Over-long pairs: drop (counted) or truncate (prompt keeps its end, response keeps its start).",
+    )
+
+
+class GenerationConfig(_Section):
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="Opponent engine: hf (transformers generate, CPU default) or vllm (GPU)."
+    )
+    max_new_tokens: int = Field(256, ge=1, description="Longest opponent answer, in new tokens.")
+    temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (sampling only).")
+    num_samples: int = Field(1, ge=1, description="Answers per prompt (SPPO uses K=5).")
+    batch_size: int = Field(8, ge=1, description="Prompts per engine batch.")
+    seed: int = Field(0, description="Base seed; each prompt's sampling seed derives from it and the prompt_id.")
+
+
+class TrainingConfig(_Section):
+    objective: Literal["spin", "sft"] = Field("spin", description="spin (self-play) or sft (continued SFT).")
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = Field("sigmoid", description="SPIN loss shape.")
+    beta: float = Field(0.1, gt=0.0, description="Inverse temperature of the SPIN reward (paper: 0.1).")
+    learning_rate: float = Field(5e-7, gt=0.0, description="Peak learning rate (paper: 5e-7, 1e-7 later).")
+    optimizer: Literal["rmsprop", "adamw"] = Field("rmsprop", description="RMSprop as in the paper, or AdamW.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (AdamW) or L2 penalty (RMSprop).")
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Share of steps with linear warmup.")
+    global_batch_size: int = Field(64, ge=1, description="Pairs per optimizer step, over all workers.")
+    micro_batch_size: int = Field(2, ge=1, description="Pairs per worker per forward/backward.")
+    epochs: int = Field(2, ge=1, description="Passes over the pairs per iteration (paper: 2).")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    seed: int = Field(0, description="Seed of initialisation-free randomness: data order, dropout.")
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> "TrainingConfig":
+        if self.micro_batch_size > self.global_batch_size:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) exceeds global_batch_size ({self.global_batch_size})"
+            )
+        return self
+
+
+class RunConfig(_Section):
+    name: str = Field("spin-gsm8k", min_length=1, description="Run name: the folder under storage_path.")
+    storage_path: str = Field("./runs", min_length=1, description="fsspec URL of the run storage (local, s3://, gs://).")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if "/" in value or value in (".", ".."):
+            raise ValueError(f"run name {value!r} must be a single path component")
+        return value
+
+
+class IterationsConfig(_Section):
+    count: int = Field(3, ge=1, description="Self-play iterations to run.")
+    mix_previous: bool = Field(
+        False, description="Also train on the previous iteration's pairs, as the official recipe does."
+    )
+    converged_accuracy: float | None = Field(
+        None, gt=0.0, le=1.0, description="Stop early once held-out reward accuracy falls to this (e.g. 0.55)."
+    )
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    generation: GenerationConfig = GenerationConfig()
+    training: TrainingConfig = TrainingConfig()
+    run: RunConfig = RunConfig()
+    iterations: IterationsConfig = IterationsConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """Stable hash of every setting, used to refuse resuming a run under a changed config."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_known_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def config_keys() -> list[str]:
+    """Every leaf key as a dotted path (model.name, training.beta, ...)."""
+    return _known_keys(Config)
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, config_keys(), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"override key {key!r} is malformed")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`training.beta=0.2 run.name=x` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. training.beta=0.2")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in config_keys():
+            raise ConfigError(f"unknown config key {key!r} in override {item!r}{_suggest(key)}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown config key{_suggest(key)}")
+        else:
+            shown = err.get("input")
+            got = f" (got {shown!r})" if not isinstance(shown, dict) else ""
+            lines.append(f"  {key}: {err['msg']}{got}")
+    return "\n".join(lines)
+
+
+def build_config(tree: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from the defaults) and apply `key=value` overrides on top."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    if overrides:
+        tree = _deep_merge(tree, parse_overrides(overrides))
+        source += " + overrides"
+    return build_config(tree, source)

