@@ -11,10 +11,11 @@ import sys
 from spin_ray import __version__
 from spin_ray.config import ConfigError, load_config
 from spin_ray.data import DataError
+from spin_ray.generation.pipeline import GenerationError
 from spin_ray.models import ModelResolutionError
 
 # Errors that are the user's input, not our bug: print the message, no traceback, exit 2.
-USER_ERRORS = (ConfigError, DataError, ModelResolutionError)
+USER_ERRORS = (ConfigError, DataError, ModelResolutionError, GenerationError)
 
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -53,6 +54,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    # RAY_ADDRESS (set by `ray job submit`) or --address joins a cluster; otherwise a local instance.
+    ray.init(address=address or os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from spin_ray.generation.pipeline import format_generation_summary, run_generation
+
+    config = load_config(args.config, args.overrides)
+    _init_ray(args.address)
+    result = run_generation(config, iteration=0)
+    print(format_generation_summary(result.summary))
+    print(f"output: {result.output_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spin-ray", description="Self-play fine-tuning (SPIN) of language models on Ray."
@@ -70,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="alias (smollm2-135m-instruct), local folder or hub id")
     p.add_argument("--cache-dir", default=None, help="conversion cache (default $SPIN_RAY_CACHE or ~/.cache/spin_ray)")
     p.set_defaults(func=cmd_prepare_model)
+
+    p = sub.add_parser("generate", help="run opponent generation alone (iteration 0, opponent = configured model)")
+    _add_config_args(p)
+    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local instance)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="one SPIN iteration in miniature on SmolLM2 + GSM8K, in one process")
     _add_config_args(p, required=False)

@@ -79,6 +79,30 @@ class GenerationConfig(_Section):
     num_samples: int = Field(1, ge=1, description="Answers per prompt (SPPO uses K=5).")
     batch_size: int = Field(8, ge=1, description="Prompts per engine batch.")
     seed: int = Field(0, description="Base seed; each prompt's sampling seed derives from it and the prompt_id.")
+    replicas: tuple[int, int] = Field(
+        (1, 2), description="[min, max] engine actors; the Ray Data actor pool autoscales between them."
+    )
+    reference_replicas: tuple[int, int] = Field(
+        (1, 1), description="[min, max] actors of the forward-only reference log-prob stage."
+    )
+    cpus_per_replica: float = Field(1.0, gt=0.0, description="CPUs Ray reserves for each engine or reference actor.")
+    threads_per_replica: int = Field(
+        0, ge=0, description="torch threads in each actor; 0 means the actor's CPU count (at least 1)."
+    )
+    shard_rows: int = Field(
+        32, ge=1, description="Prompts per committed parquet shard: the unit of resume after an interruption."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM only: GPUs per engine replica.")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vLLM only: share of GPU memory.")
+    accelerator_type: str | None = Field(None, description="vLLM only: Ray accelerator type, e.g. H100 or L4.")
+
+    @field_validator("replicas", "reference_replicas")
+    @classmethod
+    def _ordered_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if low < 1 or high < low:
+            raise ValueError(f"expected [min, max] with 1 <= min <= max, got [{low}, {high}]")
+        return value
 
 
 class TrainingConfig(_Section):

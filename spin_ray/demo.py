@@ -44,7 +44,7 @@ def run_demo(config: Config, prompts: int = 4, steps: int = 3, learning_rate: fl
         batch_size=config.generation.batch_size,
     )
     t0 = time.perf_counter()
-    completions = engine.generate(data.prompt_ids, seed=config.generation.seed)
+    completions = engine.generate(data.prompt_ids)
     new_tokens = sum(len(c.token_ids) for c in completions)
     echo(f"opponent answered {len(completions)} prompts: {new_tokens} tokens in {time.perf_counter() - t0:.1f}s")
     generated_ids = [c.token_ids for c in completions]

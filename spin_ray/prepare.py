@@ -34,7 +34,7 @@ def tokenize_split(source: str, config: Config, chat: ChatFormat) -> TokenizedSp
         config.data.overlong,
     )
     if len(kept) != records.num_rows:
-        records = records.take(kept)
+        records = records.take(pa.array(kept, pa.int64()))
     return TokenizedSplit(records, prompt_ids, response_ids, load_report, lengths)
 
 

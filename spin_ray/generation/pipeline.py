@@ -1,0 +1,201 @@
+"""Opponent generation as a Ray Data pipeline: prompts -> engine pool -> reference pool -> committed shards.
+
+Output lives under {storage_path}/{run}/iter_{t}/generation/: one parquet shard per committed
+batch, and _COMPLETE.json once every prompt has exactly one row. A restart skips the prompt_ids
+already committed and generates only the missing ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spin_ray.config import Config
+from spin_ray.models import load_tokenizer, resolve_model
+from spin_ray.prepare import tokenize_split
+from spin_ray.storage import atomic_write_json, read_json
+from spin_ray.tokenization import ChatFormat
+
+log = logging.getLogger(__name__)
+COMPLETE_MARKER = "_COMPLETE.json"
+
+
+class GenerationError(RuntimeError):
+    """The generation stage cannot run or its output is inconsistent."""
+
+
+@dataclass
+class GenerationResult:
+    output_dir: str
+    dataset: object  # ray.data.Dataset, materialized in the object store
+    summary: dict
+
+
+def generation_dir(config: Config, iteration: int) -> str:
+    return f"{config.run.storage_path.rstrip('/')}/{config.run.name}/iter_{iteration}/generation"
+
+
+def _shard_files(output_dir: str) -> list[str]:
+    fs, path = fsspec.core.url_to_fs(output_dir)
+    if not fs.exists(path):
+        return []
+    names = [p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith("shard-") and p.endswith(".parquet")]
+    protocol = output_dir.split("://", 1)[0] + "://" if "://" in output_dir else ""
+    return sorted(protocol + p if protocol and not p.startswith(protocol) else p for p in names)
+
+
+def committed_prompt_ids(output_dir: str) -> dict[str, str]:
+    """prompt_id -> shard file, for every row already committed."""
+    owners: dict[str, str] = {}
+    for file in _shard_files(output_dir):
+        with fsspec.open(file, "rb") as handle:
+            for pid in pq.read_table(handle, columns=["prompt_id"]).column("prompt_id").to_pylist():
+                owners.setdefault(pid, file)
+    return owners
+
+
+def _summarise(table: pa.Table, seconds: float, max_new_tokens: int, generated_now: int) -> dict:
+    lengths = np.array([n for row in table.column("generated_tokens").to_pylist() for n in row])
+    reasons = [r for row in table.column("finish_reasons").to_pylist() for r in row]
+    total = int(lengths.sum()) if lengths.size else 0
+    return {
+        "prompts": table.num_rows,
+        "prompts_generated_this_run": generated_now,
+        "responses": int(lengths.size),
+        "generated_tokens": total,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(total / seconds, 2) if seconds > 0 and generated_now else None,
+        "mean_response_tokens": round(float(lengths.mean()), 1) if lengths.size else 0.0,
+        "max_response_tokens": int(lengths.max()) if lengths.size else 0,
+        "share_hit_max_new_tokens": round(reasons.count("length") / max(len(reasons), 1), 4),
+        "max_new_tokens": max_new_tokens,
+    }
+
+
+def run_generation(config: Config, iteration: int = 0, model: str | None = None) -> GenerationResult:
+    """Answer every training prompt with the opponent (default: the configured model) and score it."""
+    import ray
+
+    gen = config.generation
+    if gen.engine != "hf":
+        raise GenerationError(f"generation.engine={gen.engine!r} runs through ray.data.llm on GPU nodes; "
+                              "see spin_ray/generation/vllm_engine.py (not runnable on a CPU-only cluster)")
+    output_dir = generation_dir(config, iteration)
+    done = read_json(f"{output_dir}/{COMPLETE_MARKER}")
+    if done is not None:
+        log.info("generation for iteration %d already complete: %s", iteration, output_dir)
+        dataset = ray.data.read_parquet(done["shards"]).materialize()
+        return GenerationResult(output_dir, dataset, done["summary"])
+
+    resolved = resolve_model(model or config.model.name, config.model.cache_dir)
+    tokenizer = load_tokenizer(resolved.path, config.model.trust_remote_code)
+    chat = ChatFormat(tokenizer)
+    split = tokenize_split(config.data.train, config, chat)
+    if split.records.num_rows == 0:
+        raise GenerationError("no prompts left after the over-length policy; raise data.max_prompt_tokens")
+    expected = set(split.records.column("prompt_id").to_pylist())
+
+    already = committed_prompt_ids(output_dir)
+    stale = set(already) - expected
+    if stale:
+        raise GenerationError(
+            f"{output_dir} holds {len(stale)} prompt_ids that the current data does not: "
+            "the data or config changed under the same run name; use a new run name"
+        )
+    todo = [i for i, pid in enumerate(split.records.column("prompt_id").to_pylist()) if pid not in already]
+    # Sort by prompt length: neighbouring prompts share batches, so batches carry little padding.
+    todo.sort(key=lambda i: len(split.prompt_ids[i]))
+    log.info("%d prompts, %d already committed, %d to generate", len(expected), len(already), len(todo))
+
+    started = time.perf_counter()
+    if todo:
+        records = split.records.take(todo)
+        table = pa.table(
+            {
+                "prompt_id": records.column("prompt_id"),
+                "prompt": records.column("prompt"),
+                "real": records.column("response"),
+                "prompt_token_ids": pa.array([split.prompt_ids[i] for i in todo], pa.list_(pa.int32())),
+                "real_token_ids": pa.array([split.response_ids[i] for i in todo], pa.list_(pa.int32())),
+                "prompt_tokens": pa.array([len(split.prompt_ids[i]) for i in todo], pa.int32()),
+                "real_tokens": pa.array([len(split.response_ids[i]) for i in todo], pa.int32()),
+            }
+        )
+        # One block per future shard: a shard is the unit of commit and of resume.
+        blocks = [table.slice(start, gen.shard_rows) for start in range(0, table.num_rows, gen.shard_rows)]
+        threads = gen.threads_per_replica or max(1, int(gen.cpus_per_replica))
+        common = {"model_path": resolved.path, "dtype": config.model.dtype, "trust_remote_code": config.model.trust_remote_code}
+        from spin_ray.generation.stages import GenerateStage, ReferenceStage, commit_shard
+
+        dataset = (
+            ray.data.from_arrow(blocks)
+            .map_batches(
+                GenerateStage,
+                fn_constructor_kwargs={
+                    **common,
+                    "max_new_tokens": gen.max_new_tokens,
+                    "temperature": gen.temperature,
+                    "top_p": gen.top_p,
+                    "batch_size": gen.batch_size,
+                    "num_samples": gen.num_samples,
+                    "seed": gen.seed,
+                    "threads": threads,
+                },
+                batch_format="pyarrow",
+                batch_size=gen.shard_rows,
+                compute=ray.data.ActorPoolStrategy(min_size=gen.replicas[0], max_size=gen.replicas[1]),
+                num_cpus=gen.cpus_per_replica,
+            )
+            .map_batches(
+                ReferenceStage,
+                fn_constructor_kwargs={**common, "pad_id": tokenizer.pad_token_id, "batch_size": gen.batch_size, "threads": threads},
+                batch_format="pyarrow",
+                batch_size=gen.shard_rows,
+                compute=ray.data.ActorPoolStrategy(min_size=gen.reference_replicas[0], max_size=gen.reference_replicas[1]),
+                num_cpus=gen.cpus_per_replica,
+            )
+            .map_batches(commit_shard, fn_kwargs={"output_dir": output_dir}, batch_format="pyarrow", batch_size=None)
+        )
+        new_rows = dataset.materialize()
+    seconds = time.perf_counter() - started
+
+    shards = _shard_files(output_dir)
+    full = pa.concat_tables([_read_shard(f) for f in shards]) if shards else None
+    ids = full.column("prompt_id").to_pylist() if full is not None else []
+    if len(ids) != len(set(ids)) or set(ids) != expected:
+        missing, doubled = len(expected - set(ids)), len(ids) - len(set(ids))
+        raise GenerationError(f"{output_dir}: {missing} prompts missing and {doubled} doubled after generation")
+    summary = _summarise(full, seconds, gen.max_new_tokens, len(todo))
+    summary.update({"engine": gen.engine, "model": resolved.path, "iteration": iteration,
+                    "overlong_dropped": split.lengths.dropped, "overlong_truncated": split.lengths.truncated})
+    atomic_write_json(f"{output_dir}/{COMPLETE_MARKER}", {"shards": shards, "summary": summary})
+    # Rows generated now are already in the object store; earlier rows are read back once.
+    if todo and len(todo) == len(expected):
+        dataset = new_rows
+    else:
+        dataset = ray.data.read_parquet(shards).materialize()
+    return GenerationResult(output_dir, dataset, summary)
+
+
+def _read_shard(file: str) -> pa.Table:
+    from spin_ray.generation.stages import PAIRS_SCHEMA
+
+    with fsspec.open(file, "rb") as handle:
+        return pq.read_table(handle).cast(PAIRS_SCHEMA)
+
+
+def format_generation_summary(summary: dict) -> str:
+    tps = summary["tokens_per_second"]
+    return (
+        f"generation: {summary['prompts']} prompts ({summary['prompts_generated_this_run']} generated this run), "
+        f"{summary['generated_tokens']:,} tokens in {summary['seconds']}s"
+        + (f" = {tps} tok/s" if tps else "")
+        + f"; response tokens mean {summary['mean_response_tokens']}, max {summary['max_response_tokens']}; "
+        f"{summary['share_hit_max_new_tokens']:.1%} hit max_new_tokens ({summary['max_new_tokens']})"
+    )
