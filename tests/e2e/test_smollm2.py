@@ -43,3 +43,26 @@ def test_demo_starts_at_log2_and_learns_to_prefer_human_answers(smollm2_path):
     assert len(answers) == 2
     for line in answers:
         assert "<|im_end|>" not in line and "<|im_start|>" not in line
+
+
+@pytest.mark.ray
+def test_generation_on_16_gsm8k_prompts(ray_session, smollm2_path, tmp_path):
+    from spin_ray.generation.pipeline import run_generation
+
+    config = load_config(
+        ROOT / "jobs" / "gsm8k_smollm2_cpu.yaml",
+        ["data.limit=16", "generation.max_new_tokens=64", f"run.storage_path={tmp_path}", "generation.shard_rows=8"],
+    )
+    result = run_generation(config)
+    rows = result.dataset.take_all()
+    kept = 16 - result.summary["overlong_dropped"]  # the drop policy may remove a long human answer
+    assert kept >= 14 and len(rows) == kept and len({r["prompt_id"] for r in rows}) == kept
+    for row in rows:
+        text = row["generated"][0]
+        assert text.strip(), f"empty answer for {row['prompt_id']}"
+        for marker in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "assistant\n"):
+            assert marker not in text
+        assert row["ref_logp_real"] < 0 and row["ref_logp_generated"][0] < 0
+    summary = result.summary
+    assert summary["generated_tokens"] == sum(r["generated_tokens"][0] for r in rows)
+    assert 0 < summary["mean_response_tokens"] <= 64 and summary["tokens_per_second"] > 0

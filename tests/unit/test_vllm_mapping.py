@@ -1,0 +1,37 @@
+"""vLLM path: our config maps onto Ray's real vLLMEngineProcessorConfig (vLLM itself is not installed here)."""
+
+import importlib.util
+
+from spin_ray.config import load_config
+from spin_ray.generation.vllm_engine import build_processor_config, processor_kwargs, request_row
+
+
+def test_vllm_is_not_imported_and_not_needed_for_the_mapping():
+    assert importlib.util.find_spec("vllm") is None  # the CPU box cannot install it
+    config = load_config(overrides=[
+        "generation.engine=vllm", "generation.replicas=[1,8]", "generation.tensor_parallel_size=2",
+        "generation.accelerator_type=H100", "generation.max_new_tokens=256", "data.max_prompt_tokens=512",
+        "model.dtype=bfloat16",
+    ])
+    processor = build_processor_config(config, "/models/p1")
+    assert processor.model_source == "/models/p1"
+    assert processor.concurrency == (1, 8)
+    assert processor.accelerator_type == "H100"
+    assert processor.engine_kwargs["tensor_parallel_size"] == 2
+    assert processor.engine_kwargs["max_model_len"] == 768
+    assert processor.engine_kwargs["dtype"] == "bfloat16"
+    assert processor.batch_size == 8
+
+
+def test_fixed_pool_and_request_rows():
+    config = load_config(overrides=["generation.replicas=[2,2]", "generation.temperature=0.7", "generation.top_p=0.9"])
+    assert processor_kwargs(config, "m")["concurrency"] == 2
+    row = {"prompt_id": "abc", "prompt_token_ids": [1, 2, 3]}
+    first, second = (request_row(config, row, k, [2]) for k in (0, 1))
+    assert first["tokenized_prompt"] == [1, 2, 3]
+    assert first["sampling_params"]["temperature"] == 0.7 and first["sampling_params"]["top_p"] == 0.9
+    assert first["sampling_params"]["stop_token_ids"] == [2]
+    assert first["sampling_params"]["seed"] != second["sampling_params"]["seed"]
+    assert request_row(config, row, 0, [2]) == first  # reproducible
+    greedy = request_row(load_config(), row, 0, [2])["sampling_params"]
+    assert greedy["temperature"] == 0.0 and "seed" not in greedy
