@@ -32,7 +32,8 @@ def run_demo(config: Config, prompts: int = 4, steps: int = 3, learning_rate: fl
     opponent = load_model(resolved.path, config.model.dtype, config.model.trust_remote_code)
     echo(f"model {resolved.spec} from {resolved.path} ({time.perf_counter() - started:.1f}s)")
 
-    data = tokenize_split(config.data.train, config.model_copy(update={"data": config.data.model_copy(update={"limit": prompts})}), chat)
+    subset = config.model_copy(update={"data": config.data.model_copy(update={"limit": prompts})})
+    data = tokenize_split(config.data.train, subset, chat)
     echo(f"data {data.load.summary()}")
 
     engine = HFEngine(
