@@ -9,7 +9,7 @@ response ends with the template's end-of-turn token(s) and is the only part with
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -72,9 +72,6 @@ class LengthReport:
     truncated: int = 0
     prompt_tokens: dict | None = None
     response_tokens: dict | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def length_stats(lengths: Sequence[int]) -> dict:

@@ -7,7 +7,6 @@ import signal
 import threading
 import time
 
-import pyarrow as pa
 import pytest
 import torch
 
