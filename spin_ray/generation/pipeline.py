@@ -50,14 +50,9 @@ def _shard_files(output_dir: str) -> list[str]:
     return sorted(protocol + p if protocol and not p.startswith(protocol) else p for p in names)
 
 
-def committed_prompt_ids(output_dir: str) -> dict[str, str]:
-    """prompt_id -> shard file, for every row already committed."""
-    owners: dict[str, str] = {}
-    for file in _shard_files(output_dir):
-        with fsspec.open(file, "rb") as handle:
-            for pid in pq.read_table(handle, columns=["prompt_id"]).column("prompt_id").to_pylist():
-                owners.setdefault(pid, file)
-    return owners
+def committed_prompt_ids(output_dir: str) -> set[str]:
+    """Every prompt_id already committed in a shard."""
+    return set(_read_shards(_shard_files(output_dir), ["prompt_id"]).column("prompt_id").to_pylist())
 
 
 def _summarise(table: pa.Table, seconds: float, max_new_tokens: int, generated_now: int) -> dict:
@@ -102,7 +97,7 @@ def run_generation(config: Config, iteration: int = 0, model: str | None = None)
     expected = set(split.records.column("prompt_id").to_pylist())
 
     already = committed_prompt_ids(output_dir)
-    stale = set(already) - expected
+    stale = already - expected
     if stale:
         raise GenerationError(
             f"{output_dir} holds {len(stale)} prompt_ids that the current data does not: "
@@ -166,8 +161,9 @@ def run_generation(config: Config, iteration: int = 0, model: str | None = None)
     seconds = time.perf_counter() - started
 
     shards = _shard_files(output_dir)
-    full = pa.concat_tables([_read_shard(f) for f in shards]) if shards else None
-    ids = full.column("prompt_id").to_pylist() if full is not None else []
+    # Only the columns the check and the summary need; the rows themselves are already in the object store.
+    full = _read_shards(shards, ["prompt_id", "generated_tokens", "finish_reasons"])
+    ids = full.column("prompt_id").to_pylist()
     if len(ids) != len(set(ids)) or set(ids) != expected:
         missing, doubled = len(expected - set(ids)), len(ids) - len(set(ids))
         raise GenerationError(f"{output_dir}: {missing} prompts missing and {doubled} doubled after generation")
@@ -183,11 +179,15 @@ def run_generation(config: Config, iteration: int = 0, model: str | None = None)
     return GenerationResult(output_dir, dataset, summary)
 
 
-def _read_shard(file: str) -> pa.Table:
+def _read_shards(files: list[str], columns: list[str]) -> pa.Table:
     from spin_ray.generation.stages import PAIRS_SCHEMA
 
-    with fsspec.open(file, "rb") as handle:
-        return pq.read_table(handle).cast(PAIRS_SCHEMA)
+    schema = pa.schema([PAIRS_SCHEMA.field(c) for c in columns])
+    tables = []
+    for file in files:
+        with fsspec.open(file, "rb") as handle:
+            tables.append(pq.read_table(handle, columns=columns).cast(schema))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def format_generation_summary(summary: dict) -> str:
