@@ -29,5 +29,9 @@ test-e2e: setup
 	@mkdir -p $(RAY_TMPDIR)
 	$(PY) -m pytest tests/e2e -q
 
+bench: setup
+	@mkdir -p $(RAY_TMPDIR)
+	$(PY) bench/generation.py
+
 clean:
 	rm -rf .tmp .pytest_cache

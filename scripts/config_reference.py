@@ -1,6 +1,8 @@
-"""Prints the README's config reference table from the config schema (so the two cannot drift)."""
+"""Prints the README's config reference table from the config schema; --write replaces it in README.md."""
 
 import json
+import sys
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -17,6 +19,23 @@ def rows(model: type[BaseModel], prefix: str = ""):
             yield f"| `{prefix}{name}` | `{default}` | {field.description or ''} |"
 
 
+HEADER = "| key | default | meaning |\n|---|---|---|"
+
+
+def table() -> str:
+    return HEADER + "\n" + "\n".join(rows(Config))
+
+
+def write_readme(readme: Path) -> None:
+    """Swap the table that starts at HEADER (up to the next blank line) for a fresh one."""
+    text = readme.read_text()
+    start = text.index(HEADER)
+    end = text.index("\n\n", start)
+    readme.write_text(text[:start] + table() + text[end:])
+
+
 if __name__ == "__main__":
-    print("| key | default | meaning |\n|---|---|---|")
-    print("\n".join(rows(Config)))
+    if "--write" in sys.argv:
+        write_readme(Path(__file__).resolve().parents[1] / "README.md")
+    else:
+        print(table())

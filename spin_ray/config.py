@@ -77,7 +77,11 @@ class GenerationConfig(_Section):
     temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (sampling only).")
     num_samples: int = Field(1, ge=1, description="Answers per prompt (SPPO uses K=5).")
-    batch_size: int = Field(8, ge=1, description="Prompts per engine batch.")
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="Sequences decoding at once in one engine replica (HF: continuous-batching slots; vLLM: rows per request batch).",
+    )
     seed: int = Field(0, description="Base seed; each prompt's sampling seed derives from it and the prompt_id.")
     replicas: tuple[int, int] = Field(
         (1, 2), description="[min, max] engine actors; the Ray Data actor pool autoscales between them."
@@ -85,6 +89,12 @@ class GenerationConfig(_Section):
     reference_replicas: tuple[int, int] = Field(
         (1, 1), description="[min, max] actors of the forward-only reference log-prob stage."
     )
+    fuse_reference: bool = Field(
+        True,
+        description="HF engine: score reference log-probs inside the engine actor (the opponent is the reference model), "
+        "saving a second model copy; false runs a separate reference pool. vLLM always uses the separate pool.",
+    )
+    reference_batch_size: int = Field(8, ge=1, description="Sequences per forward pass when scoring reference log-probs.")
     cpus_per_replica: float = Field(1.0, gt=0.0, description="CPUs Ray reserves for each engine or reference actor.")
     threads_per_replica: int = Field(
         0, ge=0, description="torch threads in each actor; 0 means the actor's CPU count (at least 1)."

@@ -12,6 +12,17 @@ import torch.nn.functional as F
 SPIN_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
 
+def gathered_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under `logits` at each position ([..., V] and [...] -> [...]), as gather - logsumexp.
+
+    Every log-prob in the project goes through here, so the engine's on-the-fly reference log-probs
+    and the trainer's policy log-probs round the same way.
+    """
+    logits = logits.float()
+    picked = torch.gather(logits, -1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of `labels` under `logits`, shifted so position t is predicted at t-1.
 
@@ -21,12 +32,9 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) 
     """
     if logits.shape[:2] != labels.shape or labels.shape != mask.shape:
         raise ValueError(f"shape mismatch: logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, mask {tuple(mask.shape)}")
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
     mask = mask[:, 1:].bool()
     # gather - logsumexp avoids materialising a full [B, T, V] log_softmax.
-    picked = torch.gather(logits, -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    logps = (picked - torch.logsumexp(logits, dim=-1)) * mask
+    logps = gathered_logps(logits[:, :-1], labels[:, 1:]) * mask
     return logps, mask
 
 

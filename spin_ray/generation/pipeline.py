@@ -7,6 +7,7 @@ already committed and generates only the missing ones.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spin_ray.config import Config
+from spin_ray.config import Config, GenerationConfig
+from spin_ray.generation.stages import SHARD_COLUMN
 from spin_ray.models import load_tokenizer, resolve_model
 from spin_ray.prepare import tokenize_split
 from spin_ray.storage import atomic_write_json, read_json
@@ -120,54 +122,24 @@ def run_generation(config: Config, iteration: int = 0, model: str | None = None)
                 "real_token_ids": pa.array([split.response_ids[i] for i in todo], pa.list_(pa.int32())),
                 "prompt_tokens": pa.array([len(split.prompt_ids[i]) for i in todo], pa.int32()),
                 "real_tokens": pa.array([len(split.response_ids[i]) for i in todo], pa.int32()),
+                SHARD_COLUMN: pa.array([n // gen.shard_rows for n in range(len(todo))], pa.int64()),
             }
         )
-        # One block per future shard: a shard is the unit of commit and of resume.
-        blocks = [table.slice(start, gen.shard_rows) for start in range(0, table.num_rows, gen.shard_rows)]
-        threads = gen.threads_per_replica or max(1, int(gen.cpus_per_replica))
-        common = {"model_path": resolved.path, "dtype": config.model.dtype, "trust_remote_code": config.model.trust_remote_code}
-        from spin_ray.generation.stages import GenerateStage, ReferenceStage, commit_shard
-
-        dataset = (
-            ray.data.from_arrow(blocks)
-            .map_batches(
-                GenerateStage,
-                fn_constructor_kwargs={
-                    **common,
-                    "max_new_tokens": gen.max_new_tokens,
-                    "temperature": gen.temperature,
-                    "top_p": gen.top_p,
-                    "batch_size": gen.batch_size,
-                    "num_samples": gen.num_samples,
-                    "seed": gen.seed,
-                    "threads": threads,
-                },
-                batch_format="pyarrow",
-                batch_size=gen.shard_rows,
-                compute=ray.data.ActorPoolStrategy(min_size=gen.replicas[0], max_size=gen.replicas[1]),
-                num_cpus=gen.cpus_per_replica,
-            )
-            .map_batches(
-                ReferenceStage,
-                fn_constructor_kwargs={**common, "pad_id": tokenizer.pad_token_id, "batch_size": gen.batch_size, "threads": threads},
-                batch_format="pyarrow",
-                batch_size=gen.shard_rows,
-                compute=ray.data.ActorPoolStrategy(min_size=gen.reference_replicas[0], max_size=gen.reference_replicas[1]),
-                num_cpus=gen.cpus_per_replica,
-            )
-            .map_batches(commit_shard, fn_kwargs={"output_dir": output_dir}, batch_format="pyarrow", batch_size=None)
-        )
-        new_rows = dataset.materialize()
+        new_rows = _build_dataset(config, resolved.path, tokenizer.pad_token_id, table, output_dir).materialize()
     seconds = time.perf_counter() - started
 
     shards = _shard_files(output_dir)
     # Only the columns the check and the summary need; the rows themselves are already in the object store.
     full = _read_shards(shards, ["prompt_id", "generated_tokens", "finish_reasons"])
+    stage_seconds = _stage_seconds(shards)
     ids = full.column("prompt_id").to_pylist()
     if len(ids) != len(set(ids)) or set(ids) != expected:
         missing, doubled = len(expected - set(ids)), len(ids) - len(set(ids))
         raise GenerationError(f"{output_dir}: {missing} prompts missing and {doubled} doubled after generation")
     summary = _summarise(full, seconds, gen.max_new_tokens, len(todo))
+    summary.update(stage_seconds)
+    if stage_seconds["engine_seconds"] > 0:
+        summary["engine_tokens_per_second"] = round(summary["generated_tokens"] / stage_seconds["engine_seconds"], 2)
     summary.update({"engine": gen.engine, "model": resolved.path, "iteration": iteration,
                     "overlong_dropped": split.lengths.dropped, "overlong_truncated": split.lengths.truncated})
     atomic_write_json(f"{output_dir}/{COMPLETE_MARKER}", {"shards": shards, "summary": summary})
@@ -177,6 +149,72 @@ def run_generation(config: Config, iteration: int = 0, model: str | None = None)
     else:
         dataset = ray.data.read_parquet(shards).materialize()
     return GenerationResult(output_dir, dataset, summary)
+
+
+def rows_per_call(gen: GenerationConfig, prompts: int) -> int:
+    """Prompts handed to one engine call: whole shards, enough that the engine's slots can refill
+    (about 4x its batch), but not so many that a small run cannot spread over the replica pool."""
+    wanted = max(gen.shard_rows, 4 * gen.batch_size * gen.num_samples)
+    spread = -(-prompts // gen.replicas[1])
+    rows = min(wanted, max(spread, gen.shard_rows))
+    return -(-rows // gen.shard_rows) * gen.shard_rows
+
+
+def _build_dataset(config: Config, model_path: str, pad_id: int, table: pa.Table, output_dir: str):
+    """The lazy Ray Data plan: engine pool (-> reference pool) -> shard commit."""
+    import ray
+
+    from spin_ray.generation.stages import GenerateStage, ReferenceStage, commit_shard
+
+    gen = config.generation
+    # One block per future shard: a shard is the unit of commit and of resume.
+    blocks = [table.slice(start, gen.shard_rows) for start in range(0, table.num_rows, gen.shard_rows)]
+    threads = gen.threads_per_replica or max(1, int(gen.cpus_per_replica))
+    common = {"model_path": model_path, "dtype": config.model.dtype, "trust_remote_code": config.model.trust_remote_code}
+    dataset = ray.data.from_arrow(blocks).map_batches(
+        GenerateStage,
+        fn_constructor_kwargs={
+            **common,
+            "max_new_tokens": gen.max_new_tokens,
+            "temperature": gen.temperature,
+            "top_p": gen.top_p,
+            "batch_size": gen.batch_size,
+            "num_samples": gen.num_samples,
+            "seed": gen.seed,
+            "threads": threads,
+            "score_reference": gen.fuse_reference,
+            "reference_batch_size": gen.reference_batch_size,
+        },
+        batch_format="pyarrow",
+        batch_size=rows_per_call(gen, table.num_rows),
+        compute=ray.data.ActorPoolStrategy(min_size=gen.replicas[0], max_size=gen.replicas[1]),
+        num_cpus=gen.cpus_per_replica,
+    )
+    if not gen.fuse_reference:
+        dataset = dataset.map_batches(
+            ReferenceStage,
+            fn_constructor_kwargs={**common, "pad_id": pad_id, "batch_size": gen.reference_batch_size, "threads": threads},
+            batch_format="pyarrow",
+            batch_size=gen.shard_rows,
+            compute=ray.data.ActorPoolStrategy(min_size=gen.reference_replicas[0], max_size=gen.reference_replicas[1]),
+            num_cpus=gen.cpus_per_replica,
+        )
+    # Writing a shard is I/O: it reserves no CPU, so it never waits behind the engine actors.
+    return dataset.map_batches(
+        commit_shard, fn_kwargs={"output_dir": output_dir}, batch_format="pyarrow", batch_size=None, num_cpus=0
+    )
+
+
+def _stage_seconds(shards: list[str]) -> dict:
+    """Sum of the per-shard seconds each stage recorded in its shard's metadata."""
+    totals = {"engine_seconds": 0.0, "reference_seconds": 0.0}
+    for file in shards:
+        with fsspec.open(file, "rb") as handle:
+            meta = pq.read_schema(handle).metadata or {}
+        timing = json.loads(meta.get(b"spin_ray", b"{}"))
+        for key in totals:
+            totals[key] += float(timing.get(key, 0.0))
+    return {key: round(value, 2) for key, value in totals.items()}
 
 
 def _read_shards(files: list[str], columns: list[str]) -> pa.Table:
@@ -196,6 +234,7 @@ def format_generation_summary(summary: dict) -> str:
         f"generation: {summary['prompts']} prompts ({summary['prompts_generated_this_run']} generated this run), "
         f"{summary['generated_tokens']:,} tokens in {summary['seconds']}s"
         + (f" = {tps} tok/s" if tps else "")
+        + f" (engine {summary.get('engine_seconds', 0)}s, reference {summary.get('reference_seconds', 0)}s of actor time)"
         + f"; response tokens mean {summary['mean_response_tokens']}, max {summary['max_response_tokens']}; "
         f"{summary['share_hit_max_new_tokens']:.1%} hit max_new_tokens ({summary['max_new_tokens']})"
     )

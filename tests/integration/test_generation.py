@@ -66,8 +66,14 @@ def test_every_prompt_once_with_exact_reference_logps(ray_session, tmp_path, tin
 
 
 def test_resume_generates_only_the_missing_prompts(ray_session, tmp_path, tiny_model_dir):
-    config = _config(tmp_path, tiny_model_dir, run="resume")
+    # The separate reference pool (the layout the vLLM engine uses) must give the same log-probs.
+    config = _config(tmp_path, tiny_model_dir, run="resume", **{"generation.fuse_reference": False})
     first = run_generation(config)
+    assert first.summary["reference_seconds"] > 0 and first.summary["engine_seconds"] > 0
+    fused = {r["prompt_id"]: r for r in run_generation(_config(tmp_path, tiny_model_dir, run="fused")).dataset.take_all()}
+    for row in first.dataset.take_all():
+        assert row["ref_logp_real"] == pytest.approx(fused[row["prompt_id"]]["ref_logp_real"], abs=1e-4)
+        assert row["ref_logp_generated"][0] == pytest.approx(fused[row["prompt_id"]]["ref_logp_generated"][0], abs=1e-4)
     shards = _shard_files(first.output_dir)
     # Simulate an interruption: one shard never committed, and no completion marker.
     os.remove(shards[1])

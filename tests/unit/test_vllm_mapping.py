@@ -11,7 +11,7 @@ def test_vllm_is_not_imported_and_not_needed_for_the_mapping():
     config = load_config(overrides=[
         "generation.engine=vllm", "generation.replicas=[1,8]", "generation.tensor_parallel_size=2",
         "generation.accelerator_type=H100", "generation.max_new_tokens=256", "data.max_prompt_tokens=512",
-        "model.dtype=bfloat16",
+        "model.dtype=bfloat16", "generation.batch_size=48",
     ])
     processor = build_processor_config(config, "/models/p1")
     assert processor.model_source == "/models/p1"
@@ -20,7 +20,7 @@ def test_vllm_is_not_imported_and_not_needed_for_the_mapping():
     assert processor.engine_kwargs["tensor_parallel_size"] == 2
     assert processor.engine_kwargs["max_model_len"] == 768
     assert processor.engine_kwargs["dtype"] == "bfloat16"
-    assert processor.batch_size == 8
+    assert processor.batch_size == 48
 
 
 def test_fixed_pool_and_request_rows():
