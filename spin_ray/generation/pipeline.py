@@ -80,9 +80,6 @@ def run_generation(config: Config, iteration: int = 0, model: str | None = None)
     import ray
 
     gen = config.generation
-    if gen.engine != "hf":
-        raise GenerationError(f"generation.engine={gen.engine!r} runs through ray.data.llm on GPU nodes; "
-                              "see spin_ray/generation/vllm_engine.py (not runnable on a CPU-only cluster)")
     output_dir = generation_dir(config, iteration)
     done = read_json(f"{output_dir}/{COMPLETE_MARKER}")
     if done is not None:
@@ -125,7 +122,8 @@ def run_generation(config: Config, iteration: int = 0, model: str | None = None)
                 SHARD_COLUMN: pa.array([n // gen.shard_rows for n in range(len(todo))], pa.int64()),
             }
         )
-        new_rows = _build_dataset(config, resolved.path, tokenizer.pad_token_id, table, output_dir).materialize()
+        build = _build_vllm_dataset if gen.engine == "vllm" else _build_dataset
+        new_rows = build(config, resolved.path, chat, table, output_dir).materialize()
     seconds = time.perf_counter() - started
 
     shards = _shard_files(output_dir)
@@ -160,11 +158,11 @@ def rows_per_call(gen: GenerationConfig, prompts: int) -> int:
     return -(-rows // gen.shard_rows) * gen.shard_rows
 
 
-def _build_dataset(config: Config, model_path: str, pad_id: int, table: pa.Table, output_dir: str):
+def _build_dataset(config: Config, model_path: str, chat: ChatFormat, table: pa.Table, output_dir: str):
     """The lazy Ray Data plan: engine pool (-> reference pool) -> shard commit."""
     import ray
 
-    from spin_ray.generation.stages import GenerateStage, ReferenceStage, commit_shard
+    from spin_ray.generation.stages import GenerateStage, commit_shard
 
     gen = config.generation
     # One block per future shard: a shard is the unit of commit and of resume.
@@ -191,18 +189,64 @@ def _build_dataset(config: Config, model_path: str, pad_id: int, table: pa.Table
         num_cpus=gen.cpus_per_replica,
     )
     if not gen.fuse_reference:
-        dataset = dataset.map_batches(
-            ReferenceStage,
-            fn_constructor_kwargs={**common, "pad_id": pad_id, "batch_size": gen.reference_batch_size, "threads": threads},
-            batch_format="pyarrow",
-            batch_size=gen.shard_rows,
-            compute=ray.data.ActorPoolStrategy(min_size=gen.reference_replicas[0], max_size=gen.reference_replicas[1]),
-            num_cpus=gen.cpus_per_replica,
-        )
+        dataset = _reference_pool(config, model_path, chat, dataset)
+    return _commit(dataset, output_dir)
+
+
+def _reference_pool(config: Config, model_path: str, chat: ChatFormat, dataset):
+    import ray
+
+    from spin_ray.generation.stages import ReferenceStage
+
+    gen = config.generation
+    threads = gen.threads_per_replica or max(1, int(gen.cpus_per_replica))
+    return dataset.map_batches(
+        ReferenceStage,
+        fn_constructor_kwargs={"model_path": model_path, "dtype": config.model.dtype,
+                               "trust_remote_code": config.model.trust_remote_code,
+                               "pad_id": chat.tokenizer.pad_token_id, "batch_size": gen.reference_batch_size,
+                               "threads": threads},
+        batch_format="pyarrow",
+        batch_size=gen.shard_rows,
+        compute=ray.data.ActorPoolStrategy(min_size=gen.reference_replicas[0], max_size=gen.reference_replicas[1]),
+        num_cpus=gen.cpus_per_replica,
+        num_gpus=1 if gen.engine == "vllm" else 0,  # on a GPU cluster the scorer sits on a GPU beside the engines
+    )
+
+
+def _commit(dataset, output_dir: str):
+    from spin_ray.generation.stages import commit_shard
+
     # Writing a shard is I/O: it reserves no CPU, so it never waits behind the engine actors.
     return dataset.map_batches(
         commit_shard, fn_kwargs={"output_dir": output_dir}, batch_format="pyarrow", batch_size=None, num_cpus=0
     )
+
+
+def _build_vllm_dataset(config: Config, model_path: str, chat: ChatFormat, table: pa.Table, output_dir: str):
+    """GPU plan: K request rows per prompt -> ray.data.llm vLLM processor -> regroup per prompt ->
+    reference pool -> shard commit. NOT RUN IN CI: vLLM cannot be installed on the CPU build box."""
+    import ray
+    from ray.data.llm import build_processor
+
+    from spin_ray.generation.vllm_engine import build_processor_config, collect_samples, expand_requests
+
+    gen = config.generation
+    stops = chat.stop_token_ids
+    sampling = json.dumps({"max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "top_p": gen.top_p,
+                           "num_samples": gen.num_samples, "seed": gen.seed}, sort_keys=True)
+    processor = build_processor(
+        build_processor_config(config, model_path),
+        postprocess=lambda row: {**row, "generated_text": row["generated_text"],
+                                 "generated_tokens": list(row["generated_tokens"])},
+    )
+    requests = ray.data.from_arrow(table).flat_map(lambda row: expand_requests(row, config, stops))
+    answered = processor(requests)
+    rows = answered.groupby("prompt_id").map_groups(
+        lambda group: pa.Table.from_pylist([collect_samples(group.to_pylist(), stops, model_path, sampling)]),
+        batch_format="pyarrow",
+    )
+    return _commit(_reference_pool(config, model_path, chat, rows), output_dir)
 
 
 def _stage_seconds(shards: list[str]) -> dict:

@@ -179,10 +179,13 @@ class ReferenceStage:
     """
 
     def __init__(self, model_path: str, dtype: str, trust_remote_code: bool, pad_id: int, batch_size: int, threads: int):
+        import torch
+
         from spin_ray.models import load_model
 
         _set_threads(threads)
-        self.model = load_model(model_path, dtype, trust_remote_code).eval()
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # GPU beside the vLLM engines
+        self.model = load_model(model_path, dtype, trust_remote_code).eval().to(device)
         self.pad_id = pad_id
         self.batch_size = batch_size
 

@@ -70,3 +70,30 @@ def request_row(config: Config, row: dict, sample_index: int, stop_token_ids: li
         "tokenized_prompt": list(row["prompt_token_ids"]),
         "sampling_params": sampling_params(config, row["prompt_id"], sample_index, stop_token_ids),
     }
+
+
+def expand_requests(row: dict, config: Config, stop_token_ids: list[int]) -> list[dict]:
+    """One prompt row -> K request rows (vLLM returns one output per request), original columns kept."""
+    return [{**row, **request_row(config, row, k, stop_token_ids)} for k in range(config.generation.num_samples)]
+
+
+def collect_samples(samples: list[dict], stop_token_ids: list[int], model_path: str, sampling: str) -> dict:
+    """The K answered request rows of one prompt -> one pairs row (samples in sample_index order)."""
+    samples = sorted(samples, key=lambda r: r["sample_index"])
+    if [r["sample_index"] for r in samples] != list(range(len(samples))):
+        raise ValueError(f"prompt {samples[0]['prompt_id']}: got samples {[r['sample_index'] for r in samples]}")
+    row = {key: samples[0][key] for key in ("prompt_id", "prompt", "real", "prompt_token_ids", "real_token_ids",
+                                            "prompt_tokens", "real_tokens", "_shard")}
+    stops = set(stop_token_ids)
+    tokens = [list(r["generated_tokens"]) for r in samples]
+    row.update({
+        "generated": [r["generated_text"].strip() for r in samples],
+        "generated_token_ids": tokens,
+        "generated_tokens": [len(t) for t in tokens],
+        "finish_reasons": ["stop" if t and t[-1] in stops else "length" for t in tokens],
+        "engine": "vllm",
+        "model": model_path,
+        "sampling": sampling,
+        "_engine_seconds": 0.0,
+    })
+    return row

@@ -67,10 +67,12 @@ def reference_logps(
     """Forward-only log-probs of responses under a frozen model (the opponent p_t): [N]."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
         batch = collate_sequences(prompts[start : start + batch_size], responses[start : start + batch_size], pad_id)
+        batch = {key: value.to(device) for key, value in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out.append(sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=average))
+        out.append(sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=average).cpu())
     model.train(was_training)
     return torch.cat(out)

@@ -2,6 +2,8 @@
 
 import importlib.util
 
+import pytest
+
 from spin_ray.config import load_config
 from spin_ray.generation.vllm_engine import build_processor_config, processor_kwargs, request_row
 
@@ -35,3 +37,24 @@ def test_fixed_pool_and_request_rows():
     assert request_row(config, row, 0, [2]) == first  # reproducible
     greedy = request_row(load_config(), row, 0, [2])["sampling_params"]
     assert greedy["temperature"] == 0.0 and "seed" not in greedy
+
+
+def test_k_requests_per_prompt_and_regrouping():
+    from spin_ray.generation.vllm_engine import collect_samples, expand_requests
+
+    config = load_config(overrides=["generation.num_samples=3", "generation.temperature=0.7"])
+    row = {"prompt_id": "p1", "prompt": [{"role": "user", "content": "q"}], "real": "a", "prompt_token_ids": [5, 6],
+           "real_token_ids": [7, 2], "prompt_tokens": 2, "real_tokens": 2, "_shard": 0}
+    requests = expand_requests(row, config, [2])
+    assert [r["sample_index"] for r in requests] == [0, 1, 2]
+    assert len({r["sampling_params"]["seed"] for r in requests}) == 3 and all(r["real"] == "a" for r in requests)
+    # what the vLLM stage adds, delivered out of order
+    answered = [{**r, "generated_text": f" answer {r['sample_index']} ", "generated_tokens": [9] * r["sample_index"] + [2]}
+                for r in reversed(requests)]
+    answered[0]["generated_tokens"] = [9, 9, 9]  # sample 2 hit the token limit
+    pair = collect_samples(answered, [2], "/m", "{}")
+    assert pair["generated"] == ["answer 0", "answer 1", "answer 2"]
+    assert pair["finish_reasons"] == ["stop", "stop", "length"]
+    assert pair["generated_tokens"] == [1, 2, 3] and pair["engine"] == "vllm" and pair["prompt_id"] == "p1"
+    with pytest.raises(ValueError, match="samples"):
+        collect_samples(answered[:2], [2], "/m", "{}")
