@@ -13,9 +13,10 @@ from spin_ray.config import ConfigError, load_config
 from spin_ray.data import DataError
 from spin_ray.generation.pipeline import GenerationError
 from spin_ray.models import ModelResolutionError
+from spin_ray.training.data import TrainingDataError
 
 # Errors that are the user's input, not our bug: print the message, no traceback, exit 2.
-USER_ERRORS = (ConfigError, DataError, ModelResolutionError, GenerationError)
+USER_ERRORS = (ConfigError, DataError, ModelResolutionError, GenerationError, TrainingDataError)
 
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -72,6 +73,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import ray
+
+    from spin_ray.models import resolve_model
+    from spin_ray.training.trainer import run_training
+
+    config = load_config(args.config, args.overrides)
+    _init_ray(args.address)
+    model = resolve_model(args.model or config.model.name, config.model.cache_dir)
+    summary = run_training(config, ray.data.read_parquet(args.pairs), model.path, iteration=args.iteration,
+                           source=args.pairs)
+    keys = ("steps", "resumed_from_step", "loss", "rewards/margins", "rewards/accuracies", "seconds")
+    print("training: " + ", ".join(f"{k} {summary[k]}" for k in keys if k in summary))
+    print(f"model: {summary['export_dir']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spin-ray", description="Self-play fine-tuning (SPIN) of language models on Ray."
@@ -94,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local instance)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train", help="train one iteration (FSDP2 on Ray Train) from a pairs dataset")
+    _add_config_args(p)
+    p.add_argument("--pairs", required=True, help="parquet file or folder of pairs (a generation output folder)")
+    p.add_argument("--model", default=None, help="starting checkpoint p_t (default: model.name)")
+    p.add_argument("--iteration", type=int, default=0, help="iteration t: output under {run}/iter_t/ (default 0)")
+    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local instance)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="one SPIN iteration in miniature on SmolLM2 + GSM8K, in one process")
     _add_config_args(p, required=False)

@@ -128,6 +128,24 @@ class TrainingConfig(_Section):
     epochs: int = Field(2, ge=1, description="Passes over the pairs per iteration (paper: 2).")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     seed: int = Field(0, description="Seed of initialisation-free randomness: data order, dropout.")
+    num_workers: tuple[int, int] = Field(
+        (2, 2),
+        description="[min, max] Ray Train workers (FSDP2 ranks); min < max makes the worker group elastic. "
+        "global_batch_size must be a multiple of workers x micro_batch_size.",
+    )
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs Ray reserves for each training worker.")
+    use_gpu: bool = Field(False, description="One GPU per worker and NCCL; false trains on CPU with gloo.")
+    checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between distributed checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Committed checkpoints to keep (the newest).")
+    max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before the run fails.")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if low < 1 or high < low:
+            raise ValueError(f"expected [min, max] with 1 <= min <= max, got [{low}, {high}]")
+        return value
 
     @model_validator(mode="after")
     def _batch_fits(self) -> "TrainingConfig":

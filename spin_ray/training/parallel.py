@@ -1,0 +1,35 @@
+"""FSDP2: shard each decoder layer, then the root, as torchtitan does."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks of a Hugging Face causal LM (model.model.layers for Llama-likes)."""
+    for attribute in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        node = model
+        try:
+            for part in attribute.split("."):
+                node = getattr(node, part)
+        except AttributeError:
+            continue
+        return list(node)
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard")
+
+
+def apply_fsdp(model: torch.nn.Module, reshard_after_forward: bool = True) -> torch.nn.Module:
+    """fully_shard per decoder layer, then the root (embeddings, final norm, head) when a process group exists.
+
+    Per-layer units keep only one layer's full parameters alive at a time. Without a process group
+    (single process) the model is returned unchanged, so the same loop runs everywhere.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=reshard_after_forward)
+    return model

@@ -1,0 +1,97 @@
+"""Ray Train edge of training: a TorchTrainer (V2) whose workers run `loop.train` on the pairs dataset."""
+
+from __future__ import annotations
+
+import os
+
+from spin_ray.config import Config, build_config
+from spin_ray.storage import atomic_write_json, read_json
+from spin_ray.training.checkpoint import export_complete
+from spin_ray.training.data import TrainingDataError
+
+
+def iteration_dir(config: Config, iteration: int) -> str:
+    return f"{config.run.storage_path.rstrip('/')}/{config.run.name}/iter_{iteration}"
+
+
+def _absolute(url: str) -> str:
+    return url if "://" in url else os.path.abspath(url)
+
+
+def _worker_entry(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from spin_ray.training.loop import WorkerContext, train
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    # Every worker reads the whole pairs set (datasets_to_split=[]): the (seed, epoch) schedule then
+    # picks each rank's slice, so any worker count resumes the same data order.
+    rows = list(ray.train.get_dataset_shard("train").iter_rows())
+    summary = train(
+        build_config(loop_config["config"]),
+        rows,
+        loop_config["model_path"],
+        loop_config["train_dir"],
+        loop_config["export_dir"],
+        WorkerContext(rank, world, ray.train.torch.get_device(), report=lambda metrics: ray.train.report(metrics)),
+        source=loop_config["source"],
+        fail_at_step=loop_config.get("fail_at_step"),
+    )
+    if rank == 0:
+        atomic_write_json(f"{loop_config['train_dir']}/summary.json", summary)
+
+
+def validate_pairs(config: Config, dataset, source: str) -> None:
+    """Refuse bad pairs on the driver, before any worker starts, with the prompt_id and field named.
+
+    Only the id and reference columns are read (a few floats per pair), never the token ids.
+    """
+    from spin_ray.training.data import Schedule, pairs_from_rows
+
+    t = config.training
+    columns = ["prompt_id"] + (["ref_logp_real", "ref_logp_generated"] if t.objective == "spin" else [])
+    missing = [c for c in columns if c not in dataset.schema().names] if dataset.schema() is not None else columns
+    if missing:
+        raise TrainingDataError(f"{source}: no column(s) {missing}; is this a generation output?")
+    rows = dataset.select_columns(columns).take_all()
+    light = [{**r, "prompt_token_ids": [0], "real_token_ids": [0], "generated_token_ids": [[0]]} for r in rows]
+    pairs = pairs_from_rows(light, source, t.objective)
+    schedule = Schedule(len(pairs), t.global_batch_size, t.micro_batch_size, t.epochs, t.seed)
+    for workers in set(t.num_workers):
+        schedule.check_world(workers)
+
+
+def run_training(config: Config, dataset, model_path: str, iteration: int = 0, source: str = "pairs",
+                 fail_at_step: int | None = None) -> dict:
+    """Train p_{t+1} from p_t (`model_path`) on a Ray Dataset of pairs; resumes from the last committed
+    checkpoint, and returns at once if this iteration's export is already complete."""
+    import ray.train
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    base = iteration_dir(config, iteration)
+    train_dir, export_dir = f"{base}/train", f"{base}/model"
+    if export_complete(export_dir):
+        return read_json(f"{train_dir}/summary.json") or {"export_dir": export_dir}
+    t = config.training
+    validate_pairs(config, dataset, source)
+    low, high = t.num_workers
+    trainer = TorchTrainer(
+        train_loop_per_worker=_worker_entry,
+        train_loop_config={"config": config.to_dict(), "model_path": model_path, "train_dir": train_dir,
+                           "export_dir": export_dir, "source": source, "fail_at_step": fail_at_step},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(name="ray_train", storage_path=_absolute(base),
+                             failure_config=FailureConfig(max_failures=t.max_failures)),
+        datasets={"train": dataset},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+    trainer.fit()
+    summary = read_json(f"{train_dir}/summary.json")
+    if summary is None or not export_complete(export_dir):
+        raise RuntimeError(f"training of iteration {iteration} ended without an export at {export_dir}")
+    return summary

@@ -1,0 +1,94 @@
+"""SPIN training on real Ray Train with FSDP2 (2 gloo workers) and the tiny model: a killed worker
+resumes from its checkpoint to the same final weights, and every pair is seen once per epoch."""
+
+import json
+
+import pytest
+import torch
+
+from spin_ray.config import load_config
+from spin_ray.generation.pipeline import run_generation
+from spin_ray.models import load_model
+from spin_ray.training.loop import read_metrics_log
+from spin_ray.training.trainer import iteration_dir, run_training
+
+pytestmark = pytest.mark.ray
+
+
+def _config(tmp_path, tiny_model_dir, run, **extra):
+    data = tmp_path / "pairs.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps({"prompt": f"What is {i} times 3?", "response": f"{3 * i}.\n#### {3 * i}"}) + "\n"
+                                for i in range(8)))
+    overrides = [f"model.name={tiny_model_dir}", f"data.train={data}", "data.eval=null",
+                 f"run.storage_path={tmp_path / 'runs'}", f"run.name={run}", "generation.max_new_tokens=6",
+                 "generation.replicas=[1,1]", "training.global_batch_size=4", "training.micro_batch_size=1",
+                 "training.epochs=2", "training.checkpoint_every=1", "training.learning_rate=1e-3",
+                 "training.optimizer=adamw", "training.num_workers=[2,2]", "training.max_failures=2"]
+    return load_config(overrides=overrides + [f"{k}={v}" for k, v in extra.items()])
+
+
+def _weights(path):
+    model = load_model(path)
+    return torch.cat([p.detach().flatten() for _, p in sorted(model.named_parameters())])
+
+
+def test_killed_worker_resumes_to_the_same_weights(ray_session, tmp_path, tiny_model_dir):
+    clean = _config(tmp_path, tiny_model_dir, "clean")
+    pairs = run_generation(clean).dataset
+    reference = run_training(clean, pairs, tiny_model_dir)
+    assert reference["steps"] == 4 and reference["resumed_from_step"] == 0
+
+    faulty = _config(tmp_path, tiny_model_dir, "faulty")
+    summary = run_training(faulty, pairs, tiny_model_dir, fail_at_step=2)
+    assert summary["resumed_from_step"] == 2  # the restarted group loaded the step-2 checkpoint
+    log = read_metrics_log(f"{iteration_dir(faulty, 0)}/train")
+    assert [line["step"] for line in log] == [1, 2, 3, 4]
+    for epoch in (0, 1):
+        seen = [pid for line in log if line["epoch"] == epoch for pid in line["prompt_ids"]]
+        assert sorted(seen) == sorted(r["prompt_id"] for r in pairs.take_all())  # each pair once per epoch
+    assert torch.allclose(_weights(f"{iteration_dir(faulty, 0)}/model"), _weights(f"{iteration_dir(clean, 0)}/model"),
+                          atol=1e-5)
+    assert log[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the start
+    # a finished iteration is not trained again
+    assert run_training(faulty, pairs, tiny_model_dir)["steps"] == 4
+
+
+def test_checkpoint_of_2_workers_resumes_with_1(ray_session, tmp_path, tiny_model_dir):
+    two = _config(tmp_path, tiny_model_dir, "reshard", **{"training.max_failures": 0})
+    pairs = run_generation(two).dataset
+    with pytest.raises(Exception):
+        run_training(two, pairs, tiny_model_dir, fail_at_step=2)  # no restarts allowed: the run fails after step 2
+    train_dir = f"{iteration_dir(two, 0)}/train"
+    assert [line["step"] for line in read_metrics_log(train_dir)] == [1, 2]  # died entering step 3
+    one = _config(tmp_path, tiny_model_dir, "reshard", **{"training.num_workers": "[1,1]"})
+    summary = run_training(one, pairs, tiny_model_dir)
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
+    log = read_metrics_log(train_dir)
+    assert [line["step"] for line in log] == [1, 2, 3, 4]  # the loss continues from step 3, nothing redone twice
+    clean = _config(tmp_path, tiny_model_dir, "reshard-clean")
+    run_training(clean, pairs, tiny_model_dir)
+    # the same global batches and the same gradients, summed in another order
+    assert torch.allclose(_weights(f"{iteration_dir(one, 0)}/model"), _weights(f"{iteration_dir(clean, 0)}/model"),
+                          atol=1e-4)
+
+
+def test_bad_pairs_are_refused_before_workers_start(ray_session, tmp_path, tiny_model_dir):
+    import math
+
+    import ray
+
+    from spin_ray.training.data import TrainingDataError
+
+    config = _config(tmp_path, tiny_model_dir, "bad")
+    rows = run_generation(config).dataset.take_all()
+    broken = [dict(r) for r in rows]
+    broken[3]["ref_logp_real"] = math.nan
+    with pytest.raises(TrainingDataError, match="field 'ref_logp_real': not finite"):
+        run_training(config, ray.data.from_items(broken), tiny_model_dir)
+    with pytest.raises(TrainingDataError, match="no column"):
+        run_training(config, ray.data.from_items([{"prompt_id": r["prompt_id"]} for r in rows]), tiny_model_dir)
+    with pytest.raises(TrainingDataError, match="larger than the data"):
+        run_training(config, ray.data.from_items(rows[:3]), tiny_model_dir)
+    with pytest.raises(TrainingDataError, match="empty"):
+        run_training(config, ray.data.from_items(rows).filter(lambda r: False), tiny_model_dir)

@@ -1,0 +1,59 @@
+"""Training pairs: validation names the prompt_id and field; the (seed, epoch) schedule is exact for any world size."""
+
+import math
+
+import numpy as np
+import pytest
+
+from spin_ray.training.data import Schedule, TrainingDataError, pairs_from_rows
+
+
+def _row(i, **change):
+    row = {"prompt_id": f"p{i:02d}", "prompt_token_ids": [1, 2], "real_token_ids": [3, 4], "generated_token_ids": [[5]],
+           "ref_logp_real": -1.0, "ref_logp_generated": [-2.0]}
+    row.update(change)
+    return row
+
+
+def test_pairs_are_validated_and_sorted_by_prompt_id():
+    pairs = pairs_from_rows([_row(3), _row(1), _row(2)], "x.parquet")
+    assert [p.prompt_id for p in pairs] == ["p01", "p02", "p03"]
+    assert pairs[0].generated == [5] and pairs[0].ref_generated == -2.0
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [({"ref_logp_real": None}, "ref_logp_real"), ({"ref_logp_real": math.nan}, "ref_logp_real"),
+     ({"ref_logp_generated": [math.inf]}, "ref_logp_generated"), ({"ref_logp_generated": []}, "ref_logp_generated"),
+     ({"generated_token_ids": None}, "generated_token_ids"), ({"real_token_ids": []}, "real_token_ids")],
+)
+def test_bad_pairs_name_the_prompt_and_field(change, field):
+    with pytest.raises(TrainingDataError, match=f"x.parquet, prompt_id p01, field '{field}'"):
+        pairs_from_rows([_row(0), _row(1, **change)], "x.parquet")
+
+
+def test_sft_needs_no_reference_and_empty_data_is_refused():
+    assert len(pairs_from_rows([_row(0, ref_logp_real=None, generated_token_ids=None)], "d", objective="sft")) == 1
+    with pytest.raises(TrainingDataError, match="empty"):
+        pairs_from_rows([], "d")
+
+
+def test_batch_larger_than_the_data_and_uneven_worlds_are_refused():
+    with pytest.raises(TrainingDataError, match="larger than the data"):
+        Schedule(num_pairs=3, global_batch_size=4, micro_batch_size=1, epochs=1, seed=0)
+    with pytest.raises(TrainingDataError, match="multiple of workers x micro_batch_size"):
+        Schedule(8, 4, 2, 1, 0).check_world(3)
+
+
+def test_schedule_covers_each_pair_once_per_epoch_on_any_world_size():
+    schedule = Schedule(num_pairs=10, global_batch_size=4, micro_batch_size=1, epochs=2, seed=7)
+    assert schedule.steps_per_epoch == 2 and schedule.total_steps == 4
+    for epoch in range(2):
+        seen = np.concatenate([schedule.global_batch(epoch * 2 + s) for s in range(2)])
+        assert len(set(seen.tolist())) == 8  # 2 of the 10 are left out this epoch, none doubled
+    assert not np.array_equal(schedule.epoch_order(0), schedule.epoch_order(1))
+    for step in range(4):
+        one = np.concatenate(schedule.micro_batches(step, 0, 1))
+        two = np.concatenate([np.concatenate(schedule.micro_batches(step, r, 2)) for r in range(2)])
+        assert np.array_equal(one, two) and np.array_equal(one, schedule.global_batch(step))
+    assert np.array_equal(Schedule(10, 4, 1, 2, 7).epoch_order(1), schedule.epoch_order(1))  # a function of (seed, epoch)
