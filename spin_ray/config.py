@@ -6,14 +6,25 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be accepted; the message names the key."""
+
+
+def _ordered_range(value: tuple[int, int]) -> tuple[int, int]:
+    low, high = value
+    if low < 1 or high < low:
+        raise ValueError(f"expected [min, max] with 1 <= min <= max, got [{low}, {high}]")
+    return value
+
+
+# A [min, max] pool size (actors, workers), checked wherever one is configured.
+MinMax = Annotated[tuple[int, int], AfterValidator(_ordered_range)]
 
 
 class _Section(BaseModel):
@@ -83,10 +94,10 @@ class GenerationConfig(_Section):
         description="Sequences decoding at once in one engine replica (HF: continuous-batching slots; vLLM: rows per request batch).",
     )
     seed: int = Field(0, description="Base seed; each prompt's sampling seed derives from it and the prompt_id.")
-    replicas: tuple[int, int] = Field(
+    replicas: MinMax = Field(
         (1, 2), description="[min, max] engine actors; the Ray Data actor pool autoscales between them."
     )
-    reference_replicas: tuple[int, int] = Field(
+    reference_replicas: MinMax = Field(
         (1, 1), description="[min, max] actors of the forward-only reference log-prob stage."
     )
     fuse_reference: bool = Field(
@@ -106,13 +117,6 @@ class GenerationConfig(_Section):
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vLLM only: share of GPU memory.")
     accelerator_type: str | None = Field(None, description="vLLM only: Ray accelerator type, e.g. H100 or L4.")
 
-    @field_validator("replicas", "reference_replicas")
-    @classmethod
-    def _ordered_range(cls, value: tuple[int, int]) -> tuple[int, int]:
-        low, high = value
-        if low < 1 or high < low:
-            raise ValueError(f"expected [min, max] with 1 <= min <= max, got [{low}, {high}]")
-        return value
 
 
 class TrainingConfig(_Section):
@@ -128,7 +132,7 @@ class TrainingConfig(_Section):
     epochs: int = Field(2, ge=1, description="Passes over the pairs per iteration (paper: 2).")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     seed: int = Field(0, description="Seed of initialisation-free randomness: data order, dropout.")
-    num_workers: tuple[int, int] = Field(
+    num_workers: MinMax = Field(
         (2, 2),
         description="[min, max] Ray Train workers (FSDP2 ranks); min < max makes the worker group elastic. "
         "global_batch_size must be a multiple of workers x micro_batch_size.",
@@ -139,13 +143,6 @@ class TrainingConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="Committed checkpoints to keep (the newest).")
     max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before the run fails.")
 
-    @field_validator("num_workers")
-    @classmethod
-    def _worker_range(cls, value: tuple[int, int]) -> tuple[int, int]:
-        low, high = value
-        if low < 1 or high < low:
-            raise ValueError(f"expected [min, max] with 1 <= min <= max, got [{low}, {high}]")
-        return value
 
     @model_validator(mode="after")
     def _batch_fits(self) -> "TrainingConfig":

@@ -14,7 +14,6 @@ import shutil
 import tempfile
 
 import fsspec
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from fsspec.implementations.local import LocalFileSystem
@@ -128,8 +127,3 @@ def export_complete(target_url: str) -> bool:
     fs, path = fsspec.core.url_to_fs(target_url)
     return fs.exists(f"{path.rstrip('/')}/spin_ray_export.json")
 
-
-def model_parameters_digest(model) -> torch.Tensor:
-    """Flat fp32 copy of every parameter in name order (full tensors; for tests and checks)."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return torch.cat([full[name].float().flatten() for name in sorted(full)])

@@ -74,20 +74,10 @@ def micro_step(model, pairs: list[Pair], config: Config, pad_id: int, scale: flo
     n = len(pairs)
     ref_real = torch.tensor([p.ref_real for p in pairs], device=device)
     ref_generated = torch.tensor([p.ref_generated for p in pairs], device=device)
-    losses, _ = spin_loss(logps[:n], logps[n:], ref_real, ref_generated, t.beta, t.loss_type)
+    losses, metrics = spin_loss(logps[:n], logps[n:], ref_real, ref_generated, t.beta, t.loss_type)
     (losses.sum() * scale).backward()
-    real_rewards = (t.beta * (logps[:n] - ref_real)).detach()
-    generated_rewards = (t.beta * (logps[n:] - ref_generated)).detach()
-    return {
-        "loss": float(losses.detach().sum()),
-        "rewards/real": float(real_rewards.sum()),
-        "rewards/generated": float(generated_rewards.sum()),
-        "rewards/margins": float((real_rewards - generated_rewards).sum()),
-        "rewards/accuracies": float((real_rewards > generated_rewards).float().sum()),
-        "logps/real": float(logps[:n].detach().sum()),
-        "logps/generated": float(logps[n:].detach().sum()),
-        "tokens": float(batch["attention_mask"].sum()),
-    }
+    # the loss returns batch means; sums (mean x n) average exactly over ranks and micro-batches
+    return {**{key: float(value) * n for key, value in metrics.items()}, "tokens": float(batch["attention_mask"].sum())}
 
 
 def _all_reduce_sums(sums: dict[str, float], device) -> dict[str, float]:

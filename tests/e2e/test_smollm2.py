@@ -66,3 +66,38 @@ def test_generation_on_16_gsm8k_prompts(ray_session, smollm2_path, tmp_path):
     summary = result.summary
     assert summary["generated_tokens"] == sum(r["generated_tokens"][0] for r in rows)
     assert 0 < summary["mean_response_tokens"] <= 64 and summary["tokens_per_second"] > 0
+
+
+@pytest.mark.ray
+def test_training_two_steps_on_real_gsm8k_pairs(ray_session, smollm2_path, tmp_path):
+    import torch
+
+    from spin_ray.generation.hf_engine import HFEngine
+    from spin_ray.generation.pipeline import run_generation
+    from spin_ray.models import load_model, load_tokenizer
+    from spin_ray.tokenization import ChatFormat
+    from spin_ray.training.step import reference_logps
+    from spin_ray.training.trainer import run_training
+
+    config = load_config(
+        ROOT / "jobs" / "gsm8k_smollm2_cpu.yaml",
+        ["data.limit=9", "generation.max_new_tokens=48", f"run.storage_path={tmp_path}", "training.global_batch_size=4",
+         "training.micro_batch_size=1", "training.epochs=1", "training.optimizer=adamw", "training.learning_rate=1e-5"],
+    )
+    rows = run_generation(config).dataset
+    summary = run_training(config, rows, smollm2_path)
+    assert summary["steps"] == 2 and summary["pairs"] >= 8
+
+    exported = summary["export_dir"]
+    model, tokenizer = load_model(exported), load_tokenizer(exported)
+    chat = ChatFormat(tokenizer)
+    pairs = rows.take_all()
+    prompts = [r["prompt_token_ids"] for r in pairs]
+    real = reference_logps(model, prompts, [r["real_token_ids"] for r in pairs], tokenizer.pad_token_id)
+    generated = reference_logps(model, prompts, [r["generated_token_ids"][0] for r in pairs], tokenizer.pad_token_id)
+    ref_real = torch.tensor([r["ref_logp_real"] for r in pairs], dtype=torch.float32)
+    ref_generated = torch.tensor([r["ref_logp_generated"][0] for r in pairs], dtype=torch.float32)
+    margins = (real - ref_real) - (generated - ref_generated)
+    assert margins.mean() > 0  # the human answers gained log-prob relative to the model's own
+    answer = HFEngine(model, chat, max_new_tokens=24).generate(prompts[:1])[0]
+    assert answer.text.strip() and "<|im_end|>" not in answer.text

@@ -92,3 +92,23 @@ def test_bad_pairs_are_refused_before_workers_start(ray_session, tmp_path, tiny_
         run_training(config, ray.data.from_items(rows[:3]), tiny_model_dir)
     with pytest.raises(TrainingDataError, match="empty"):
         run_training(config, ray.data.from_items(rows).filter(lambda r: False), tiny_model_dir)
+
+
+def test_one_step_single_process_equals_two_fsdp_workers(ray_session, tmp_path, tiny_model_dir):
+    from spin_ray.training.loop import train
+
+    # one optimizer step over all 8 pairs: global batch 8, one epoch
+    config = _config(tmp_path, tiny_model_dir, "equal", **{"training.global_batch_size": 8, "training.epochs": 1,
+                                                           "training.micro_batch_size": 2})
+    pairs = run_generation(config).dataset
+    single_dir = tmp_path / "single"
+    alone = train(config, pairs.take_all(), tiny_model_dir, str(single_dir / "train"), str(single_dir / "model"))
+    fsdp = run_training(config, pairs, tiny_model_dir)  # 2 gloo workers, FSDP2
+    assert alone["steps"] == fsdp["steps"] == 1
+    assert fsdp["loss"] == pytest.approx(alone["loss"], abs=1e-5)
+    assert fsdp["rewards/margins"] == pytest.approx(alone["rewards/margins"], abs=1e-5)
+    assert fsdp["grad_norm"] == pytest.approx(alone["grad_norm"], rel=1e-4)
+    before = _weights(tiny_model_dir)
+    single, sharded = _weights(single_dir / "model"), _weights(f"{iteration_dir(config, 0)}/model")
+    assert not torch.allclose(single, before)  # the step did move the weights
+    assert torch.allclose(sharded, single, atol=1e-5)
