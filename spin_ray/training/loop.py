@@ -147,7 +147,6 @@ def train(
     per_rank = t.global_batch_size // context.world_size
     scale_spin = 1.0 / per_rank  # FSDP averages over ranks: (1/W) * sum / (G/W) = sum / G
 
-    log_lines = []
     started = time.perf_counter()
     summary = {}
     for step in range(start_step, schedule.total_steps):
