@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spin_ray.config import Config, GenerationConfig
-from spin_ray.generation.stages import SHARD_COLUMN
+from spin_ray.generation.stages import SHARD_COLUMN, sampling_description
 from spin_ray.models import load_tokenizer, resolve_model
 from spin_ray.prepare import tokenize_split
 from spin_ray.storage import atomic_write_json, read_json
@@ -158,6 +158,11 @@ def rows_per_call(gen: GenerationConfig, prompts: int) -> int:
     return -(-rows // gen.shard_rows) * gen.shard_rows
 
 
+def _threads(gen: GenerationConfig) -> int:
+    """torch threads per actor: as configured, else the CPUs Ray reserves for it (at least 1)."""
+    return gen.threads_per_replica or max(1, int(gen.cpus_per_replica))
+
+
 def _build_dataset(config: Config, model_path: str, chat: ChatFormat, table: pa.Table, output_dir: str):
     """The lazy Ray Data plan: engine pool (-> reference pool) -> shard commit."""
     import ray
@@ -167,7 +172,7 @@ def _build_dataset(config: Config, model_path: str, chat: ChatFormat, table: pa.
     gen = config.generation
     # One block per future shard: a shard is the unit of commit and of resume.
     blocks = [table.slice(start, gen.shard_rows) for start in range(0, table.num_rows, gen.shard_rows)]
-    threads = gen.threads_per_replica or max(1, int(gen.cpus_per_replica))
+    threads = _threads(gen)
     common = {"model_path": model_path, "dtype": config.model.dtype, "trust_remote_code": config.model.trust_remote_code}
     dataset = ray.data.from_arrow(blocks).map_batches(
         GenerateStage,
@@ -199,13 +204,12 @@ def _reference_pool(config: Config, model_path: str, chat: ChatFormat, dataset):
     from spin_ray.generation.stages import ReferenceStage
 
     gen = config.generation
-    threads = gen.threads_per_replica or max(1, int(gen.cpus_per_replica))
     return dataset.map_batches(
         ReferenceStage,
         fn_constructor_kwargs={"model_path": model_path, "dtype": config.model.dtype,
                                "trust_remote_code": config.model.trust_remote_code,
                                "pad_id": chat.tokenizer.pad_token_id, "batch_size": gen.reference_batch_size,
-                               "threads": threads},
+                               "threads": _threads(gen)},
         batch_format="pyarrow",
         batch_size=gen.shard_rows,
         compute=ray.data.ActorPoolStrategy(min_size=gen.reference_replicas[0], max_size=gen.reference_replicas[1]),
@@ -233,8 +237,7 @@ def _build_vllm_dataset(config: Config, model_path: str, chat: ChatFormat, table
 
     gen = config.generation
     stops = chat.stop_token_ids
-    sampling = json.dumps({"max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "top_p": gen.top_p,
-                           "num_samples": gen.num_samples, "seed": gen.seed}, sort_keys=True)
+    sampling = sampling_description(gen.max_new_tokens, gen.temperature, gen.top_p, gen.num_samples, gen.seed)
     processor = build_processor(
         build_processor_config(config, model_path),
         postprocess=lambda row: {**row, "generated_text": row["generated_text"],

@@ -36,6 +36,12 @@ def sample_seed(base_seed: int, prompt_id: str, sample_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def sampling_description(max_new_tokens: int, temperature: float, top_p: float, num_samples: int, seed: int) -> str:
+    """The `sampling` column: how every answer of a row was drawn, whichever engine drew it."""
+    return json.dumps({"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                       "num_samples": num_samples, "seed": seed}, sort_keys=True)
+
+
 # Columns that travel with a batch between stages but are not part of a stored row: the shard a
 # row belongs to, and the seconds each stage spent on that shard (kept as shard file metadata).
 SHARD_COLUMN = "_shard"
@@ -109,11 +115,7 @@ class GenerateStage:
         self.model_path = model_path
         self.score_reference = score_reference
         self.reference_batch_size = reference_batch_size
-        self.sampling = json.dumps(
-            {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-             "num_samples": num_samples, "seed": seed},
-            sort_keys=True,
-        )
+        self.sampling = sampling_description(max_new_tokens, temperature, top_p, num_samples, seed)
 
     def __call__(self, batch: pa.Table):
         import time

@@ -20,11 +20,12 @@ import torch
 import torch.distributed as dist
 
 from spin_ray.config import Config
-from spin_ray.losses import sequence_logps, spin_loss, token_logps
+from spin_ray.losses import spin_loss, token_logps
 from spin_ray.tokenization import collate_sequences
 from spin_ray.training.checkpoint import committed_steps, export_hf, load_checkpoint, save_checkpoint
 from spin_ray.training.data import Pair, Schedule, pairs_from_rows
 from spin_ray.training.parallel import apply_fsdp
+from spin_ray.training.step import concatenated_logps
 
 
 
@@ -67,17 +68,16 @@ def micro_step(model, pairs: list[Pair], config: Config, pad_id: int, scale: flo
         (nll * scale).backward()
         return {"loss": float(nll), "tokens": float(mask.sum())}
     # one concatenated forward over real and generated answers
-    sequences = collate_sequences(prompts + prompts, [p.real for p in pairs] + [p.generated for p in pairs], pad_id)
-    batch = {k: v.to(device) for k, v in sequences.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=t.loss_type == "ipo")
-    n = len(pairs)
+    reals, generateds = [p.real for p in pairs], [p.generated for p in pairs]
+    policy_real, policy_generated = concatenated_logps(model, prompts, reals, generateds, pad_id,
+                                                       average=t.loss_type == "ipo")
     ref_real = torch.tensor([p.ref_real for p in pairs], device=device)
     ref_generated = torch.tensor([p.ref_generated for p in pairs], device=device)
-    losses, metrics = spin_loss(logps[:n], logps[n:], ref_real, ref_generated, t.beta, t.loss_type)
+    losses, metrics = spin_loss(policy_real, policy_generated, ref_real, ref_generated, t.beta, t.loss_type)
     (losses.sum() * scale).backward()
     # the loss returns batch means; sums (mean x n) average exactly over ranks and micro-batches
-    return {**{key: float(value) * n for key, value in metrics.items()}, "tokens": float(batch["attention_mask"].sum())}
+    tokens = sum(2 * len(p.prompt) + len(p.real) + len(p.generated) for p in pairs)
+    return {**{key: float(value) * len(pairs) for key, value in metrics.items()}, "tokens": float(tokens)}
 
 
 def _all_reduce_sums(sums: dict[str, float], device) -> dict[str, float]:

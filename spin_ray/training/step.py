@@ -22,10 +22,15 @@ def concatenated_logps(
 
     One pass instead of two halves the kernel launches and, under FSDP, the all-gathers.
     """
-    batch = collate_sequences([*prompts, *prompts], [*reals, *generateds], pad_id)
+    batch = _on_model_device(model, collate_sequences([*prompts, *prompts], [*reals, *generateds], pad_id))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=average)
     return logps[: len(prompts)], logps[len(prompts) :]
+
+
+def _on_model_device(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def spin_step_loss(
@@ -67,11 +72,10 @@ def reference_logps(
     """Forward-only log-probs of responses under a frozen model (the opponent p_t): [N]."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
         batch = collate_sequences(prompts[start : start + batch_size], responses[start : start + batch_size], pad_id)
-        batch = {key: value.to(device) for key, value in batch.items()}
+        batch = _on_model_device(model, batch)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         out.append(sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=average).cpu())
     model.train(was_training)
