@@ -90,6 +90,93 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unwrap_remote(error: Exception) -> Exception:
+    """A user error raised inside the driver actor arrives wrapped in a RayTaskError: unwrap it."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, USER_ERRORS) else error
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import ray
+
+    from spin_ray.driver import RunAlreadyActive, start_driver
+    from spin_ray.manifest import check_config, run_dir
+    from spin_ray.report import format_table
+
+    config = load_config(args.config, args.overrides)
+    check_config(config, args.force)  # refuse a changed config before anything starts
+    _init_ray(args.address)
+    print(f"[spin-ray] run {config.run.name}: {config.iterations.count} iteration(s), model {config.model.name}, "
+          f"data {config.data.train}, state in {run_dir(config)}/manifest.json", flush=True)
+    try:
+        driver = start_driver(config, args.force)
+        manifest = ray.get(driver.run.remote())
+    except RunAlreadyActive as exc:
+        print(f"spin-ray run: error: {exc}", file=sys.stderr)
+        return 2
+    except ray.exceptions.RayTaskError as exc:
+        cause = _unwrap_remote(exc)
+        if cause is exc:
+            raise
+        raise cause from None
+    print(format_table(manifest))
+    print(f"status: {manifest['status']}; final model: {manifest.get('final_model')}")
+    print(f"report: {manifest['report']['markdown']} (plot {manifest['report']['plot']})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from spin_ray.evaluation import evaluate_model
+    from spin_ray.models import resolve_model
+
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path and "=" in config_path and not os.path.exists(config_path):
+        config_path, overrides = None, [config_path, *overrides]
+    config = load_config(config_path, overrides)
+    model = resolve_model(args.model, config.model.cache_dir)
+    output = args.output or f"{config.run.storage_path.rstrip('/')}/eval/{os.path.basename(model.path.rstrip('/'))}"
+    _init_ray(args.address)
+    metrics = evaluate_model(config, model.path, output, opponent_answers=args.opponent_answers,
+                             data=args.data or config.data.eval)
+    print(json.dumps(metrics, indent=2))
+    print(f"metrics: {output}/metrics.json")
+    return 0
+
+
+def _run_folder(target: str) -> str:
+    """A run folder, or a config YAML naming one."""
+    from spin_ray.manifest import run_dir
+
+    if target.endswith((".yaml", ".yml")) and os.path.isfile(target):
+        return run_dir(load_config(target))
+    return target
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from spin_ray.manifest import Manifest
+    from spin_ray.report import format_table, write_report
+
+    folder = _run_folder(args.run)
+    if Manifest.read(folder) is None:
+        raise ConfigError(f"{folder}: no manifest.json; not a spin-ray run folder")
+    paths = write_report(folder)
+    print(format_table(Manifest.read(folder).data))
+    print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from spin_ray.manifest import Manifest
+    from spin_ray.report import format_status
+
+    folder = _run_folder(args.run)
+    manifest = Manifest.read(folder)
+    if manifest is None:
+        raise ConfigError(f"{folder}: no manifest.json; not a spin-ray run folder (or the run has not started)")
+    print(json.dumps(manifest.data, indent=2) if args.json else format_status(manifest.data))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spin-ray", description="Self-play fine-tuning (SPIN) of language models on Ray."
@@ -120,6 +207,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iteration", type=int, default=0, help="iteration t: output under {run}/iter_t/ (default 0)")
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local instance)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", help="run SPIN's self-play iterations (driver actor); resumes a stopped run")
+    _add_config_args(p)
+    p.add_argument("--force", action="store_true", help="continue a run even though its config changed")
+    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local instance)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="evaluate one model on held-out data (GSM8K accuracy, NLL, reward accuracy)")
+    p.add_argument("model", help="model folder or alias (e.g. a run's iter_0/model, or smollm2-135m-instruct)")
+    _add_config_args(p, required=False)
+    p.add_argument("--data", default=None, help="held-out data (default: data.eval of the config, gsm8k:test)")
+    p.add_argument("--output", default=None, help="output folder (default {storage_path}/eval/<model folder name>)")
+    p.add_argument("--opponent-answers", default=None,
+                   help="answers folder of the opponent's evaluation: adds reward accuracy and margin vs it")
+    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local instance)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="write report.md, report.json and report.png of a run")
+    p.add_argument("run", help="run folder ({storage_path}/{run.name}) or the run's config YAML")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("status", help="print where a run stands (phases, attempts, timings)")
+    p.add_argument("run", help="run folder ({storage_path}/{run.name}) or the run's config YAML")
+    p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="one SPIN iteration in miniature on SmolLM2 + GSM8K, in one process")
     _add_config_args(p, required=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -157,6 +158,12 @@ class RunConfig(_Section):
     name: str = Field("spin-gsm8k", min_length=1, description="Run name: the folder under storage_path.")
     storage_path: str = Field("./runs", min_length=1, description="fsspec URL of the run storage (local, s3://, gs://).")
 
+    @field_validator("storage_path")
+    @classmethod
+    def _absolute_local(cls, value: str) -> str:
+        # Ray Train runs workers in their own working directory: a relative path would land elsewhere.
+        return value if "://" in value else os.path.abspath(os.path.expanduser(value))
+
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
@@ -173,6 +180,20 @@ class IterationsConfig(_Section):
     converged_accuracy: float | None = Field(
         None, gt=0.0, le=1.0, description="Stop early once held-out reward accuracy falls to this (e.g. 0.55)."
     )
+    sft_warm_start: bool = Field(
+        False, description="Before iteration 0, fine-tune the initial model on the SFT data (objective sft); it becomes p_0."
+    )
+    sft_epochs: int = Field(1, ge=1, description="Epochs of the SFT warm start.")
+
+
+class EvaluationConfig(_Section):
+    enabled: bool = Field(True, description="Evaluate p_0 and every new model on data.eval (needs data.eval).")
+    prompts: int | None = Field(
+        64, ge=1, description="Held-out prompts to evaluate on (the first N valid ones); null for the whole split."
+    )
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Longest evaluation answer; null means generation.max_new_tokens."
+    )
 
 
 class Config(_Section):
@@ -182,6 +203,7 @@ class Config(_Section):
     training: TrainingConfig = TrainingConfig()
     run: RunConfig = RunConfig()
     iterations: IterationsConfig = IterationsConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -190,6 +212,46 @@ class Config(_Section):
         """Stable hash of every setting, used to refuse resuming a run under a changed config."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def result_fingerprint(self) -> str:
+        """Hash of the settings that shape a run's results (OPERATIONAL_KEYS left out)."""
+        flat = {k: v for k, v in flatten(self.to_dict()).items() if k not in OPERATIONAL_KEYS}
+        return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Keys that may change when a run is resumed: how many machines do the work, how far the run goes.
+# Everything else shapes the results, so changing it under the same run name needs --force.
+OPERATIONAL_KEYS = frozenset(
+    {
+        "iterations.count",
+        "generation.replicas",
+        "generation.reference_replicas",
+        "generation.cpus_per_replica",
+        "generation.threads_per_replica",
+        "training.num_workers",
+        "training.cpus_per_worker",
+        "training.max_failures",
+        "training.keep_checkpoints",
+        "model.cache_dir",
+    }
+)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differing_keys(old: dict[str, Any], new: dict[str, Any], ignore=OPERATIONAL_KEYS) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (missing counts as differing)."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k, "<unset>") != b.get(k, "<unset>"))
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

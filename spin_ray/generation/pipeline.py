@@ -75,12 +75,14 @@ def _summarise(table: pa.Table, seconds: float, max_new_tokens: int, generated_n
     }
 
 
-def run_generation(config: Config, iteration: int = 0, model: str | None = None) -> GenerationResult:
-    """Answer every training prompt with the opponent (default: the configured model) and score it."""
+def run_generation(config: Config, iteration: int = 0, model: str | None = None, source: str | None = None,
+                   output_dir: str | None = None) -> GenerationResult:
+    """Answer every prompt of `source` (default data.train) with the opponent (default: the configured
+    model) and score it. Evaluation reuses it on the held-out split with its own output_dir."""
     import ray
 
     gen = config.generation
-    output_dir = generation_dir(config, iteration)
+    output_dir = output_dir or generation_dir(config, iteration)
     done = read_json(f"{output_dir}/{COMPLETE_MARKER}")
     if done is not None:
         log.info("generation for iteration %d already complete: %s", iteration, output_dir)
@@ -90,7 +92,7 @@ def run_generation(config: Config, iteration: int = 0, model: str | None = None)
     resolved = resolve_model(model or config.model.name, config.model.cache_dir)
     tokenizer = load_tokenizer(resolved.path, config.model.trust_remote_code)
     chat = ChatFormat(tokenizer)
-    split = tokenize_split(config.data.train, config, chat)
+    split = tokenize_split(source or config.data.train, config, chat)
     if split.records.num_rows == 0:
         raise GenerationError("no prompts left after the over-length policy; raise data.max_prompt_tokens")
     expected = set(split.records.column("prompt_id").to_pylist())

@@ -100,22 +100,27 @@ def export_hf(model, tokenizer, target_url: str, rank: int) -> str | None:
     if rank != 0:
         _barrier()
         return None
-    staging = tempfile.mkdtemp(prefix="spin_ray-export-")
+    fs, path = fsspec.core.url_to_fs(target_url)
+    # Local: stage beside the target, so the final move is a rename and no reader sees half a folder.
+    parent = os.path.dirname(path) if _is_local(target_url) else None
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         model.save_pretrained(staging, state_dict=full, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        with open(os.path.join(staging, "spin_ray_export.json"), "w") as handle:
-            json.dump({"complete": True}, handle)
-        fs, path = fsspec.core.url_to_fs(target_url)
+        marker = json.dumps({"complete": True}).encode()
         if _is_local(target_url):
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(os.path.join(staging, "spin_ray_export.json"), "wb") as handle:
+                handle.write(marker)
             if os.path.exists(path):
                 shutil.rmtree(path)
-            shutil.move(staging, path)  # same filesystem in the common case: a rename
+            os.rename(staging, path)
         else:
             if fs.exists(path):
                 fs.rm(path, recursive=True)
             fs.put(staging.rstrip("/") + "/", path, recursive=True)
+            fs.pipe_file(f"{path}/spin_ray_export.json", marker)  # the marker goes up last
     finally:
         if os.path.exists(staging):
             shutil.rmtree(staging, ignore_errors=True)

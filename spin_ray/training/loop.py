@@ -149,6 +149,7 @@ def train(
 
     started = time.perf_counter()
     summary = {}
+    tokens_this_run = 0.0
     for step in range(start_step, schedule.total_steps):
         _maybe_fail(step, fail_at_step, context, train_dir)
         step_started = time.perf_counter()
@@ -170,6 +171,7 @@ def train(
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         totals = _all_reduce_sums(sums, context.device)
+        tokens_this_run += totals["tokens"]
         seconds = time.perf_counter() - step_started
         metrics = _step_metrics(totals, t.objective, t.global_batch_size, step, schedule, lr, float(grad_norm), seconds)
         summary = metrics
@@ -186,9 +188,14 @@ def train(
                      "world_size": context.world_size}
             save_checkpoint(train_dir, done, model, optimizer, state, context.rank, t.keep_checkpoints)
 
+    train_seconds = time.perf_counter() - started
+    export_started = time.perf_counter()
     export_hf(model, tokenizer, export_dir, context.rank)
     return {
         **summary,
+        "training_tokens_per_second": round(tokens_this_run / train_seconds, 1) if tokens_this_run else None,
+        "training_seconds": round(train_seconds, 2),
+        "export_seconds": round(time.perf_counter() - export_started, 2),
         "steps": schedule.total_steps,
         "resumed_from_step": start_step,
         "pairs": len(pairs),

@@ -64,14 +64,17 @@ def validate_pairs(config: Config, dataset, source: str) -> None:
 
 
 def run_training(config: Config, dataset, model_path: str, iteration: int = 0, source: str = "pairs",
-                 fail_at_step: int | None = None) -> dict:
+                 fail_at_step: int | None = None, base_dir: str | None = None) -> dict:
     """Train p_{t+1} from p_t (`model_path`) on a Ray Dataset of pairs; resumes from the last committed
-    checkpoint, and returns at once if this iteration's export is already complete."""
+    checkpoint, and returns at once if this iteration's export is already complete.
+
+    Output goes under `base_dir` (default {run}/iter_{iteration}): train/ (checkpoints, metrics.jsonl,
+    summary.json) and model/ (the export)."""
     import ray.train
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    base = iteration_dir(config, iteration)
+    base = base_dir or iteration_dir(config, iteration)
     train_dir, export_dir = f"{base}/train", f"{base}/model"
     if export_complete(export_dir):
         return read_json(f"{train_dir}/summary.json") or {"export_dir": export_dir}
@@ -90,7 +93,13 @@ def run_training(config: Config, dataset, model_path: str, iteration: int = 0, s
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    trainer.fit()
+    # The workers' ingest of the (already computed) pairs needs no progress bars in the job log.
+    context = ray.data.DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, False
+    try:
+        trainer.fit()
+    finally:
+        context.enable_progress_bars = bars
     summary = read_json(f"{train_dir}/summary.json")
     if summary is None or not export_complete(export_dir):
         raise RuntimeError(f"training of iteration {iteration} ended without an export at {export_dir}")

@@ -1,0 +1,150 @@
+"""Run state: `{storage_path}/{run}/manifest.json`, rewritten atomically after every phase.
+
+It records each phase (SFT warm start, baseline evaluation, and per iteration: generate, train,
+evaluate) with its status, attempts, timings, artifact paths and metrics, plus the config, its
+hash and the code version. A re-submitted job reads it to skip finished phases; a changed config
+under the same run name is refused with the differing keys named.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+from typing import Any
+
+from spin_ray import __version__
+from spin_ray.config import Config, ConfigError, differing_keys
+from spin_ray.storage import atomic_write_json, read_json
+
+DONE, RUNNING, FAILED = "done", "running", "failed"
+
+
+def run_dir(config: Config) -> str:
+    return f"{config.run.storage_path.rstrip('/')}/{config.run.name}"
+
+
+def manifest_url(run: str) -> str:
+    return f"{run.rstrip('/')}/manifest.json"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def code_version() -> str:
+    """Package version, plus the git commit when running from a checkout (as `ray job submit --working-dir` ships it)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def config_conflict(existing: dict, config: Config) -> str | None:
+    """The refusal message when `config` differs from the config a run was started with, else None."""
+    changed = differing_keys(existing["config"], config.to_dict())
+    if not changed:
+        return None
+    old, new = _flat(existing["config"]), _flat(config.to_dict())
+    shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed)
+    return (f"run {config.run.name!r} at {run_dir(config)} was started with a different config "
+            f"({len(changed)} key(s) differ: {shown}); use a new run.name, or --force to continue anyway")
+
+
+def check_config(config: Config, force: bool = False) -> None:
+    """Raise ConfigError if the run exists under a different config (unless `force`)."""
+    existing = read_json(manifest_url(run_dir(config)))
+    if existing is not None and not force:
+        message = config_conflict(existing, config)
+        if message:
+            raise ConfigError(message)
+
+
+class Manifest:
+    """The manifest as a dict with helpers; every change is written through at once."""
+
+    def __init__(self, url: str, data: dict[str, Any]):
+        self.url = url
+        self.data = data
+
+    @classmethod
+    def read(cls, run: str) -> "Manifest | None":
+        data = read_json(manifest_url(run))
+        return None if data is None else cls(manifest_url(run), data)
+
+    @classmethod
+    def open(cls, config: Config, force: bool = False) -> "Manifest":
+        """Start a run's manifest, or continue an existing one if the config agrees (or `force`)."""
+        url = manifest_url(run_dir(config))
+        existing = read_json(url)
+        current = config.to_dict()
+        if existing is None:
+            manifest = cls(url, {"run": config.run.name, "run_dir": run_dir(config), "created": _now(),
+                                 "status": RUNNING, "config": current, "config_hash": config.result_fingerprint(),
+                                 "phases": {}, "iterations": [], "jobs": [], "config_changes": []})
+        else:
+            manifest = cls(url, existing)
+            message = config_conflict(existing, config)
+            if message and not force:
+                raise ConfigError(message)
+            changed = differing_keys(existing["config"], current)
+            if changed:
+                manifest.data["config_changes"].append({"at": _now(), "keys": changed, "forced": True})
+            manifest.data["config"] = current
+            manifest.data["config_hash"] = config.result_fingerprint()
+        manifest.data["code_version"] = code_version()
+        manifest.data["jobs"].append({"started": _now(), "ray_job_id": os.environ.get("RAY_JOB_ID"),
+                                      "code_version": manifest.data["code_version"]})
+        manifest.data["status"] = RUNNING
+        manifest.save()
+        return manifest
+
+    def save(self) -> None:
+        self.data["updated"] = _now()
+        atomic_write_json(self.url, self.data)
+
+    def iteration(self, t: int) -> dict[str, Any]:
+        """The record of iteration t (created on first use)."""
+        records = self.data["iterations"]
+        while len(records) <= t:
+            records.append({"iteration": len(records), "phases": {}})
+        return records[t]
+
+    def phase(self, name: str, iteration: int | None = None) -> dict[str, Any]:
+        phases = self.data["phases"] if iteration is None else self.iteration(iteration)["phases"]
+        return phases.setdefault(name, {"status": "pending", "attempts": 0})
+
+    def start(self, name: str, iteration: int | None = None) -> dict[str, Any]:
+        record = self.phase(name, iteration)
+        record.update(status=RUNNING, started=_now(), attempts=record["attempts"] + 1)
+        record.pop("error", None)
+        self.save()
+        return record
+
+    def finish(self, name: str, iteration: int | None, seconds: float, metrics: dict, artifacts: dict) -> None:
+        record = self.phase(name, iteration)
+        record.update(status=DONE, finished=_now(), seconds=round(seconds, 2), metrics=metrics, artifacts=artifacts)
+        self.save()
+
+    def fail(self, name: str, iteration: int | None, error: BaseException) -> None:
+        record = self.phase(name, iteration)
+        record.update(status=FAILED, finished=_now(), error=f"{type(error).__name__}: {error}"[:2000])
+        self.data["status"] = FAILED
+        self.save()
+
+    def is_done(self, name: str, iteration: int | None = None) -> bool:
+        return self.phase(name, iteration)["status"] == DONE
+
+    def set_status(self, status: str, **extra: Any) -> None:
+        self.data["status"] = status
+        self.data.update(extra)
+        self.save()
+
+
+def _flat(tree: dict) -> dict:
+    from spin_ray.config import flatten
+
+    return flatten(tree)

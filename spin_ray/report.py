@@ -1,0 +1,178 @@
+"""Run report from the manifest: a per-iteration table (metrics and timing split) as report.md, report.json and a PNG."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from spin_ray.manifest import Manifest
+from spin_ray.storage import atomic_write_bytes
+
+# (column, header, format) of the printed table
+COLUMNS = (
+    ("model", "model", "{}"),
+    ("accuracy", "GSM8K acc", "{:.3f}"),
+    ("nll_per_token", "NLL/tok", "{:.4f}"),
+    ("reward_accuracy", "reward acc", "{:.3f}"),
+    ("reward_margin", "reward margin", "{:.4f}"),
+    ("train_loss", "train loss", "{:.4f}"),
+    ("train_margin", "train margin", "{:.4f}"),
+    ("generation_s", "gen s", "{:.0f}"),
+    ("generation_tok_s", "gen tok/s", "{:.1f}"),
+    ("training_s", "train s", "{:.0f}"),
+    ("training_tok_s", "train tok/s", "{:.1f}"),
+    ("export_s", "export s", "{:.1f}"),
+    ("evaluation_s", "eval s", "{:.0f}"),
+)
+
+
+def _metrics(record: dict | None) -> dict:
+    return (record or {}).get("metrics") or {}
+
+
+def iteration_rows(manifest: dict) -> list[dict]:
+    """One row per model: p_0 (baseline evaluation), then p_{t+1} for each iteration t."""
+    rows = []
+    baseline = manifest["phases"].get("baseline_eval")
+    sft = manifest["phases"].get("sft")
+    if baseline or sft:
+        ev = _metrics(baseline)
+        rows.append({"model": "p0 (sft)" if sft else "p0", "iteration": None, "status": (baseline or sft)["status"],
+                     "accuracy": ev.get("accuracy"), "nll_per_token": ev.get("nll_per_token"),
+                     "evaluation_s": (baseline or {}).get("seconds"),
+                     "train_loss": _metrics(sft).get("loss"), "training_s": _metrics(sft).get("training_seconds")})
+    for record in manifest["iterations"]:
+        phases = record["phases"]
+        gen, train, ev = _metrics(phases.get("generate")), _metrics(phases.get("train")), _metrics(phases.get("evaluate"))
+        statuses = {name: phase["status"] for name, phase in phases.items()}
+        rows.append({
+            "model": f"p{record['iteration'] + 1}",
+            "iteration": record["iteration"],
+            "status": statuses,
+            "accuracy": ev.get("accuracy"),
+            "nll_per_token": ev.get("nll_per_token"),
+            "reward_accuracy": ev.get("reward_accuracy"),
+            "reward_margin": ev.get("reward_margin"),
+            "train_loss": train.get("loss"),
+            "train_margin": train.get("rewards/margins"),
+            "train_reward_accuracy": train.get("rewards/accuracies"),
+            "generation_s": gen.get("seconds"),
+            "generation_tok_s": gen.get("tokens_per_second"),
+            "reference_s": gen.get("reference_seconds"),
+            "training_s": train.get("training_seconds"),
+            "training_tok_s": train.get("training_tokens_per_second"),
+            "export_s": train.get("export_seconds"),
+            "evaluation_s": (phases.get("evaluate") or {}).get("seconds"),
+            "resumed_from_step": train.get("resumed_from_step"),
+            "train_attempts": (phases.get("train") or {}).get("attempts"),
+        })
+    return rows
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    try:
+        return fmt.format(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def format_table(manifest: dict, markdown: bool = False) -> str:
+    rows = iteration_rows(manifest)
+    headers = [header for _, header, _ in COLUMNS]
+    cells = [[_cell(row.get(key), fmt) for key, _, fmt in COLUMNS] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(line) + " |" for line in cells]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(line[i]) for line in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in cells]
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], run: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    labels = [row["model"] for row in rows]
+    panels = (("GSM8K exact match", ["accuracy"]), ("NLL per token (human answers)", ["nll_per_token"]),
+              ("held-out reward accuracy vs opponent", ["reward_accuracy", "train_reward_accuracy"]),
+              ("margins and loss", ["reward_margin", "train_margin", "train_loss"]))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for axis, (title, keys) in zip(axes, panels, strict=True):
+        for key in keys:
+            points = [(i, row[key]) for i, row in enumerate(rows) if row.get(key) is not None]
+            if points:
+                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)
+        axis.set_xticks(range(len(labels)), labels)
+        axis.set_title(title, fontsize=9)
+        axis.grid(alpha=0.3)
+        if len(keys) > 1:
+            axis.legend(fontsize=7)
+    figure.suptitle(f"spin-ray run {run}", fontsize=10)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def write_report(run: str) -> dict:
+    """Write report.json, report.md and report.png under the run folder; return their paths."""
+    manifest = Manifest.read(run)
+    if manifest is None:
+        raise FileNotFoundError(f"no manifest.json under {run}: not a spin-ray run folder")
+    data = manifest.data
+    rows = iteration_rows(data)
+    base = run.rstrip("/")
+    paths = {"json": f"{base}/report.json", "markdown": f"{base}/report.md", "plot": f"{base}/report.png"}
+    payload = {"run": data["run"], "status": data["status"], "config_hash": data["config_hash"],
+               "code_version": data.get("code_version"), "final_model": data.get("final_model"), "rows": rows}
+    atomic_write_bytes(paths["json"], json.dumps(payload, indent=2).encode())
+    markdown = [
+        f"# spin-ray run `{data['run']}`", "",
+        f"status **{data['status']}**, config hash `{data['config_hash']}`, code {data.get('code_version')}, "
+        f"{len(data.get('jobs', []))} job(s)", "",
+        "p0 is the initial model; p(t+1) is trained in iteration t against opponent p(t). Reward accuracy is "
+        "measured on held-out prompts: p(t+1)'s SPIN reward of the human answer vs p(t)'s own answer.", "",
+        format_table(data, markdown=True), "",
+        "Times are seconds of wall clock per phase (generation includes reference scoring; training excludes "
+        "export). Tokens/s: generated tokens for generation, policy tokens (prompt+answer, both answers) for training.",
+        "", f"![metrics per iteration]({paths['plot'].rsplit('/', 1)[-1]})", "",
+    ]
+    atomic_write_bytes(paths["markdown"], "\n".join(markdown).encode())
+    atomic_write_bytes(paths["plot"], _plot(rows, data["run"]))
+    return paths
+
+
+PHASE_ORDER = ("sft", "baseline_eval", "generate", "train", "evaluate")
+
+
+def format_status(manifest: dict) -> str:
+    """Where a run stands: overall status, then every phase with its status, attempts and seconds."""
+    lines = [f"run {manifest['run']} ({manifest['run_dir']}): {manifest['status']}, "
+             f"{len(manifest.get('jobs', []))} job(s), config {manifest['config_hash']}, updated {manifest.get('updated')}"]
+
+    def describe(label: str, phase: dict) -> str:
+        extra = f", {phase['seconds']}s" if "seconds" in phase else ""
+        error = f"\n      error: {phase['error']}" if phase.get("error") else ""
+        return f"  {label:<28} {phase['status']:<8} attempts {phase['attempts']}{extra}{error}"
+
+    order = {name: i for i, name in enumerate(PHASE_ORDER)}
+
+    def ordered(phases: dict) -> list:
+        return sorted(phases.items(), key=lambda item: order.get(item[0], len(order)))
+
+    for name, phase in ordered(manifest["phases"]):
+        lines.append(describe(name, phase))
+    count = manifest["config"]["iterations"]["count"]
+    for record in manifest["iterations"]:
+        for name, phase in ordered(record["phases"]):
+            lines.append(describe(f"iteration {record['iteration']}/{count} {name}", phase))
+    if manifest.get("final_model"):
+        lines.append(f"final model: {manifest['final_model']}")
+    return "\n".join(lines)
