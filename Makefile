@@ -12,7 +12,7 @@ setup:
 
 demo: setup
 	@mkdir -p $(RAY_TMPDIR)
-	$(VENV)/bin/spin-ray demo
+	$(VENV)/bin/spin-ray run jobs/gsm8k_smollm2_cpu.yaml
 
 test: setup
 	@mkdir -p $(RAY_TMPDIR)

@@ -43,18 +43,6 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from spin_ray.demo import run_demo
-
-    config_path, overrides = args.config, list(args.overrides)
-    if config_path and "=" in config_path and not os.path.exists(config_path):
-        config_path, overrides = None, [config_path, *overrides]  # `spin-ray demo key=value` without a file
-    if not any(o.startswith("generation.max_new_tokens=") for o in overrides):
-        overrides.append("generation.max_new_tokens=96")
-    run_demo(load_config(config_path, overrides), prompts=args.prompts, steps=args.steps, learning_rate=args.lr)
-    return 0
-
-
 def _init_ray(address: str | None) -> None:
     import ray
 
@@ -74,15 +62,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import ray
-
+    from spin_ray.generation.pipeline import parquet_files, shards_dataset
     from spin_ray.models import resolve_model
     from spin_ray.training.trainer import run_training
 
     config = load_config(args.config, args.overrides)
     _init_ray(args.address)
     model = resolve_model(args.model or config.model.name, config.model.cache_dir)
-    summary = run_training(config, ray.data.read_parquet(args.pairs), model.path, iteration=args.iteration,
+    summary = run_training(config, shards_dataset(parquet_files(args.pairs)).materialize(), model.path, iteration=args.iteration,
                            source=args.pairs)
     keys = ("steps", "resumed_from_step", "loss", "rewards/margins", "rewards/accuracies", "seconds")
     print("training: " + ", ".join(f"{k} {summary[k]}" for k in keys if k in summary))
@@ -233,12 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole manifest")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("demo", help="one SPIN iteration in miniature on SmolLM2 + GSM8K, in one process")
-    _add_config_args(p, required=False)
-    p.add_argument("--prompts", type=int, default=4, help="GSM8K prompts to answer (default 4)")
-    p.add_argument("--steps", type=int, default=3, help="SPIN optimizer steps (default 3)")
-    p.add_argument("--lr", type=float, default=1e-5, help="learning rate of the demo steps (default 1e-5)")
-    p.set_defaults(func=cmd_demo)
     return parser
 
 

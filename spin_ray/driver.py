@@ -74,14 +74,14 @@ def _previous_pairs(config: Config, iteration: int, opponent: str):
     prompt_ids tagged so they stay distinct from this iteration's pairs of the same prompts."""
     import ray
 
-    from spin_ray.generation.pipeline import _shard_files, _threads, generation_dir
+    from spin_ray.generation.pipeline import _shard_files, _threads, generation_dir, shards_dataset
     from spin_ray.generation.stages import PAIRS_SCHEMA, ReferenceStage
     from spin_ray.models import load_tokenizer
 
     gen = config.generation
     pad_id = load_tokenizer(opponent, config.model.trust_remote_code).pad_token_id
     return (
-        ray.data.read_parquet(_shard_files(generation_dir(config, iteration - 1)))
+        shards_dataset(_shard_files(generation_dir(config, iteration - 1)))
         .map_batches(ReferenceStage, batch_format="pyarrow", batch_size=gen.shard_rows,
                      fn_constructor_kwargs={"model_path": opponent, "dtype": config.model.dtype,
                                             "trust_remote_code": config.model.trust_remote_code, "pad_id": pad_id,

@@ -109,7 +109,7 @@ def evaluate_model(config: Config, model_path: str, output_dir: str, opponent_an
     {output_dir}/metrics.json (atomically) and reused when present."""
     import ray
 
-    from spin_ray.generation.pipeline import _shard_files, _threads, run_generation
+    from spin_ray.generation.pipeline import _shard_files, _threads, run_generation, shards_dataset
     from spin_ray.generation.stages import ReferenceStage
     from spin_ray.models import load_tokenizer
 
@@ -139,7 +139,7 @@ def evaluate_model(config: Config, model_path: str, output_dir: str, opponent_an
         gen = config.generation
         pad_id = load_tokenizer(model_path, config.model.trust_remote_code).pad_token_id
         rewards = (
-            ray.data.read_parquet(_shard_files(opponent_answers))
+            shards_dataset(_shard_files(opponent_answers))
             .map_batches(keep_opponent_logps, batch_format="pyarrow", batch_size=None)
             .map_batches(ReferenceStage, batch_format="pyarrow", batch_size=gen.shard_rows,
                          fn_constructor_kwargs={"model_path": model_path, "dtype": config.model.dtype,

@@ -69,13 +69,25 @@ def chat(tokenizer):
     from spin_ray.tokenization import ChatFormat
 
     return ChatFormat(tokenizer)
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_session():
+    """One local Ray instance shared by the tests that use it; (re)started on demand, because the
+    `ray job submit` test shuts it down to run its own head node."""
     import ray
 
-    # 4 logical CPUs on the 2-core box: two engine actors and a reference actor can be scheduled
-    # at once (each reserves 1 CPU) while torch runs 1 thread in each.
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    if not ray.is_initialized():
+        # 4 logical CPUs on the 2-core box: two engine actors and a reference actor can be scheduled
+        # at once (each reserves 1 CPU) while torch runs 1 thread in each.
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
-    ray.shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()

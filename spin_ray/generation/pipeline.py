@@ -52,6 +52,39 @@ def _shard_files(output_dir: str) -> list[str]:
     return sorted(protocol + p if protocol and not p.startswith(protocol) else p for p in names)
 
 
+def _read_shard(file: str) -> pa.Table:
+    with fsspec.open(file, "rb") as handle:
+        return pq.read_table(handle)
+
+
+def parquet_files(path: str) -> list[str]:
+    """The committed shards of a generation folder, else every .parquet file under `path` (or `path` itself)."""
+    shards = _shard_files(path)
+    if shards:
+        return shards
+    fs, local = fsspec.core.url_to_fs(path)
+    if fs.isfile(local):
+        return [path]
+    protocol = path.split("://", 1)[0] + "://" if "://" in path else ""
+    return sorted(protocol + f if protocol and not f.startswith(protocol) else f
+                  for f in fs.find(local) if f.endswith(".parquet"))
+
+
+def shards_dataset(files: list[str]):
+    """A Ray Dataset of parquet files, read by zero-CPU tasks straight into the object store.
+
+    Not `ray.data.read_parquet`: its file-listing task needs a whole CPU, and on a small node whose
+    CPUs an actor pool (a scorer, or training workers ingesting the dataset) already holds, that
+    task would wait forever. The rows never pass through the caller's memory, only references.
+    """
+    import ray
+
+    if not files:
+        raise GenerationError("no parquet files to read")
+    read = ray.remote(num_cpus=0)(_read_shard)
+    return ray.data.from_arrow_refs([read.remote(file) for file in files])
+
+
 def committed_prompt_ids(output_dir: str) -> set[str]:
     """Every prompt_id already committed in a shard."""
     return set(_read_shards(_shard_files(output_dir), ["prompt_id"]).column("prompt_id").to_pylist())
@@ -79,14 +112,12 @@ def run_generation(config: Config, iteration: int = 0, model: str | None = None,
                    output_dir: str | None = None) -> GenerationResult:
     """Answer every prompt of `source` (default data.train) with the opponent (default: the configured
     model) and score it. Evaluation reuses it on the held-out split with its own output_dir."""
-    import ray
-
     gen = config.generation
     output_dir = output_dir or generation_dir(config, iteration)
     done = read_json(f"{output_dir}/{COMPLETE_MARKER}")
     if done is not None:
         log.info("generation for iteration %d already complete: %s", iteration, output_dir)
-        dataset = ray.data.read_parquet(done["shards"]).materialize()
+        dataset = shards_dataset(done["shards"]).materialize()
         return GenerationResult(output_dir, dataset, done["summary"])
 
     resolved = resolve_model(model or config.model.name, config.model.cache_dir)
@@ -147,7 +178,7 @@ def run_generation(config: Config, iteration: int = 0, model: str | None = None,
     if todo and len(todo) == len(expected):
         dataset = new_rows
     else:
-        dataset = ray.data.read_parquet(shards).materialize()
+        dataset = shards_dataset(shards).materialize()
     return GenerationResult(output_dir, dataset, summary)
 
 
@@ -169,7 +200,7 @@ def _build_dataset(config: Config, model_path: str, chat: ChatFormat, table: pa.
     """The lazy Ray Data plan: engine pool (-> reference pool) -> shard commit."""
     import ray
 
-    from spin_ray.generation.stages import GenerateStage, commit_shard
+    from spin_ray.generation.stages import GenerateStage
 
     gen = config.generation
     # One block per future shard: a shard is the unit of commit and of resume.

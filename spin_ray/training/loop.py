@@ -24,7 +24,7 @@ from spin_ray.losses import spin_loss, token_logps
 from spin_ray.tokenization import collate_sequences
 from spin_ray.training.checkpoint import committed_steps, export_hf, load_checkpoint, save_checkpoint
 from spin_ray.training.data import Pair, Schedule, pairs_from_rows
-from spin_ray.training.parallel import apply_fsdp
+from spin_ray.training.parallel import apply_fsdp, set_accumulating
 from spin_ray.training.step import concatenated_logps
 
 
@@ -159,7 +159,9 @@ def train(
         else:
             scale = scale_spin
         sums: dict[str, float] = {}
-        for micro in schedule.micro_batches(step, context.rank, context.world_size):
+        micros = list(schedule.micro_batches(step, context.rank, context.world_size))
+        for number, micro in enumerate(micros, start=1):
+            set_accumulating(model, number < len(micros))  # sync gradients on the last micro-batch only
             part = micro_step(model, [pairs[i] for i in micro], config, pad_id, scale, context.device)
             for key, value in part.items():
                 sums[key] = sums.get(key, 0.0) + value

@@ -81,6 +81,9 @@ def run_training(config: Config, dataset, model_path: str, iteration: int = 0, s
     t = config.training
     validate_pairs(config, dataset, source)
     low, high = t.num_workers
+    # The workers' ingest of the (already computed) pairs needs no progress bars in the job log; the
+    # dataset carries its own copy of the DataContext into the workers.
+    dataset.context.enable_progress_bars = False
     trainer = TorchTrainer(
         train_loop_per_worker=_worker_entry,
         train_loop_config={"config": config.to_dict(), "model_path": model_path, "train_dir": train_dir,
@@ -93,13 +96,7 @@ def run_training(config: Config, dataset, model_path: str, iteration: int = 0, s
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    # The workers' ingest of the (already computed) pairs needs no progress bars in the job log.
-    context = ray.data.DataContext.get_current()
-    bars, context.enable_progress_bars = context.enable_progress_bars, False
-    try:
-        trainer.fit()
-    finally:
-        context.enable_progress_bars = bars
+    trainer.fit()
     summary = read_json(f"{train_dir}/summary.json")
     if summary is None or not export_complete(export_dir):
         raise RuntimeError(f"training of iteration {iteration} ended without an export at {export_dir}")

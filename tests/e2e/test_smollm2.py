@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from spin_ray.config import load_config
-from spin_ray.demo import run_demo
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
@@ -32,17 +31,31 @@ def test_validate_the_local_job_config(smollm2_path):
     assert summary["data"]["eval"]["records"] == 1319
 
 
-def test_demo_starts_at_log2_and_learns_to_prefer_human_answers(smollm2_path):
-    config = load_config(overrides=["generation.max_new_tokens=32"])
-    lines = []
-    history = run_demo(config, prompts=2, steps=1, learning_rate=1e-5, echo=lines.append)
-    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
-    assert history[1]["rewards/margins"] > history[0]["rewards/margins"]
-    assert history[1]["loss"] < history[0]["loss"]
-    answers = [line for line in lines if line.startswith("  opponent")]
-    assert len(answers) == 2
-    for line in answers:
-        assert "<|im_end|>" not in line and "<|im_start|>" not in line
+@pytest.mark.ray
+def test_spin_run_on_smollm2(ray_session, smollm2_path, tmp_path):
+    """The main job's config, shrunk: driver actor, 1 iteration on 8 GSM8K prompts, held-out eval, report."""
+    from spin_ray.driver import start_driver
+
+    config = load_config(ROOT / "jobs" / "gsm8k_smollm2_cpu.yaml", [
+        f"run.storage_path={tmp_path}", "data.limit=8", "generation.max_new_tokens=48", "evaluation.prompts=4",
+        "iterations.count=1", "training.global_batch_size=4", "training.epochs=1", "training.optimizer=adamw",
+        "training.learning_rate=1e-5"])
+    manifest = ray_session.get(start_driver(config).run.remote())
+    assert manifest["status"] == "done"
+    phases = manifest["iterations"][0]["phases"]
+    assert all(phase["status"] == "done" and phase["attempts"] == 1 for phase in phases.values())
+    assert phases["generate"]["metrics"]["prompts"] == 8
+    train = phases["train"]["metrics"]
+    assert train["steps"] == 2 and train["rewards/margins"] > 0
+    baseline, evaluated = manifest["phases"]["baseline_eval"]["metrics"], phases["evaluate"]["metrics"]
+    for metrics in (baseline, evaluated):
+        assert metrics["prompts"] == 4 and 0.0 <= metrics["accuracy"] <= 1.0
+        assert 0.0 < metrics["nll_per_token"] < 5.0  # SmolLM2 on human GSM8K solutions: ~1 nat/token
+    assert evaluated["reward_pairs"] == 4 and 0.0 <= evaluated["reward_accuracy"] <= 1.0
+    assert math.isfinite(evaluated["reward_margin"])
+    assert Path(manifest["final_model"]).joinpath("model.safetensors").is_file()
+    report = Path(manifest["report"]["markdown"]).read_text()
+    assert "| p1 |" in report and Path(manifest["report"]["plot"]).stat().st_size > 0
 
 
 @pytest.mark.ray

@@ -56,5 +56,5 @@ def test_bad_config_key_exits_2(small_config, capsys):
 def test_module_entrypoint_and_help():
     result = subprocess.run([sys.executable, "-m", "spin_ray.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("validate", "prepare-model", "demo"):
+    for command in ("validate", "prepare-model", "generate", "train", "run", "eval", "report", "status"):
         assert command in result.stdout

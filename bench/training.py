@@ -1,0 +1,243 @@
+"""Benchmark: SPIN training throughput of this trainer vs TRL's DPOTrainer, plus MFU; prints JSON.
+
+Same model (SmolLM2-135M-Instruct, fp32), same pairs (GSM8K prompts, human answer vs the model's own
+greedy answer), same global batch, micro-batch, epochs, optimizer (AdamW), schedule and sigmoid
+loss, all in this process, one after another:
+
+  ours_ray        the trainer as jobs run it: Ray Train TorchTrainer, FSDP2 over gloo, the reference
+                  log-probs precomputed (they come from the generation pass), workers as configured
+  ours_process    the same training loop in this process without Ray (2 torch threads)
+  trl_default     TRL DPOTrainer with its defaults: a live reference model forward in every step
+  trl_precomputed TRL DPOTrainer with precompute_ref_log_probs=True (a reference pass before training,
+                  counted in its time, as our reference scoring is counted in generation)
+
+Training tokens/s = policy tokens (prompt + answer, for both answers of every pair, every epoch)
+over the wall time of the training steps (ours: the logged step times; TRL: its `train()` call).
+MFU = model FLOPs (6 x parameters + attention, per token) x tokens/s over the fp32 matmul peak of
+this machine, measured here with torch.mm at the same thread count.
+
+    python bench/training.py [--pairs 16] [--global-batch 4] [--only ours_ray,trl_default ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+VARIANTS = ("ours_ray", "ours_process", "trl_default", "trl_precomputed")
+
+
+def matmul_peak_flops(threads: int, size: int = 2048, repeats: int = 8, trials: int = 3) -> float:
+    """Best observed fp32 FLOP/s of torch.mm at `threads` threads: the denominator of MFU."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(2):
+        torch.mm(a, b)
+    best = 0.0
+    for _ in range(trials):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - started))
+    return best
+
+
+def build_pairs(model_path: str, pairs: int, max_new_tokens: int) -> list[dict]:
+    """GSM8K prompts, human answers, and SmolLM2's own greedy answers with their reference log-probs
+    (computed the way the generation stage does: summed while decoding, human answer in the prefill)."""
+    from spin_ray.config import load_config
+    from spin_ray.generation.hf_engine import HFEngine
+    from spin_ray.models import load_model, load_tokenizer
+    from spin_ray.prepare import tokenize_split
+    from spin_ray.tokenization import ChatFormat
+
+    config = load_config(None, [f"data.limit={pairs}", "data.max_prompt_tokens=256", "data.max_response_tokens=256"])
+    chat = ChatFormat(load_tokenizer(model_path))
+    split = tokenize_split("gsm8k", config, chat)
+    engine = HFEngine(load_model(model_path).eval(), chat, max_new_tokens, 0.0, 1.0, batch_size=pairs)
+    completions = engine.generate(split.prompt_ids, score=split.response_ids)
+    records = split.records.to_pylist()
+    return [
+        {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "real": r["response"], "generated": [c.text],
+         "prompt_token_ids": p, "real_token_ids": y, "generated_token_ids": [c.token_ids],
+         "ref_logp_real": c.scored_logp, "ref_logp_generated": [c.logp]}
+        for r, p, y, c in zip(records, split.prompt_ids, split.response_ids, completions, strict=True)
+    ]
+
+
+def model_flops_per_token(model_path: str, mean_sequence: float) -> float:
+    """6N (forward + backward of every weight) + 12 L d T (attention scores and values), per token."""
+    from transformers import AutoConfig
+
+    from spin_ray.models import load_model
+
+    params = load_model(model_path).num_parameters()
+    cfg = AutoConfig.from_pretrained(model_path)
+    return 6 * params + 12 * cfg.num_hidden_layers * cfg.hidden_size * mean_sequence
+
+
+def _config(args, workers: int, cpus: float):
+    from spin_ray.config import load_config
+
+    return load_config(None, [
+        "training.optimizer=adamw", f"training.learning_rate={args.lr}", "training.loss_type=sigmoid",
+        "training.beta=0.1", f"training.global_batch_size={args.global_batch}",
+        f"training.micro_batch_size={args.micro_batch}", f"training.epochs={args.epochs}",
+        "training.checkpoint_every=100000", f"training.num_workers=[{workers},{workers}]",
+        f"training.cpus_per_worker={cpus}", "training.warmup_ratio=0.1",
+    ])
+
+
+def _from_log(train_dir: str) -> dict:
+    from spin_ray.training.loop import read_metrics_log
+
+    log = read_metrics_log(train_dir)
+    seconds = sum(r["seconds"] for r in log)
+    tokens = sum(r["tokens_per_second"] * r["seconds"] for r in log)
+    return {"steps": len(log), "seconds": round(seconds, 2), "tokens": round(tokens),
+            "tokens_per_second": round(tokens / seconds, 2), "final_loss": round(log[-1]["loss"], 5),
+            "final_margin": round(log[-1]["rewards/margins"], 5)}
+
+
+def run_ours_process(args, rows, model_path, scratch) -> dict:
+    from spin_ray.training.loop import train
+
+    torch.set_num_threads(args.threads)
+    train(_config(args, 1, args.threads), rows, model_path, f"{scratch}/proc/train", f"{scratch}/proc/model")
+    return {**_from_log(f"{scratch}/proc/train"), "threads": args.threads}
+
+
+def run_ours_ray(args, rows, model_path, scratch) -> dict:
+    import ray
+
+    from spin_ray.training.trainer import run_training
+
+    workers, cpus = args.ray_workers, args.threads / args.ray_workers
+    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    config = _config(args, workers, cpus).model_copy(update={"run": _config(args, 1, 1).run.model_copy(
+        update={"storage_path": scratch, "name": "ray"})})
+    started = time.perf_counter()
+    run_training(config, ray.data.from_items(rows), model_path, iteration=0)
+    wall = time.perf_counter() - started
+    ray.shutdown()
+    return {**_from_log(f"{scratch}/ray/iter_0/train"), "workers": workers, "threads_per_worker": int(cpus),
+            "job_wall_seconds_incl_startup_and_export": round(wall, 2)}
+
+
+def run_trl(args, rows, model_path, scratch, precompute: bool) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from spin_ray.models import load_model, load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    dataset = Dataset.from_list([
+        {"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["real"]}],
+         "rejected": [{"role": "assistant", "content": r["generated"][0]}]} for r in rows])
+    config = DPOConfig(
+        output_dir=f"{scratch}/trl-{precompute}", loss_type=["sigmoid"], beta=0.1, learning_rate=args.lr,
+        per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=args.global_batch // args.micro_batch,
+        num_train_epochs=args.epochs, max_length=1024, optim="adamw_torch", lr_scheduler_type="linear",
+        warmup_ratio=0.1, max_grad_norm=1.0, seed=0, precompute_ref_log_probs=precompute, report_to="none",
+        save_strategy="no", logging_steps=1, use_cpu=True, bf16=False, dataloader_num_workers=0, disable_tqdm=True,
+    )
+
+    class StepClock(TrainerCallback):
+        seconds = 0.0
+
+        def on_step_begin(self, *a, **k):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            StepClock.seconds += time.perf_counter() - self.started
+
+    trainer = DPOTrainer(model=load_model(model_path), args=config, train_dataset=dataset,
+                         processing_class=load_tokenizer(model_path), callbacks=[StepClock()])
+    started = time.perf_counter()
+    result = trainer.train()
+    wall = time.perf_counter() - started
+    prepared = trainer.train_dataset
+    tokens = args.epochs * sum(2 * len(p) + len(c) + len(r) for p, c, r in
+                               zip(prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"], strict=True))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"steps": trainer.state.global_step, "seconds": round(wall, 2), "step_seconds": round(StepClock.seconds, 2),
+            "tokens": tokens, "tokens_per_second": round(tokens / wall, 2),
+            "tokens_per_second_steps_only": round(tokens / StepClock.seconds, 2),
+            "final_loss": round(losses[-1], 5) if losses else None, "train_runtime": result.metrics.get("train_runtime"),
+            "precompute_ref_log_probs": precompute}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--global-batch", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--ray-workers", type=int, default=1, help="Ray Train workers sharing --threads CPUs")
+    parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    args = parser.parse_args()
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+    from spin_ray.models import resolve_model
+
+    model_path = resolve_model("smollm2-135m-instruct").path
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    rows = build_pairs(model_path, args.pairs, args.max_new_tokens)
+    mean_sequence = sum(len(r["prompt_token_ids"]) + (len(r["real_token_ids"]) + len(r["generated_token_ids"][0])) / 2
+                        for r in rows) / len(rows)
+    flops_per_token = model_flops_per_token(model_path, mean_sequence)
+    peak = matmul_peak_flops(args.threads)
+
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="spin-ray-bench-", dir=os.environ.get("RAY_TMPDIR")) as scratch:
+        for name in args.only.split(","):
+            runner = {"ours_ray": run_ours_ray, "ours_process": run_ours_process,
+                      "trl_default": lambda *a: run_trl(*a, precompute=False),
+                      "trl_precomputed": lambda *a: run_trl(*a, precompute=True)}[name]
+            results[name] = runner(args, rows, model_path, scratch)
+            achieved = results[name]["tokens_per_second"] * flops_per_token
+            results[name]["mfu"] = round(achieved / peak, 4)
+            print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
+    peak_after = matmul_peak_flops(args.threads)  # the box is noisy: bracket the runs
+
+    ratios = {}
+    for ours in ("ours_ray", "ours_process"):
+        for theirs in ("trl_default", "trl_precomputed"):
+            if ours in results and theirs in results:
+                ratios[f"{ours}_vs_{theirs}"] = round(results[ours]["tokens_per_second"] /
+                                                      results[theirs]["tokens_per_second"], 3)
+    import trl
+    import transformers
+
+    print(json.dumps({
+        "benchmark": "training",
+        "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),
+                    "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "setup": {"model": "SmolLM2-135M-Instruct fp32", "pairs": len(rows), "global_batch": args.global_batch,
+                  "micro_batch": args.micro_batch, "epochs": args.epochs, "max_new_tokens": args.max_new_tokens,
+                  "mean_sequence_tokens": round(mean_sequence, 1), "loss": "sigmoid, beta 0.1", "optimizer": "adamw"},
+        "matmul_peak_gflops": round(peak / 1e9, 1), "matmul_peak_gflops_after": round(peak_after / 1e9, 1),
+        "model_gflop_per_token": round(flops_per_token / 1e9, 3),
+        "results": results, "ratios": ratios,
+        "targets": {"ours_vs_trl_default": 1.5, "ours_vs_trl_precomputed": 1.1, "mfu": 0.35},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

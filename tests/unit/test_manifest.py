@@ -1,0 +1,97 @@
+"""Run state: the manifest's phase records, resume bookkeeping, and the refusal of a changed config."""
+
+import json
+
+import pytest
+
+from spin_ray.cli import main
+from spin_ray.config import ConfigError, differing_keys, load_config
+from spin_ray.manifest import Manifest, check_config, manifest_url, run_dir
+from spin_ray.report import format_status, format_table, iteration_rows, write_report
+
+
+def _config(tmp_path, *overrides):
+    return load_config(None, [f"run.storage_path={tmp_path}", "run.name=r", *overrides])
+
+
+def test_phase_lifecycle_is_written_through(tmp_path):
+    config = _config(tmp_path)
+    manifest = Manifest.open(config)
+    manifest.start("generate", 0)
+    on_disk = json.loads(open(manifest_url(run_dir(config))).read())
+    assert on_disk["iterations"][0]["phases"]["generate"] == {
+        "status": "running", "attempts": 1, "started": on_disk["iterations"][0]["phases"]["generate"]["started"]}
+    manifest.fail("generate", 0, RuntimeError("node lost"))
+    manifest.start("generate", 0)
+    manifest.finish("generate", 0, 12.345, {"prompts": 4}, {"pairs": "x"})
+    record = Manifest.read(run_dir(config)).data["iterations"][0]["phases"]["generate"]
+    assert record["status"] == "done" and record["attempts"] == 2 and record["seconds"] == 12.35
+    assert "error" not in record and record["metrics"] == {"prompts": 4}
+
+
+def test_reopen_with_same_config_continues_and_counts_jobs(tmp_path):
+    config = _config(tmp_path)
+    Manifest.open(config).finish("baseline_eval", None, 1.0, {}, {})
+    again = Manifest.open(_config(tmp_path))
+    assert again.is_done("baseline_eval")
+    assert len(again.data["jobs"]) == 2
+
+
+def test_changed_config_is_refused_naming_the_keys(tmp_path):
+    Manifest.open(_config(tmp_path))
+    changed = _config(tmp_path, "training.beta=0.5", "data.limit=7")
+    with pytest.raises(ConfigError) as error:
+        check_config(changed)
+    message = str(error.value)
+    assert "training.beta: 0.1 -> 0.5" in message and "data.limit: None -> 7" in message and "--force" in message
+    with pytest.raises(ConfigError):
+        Manifest.open(changed)
+    forced = Manifest.open(changed, force=True)
+    assert forced.data["config_changes"][-1]["keys"] == ["data.limit", "training.beta"]
+
+
+def test_operational_keys_may_change(tmp_path):
+    Manifest.open(_config(tmp_path))
+    check_config(_config(tmp_path, "iterations.count=5", "training.num_workers=[1,1]", "generation.replicas=[1,4]"))
+    assert differing_keys({"a": {"b": 1}}, {"a": {"b": 2}, "c": 3}) == ["a.b", "c"]
+
+
+def test_cli_run_refuses_a_changed_config_before_starting_ray(tmp_path, capsys):
+    config = _config(tmp_path)
+    Manifest.open(config)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run:\n  storage_path: {tmp_path}\n  name: r\ntraining:\n  beta: 0.3\n")
+    code = main(["run", str(path)])
+    assert code == 2
+    assert "training.beta: 0.1 -> 0.3" in capsys.readouterr().err
+
+
+def _synthetic_run(tmp_path):
+    config = _config(tmp_path, "iterations.count=2")
+    manifest = Manifest.open(config)
+    manifest.finish("baseline_eval", None, 30.0, {"accuracy": 0.25, "nll_per_token": 1.5}, {"answers": "a0"})
+    for t, (acc, margin) in enumerate([(0.75, 0.4), (0.5, 0.1)]):
+        manifest.finish("generate", t, 100.0, {"seconds": 99.0, "tokens_per_second": 80.0}, {})
+        manifest.finish("train", t, 200.0, {"loss": 0.6, "rewards/margins": 0.2, "training_seconds": 190.0,
+                                            "training_tokens_per_second": 120.0, "export_seconds": 2.0}, {})
+        manifest.finish("evaluate", t, 40.0, {"accuracy": 0.3 + t / 10, "nll_per_token": 1.4, "reward_accuracy": acc,
+                                              "reward_margin": margin}, {"answers": f"a{t + 1}"})
+    manifest.set_status("done", final_model="m2")
+    return config
+
+
+def test_report_rows_table_and_files(tmp_path):
+    config = _synthetic_run(tmp_path)
+    data = Manifest.read(run_dir(config)).data
+    rows = iteration_rows(data)
+    assert [r["model"] for r in rows] == ["p0", "p1", "p2"]
+    assert rows[2]["reward_accuracy"] == 0.5 and rows[1]["training_tok_s"] == 120.0 and rows[0]["accuracy"] == 0.25
+    table = format_table(data)
+    assert "reward acc" in table and "0.750" in table
+    paths = write_report(run_dir(config))
+    assert open(paths["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "| p2 |" in open(paths["markdown"]).read()
+    assert json.loads(open(paths["json"]).read())["rows"][1]["reward_margin"] == 0.4
+    status = format_status(data)
+    assert status.index("iteration 0/2 generate") < status.index("iteration 0/2 train") < status.index(
+        "iteration 0/2 evaluate")
