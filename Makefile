@@ -5,7 +5,7 @@ export RAY_TMPDIR ?= $(CURDIR)/.tmp/ray
 export SPIN_RAY_CACHE ?= $(CURDIR)/.cache/spin_ray
 export MALLOC_ARENA_MAX ?= 2
 
-.PHONY: setup demo test test-unit test-integration test-e2e bench clean
+.PHONY: setup demo test test-unit test-integration test-e2e bench bench-training clean
 
 setup:
 	@bash scripts/setup.sh
@@ -32,6 +32,11 @@ test-e2e: setup
 bench: setup
 	@mkdir -p $(RAY_TMPDIR)
 	$(PY) bench/generation.py
+
+bench-training: setup
+	@mkdir -p $(RAY_TMPDIR)
+	$(VENV)/bin/pip install -q "trl==1.16.0"  # the `bench` extra: TRL is the baseline, not a dependency
+	$(PY) bench/training.py
 
 clean:
 	rm -rf .tmp .pytest_cache

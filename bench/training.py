@@ -22,7 +22,9 @@ this machine, measured here with torch.mm at the same thread count.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
 import sys
@@ -113,7 +115,8 @@ def run_ours_process(args, rows, model_path, scratch) -> dict:
     from spin_ray.training.loop import train
 
     torch.set_num_threads(args.threads)
-    train(_config(args, 1, args.threads), rows, model_path, f"{scratch}/proc/train", f"{scratch}/proc/model")
+    with contextlib.redirect_stdout(sys.stderr):  # the loop's progress lines; stdout is for the JSON
+        train(_config(args, 1, args.threads), rows, model_path, f"{scratch}/proc/train", f"{scratch}/proc/model")
     return {**_from_log(f"{scratch}/proc/train"), "threads": args.threads}
 
 
@@ -149,7 +152,7 @@ def run_trl(args, rows, model_path, scratch, precompute: bool) -> dict:
         output_dir=f"{scratch}/trl-{precompute}", loss_type=["sigmoid"], beta=0.1, learning_rate=args.lr,
         per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=args.global_batch // args.micro_batch,
         num_train_epochs=args.epochs, max_length=1024, optim="adamw_torch", lr_scheduler_type="linear",
-        warmup_ratio=0.1, max_grad_norm=1.0, seed=0, precompute_ref_log_probs=precompute, report_to="none",
+        warmup_steps=math.ceil(0.1 * args.epochs * (len(rows) // args.global_batch)), max_grad_norm=1.0, seed=0, precompute_ref_log_probs=precompute, report_to="none",
         save_strategy="no", logging_steps=1, use_cpu=True, bf16=False, dataloader_num_workers=0, disable_tqdm=True,
     )
 
@@ -165,7 +168,8 @@ def run_trl(args, rows, model_path, scratch, precompute: bool) -> dict:
     trainer = DPOTrainer(model=load_model(model_path), args=config, train_dataset=dataset,
                          processing_class=load_tokenizer(model_path), callbacks=[StepClock()])
     started = time.perf_counter()
-    result = trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # TRL prints its logs; stdout is for the JSON
+        result = trainer.train()
     wall = time.perf_counter() - started
     prepared = trainer.train_dataset
     tokens = args.epochs * sum(2 * len(p) + len(c) + len(r) for p, c, r in
@@ -199,6 +203,8 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     rows = build_pairs(model_path, args.pairs, args.max_new_tokens)
+    # Only whole global batches, so both trainers see exactly the same pairs (ours drops a last partial batch).
+    rows = rows[: len(rows) // args.global_batch * args.global_batch]
     mean_sequence = sum(len(r["prompt_token_ids"]) + (len(r["real_token_ids"]) + len(r["generated_token_ids"][0])) / 2
                         for r in rows) / len(rows)
     flops_per_token = model_flops_per_token(model_path, mean_sequence)

@@ -89,7 +89,7 @@ def _previous_pairs(config: Config, iteration: int, opponent: str):
                      compute=ray.data.ActorPoolStrategy(min_size=1, max_size=gen.reference_replicas[1]),
                      num_cpus=gen.cpus_per_replica, num_gpus=1 if gen.engine == "vllm" else 0)
         .map_batches(tag_prompt_ids, fn_kwargs={"prefix": f"iter{iteration - 1}/"}, batch_format="pyarrow",
-                     batch_size=None)
+                     batch_size=None, num_cpus=0)
         .select_columns([f.name for f in PAIRS_SCHEMA])
     )
 

@@ -120,8 +120,11 @@ def evaluate_model(config: Config, model_path: str, output_dir: str, opponent_an
     if source is None:
         raise ValueError("evaluation needs held-out data: set data.eval (e.g. gsm8k:test)")
     answers_dir = f"{output_dir}/answers"
+    # The light per-row stages reserve no CPU (num_cpus=0): on a small node the scoring actor holds
+    # every CPU, and a stage that waits for one would wait forever.
     result = run_generation(eval_config(config), model=model_path, source=source, output_dir=answers_dir)
-    scored = result.dataset.map_batches(score_answers, batch_format="pyarrow", batch_size=None).to_pandas()
+    scored = result.dataset.map_batches(score_answers, batch_format="pyarrow", batch_size=None,
+                                            num_cpus=0).to_pandas()
     metrics = {
         "model": model_path,
         "data": source,
@@ -140,7 +143,7 @@ def evaluate_model(config: Config, model_path: str, output_dir: str, opponent_an
         pad_id = load_tokenizer(model_path, config.model.trust_remote_code).pad_token_id
         rewards = (
             shards_dataset(_shard_files(opponent_answers))
-            .map_batches(keep_opponent_logps, batch_format="pyarrow", batch_size=None)
+            .map_batches(keep_opponent_logps, batch_format="pyarrow", batch_size=None, num_cpus=0)
             .map_batches(ReferenceStage, batch_format="pyarrow", batch_size=gen.shard_rows,
                          fn_constructor_kwargs={"model_path": model_path, "dtype": config.model.dtype,
                                                 "trust_remote_code": config.model.trust_remote_code,
@@ -149,7 +152,7 @@ def evaluate_model(config: Config, model_path: str, output_dir: str, opponent_an
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=gen.reference_replicas[1]),
                          num_cpus=gen.cpus_per_replica, num_gpus=1 if gen.engine == "vllm" else 0)
             .map_batches(reward_columns, fn_kwargs={"beta": config.training.beta}, batch_format="pyarrow",
-                         batch_size=None)
+                         batch_size=None, num_cpus=0)
             .to_pandas()
         )
         metrics.update({

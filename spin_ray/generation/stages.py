@@ -51,6 +51,9 @@ TIMING_COLUMNS = ("_engine_seconds", "_reference_seconds")
 def _set_threads(threads: int) -> None:
     import torch
 
+    from spin_ray.priority import claim_normal_priority
+
+    claim_normal_priority()
     if threads > 0:
         torch.set_num_threads(threads)
 

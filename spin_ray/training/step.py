@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from spin_ray.losses import sequence_logps, sft_loss, spin_loss
+from spin_ray.losses import gathered_logps, sequence_logps, sft_loss, spin_loss
 from spin_ray.tokenization import collate_sequences
 
 
@@ -23,9 +23,35 @@ def concatenated_logps(
     One pass instead of two halves the kernel launches and, under FSDP, the all-gathers.
     """
     batch = _on_model_device(model, collate_sequences([*prompts, *prompts], [*reals, *generateds], pad_id))
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=average)
+    logps = response_logps(model, batch, average)
     return logps[: len(prompts)], logps[len(prompts) :]
+
+
+def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:
+    """Summed response log-probs of a collated batch, with the LM head applied only where it counts.
+
+    The vocabulary projection is the largest single matmul of a small model (49k x 576 of
+    SmolLM2's 135M parameters) and its [B, T, V] output the largest tensor. Logits are computed
+    only for the columns from the first response token to the last (`logits_to_keep` with an index
+    tensor; the values are the same as from the full projection), so shared prompt columns and the
+    trailing padding cost nothing there. Models without `logits_to_keep` get the full projection.
+    """
+    mask = batch["loss_mask"]
+    columns = mask.any(0).nonzero().flatten()
+    if columns.numel() == 0:
+        return torch.zeros(mask.shape[0], device=mask.device)
+    # logits at position t predict token t+1: keep positions first_response-1 .. last_response-1
+    keep = torch.arange(int(columns[0]) - 1, int(columns[-1]), device=mask.device)
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    except TypeError:  # no logits_to_keep in this model's forward
+        return sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                              batch["input_ids"], mask, average=average)
+    labels = batch["input_ids"][:, keep + 1]
+    kept_mask = mask[:, keep + 1]
+    logps = gathered_logps(logits, labels) * kept_mask
+    total = logps.sum(-1)
+    return total / kept_mask.sum(-1).clamp(min=1) if average else total
 
 
 def _on_model_device(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -75,8 +101,6 @@ def reference_logps(
     out = []
     for start in range(0, len(prompts), batch_size):
         batch = collate_sequences(prompts[start : start + batch_size], responses[start : start + batch_size], pad_id)
-        batch = _on_model_device(model, batch)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out.append(sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=average).cpu())
+        out.append(response_logps(model, _on_model_device(model, batch), average).cpu())
     model.train(was_training)
     return torch.cat(out)

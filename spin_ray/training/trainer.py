@@ -24,6 +24,13 @@ def _worker_entry(loop_config: dict) -> None:
 
     from spin_ray.training.loop import WorkerContext, train
 
+    import torch
+
+    from spin_ray.priority import claim_normal_priority
+
+    claim_normal_priority()
+    # One torch thread per reserved CPU, set explicitly: the worker process does not get it from Ray.
+    torch.set_num_threads(max(1, int(loop_config["config"]["training"]["cpus_per_worker"])))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     # Every worker reads the whole pairs set (datasets_to_split=[]): the (seed, epoch) schedule then

@@ -45,6 +45,8 @@ def _manifest(run: Path) -> dict:
         return {}
 
 
+# 2 CPUs, and actors that take both, as `make demo` has on the 2-core box: a stage that waits for a
+# CPU an actor pool holds would hang here.
 @pytest.fixture
 def head_node(tmp_path):
     import ray
@@ -55,7 +57,7 @@ def head_node(tmp_path):
     env = {**os.environ, "RAY_TMPDIR": os.environ["RAY_TMPDIR"]}
     subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                     f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-                    "--num-cpus=4", "--disable-usage-stats"], check=True, env=env, capture_output=True)
+                    "--num-cpus=2", "--disable-usage-stats"], check=True, env=env, capture_output=True)
     try:
         yield f"http://127.0.0.1:{dashboard}"
     finally:
@@ -71,7 +73,7 @@ def test_stopped_job_resumes_on_resubmit(head_node, tmp_path, tiny_model_dir):
     config.write_text(f"""
 model: {{name: {tiny_model_dir}}}
 data: {{train: gsm8k, eval: gsm8k:test, limit: 16}}
-generation: {{max_new_tokens: 8, batch_size: 16, replicas: [1, 1], shard_rows: 8}}
+generation: {{max_new_tokens: 8, batch_size: 16, replicas: [1, 1], shard_rows: 8, cpus_per_replica: 2}}
 training: {{global_batch_size: 4, micro_batch_size: 2, epochs: 8, checkpoint_every: 2, learning_rate: 1.0e-4}}
 run: {{name: submitted, storage_path: {tmp_path / 'runs'}}}
 iterations: {{count: 2}}

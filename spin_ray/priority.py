@@ -1,0 +1,28 @@
+"""CPU priority of compute workers: undo the low priority Ray gives its worker processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def claim_normal_priority() -> bool:
+    """Set every thread of this process to niceness 0; True if it worked.
+
+    Ray starts worker processes at niceness 15 so the raylet stays responsive. For the CPU-bound
+    engine and training workers that is costly: on the 2-core box a TorchTrainer worker's fp32
+    matmul ran at 88 GFLOP/s at niceness 15 and 199 GFLOP/s after this (239 outside Ray).
+    Niceness is per thread on Linux, and threads created later inherit it from their creator.
+    Lowering niceness needs CAP_SYS_NICE (root in most containers); without it nothing changes.
+    """
+    if not hasattr(os, "setpriority") or not os.path.isdir("/proc/self/task"):
+        return False
+    try:
+        for thread in os.listdir("/proc/self/task"):
+            os.setpriority(os.PRIO_PROCESS, int(thread), 0)
+    except (OSError, ValueError) as error:
+        log.info("cannot raise worker CPU priority (%s); running at Ray's default niceness", error)
+        return False
+    return True

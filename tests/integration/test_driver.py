@@ -1,0 +1,55 @@
+"""The self-play loop in process (tiny model, real Ray): SFT warm start, mixing, the convergence stop."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from spin_ray.config import load_config
+from spin_ray.driver import run_iterations
+from spin_ray.training.loop import read_metrics_log
+
+pytestmark = pytest.mark.ray
+
+
+def test_warm_start_mix_previous_then_converged_stop_on_forced_rerun(ray_session, tmp_path, tiny_model_dir):
+    overrides = [
+        f"model.name={tiny_model_dir}", f"run.storage_path={tmp_path}", "run.name=loop",
+        "data.limit=8", "generation.max_new_tokens=6", "generation.batch_size=8", "generation.replicas=[1,1]",
+        "generation.shard_rows=4", "training.global_batch_size=4", "training.epochs=1",
+        "training.learning_rate=1e-3", "iterations.count=2", "iterations.mix_previous=true",
+        "iterations.sft_warm_start=true", "evaluation.prompts=4",
+    ]
+    manifest = run_iterations(load_config(None, overrides), echo=lambda line: None)
+    run = Path(tmp_path) / "loop"
+    assert manifest["status"] == "done" and manifest["final_model"] == str(run / "iter_1" / "model")
+
+    # the SFT warm start trained on the human answers, and its export is p_0
+    sft = manifest["phases"]["sft"]
+    assert sft["status"] == "done" and sft["metrics"]["nll"] > 0
+    assert manifest["iterations"][0]["opponent"] == str(run / "sft" / "model")
+    assert manifest["phases"]["baseline_eval"]["metrics"]["model"] == str(run / "sft" / "model")
+    assert manifest["iterations"][1]["opponent"] == str(run / "iter_0" / "model")
+
+    # iteration 1 trained on its own 8 pairs plus iteration 0's 8, rescored and tagged apart
+    ids = [pid for step in read_metrics_log(str(run / "iter_1" / "train")) for pid in step["prompt_ids"]]
+    assert len(ids) == 16 and len(set(ids)) == 16
+    assert sum(pid.startswith("iter0/") for pid in ids) == 8
+    assert manifest["iterations"][1]["phases"]["train"]["metrics"]["pairs"] == 16
+    for t in (0, 1):
+        ev = manifest["iterations"][t]["phases"]["evaluate"]["metrics"]
+        assert ev["reward_pairs"] == 4 and 0.0 <= ev["reward_accuracy"] <= 1.0
+
+    # The stop rule: held-out reward accuracy is at most 1.0, so a threshold of 1.0 stops the run after
+    # iteration 0. It is a results-shaping key, so only --force continues the run under it; every
+    # phase is already done and is skipped.
+    lines = []
+    changed = load_config(None, [*overrides, "iterations.converged_accuracy=1.0"])
+    manifest = run_iterations(changed, force=True, echo=lines.append)
+    assert manifest["status"] == "converged" and manifest["stopped_after_iteration"] == 0
+    assert manifest["final_model"] == str(run / "iter_0" / "model")
+    assert manifest["config_changes"][-1]["keys"] == ["iterations.converged_accuracy"]
+    assert any("converged" in line for line in lines)
+    assert sum("done in an earlier job, skipped" in line for line in lines) == 5  # sft, baseline, 3 of iter 0
+    on_disk = json.loads((run / "manifest.json").read_text())
+    assert on_disk["status"] == "converged" and (run / "report.png").stat().st_size > 0
