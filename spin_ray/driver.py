@@ -72,22 +72,14 @@ def tag_prompt_ids(batch, prefix: str):
 def _previous_pairs(config: Config, iteration: int, opponent: str):
     """Iteration t-1's pairs with reference log-probs recomputed under p_t (the reference of iteration t),
     prompt_ids tagged so they stay distinct from this iteration's pairs of the same prompts."""
-    import ray
-
-    from spin_ray.generation.pipeline import _shard_files, _threads, generation_dir, shards_dataset
-    from spin_ray.generation.stages import PAIRS_SCHEMA, ReferenceStage
+    from spin_ray.generation.pipeline import _shard_files, generation_dir, score_under, shards_dataset
+    from spin_ray.generation.stages import PAIRS_SCHEMA
     from spin_ray.models import load_tokenizer
 
-    gen = config.generation
     pad_id = load_tokenizer(opponent, config.model.trust_remote_code).pad_token_id
+    previous = shards_dataset(_shard_files(generation_dir(config, iteration - 1)))
     return (
-        shards_dataset(_shard_files(generation_dir(config, iteration - 1)))
-        .map_batches(ReferenceStage, batch_format="pyarrow", batch_size=gen.shard_rows,
-                     fn_constructor_kwargs={"model_path": opponent, "dtype": config.model.dtype,
-                                            "trust_remote_code": config.model.trust_remote_code, "pad_id": pad_id,
-                                            "batch_size": gen.reference_batch_size, "threads": _threads(gen)},
-                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=gen.reference_replicas[1]),
-                     num_cpus=gen.cpus_per_replica, num_gpus=1 if gen.engine == "vllm" else 0)
+        score_under(previous, config, opponent, pad_id)
         .map_batches(tag_prompt_ids, fn_kwargs={"prefix": f"iter{iteration - 1}/"}, batch_format="pyarrow",
                      batch_size=None, num_cpus=0)
         .select_columns([f.name for f in PAIRS_SCHEMA])

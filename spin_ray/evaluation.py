@@ -107,10 +107,7 @@ def evaluate_model(config: Config, model_path: str, output_dir: str, opponent_an
     """Evaluate `model_path` on the held-out split; with `opponent_answers` (the answers folder of the
     opponent's own evaluation) also its reward accuracy against that opponent. Results are written to
     {output_dir}/metrics.json (atomically) and reused when present."""
-    import ray
-
-    from spin_ray.generation.pipeline import _shard_files, _threads, run_generation, shards_dataset
-    from spin_ray.generation.stages import ReferenceStage
+    from spin_ray.generation.pipeline import _shard_files, run_generation, score_under, shards_dataset
     from spin_ray.models import load_tokenizer
 
     done = read_json(f"{output_dir}/{METRICS_FILE}")
@@ -139,18 +136,11 @@ def evaluate_model(config: Config, model_path: str, output_dir: str, opponent_an
     }
     if opponent_answers is not None:
         started = time.perf_counter()
-        gen = config.generation
         pad_id = load_tokenizer(model_path, config.model.trust_remote_code).pad_token_id
+        opponent_rows = shards_dataset(_shard_files(opponent_answers)).map_batches(
+            keep_opponent_logps, batch_format="pyarrow", batch_size=None, num_cpus=0)
         rewards = (
-            shards_dataset(_shard_files(opponent_answers))
-            .map_batches(keep_opponent_logps, batch_format="pyarrow", batch_size=None, num_cpus=0)
-            .map_batches(ReferenceStage, batch_format="pyarrow", batch_size=gen.shard_rows,
-                         fn_constructor_kwargs={"model_path": model_path, "dtype": config.model.dtype,
-                                                "trust_remote_code": config.model.trust_remote_code,
-                                                "pad_id": pad_id, "batch_size": gen.reference_batch_size,
-                                                "threads": _threads(gen)},
-                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=gen.reference_replicas[1]),
-                         num_cpus=gen.cpus_per_replica, num_gpus=1 if gen.engine == "vllm" else 0)
+            score_under(opponent_rows, config, model_path, pad_id)
             .map_batches(reward_columns, fn_kwargs={"beta": config.training.beta}, batch_format="pyarrow",
                          batch_size=None, num_cpus=0)
             .to_pandas()

@@ -232,6 +232,13 @@ def _build_dataset(config: Config, model_path: str, chat: ChatFormat, table: pa.
 
 
 def _reference_pool(config: Config, model_path: str, chat: ChatFormat, dataset):
+    return score_under(dataset, config, model_path, chat.tokenizer.pad_token_id)
+
+
+def score_under(dataset, config: Config, model_path: str, pad_id: int):
+    """Append a forward-only ReferenceStage pool: each row's ref_logp_* become its answers' log-probs
+    under `model_path`. Used for the vLLM path's reference, rescoring the previous iteration's pairs
+    under p_t, and scoring the opponent's held-out answers under p_{t+1}."""
     import ray
 
     from spin_ray.generation.stages import ReferenceStage
@@ -241,7 +248,7 @@ def _reference_pool(config: Config, model_path: str, chat: ChatFormat, dataset):
         ReferenceStage,
         fn_constructor_kwargs={"model_path": model_path, "dtype": config.model.dtype,
                                "trust_remote_code": config.model.trust_remote_code,
-                               "pad_id": chat.tokenizer.pad_token_id, "batch_size": gen.reference_batch_size,
+                               "pad_id": pad_id, "batch_size": gen.reference_batch_size,
                                "threads": _threads(gen)},
         batch_format="pyarrow",
         batch_size=gen.shard_rows,

@@ -54,6 +54,9 @@ def head_node(tmp_path):
     if ray.is_initialized():  # the shared in-process instance would compete for the 2 cores
         ray.shutdown()
     port, dashboard = _free_port(), _free_port()
+    # Ray 2.60 turns on token authentication for new clusters; this one listens on loopback only,
+    # inside the test, so the test's client goes without a token.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_TMPDIR": os.environ["RAY_TMPDIR"]}
     subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                     f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
@@ -62,6 +65,7 @@ def head_node(tmp_path):
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+        os.environ.pop("RAY_AUTH_MODE", None)
 
 
 def test_stopped_job_resumes_on_resubmit(head_node, tmp_path, tiny_model_dir):
