@@ -24,7 +24,7 @@ def apply_fsdp(model: torch.nn.Module, reshard_after_forward: bool = True) -> to
 
     Per-layer units keep only one layer's full parameters alive at a time. Without a process group,
     or with a group of one (nothing to shard), the model is returned unchanged: FSDP's DTensor
-    parameters and per-layer copies cost a third of the step time on CPU for no memory saving.
+    parameters and per-layer copies add work to every step and save no memory there.
     The distributed checkpoints load either way (DCP reshards to whatever layout loads them).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
