@@ -144,10 +144,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from spin_ray.report import format_table, write_report
 
     folder = _run_folder(args.run)
-    if Manifest.read(folder) is None:
+    manifest = Manifest.read(folder)
+    if manifest is None:
         raise ConfigError(f"{folder}: no manifest.json; not a spin-ray run folder")
     paths = write_report(folder)
-    print(format_table(Manifest.read(folder).data))
+    print(format_table(manifest.data))
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return 0
 

@@ -138,10 +138,8 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
         _phase(manifest, "generate", t, echo, generate)
 
         def train():
-            from spin_ray.generation.pipeline import run_generation as load_pairs
-
-            # A finished generation phase (earlier job) is read back from its committed shards.
-            dataset = holder["dataset"] if "dataset" in holder else load_pairs(config, t, model=opponent).dataset
+            # A generation finished by an earlier job is read back from its committed shards.
+            dataset = holder["dataset"] if "dataset" in holder else run_generation(config, t, model=opponent).dataset
             source = manifest.phase("generate", t)["artifacts"]["pairs"]
             if config.iterations.mix_previous and t > 0:
                 # Materialized here, before training reserves the CPUs: run lazily inside the trainer,

@@ -14,7 +14,7 @@ import subprocess
 from typing import Any
 
 from spin_ray import __version__
-from spin_ray.config import Config, ConfigError, differing_keys
+from spin_ray.config import Config, ConfigError, differing_keys, flatten
 from spin_ray.storage import atomic_write_json, read_json
 
 DONE, RUNNING, FAILED = "done", "running", "failed"
@@ -48,7 +48,7 @@ def config_conflict(existing: dict, config: Config) -> str | None:
     changed = differing_keys(existing["config"], config.to_dict())
     if not changed:
         return None
-    old, new = _flat(existing["config"]), _flat(config.to_dict())
+    old, new = flatten(existing["config"]), flatten(config.to_dict())
     shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed)
     return (f"run {config.run.name!r} at {run_dir(config)} was started with a different config "
             f"({len(changed)} key(s) differ: {shown}); use a new run.name, or --force to continue anyway")
@@ -87,10 +87,9 @@ class Manifest:
                                  "phases": {}, "iterations": [], "jobs": [], "config_changes": []})
         else:
             manifest = cls(url, existing)
-            message = config_conflict(existing, config)
-            if message and not force:
-                raise ConfigError(message)
             changed = differing_keys(existing["config"], current)
+            if changed and not force:
+                raise ConfigError(config_conflict(existing, config))
             if changed:
                 manifest.data["config_changes"].append({"at": _now(), "keys": changed, "forced": True})
             manifest.data["config"] = current
@@ -143,8 +142,3 @@ class Manifest:
         self.data.update(extra)
         self.save()
 
-
-def _flat(tree: dict) -> dict:
-    from spin_ray.config import flatten
-
-    return flatten(tree)
