@@ -154,6 +154,41 @@ class TrainingConfig(_Section):
         return self
 
 
+class SPPOConfig(_Section):
+    """SPPO (arXiv 2405.00675): K samples per prompt, a preference oracle, a squared loss toward win rates."""
+
+    oracle: Literal["rule:gsm8k", "reward_model"] = Field(
+        "rule:gsm8k",
+        description="Preference oracle: rule:gsm8k (a correct final answer beats a wrong one, ties 1/2; CPU default) "
+        "or reward_model (sppo.reward_model scores each answer, P(i beats j) = sigmoid(s_i - s_j)).",
+    )
+    reward_model: str | None = Field(
+        None, description="Folder of a Hugging Face sequence-classification reward model (one score per answer)."
+    )
+    reward_batch_size: int = Field(8, ge=1, description="Answers per reward-model forward pass.")
+    reward_replicas: MinMax = Field((1, 1), description="[min, max] reward-model actors (Ray Data actor pool).")
+    reward_cpus_per_replica: float = Field(1.0, gt=0.0, description="CPUs Ray reserves for each reward-model actor.")
+    reward_use_gpu: bool = Field(False, description="Put each reward-model actor on a GPU.")
+    beta: float = Field(
+        0.001, gt=0.0, description="SPPO's beta (paper: 0.001); the targets are (P_hat - 1/2) / beta nats."
+    )
+
+
+class TSPINConfig(_Section):
+    """T-SPIN (arXiv 2601.08198): triplets (human, current synthetic, proto-synthetic y_0 of the initial model)."""
+
+    alpha: float = Field(1.0, ge=0.0, description="Weight of the historical advantage r(y_t) - r(y_0).")
+    reward_scale: float = Field(0.1, gt=0.0, description="lambda in r(y) = lambda * log p(y) (or its log-ratio).")
+    length_normalize: bool = Field(
+        False, description="Use per-token mean log-probs in the reward instead of sums."
+    )
+    reference_free: bool = Field(
+        True,
+        description="r(y) = lambda * log p_theta(y): no reference log-probs, so generation skips the reference "
+        "scoring; false uses lambda * (log p_theta(y) - log p_t(y)) as SPIN does.",
+    )
+
+
 class RunConfig(_Section):
     name: str = Field("spin-gsm8k", min_length=1, description="Run name: the folder under storage_path.")
     storage_path: str = Field("./runs", min_length=1, description="fsspec URL of the run storage (local, s3://, gs://).")
@@ -197,6 +232,9 @@ class EvaluationConfig(_Section):
 
 
 class Config(_Section):
+    algorithm: Literal["spin", "sppo", "tspin"] = Field(
+        "spin", description="Self-play algorithm: spin (pairs), sppo (K samples + oracle), tspin (triplets)."
+    )
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     generation: GenerationConfig = GenerationConfig()
@@ -204,6 +242,30 @@ class Config(_Section):
     run: RunConfig = RunConfig()
     iterations: IterationsConfig = IterationsConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    sppo: SPPOConfig = SPPOConfig()
+    tspin: TSPINConfig = TSPINConfig()
+
+    @model_validator(mode="after")
+    def _algorithm_needs(self) -> "Config":
+        if self.algorithm == "sppo":
+            gen = self.generation
+            if gen.num_samples < 2:
+                raise ValueError("algorithm sppo needs generation.num_samples >= 2 (the paper uses 5)")
+            if gen.temperature == 0.0:
+                raise ValueError("algorithm sppo needs generation.temperature > 0: greedy decoding gives K identical answers")
+            if self.sppo.oracle == "reward_model" and not self.sppo.reward_model:
+                raise ValueError("sppo.oracle reward_model needs sppo.reward_model (a sequence-classification model folder)")
+        return self
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether training needs reference log-probs, i.e. whether generation must compute them."""
+        return not (self.algorithm == "tspin" and self.tspin.reference_free)
+
+    @property
+    def objective(self) -> str:
+        """What the trainer optimises: sft, or the configured self-play algorithm."""
+        return "sft" if self.training.objective == "sft" else self.algorithm
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -233,6 +295,8 @@ OPERATIONAL_KEYS = frozenset(
         "training.max_failures",
         "training.keep_checkpoints",
         "model.cache_dir",
+        "sppo.reward_replicas",
+        "sppo.reward_cpus_per_replica",
     }
 )
 
@@ -319,7 +383,7 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
+        key = ".".join(str(p) for p in err["loc"]) or "config"  # a check across sections has no single key
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown config key{_suggest(key)}")
         else:

@@ -1,7 +1,8 @@
-"""The self-play driver: a named Ray actor that runs SPIN's iterations and keeps the run's manifest.
+"""The self-play driver: a named Ray actor that runs the iterations (SPIN, SPPO, T-SPIN) and keeps the run's manifest.
 
-For each iteration t: the opponent p_t answers the training prompts (generation pipeline), the
-pairs (plus the previous iteration's, rescored under p_t, with iterations.mix_previous) go to the
+For each iteration t: the opponent p_t answers the training prompts (generation pipeline; SPPO adds
+K answers and the oracle's win rates), the pairs (plus the previous iteration's, rescored under p_t,
+with iterations.mix_previous; T-SPIN adds the stored y_0 of each prompt) go to the
 TorchTrainer through the object store, p_{t+1} is exported and evaluated against p_t on held-out
 data, and the manifest is rewritten. Only dataset references and small summaries pass through here.
 Re-running the same config and run name continues where the last job stopped.
@@ -86,12 +87,80 @@ def _previous_pairs(config: Config, iteration: int, opponent: str):
     )
 
 
+def _with_proto(dataset, config: Config, iteration: int, opponent: str):
+    """T-SPIN: attach to every row its proto-synthetic answer y_0 (proto_token_ids, ref_logp_proto).
+
+    y_0 is iteration 0's first answer to the same prompt, drawn by the initial model p_0 and stored
+    with the run: generated once, reused in every iteration. With a reference, its log-prob is rescored
+    under this iteration's opponent p_t (at t = 0 the opponent is p_0, whose scores are stored).
+    Returns the dataset (materialized) and a hash of the y_0 rows used, recorded in the manifest.
+    """
+    import pyarrow as pa
+    import ray
+
+    from spin_ray.generation.pipeline import _shard_files, generation_dir, score_under, shards_dataset
+    from spin_ray.models import load_tokenizer
+
+    proto_dir = generation_dir(config, 0)
+    rows = shards_dataset(_shard_files(proto_dir))
+    if config.needs_reference and iteration > 0:
+        pad_id = load_tokenizer(opponent, config.model.trust_remote_code).pad_token_id
+        rows = score_under(rows, config, opponent, pad_id)
+    table = rows.select_columns(["prompt_id", "generated_token_ids", "ref_logp_generated"]).to_arrow_refs()
+    table = pa.concat_tables(ray.get(table)).sort_by("prompt_id")
+    ids = table.column("prompt_id").to_pylist()
+    tokens = [answers[0] for answers in table.column("generated_token_ids").to_pylist()]
+    refs = [(r or [None])[0] for r in table.column("ref_logp_generated").to_pylist()]
+    proto = pa.table({"prompt_id": ids, "proto_token_ids": pa.array(tokens, pa.list_(pa.int32())),
+                      "ref_logp_proto": pa.array(refs, pa.float64())})
+    digest = proto_digest(ids, tokens)
+    joined = dataset.map_batches(attach_proto, fn_kwargs={"proto": ray.put(proto), "source": proto_dir},
+                                 batch_format="pyarrow", batch_size=None, num_cpus=0).materialize()
+    return joined, digest, proto_dir
+
+
+def proto_digest(ids: list[str], tokens: list[list[int]]) -> str:
+    """Content hash of a set of y_0 answers (prompt_id order): equal hashes mean the same y_0 rows."""
+    import hashlib
+    import json
+
+    lines = sorted(json.dumps([pid, list(t)]) for pid, t in zip(ids, tokens, strict=True))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def attach_proto(batch, proto, source: str):
+    """Ray Data stage: look up each row's y_0 by prompt_id (an `iterN/` tag from mixing is stripped)."""
+    import pyarrow as pa
+    import ray
+
+    if isinstance(proto, ray.ObjectRef):
+        proto = ray.get(proto)
+    index = {pid: i for i, pid in enumerate(proto.column("prompt_id").to_pylist())}
+    positions = []
+    for pid in batch.column("prompt_id").to_pylist():
+        key = pid.rsplit("/", 1)[-1]
+        if key not in index:
+            raise ValueError(f"{source}: no proto-synthetic answer y_0 for prompt_id {key}; the data changed "
+                             "since iteration 0 of this run, use a new run name")
+        positions.append(index[key])
+    picked = proto.take(pa.array(positions, pa.int64()))
+    for name in ("proto_token_ids", "ref_logp_proto"):
+        if name in batch.column_names:
+            batch = batch.drop_columns([name])
+        batch = batch.append_column(name, picked.column(name))
+    return batch
+
+
 GENERATION_KEYS = ("prompts", "prompts_generated_this_run", "generated_tokens", "seconds", "tokens_per_second",
                    "engine_seconds", "reference_seconds", "engine_tokens_per_second", "mean_response_tokens",
-                   "share_hit_max_new_tokens")
+                   "share_hit_max_new_tokens", "answers_per_prompt", "oracle_mean_score", "oracle_all_tied_share")
 TRAINING_KEYS = ("steps", "resumed_from_step", "pairs", "loss", "rewards/real", "rewards/generated",
                  "rewards/margins", "rewards/accuracies", "nll", "training_seconds", "training_tokens_per_second",
-                 "export_seconds")
+                 "export_seconds",
+                 # SPPO
+                 "rewards/winner", "rewards/loser", "win_rate/winner", "win_rate/loser",
+                 # T-SPIN
+                 "loss/current", "loss/historical", "rewards/proto", "rewards/historical_margins")
 
 
 def run_iterations(config: Config, force: bool = False, echo: Callable[[str], None] = print) -> dict:
@@ -146,9 +215,14 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
                 # the rescoring actors would wait forever for CPUs the training workers hold.
                 dataset = dataset.union(_previous_pairs(config, t, opponent)).materialize()
                 source += f" + iteration {t - 1} pairs"
+            extra_metrics, extra_artifacts = {}, {}
+            if config.algorithm == "tspin":
+                dataset, proto_hash, proto_dir = _with_proto(dataset, config, t, opponent)
+                extra_metrics["proto_hash"], extra_artifacts["proto"] = proto_hash, proto_dir
+                source += f" + y_0 from {proto_dir}"
             summary = run_training(config, dataset, opponent, iteration=t, source=source)
-            return _pick(summary, TRAINING_KEYS), {"model": summary["export_dir"],
-                                                   "train": f"{root}/iter_{t}/train"}
+            return ({**_pick(summary, TRAINING_KEYS), **extra_metrics},
+                    {"model": summary["export_dir"], "train": f"{root}/iter_{t}/train", **extra_artifacts})
 
         next_model = _phase(manifest, "train", t, echo, train)["artifacts"]["model"]
 

@@ -88,9 +88,11 @@ def reward_columns(batch: pa.Table, beta: float) -> pa.Table:
 
 
 def eval_config(config: Config) -> Config:
-    """The generation settings of evaluation: greedy, one answer, the held-out subset."""
+    """The generation settings of evaluation: greedy, one answer, the held-out subset, and always the
+    human answer's log-prob (NLL) and no oracle, whichever algorithm trains."""
     ev, gen = config.evaluation, config.generation
     return config.model_copy(update={
+        "algorithm": "spin",
         "generation": gen.model_copy(update={"temperature": 0.0, "num_samples": 1, "fuse_reference": True,
                                              "max_new_tokens": ev.max_new_tokens or gen.max_new_tokens}),
         "data": config.data.model_copy(update={"limit": ev.prompts}),

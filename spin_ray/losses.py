@@ -1,4 +1,4 @@
-"""Objectives and log-prob math in plain torch: sequence log-probs, SPIN (sigmoid/hinge/ipo) and SFT.
+"""Objectives and log-prob math in plain torch: sequence log-probs, SPIN (sigmoid/hinge/ipo), SPPO, T-SPIN and SFT.
 
 No Ray here: these functions run the same in a unit test, a single process, torchrun or a
 Ray Train worker. Metric names follow DESIGN.md (TRL's with chosen/rejected renamed).
@@ -86,6 +86,94 @@ def spin_loss(
         "rewards/accuracies": (real_rewards > generated_rewards).float().mean(),
         "logps/real": policy_real_logps.detach().mean(),
         "logps/generated": policy_generated_logps.detach().mean(),
+    }
+    return losses, metrics
+
+
+def sppo_loss(
+    policy_winner_logps: torch.Tensor,
+    policy_loser_logps: torch.Tensor,
+    ref_winner_logps: torch.Tensor,
+    ref_loser_logps: torch.Tensor,
+    winner_win_rates: torch.Tensor,
+    loser_win_rates: torch.Tensor,
+    beta: float = 0.001,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SPPO per-prompt losses (arXiv 2405.00675, as in uclaml/SPPO) and metrics.
+
+    With a = lp(y_w) - lp_t(y_w), b = lp(y_l) - lp_t(y_l) and eta = 1/beta, each log-ratio is
+    regressed onto eta * (P_hat - 1/2), its response's estimated win rate against the opponent:
+      loss = ((a - eta (P_w - 1/2))^2 + (b - eta (P_l - 1/2))^2) / 2
+    Equal win rates give targets of 0 for both. Rewards are beta * log-ratio, as in SPIN.
+    """
+    eta = 1.0 / beta
+    winner_ratio = policy_winner_logps - ref_winner_logps
+    loser_ratio = policy_loser_logps - ref_loser_logps
+    winner_target = eta * (winner_win_rates - 0.5)
+    loser_target = eta * (loser_win_rates - 0.5)
+    losses = ((winner_ratio - winner_target) ** 2 + (loser_ratio - loser_target) ** 2) / 2
+    winner_rewards = (beta * winner_ratio).detach()
+    loser_rewards = (beta * loser_ratio).detach()
+    metrics = {
+        "loss": losses.detach().mean(),
+        "rewards/winner": winner_rewards.mean(),
+        "rewards/loser": loser_rewards.mean(),
+        "rewards/margins": (winner_rewards - loser_rewards).mean(),
+        "rewards/accuracies": (winner_rewards > loser_rewards).float().mean(),
+        "logps/winner": policy_winner_logps.detach().mean(),
+        "logps/loser": policy_loser_logps.detach().mean(),
+        "win_rate/winner": winner_win_rates.detach().float().mean(),
+        "win_rate/loser": loser_win_rates.detach().float().mean(),
+    }
+    return losses, metrics
+
+
+def tspin_loss(
+    policy_real_logps: torch.Tensor,
+    policy_generated_logps: torch.Tensor,
+    policy_proto_logps: torch.Tensor,
+    ref_real_logps: torch.Tensor | None = None,
+    ref_generated_logps: torch.Tensor | None = None,
+    ref_proto_logps: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    reward_scale: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """T-SPIN per-triplet losses (arXiv 2601.08198, in the form DESIGN.md gives) and metrics.
+
+    Triplet: human answer y, current synthetic y_t (from p_t), proto-synthetic y_0 (from the initial
+    model, the same in every iteration). Reward r(y) = lambda * lp(y), or lambda * (lp(y) - lp_t(y))
+    when reference log-probs are given (pass all three or none). Pass per-token mean log-probs for
+    the length-normalised variant.
+      loss = -log sigmoid(r(y) - r(y_t))  -  alpha * log sigmoid(r(y_t) - r(y_0))
+             current advantage               historical advantage
+    The historical term keeps a signal when y_t has become as likely as y (SPIN's vanishing advantage).
+    """
+    refs = (ref_real_logps, ref_generated_logps, ref_proto_logps)
+    if any(r is None for r in refs) and not all(r is None for r in refs):
+        raise ValueError("tspin_loss: pass all three reference log-probs or none (reference-free)")
+    if ref_real_logps is None:
+        real, generated, proto = policy_real_logps, policy_generated_logps, policy_proto_logps
+    else:
+        real = policy_real_logps - ref_real_logps
+        generated = policy_generated_logps - ref_generated_logps
+        proto = policy_proto_logps - ref_proto_logps
+    real_rewards, generated_rewards, proto_rewards = reward_scale * real, reward_scale * generated, reward_scale * proto
+    current = -F.logsigmoid(real_rewards - generated_rewards)
+    historical = -F.logsigmoid(generated_rewards - proto_rewards)
+    losses = current + alpha * historical
+    metrics = {
+        "loss": losses.detach().mean(),
+        "loss/current": current.detach().mean(),
+        "loss/historical": historical.detach().mean(),
+        "rewards/real": real_rewards.detach().mean(),
+        "rewards/generated": generated_rewards.detach().mean(),
+        "rewards/proto": proto_rewards.detach().mean(),
+        "rewards/margins": (real_rewards - generated_rewards).detach().mean(),
+        "rewards/historical_margins": (generated_rewards - proto_rewards).detach().mean(),
+        "rewards/accuracies": (real_rewards > generated_rewards).float().mean(),
+        "logps/real": policy_real_logps.detach().mean(),
+        "logps/generated": policy_generated_logps.detach().mean(),
+        "logps/proto": policy_proto_logps.detach().mean(),
     }
     return losses, metrics
 

@@ -26,6 +26,14 @@ COLUMNS = (
 )
 
 
+# What the training margin compares, per algorithm
+TRAIN_MARGIN = {
+    "spin": "reward of the human answer minus the opponent's answer (beta x log-ratio)",
+    "sppo": "reward of the oracle's winner minus its loser among the K answers (beta x log-ratio)",
+    "tspin": "reward of the human answer minus the current synthetic answer y_t (lambda x log-prob)",
+}
+
+
 def _metrics(record: dict | None) -> dict:
     return (record or {}).get("metrics") or {}
 
@@ -130,15 +138,17 @@ def write_report(run: str) -> dict:
     rows = iteration_rows(data)
     base = run.rstrip("/")
     paths = {"json": f"{base}/report.json", "markdown": f"{base}/report.md", "plot": f"{base}/report.png"}
-    payload = {"run": data["run"], "status": data["status"], "config_hash": data["config_hash"],
+    algorithm = data["config"].get("algorithm", "spin")
+    payload = {"run": data["run"], "algorithm": algorithm, "status": data["status"], "config_hash": data["config_hash"],
                "code_version": data.get("code_version"), "final_model": data.get("final_model"), "rows": rows}
     atomic_write_bytes(paths["json"], json.dumps(payload, indent=2).encode())
     markdown = [
         f"# spin-ray run `{data['run']}`", "",
-        f"status **{data['status']}**, config hash `{data['config_hash']}`, code {data.get('code_version')}, "
+        f"algorithm **{algorithm}**, status **{data['status']}**, config hash `{data['config_hash']}`, code {data.get('code_version')}, "
         f"{len(data.get('jobs', []))} job(s)", "",
         "p0 is the initial model; p(t+1) is trained in iteration t against opponent p(t). Reward accuracy is "
-        "measured on held-out prompts: p(t+1)'s SPIN reward of the human answer vs p(t)'s own answer.", "",
+        "measured on held-out prompts: p(t+1)'s SPIN reward of the human answer vs p(t)'s own answer. "
+        f"Train margin: {TRAIN_MARGIN[algorithm]}.", "",
         format_table(data, markdown=True), "",
         "Times are seconds of wall clock per phase (generation includes reference scoring; training excludes "
         "export). Tokens/s: generated tokens for generation, policy tokens (prompt+answer, both answers) for training.",

@@ -171,7 +171,10 @@ def run_generation(config: Config, iteration: int = 0, model: str | None = None,
     summary.update(stage_seconds)
     if stage_seconds["engine_seconds"] > 0:
         summary["engine_tokens_per_second"] = round(summary["generated_tokens"] / stage_seconds["engine_seconds"], 2)
+    if config.algorithm == "sppo":
+        summary.update(_oracle_summary(_read_shards(shards, ["oracle_scores", "win_rates"])))
     summary.update({"engine": gen.engine, "model": resolved.path, "iteration": iteration,
+                    "answers_per_prompt": gen.num_samples,
                     "overlong_dropped": split.lengths.dropped, "overlong_truncated": split.lengths.truncated})
     atomic_write_json(f"{output_dir}/{COMPLETE_MARKER}", {"shards": shards, "summary": summary})
     # Rows generated now are already in the object store; earlier rows are read back once.
@@ -218,7 +221,8 @@ def _build_dataset(config: Config, model_path: str, chat: ChatFormat, table: pa.
             "num_samples": gen.num_samples,
             "seed": gen.seed,
             "threads": threads,
-            "score_reference": gen.fuse_reference,
+            # T-SPIN's reference-free mode needs no reference log-probs: none are computed
+            "score_reference": gen.fuse_reference and config.needs_reference,
             "reference_batch_size": gen.reference_batch_size,
         },
         batch_format="pyarrow",
@@ -226,9 +230,18 @@ def _build_dataset(config: Config, model_path: str, chat: ChatFormat, table: pa.
         compute=ray.data.ActorPoolStrategy(min_size=gen.replicas[0], max_size=gen.replicas[1]),
         num_cpus=gen.cpus_per_replica,
     )
-    if not gen.fuse_reference:
+    if not gen.fuse_reference and config.needs_reference:
         dataset = _reference_pool(config, model_path, chat, dataset)
-    return _commit(dataset, output_dir)
+    return _commit(_oracle(config, dataset), output_dir)
+
+
+def _oracle(config: Config, dataset):
+    """SPPO: the preference oracle scores every row's K answers before its shard is committed."""
+    if config.algorithm != "sppo":
+        return dataset
+    from spin_ray.oracle import add_preferences
+
+    return add_preferences(dataset, config)
 
 
 def _reference_pool(config: Config, model_path: str, chat: ChatFormat, dataset):
@@ -289,7 +302,21 @@ def _build_vllm_dataset(config: Config, model_path: str, chat: ChatFormat, table
         lambda group: pa.Table.from_pylist([collect_samples(group.to_pylist(), stops, model_path, sampling)]),
         batch_format="pyarrow",
     )
-    return _commit(_reference_pool(config, model_path, chat, rows), output_dir)
+    if config.needs_reference:
+        rows = _reference_pool(config, model_path, chat, rows)
+    return _commit(_oracle(config, rows), output_dir)
+
+
+def _oracle_summary(table: pa.Table) -> dict:
+    """How informative the oracle was: its mean score (GSM8K rule: share of correct answers) and the share
+    of prompts whose K answers all tie (targets 0: such a prompt teaches SPPO nothing but to stay put)."""
+    scores = [s for s in table.column("oracle_scores").to_pylist() if s]
+    rates = [r for r in table.column("win_rates").to_pylist() if r]
+    flat = [v for row in scores for v in row]
+    return {
+        "oracle_mean_score": round(float(np.mean(flat)), 4) if flat else None,
+        "oracle_all_tied_share": round(sum(max(r) - min(r) < 1e-9 for r in rates) / len(rates), 4) if rates else None,
+    }
 
 
 def _stage_seconds(shards: list[str]) -> dict:

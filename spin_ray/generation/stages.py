@@ -26,8 +26,12 @@ PAIRS_SCHEMA = pa.schema(
         ("engine", pa.string()),
         ("model", pa.string()),
         ("sampling", pa.string()),
+        # SPPO only (null otherwise): the oracle's score of each generated answer and its win rate
+        ("oracle_scores", pa.list_(pa.float64())),
+        ("win_rates", pa.list_(pa.float64())),
     ]
 )
+OPTIONAL_COLUMNS = ("oracle_scores", "win_rates")
 
 
 def sample_seed(base_seed: int, prompt_id: str, sample_index: int) -> int:
@@ -218,6 +222,9 @@ def commit_shard(batch: pa.Table, output_dir: str) -> pa.Table:
     """
     from spin_ray.storage import atomic_write_bytes
 
+    for name in OPTIONAL_COLUMNS:  # absent unless an oracle stage ran: stored as nulls
+        if name not in batch.column_names:
+            batch = batch.append_column(name, pa.nulls(batch.num_rows, PAIRS_SCHEMA.field(name).type))
     shards = batch.column(SHARD_COLUMN).to_pylist() if SHARD_COLUMN in batch.column_names else [0] * batch.num_rows
     for shard in sorted(set(shards)):
         part = batch.filter(pa.array([s == shard for s in shards]))

@@ -23,9 +23,9 @@ from spin_ray.config import Config
 from spin_ray.losses import spin_loss, token_logps
 from spin_ray.tokenization import collate_sequences
 from spin_ray.training.checkpoint import committed_steps, export_hf, load_checkpoint, save_checkpoint
-from spin_ray.training.data import Pair, Schedule, pairs_from_rows
+from spin_ray.training.data import Example, Schedule, examples_from_rows
 from spin_ray.training.parallel import apply_fsdp, set_accumulating
-from spin_ray.training.step import concatenated_logps
+from spin_ray.training.step import answer_logps, averages_logps, example_losses
 
 
 
@@ -56,28 +56,31 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def micro_step(model, pairs: list[Pair], config: Config, pad_id: int, scale: float, device) -> dict[str, float]:
-    """Forward + backward of one micro-batch; returns metric SUMS over its pairs (for exact averaging)."""
-    t = config.training
-    prompts = [p.prompt for p in pairs]
-    if t.objective == "sft":
-        batch = {k: v.to(device) for k, v in collate_sequences(prompts, [p.real for p in pairs], pad_id).items()}
+def micro_step(model, examples: list[Example], config: Config, pad_id: int, scale: float, device) -> dict[str, float]:
+    """Forward + backward of one micro-batch; returns metric SUMS over its examples (for exact averaging)."""
+    objective = config.objective
+    prompts = [e.prompt for e in examples]
+    if objective == "sft":
+        batch = {k: v.to(device) for k, v in collate_sequences(prompts, [e.answers[0] for e in examples], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logps, mask = token_logps(logits, batch["input_ids"], batch["loss_mask"])
         nll = -logps.sum()
         (nll * scale).backward()
         return {"loss": float(nll), "tokens": float(mask.sum())}
-    # one concatenated forward over real and generated answers
-    reals, generateds = [p.real for p in pairs], [p.generated for p in pairs]
-    policy_real, policy_generated = concatenated_logps(model, prompts, reals, generateds, pad_id,
-                                                       average=t.loss_type == "ipo")
-    ref_real = torch.tensor([p.ref_real for p in pairs], device=device)
-    ref_generated = torch.tensor([p.ref_generated for p in pairs], device=device)
-    losses, metrics = spin_loss(policy_real, policy_generated, ref_real, ref_generated, t.beta, t.loss_type)
+    # one concatenated forward over every answer of every example (pairs, or T-SPIN's triplets)
+    average = averages_logps(objective, config)
+    policy = answer_logps(model, prompts, [e.answers for e in examples], pad_id, average)
+    refs = None
+    if examples[0].ref_logps:
+        refs = torch.tensor([e.ref_logps for e in examples], dtype=torch.float32, device=device)
+        if average:  # stored reference log-probs are sums over the answer's tokens
+            refs = refs / torch.tensor([[len(a) for a in e.answers] for e in examples], device=device)
+    rates = torch.tensor([e.win_rates for e in examples], device=device) if examples[0].win_rates else None
+    losses, metrics = example_losses(objective, policy, refs, rates, config)
     (losses.sum() * scale).backward()
     # the loss returns batch means; sums (mean x n) average exactly over ranks and micro-batches
-    tokens = sum(2 * len(p.prompt) + len(p.real) + len(p.generated) for p in pairs)
-    return {**{key: float(value) * len(pairs) for key, value in metrics.items()}, "tokens": float(tokens)}
+    tokens = sum(e.tokens for e in examples)
+    return {**{key: float(value) * len(examples) for key, value in metrics.items()}, "tokens": float(tokens)}
 
 
 def _all_reduce_sums(sums: dict[str, float], device) -> dict[str, float]:
@@ -89,8 +92,8 @@ def _all_reduce_sums(sums: dict[str, float], device) -> dict[str, float]:
     return dict(zip(keys, packed.tolist(), strict=True))
 
 
-def _sft_token_total(pairs: list[Pair], indices) -> int:
-    return sum(len(pairs[i].real) for i in indices)
+def _sft_token_total(examples: list[Example], indices) -> int:
+    return sum(len(examples[i].answers[0]) for i in indices)
 
 
 def _maybe_fail(step: int, fail_at_step: int | None, context: WorkerContext, train_dir: str) -> None:
@@ -120,8 +123,8 @@ def train(
 
     context = context or WorkerContext()
     t = config.training
-    pairs = pairs_from_rows(rows, source, t.objective)
-    schedule = Schedule(len(pairs), t.global_batch_size, t.micro_batch_size, t.epochs, t.seed)
+    examples = examples_from_rows(rows, source, config.objective, config.needs_reference)
+    schedule = Schedule(len(examples), t.global_batch_size, t.micro_batch_size, t.epochs, t.seed)
     schedule.check_world(context.world_size)
     torch.manual_seed(t.seed)
 
@@ -154,15 +157,15 @@ def train(
         _maybe_fail(step, fail_at_step, context, train_dir)
         step_started = time.perf_counter()
         global_indices = schedule.global_batch(step)
-        if t.objective == "sft":
-            scale = context.world_size / _sft_token_total(pairs, global_indices)  # token average over the global batch
+        if config.objective == "sft":
+            scale = context.world_size / _sft_token_total(examples, global_indices)  # token average over the global batch
         else:
             scale = scale_spin
         sums: dict[str, float] = {}
         micros = list(schedule.micro_batches(step, context.rank, context.world_size))
         for number, micro in enumerate(micros, start=1):
             set_accumulating(model, number < len(micros))  # sync gradients on the last micro-batch only
-            part = micro_step(model, [pairs[i] for i in micro], config, pad_id, scale, context.device)
+            part = micro_step(model, [examples[i] for i in micro], config, pad_id, scale, context.device)
             for key, value in part.items():
                 sums[key] = sums.get(key, 0.0) + value
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -175,10 +178,10 @@ def train(
         totals = _all_reduce_sums(sums, context.device)
         tokens_this_run += totals["tokens"]
         seconds = time.perf_counter() - step_started
-        metrics = _step_metrics(totals, t.objective, t.global_batch_size, step, schedule, lr, float(grad_norm), seconds)
+        metrics = _step_metrics(totals, config.objective, t.global_batch_size, step, schedule, lr, float(grad_norm), seconds)
         summary = metrics
         if context.rank == 0:
-            record = {**metrics, "prompt_ids": [pairs[i].prompt_id for i in global_indices]}
+            record = {**metrics, "prompt_ids": [examples[i].prompt_id for i in global_indices]}
             _append_log(metrics_path, record)
             print(_progress_line(metrics, schedule.total_steps), flush=True)
         if context.report:
@@ -200,8 +203,8 @@ def train(
         "export_seconds": round(time.perf_counter() - export_started, 2),
         "steps": schedule.total_steps,
         "resumed_from_step": start_step,
-        "pairs": len(pairs),
-        "pairs_left_out_per_epoch": len(pairs) - schedule.steps_per_epoch * t.global_batch_size,
+        "pairs": len(examples),
+        "pairs_left_out_per_epoch": len(examples) - schedule.steps_per_epoch * t.global_batch_size,
         "seconds": round(time.perf_counter() - started, 2),
         "export_dir": export_dir,
     }
@@ -214,10 +217,8 @@ def _step_metrics(totals, objective, global_batch, step, schedule, lr, grad_norm
     if objective == "sft":
         metrics["loss"] = totals["loss"] / totals["tokens"]
         metrics["nll"] = metrics["loss"]
-    else:
-        for key in ("loss", "rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies",
-                    "logps/real", "logps/generated"):
-            metrics[key] = totals[key] / global_batch
+    else:  # every loss metric is a per-example mean
+        metrics.update({key: value / global_batch for key, value in totals.items() if key != "tokens"})
     return metrics
 
 

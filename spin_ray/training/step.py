@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from spin_ray.losses import gathered_logps, sequence_logps, sft_loss, spin_loss
+from spin_ray.losses import gathered_logps, sequence_logps, sft_loss, spin_loss, sppo_loss, tspin_loss
 from spin_ray.tokenization import collate_sequences
 
 
@@ -18,13 +18,30 @@ def concatenated_logps(
     pad_id: int,
     average: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Policy log-probs of real and generated responses from ONE forward pass over both halves.
+    """Policy log-probs of real and generated responses from ONE forward pass over both halves."""
+    logps = answer_logps(model, prompts, [(r, g) for r, g in zip(reals, generateds, strict=True)], pad_id, average)
+    return logps[:, 0], logps[:, 1]
 
-    One pass instead of two halves the kernel launches and, under FSDP, the all-gathers.
+
+def answer_logps(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[Sequence[int]]],
+    pad_id: int,
+    average: bool = False,
+) -> torch.Tensor:
+    """Policy log-probs [B, n] of each prompt's n answers (a pair, or T-SPIN's triplet) from ONE forward pass.
+
+    One pass instead of n halves the kernel launches and, under FSDP, the all-gathers.
     """
-    batch = _on_model_device(model, collate_sequences([*prompts, *prompts], [*reals, *generateds], pad_id))
-    logps = response_logps(model, batch, average)
-    return logps[: len(prompts)], logps[len(prompts) :]
+    n = len(answers[0])
+    if any(len(group) != n for group in answers):
+        raise ValueError("every example of a micro-batch must have the same number of answers")
+    # answer-major order: all first answers, then all second answers, ...
+    batch = collate_sequences([p for _ in range(n) for p in prompts],
+                              [group[k] for k in range(n) for group in answers], pad_id)
+    logps = response_logps(model, _on_model_device(model, batch), average)
+    return logps.view(n, len(prompts)).T
 
 
 def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:
@@ -75,6 +92,34 @@ def spin_step_loss(
     policy_real, policy_generated = concatenated_logps(model, prompts, reals, generateds, pad_id, average)
     losses, metrics = spin_loss(policy_real, policy_generated, ref_real_logps, ref_generated_logps, beta, loss_type)
     return losses.mean(), metrics
+
+
+def example_losses(
+    objective: str,
+    policy: torch.Tensor,
+    refs: torch.Tensor | None,
+    win_rates: torch.Tensor | None,
+    config,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-example losses and metrics of a self-play objective, from the answers' policy log-probs [B, n]
+    (and reference log-probs [B, n] and SPPO win rates [B, 2] where the objective has them)."""
+    if objective == "spin":
+        t = config.training
+        return spin_loss(policy[:, 0], policy[:, 1], refs[:, 0], refs[:, 1], t.beta, t.loss_type)
+    if objective == "sppo":
+        return sppo_loss(policy[:, 0], policy[:, 1], refs[:, 0], refs[:, 1], win_rates[:, 0], win_rates[:, 1],
+                         config.sppo.beta)
+    if objective == "tspin":
+        ref = (None, None, None) if refs is None else (refs[:, 0], refs[:, 1], refs[:, 2])
+        return tspin_loss(policy[:, 0], policy[:, 1], policy[:, 2], *ref, alpha=config.tspin.alpha,
+                          reward_scale=config.tspin.reward_scale)
+    raise ValueError(f"unknown self-play objective {objective!r}")
+
+
+def averages_logps(objective: str, config) -> bool:
+    """Whether an objective works on per-token mean log-probs (IPO, length-normalised T-SPIN) rather than sums."""
+    return (objective == "spin" and config.training.loss_type == "ipo") or (
+        objective == "tspin" and config.tspin.length_normalize)
 
 
 def sft_step_loss(

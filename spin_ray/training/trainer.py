@@ -53,18 +53,25 @@ def _worker_entry(loop_config: dict) -> None:
 def validate_pairs(config: Config, dataset, source: str) -> None:
     """Refuse bad pairs on the driver, before any worker starts, with the prompt_id and field named.
 
-    Only the id and reference columns are read (a few floats per pair), never the token ids.
+    Only the ids, reference log-probs and win rates are read (a few floats per row), never the token ids.
     """
-    from spin_ray.training.data import Schedule, pairs_from_rows
+    from spin_ray.training.data import Schedule, examples_from_rows, needed_columns
 
     t = config.training
-    columns = ["prompt_id"] + (["ref_logp_real", "ref_logp_generated"] if t.objective == "spin" else [])
-    missing = [c for c in columns if c not in dataset.schema().names] if dataset.schema() is not None else columns
+    needed = needed_columns(config.objective, config.needs_reference)
+    names = dataset.schema().names if dataset.schema() is not None else []
+    missing = [c for c in needed if c not in names]
     if missing:
         raise TrainingDataError(f"{source}: no column(s) {missing}; is this a generation output?")
-    rows = dataset.select_columns(columns).take_all()
-    light = [{**r, "prompt_token_ids": [0], "real_token_ids": [0], "generated_token_ids": [[0]]} for r in rows]
-    pairs = pairs_from_rows(light, source, t.objective)
+    light_columns = [c for c in needed if not c.endswith("token_ids")]
+    rows = dataset.select_columns(light_columns).take_all()
+
+    def with_dummy_tokens(row: dict) -> dict:
+        answers = max(len(row.get("ref_logp_generated") or []), len(row.get("win_rates") or []), 1)
+        return {**row, "prompt_token_ids": [0], "real_token_ids": [0], "generated_token_ids": [[0]] * answers,
+                "proto_token_ids": [0]}
+
+    pairs = examples_from_rows([with_dummy_tokens(r) for r in rows], source, config.objective, config.needs_reference)
     schedule = Schedule(len(pairs), t.global_batch_size, t.micro_batch_size, t.epochs, t.seed)
     for workers in set(t.num_workers):
         schedule.check_world(workers)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spin_ray.losses import sequence_logps, sft_loss, spin_loss, token_logps
+from spin_ray.losses import sequence_logps, sft_loss, spin_loss, sppo_loss, token_logps, tspin_loss
 
 
 def _logits_from_probs(rows):
@@ -139,3 +139,75 @@ def test_sft_loss_refuses_an_empty_mask(handmade):
     logits, labels = handmade
     with pytest.raises(ValueError, match="no response tokens"):
         sft_loss(logits, labels, torch.zeros_like(labels))
+
+
+def _t(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_sppo_loss_matches_hand_computed_values():
+    # a = -9.5 - (-10) = 0.5, b = -20.2 - (-20) = -0.2; beta 0.001 -> eta 1000
+    # targets: 1000 * (0.75 - 0.5) = 250 and 1000 * (0.25 - 0.5) = -250
+    losses, metrics = sppo_loss(_t(-9.5), _t(-20.2), _t(-10.0), _t(-20.0), _t(0.75), _t(0.25), beta=0.001)
+    expected = ((0.5 - 250) ** 2 + (-0.2 + 250) ** 2) / 2
+    assert losses.item() == pytest.approx(expected, rel=1e-12)
+    assert metrics["rewards/winner"].item() == pytest.approx(0.0005)
+    assert metrics["rewards/loser"].item() == pytest.approx(-0.0002)
+    assert metrics["rewards/margins"].item() == pytest.approx(0.0007)
+    assert metrics["rewards/accuracies"].item() == 1.0
+    assert metrics["win_rate/winner"].item() == 0.75 and metrics["logps/loser"].item() == pytest.approx(-20.2)
+
+
+def test_sppo_equal_win_rates_give_zero_targets():
+    # P_w = P_l = 1/2: both targets are 0, so the loss is (a^2 + b^2) / 2 whatever beta is
+    for beta in (0.001, 0.1):
+        losses, _ = sppo_loss(_t(-9.0, -5.0), _t(-21.0, -5.0), _t(-10.0, -5.0), _t(-20.0, -5.0),
+                              _t(0.5, 0.5), _t(0.5, 0.5), beta=beta)
+        assert losses.tolist() == pytest.approx([(1.0 ** 2 + (-1.0) ** 2) / 2, 0.0])
+
+
+def test_sppo_gradient_moves_log_ratios_toward_their_targets():
+    winner = torch.tensor([-10.0], requires_grad=True)
+    loser = torch.tensor([-20.0], requires_grad=True)
+    losses, _ = sppo_loss(winner, loser, torch.tensor([-10.0]), torch.tensor([-20.0]), torch.tensor([0.6]),
+                          torch.tensor([0.4]), beta=0.01)
+    losses.sum().backward()
+    # targets +10 and -10 nats: raise the winner's log-prob, lower the loser's
+    assert winner.grad.item() == pytest.approx(-10.0) and loser.grad.item() == pytest.approx(10.0)
+
+
+def test_tspin_reference_free_loss_matches_hand_computed_values():
+    # r = 0.5 * lp: r(y) = -5, r(y_t) = -4, r(y_0) = -6
+    losses, metrics = tspin_loss(_t(-10.0), _t(-8.0), _t(-12.0), alpha=0.5, reward_scale=0.5)
+    current = -math.log(1 / (1 + math.exp(-(-5.0 + 4.0))))
+    historical = -math.log(1 / (1 + math.exp(-(-4.0 + 6.0))))
+    assert losses.item() == pytest.approx(current + 0.5 * historical, rel=1e-12)
+    assert metrics["loss/current"].item() == pytest.approx(current)
+    assert metrics["loss/historical"].item() == pytest.approx(historical)
+    assert metrics["rewards/margins"].item() == pytest.approx(-1.0)
+    assert metrics["rewards/historical_margins"].item() == pytest.approx(2.0)
+    assert metrics["rewards/accuracies"].item() == 0.0 and metrics["rewards/proto"].item() == pytest.approx(-6.0)
+
+
+def test_tspin_with_reference_uses_log_ratios_and_alpha_zero_is_spin():
+    policy, ref = (_t(-10.0), _t(-8.0), _t(-12.0)), (_t(-11.0), _t(-7.0), _t(-12.5))
+    losses, _ = tspin_loss(*policy, *ref, alpha=1.0, reward_scale=0.1)
+    # ratios 1, -1, 0.5: current -log s(0.1 * 2), historical -log s(0.1 * -1.5)
+    expected = -math.log(1 / (1 + math.exp(-0.2))) - math.log(1 / (1 + math.exp(0.15)))
+    assert losses.item() == pytest.approx(expected, rel=1e-12)
+    # alpha 0 leaves SPIN's sigmoid loss with beta = lambda
+    spin, _ = spin_loss(policy[0], policy[1], ref[0], ref[1], beta=0.1)
+    no_history, _ = tspin_loss(*policy, *ref, alpha=0.0, reward_scale=0.1)
+    assert no_history.item() == pytest.approx(spin.item(), rel=1e-12)
+    with pytest.raises(ValueError, match="all three"):
+        tspin_loss(*policy, ref[0], None, None)
+
+
+def test_tspin_historical_term_keeps_a_gradient_when_the_current_advantage_vanishes():
+    # y and y_t equally likely: SPIN's signal is the constant log 2; T-SPIN still pushes y_t above y_0
+    generated = torch.tensor([-10.0], requires_grad=True)
+    proto = torch.tensor([-10.0], requires_grad=True)
+    losses, _ = tspin_loss(torch.tensor([-10.0]), generated, proto, alpha=1.0, reward_scale=1.0)
+    losses.sum().backward()
+    assert proto.grad.item() > 0  # lower y_0
+    assert generated.grad.item() == pytest.approx(0.0)  # current (+0.5) and historical (-0.5) pulls cancel here

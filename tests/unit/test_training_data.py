@@ -1,11 +1,11 @@
-"""Training pairs: validation names the prompt_id and field; the (seed, epoch) schedule is exact for any world size."""
+"""Training examples: validation names the prompt_id and field; the (seed, epoch) schedule is exact for any world size."""
 
 import math
 
 import numpy as np
 import pytest
 
-from spin_ray.training.data import Schedule, TrainingDataError, pairs_from_rows
+from spin_ray.training.data import Schedule, TrainingDataError, examples_from_rows
 
 
 def _row(i, **change):
@@ -16,9 +16,9 @@ def _row(i, **change):
 
 
 def test_pairs_are_validated_and_sorted_by_prompt_id():
-    pairs = pairs_from_rows([_row(3), _row(1), _row(2)], "x.parquet")
+    pairs = examples_from_rows([_row(3), _row(1), _row(2)], "x.parquet")
     assert [p.prompt_id for p in pairs] == ["p01", "p02", "p03"]
-    assert pairs[0].generated == [5] and pairs[0].ref_generated == -2.0
+    assert pairs[0].answers == ([3, 4], [5]) and pairs[0].ref_logps == (-1.0, -2.0)
 
 
 @pytest.mark.parametrize(
@@ -29,13 +29,55 @@ def test_pairs_are_validated_and_sorted_by_prompt_id():
 )
 def test_bad_pairs_name_the_prompt_and_field(change, field):
     with pytest.raises(TrainingDataError, match=f"x.parquet, prompt_id p01, field '{field}'"):
-        pairs_from_rows([_row(0), _row(1, **change)], "x.parquet")
+        examples_from_rows([_row(0), _row(1, **change)], "x.parquet")
 
 
 def test_sft_needs_no_reference_and_empty_data_is_refused():
-    assert len(pairs_from_rows([_row(0, ref_logp_real=None, generated_token_ids=None)], "d", objective="sft")) == 1
+    (example,) = examples_from_rows([_row(0, ref_logp_real=None, generated_token_ids=None)], "d", objective="sft")
+    assert example.answers == ([3, 4],) and example.ref_logps == ()
     with pytest.raises(TrainingDataError, match="empty"):
-        pairs_from_rows([], "d")
+        examples_from_rows([], "d")
+
+
+def _sppo_row(rates, **change):
+    row = _row(0, generated_token_ids=[[10], [11], [12], [13]], ref_logp_generated=[-1.0, -2.0, -3.0, -4.0],
+               win_rates=rates, ref_logp_real=None)
+    row.update(change)
+    return row
+
+
+def test_sppo_trains_on_the_winner_and_the_loser_by_win_rate():
+    (example,) = examples_from_rows([_sppo_row([0.375, 0.625, 0.625, 0.375])], "d", objective="sppo")
+    # first maximum (answer 1) and last minimum (answer 3), with their own reference log-probs
+    assert example.answers == ([11], [13]) and example.ref_logps == (-2.0, -4.0)
+    assert example.win_rates == (0.625, 0.375)
+    # all answers tie: still two different answers, each with win rate 1/2 (targets 0)
+    (tied,) = examples_from_rows([_sppo_row([0.5] * 4)], "d", objective="sppo")
+    assert tied.answers == ([10], [13]) and tied.win_rates == (0.5, 0.5)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"win_rates": None}, "win_rates"), ({"win_rates": [0.5, math.nan, 0.5, 0.5]}, "win_rates"),
+    ({"win_rates": [0.5, 1.5, 0.5, 0.5]}, "win_rates"), ({"ref_logp_generated": [-1.0, None, -3.0, -4.0]}, "ref_logp_generated"),
+    ({"generated_token_ids": [[10]], "win_rates": [0.5]}, "generated_token_ids"),
+])
+def test_bad_sppo_rows_name_the_field(change, field):
+    with pytest.raises(TrainingDataError, match=f"prompt_id p00, field '{field}'"):
+        examples_from_rows([_sppo_row([0.25, 0.75, 0.5, 0.5], **change)], "d", objective="sppo")
+
+
+def test_tspin_triplets_with_and_without_reference():
+    row = _row(0, proto_token_ids=[7, 8], ref_logp_real=None, ref_logp_generated=None)
+    (free,) = examples_from_rows([row], "d", objective="tspin", needs_reference=False)
+    assert free.answers == ([3, 4], [5], [7, 8]) and free.ref_logps == ()
+    assert free.tokens == 3 * 2 + 2 + 1 + 2
+    with pytest.raises(TrainingDataError, match="field 'ref_logp_real': missing"):
+        examples_from_rows([row], "d", objective="tspin", needs_reference=True)
+    with_ref = {**row, "ref_logp_real": -1.0, "ref_logp_generated": [-2.0], "ref_logp_proto": -3.0}
+    (example,) = examples_from_rows([with_ref], "d", objective="tspin", needs_reference=True)
+    assert example.ref_logps == (-1.0, -2.0, -3.0)
+    with pytest.raises(TrainingDataError, match="field 'proto_token_ids': missing"):
+        examples_from_rows([_row(0)], "d", objective="tspin", needs_reference=False)
 
 
 def test_batch_larger_than_the_data_and_uneven_worlds_are_refused():
