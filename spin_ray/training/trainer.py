@@ -62,7 +62,12 @@ def validate_pairs(config: Config, dataset, source: str) -> None:
     names = dataset.schema().names if dataset.schema() is not None else []
     missing = [c for c in needed if c not in names]
     if missing:
-        raise TrainingDataError(f"{source}: no column(s) {missing}; is this a generation output?")
+        hint = "is this a generation output?"
+        if "proto_token_ids" in missing:
+            hint = "T-SPIN examples need each prompt's y_0 (proto_token_ids), which `spin-ray run` attaches from iteration 0"
+        elif "win_rates" in missing:
+            hint = "SPPO examples need the oracle's win_rates: generate with algorithm sppo"
+        raise TrainingDataError(f"{source}: no column(s) {missing}; {hint}")
     light_columns = [c for c in needed if not c.endswith("token_ids")]
     rows = dataset.select_columns(light_columns).take_all()
 
