@@ -7,6 +7,9 @@ loss, all in this process, one after another:
   ours_ray        the trainer as jobs run it: Ray Train TorchTrainer, FSDP2 over gloo, the reference
                   log-probs precomputed (they come from the generation pass), workers as configured
   ours_process    the same training loop in this process without Ray (2 torch threads)
+  ours_packed     ours_process with training.pack_sequences: one unpadded row per micro-batch
+  ours_process_beside_ray  ours_process while an idle local Ray instance runs on the same cores
+                  (its raylet, GCS, dashboard agent, log monitor): what Ray's own processes cost
   trl_default     TRL DPOTrainer with its defaults: a live reference model forward in every step
   trl_precomputed TRL DPOTrainer with precompute_ref_log_probs=True (a reference pass before training,
                   counted in its time, as our reference scoring is counted in generation)
@@ -36,7 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-VARIANTS = ("ours_ray", "ours_process", "trl_default", "trl_precomputed")
+VARIANTS = ("ours_ray", "ours_process", "ours_packed", "ours_process_beside_ray", "trl_default", "trl_precomputed")
 
 
 def matmul_peak_flops(threads: int, size: int = 2048, repeats: int = 8, trials: int = 3) -> float:
@@ -88,10 +91,10 @@ def model_flops_per_token(model_path: str, mean_sequence: float) -> float:
     return 6 * params + 12 * cfg.num_hidden_layers * cfg.hidden_size * mean_sequence
 
 
-def _config(args, workers: int, cpus: float):
+def _config(args, workers: int, cpus: float, pack: bool = False):
     from spin_ray.config import load_config
 
-    return load_config(None, [
+    return load_config(None, [f"training.pack_sequences={str(pack).lower()}",
         "training.optimizer=adamw", f"training.learning_rate={args.lr}", "training.loss_type=sigmoid",
         "training.beta=0.1", f"training.global_batch_size={args.global_batch}",
         f"training.micro_batch_size={args.micro_batch}", f"training.epochs={args.epochs}",
@@ -111,13 +114,25 @@ def _from_log(train_dir: str) -> dict:
             "final_margin": round(log[-1]["rewards/margins"], 5)}
 
 
-def run_ours_process(args, rows, model_path, scratch) -> dict:
+def run_ours_process(args, rows, model_path, scratch, pack: bool = False) -> dict:
     from spin_ray.training.loop import train
 
     torch.set_num_threads(args.threads)
+    folder = f"{scratch}/{'packed' if pack else 'proc'}"
     with contextlib.redirect_stdout(sys.stderr):  # the loop's progress lines; stdout is for the JSON
-        train(_config(args, 1, args.threads), rows, model_path, f"{scratch}/proc/train", f"{scratch}/proc/model")
-    return {**_from_log(f"{scratch}/proc/train"), "threads": args.threads}
+        train(_config(args, 1, args.threads, pack), rows, model_path, f"{folder}/train", f"{folder}/model")
+    return {**_from_log(f"{folder}/train"), "threads": args.threads}
+
+
+def run_ours_beside_ray(args, rows, model_path, scratch) -> dict:
+    import ray
+
+    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        time.sleep(5)  # let Ray's start-up settle: the idle steady state is what a training job sits beside
+        return run_ours_process(args, rows, model_path, f"{scratch}/beside")
+    finally:
+        ray.shutdown()
 
 
 def run_ours_ray(args, rows, model_path, scratch) -> dict:
@@ -214,6 +229,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="spin-ray-bench-", dir=os.environ.get("RAY_TMPDIR")) as scratch:
         for name in args.only.split(","):
             runner = {"ours_ray": run_ours_ray, "ours_process": run_ours_process,
+                      "ours_packed": lambda *a: run_ours_process(*a, pack=True),
+                      "ours_process_beside_ray": run_ours_beside_ray,
                       "trl_default": lambda *a: run_trl(*a, precompute=False),
                       "trl_precomputed": lambda *a: run_trl(*a, precompute=True)}[name]
             results[name] = runner(args, rows, model_path, scratch)
@@ -223,7 +240,7 @@ def main() -> None:
     peak_after = matmul_peak_flops(args.threads)  # the box is noisy: bracket the runs
 
     ratios = {}
-    for ours in ("ours_ray", "ours_process"):
+    for ours in ("ours_ray", "ours_process", "ours_packed", "ours_process_beside_ray"):
         for theirs in ("trl_default", "trl_precomputed"):
             if ours in results and theirs in results:
                 ratios[f"{ours}_vs_{theirs}"] = round(results[ours]["tokens_per_second"] /

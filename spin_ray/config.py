@@ -139,6 +139,12 @@ class TrainingConfig(_Section):
         "global_batch_size must be a multiple of workers x micro_batch_size.",
     )
     cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs Ray reserves for each training worker.")
+    pack_sequences: bool = Field(
+        False,
+        description="Concatenate each micro-batch's sequences into one row without padding (positions restart per "
+        "sequence, attention stays inside it). Pays off with varlen attention (flash-attention on GPU); on CPU "
+        "the block-diagonal attention costs more than the padding saved.",
+    )
     use_gpu: bool = Field(False, description="One GPU per worker and NCCL; false trains on CPU with gloo.")
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between distributed checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Committed checkpoints to keep (the newest).")

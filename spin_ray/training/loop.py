@@ -1,7 +1,7 @@
 """The main player's training loop, readable top to bottom; no Ray here (Ray Train, torchrun or one process call it).
 
 Per optimizer step: this rank's slice of the global batch, in micro-batches (one concatenated
-forward over real + generated each), loss scaled so that FSDP's gradient average equals the
+forward over every answer of each example), loss scaled so that FSDP's gradient average equals the
 single-process gradient of the whole global batch; clip, step, schedule; metrics summed over
 ranks; a JSONL line on rank 0; a DCP checkpoint every `checkpoint_every` steps. At the end rank 0
 exports a Hugging Face folder: the next opponent.
@@ -20,8 +20,6 @@ import torch
 import torch.distributed as dist
 
 from spin_ray.config import Config
-from spin_ray.losses import spin_loss, token_logps
-from spin_ray.tokenization import collate_sequences
 from spin_ray.training.checkpoint import committed_steps, export_hf, load_checkpoint, save_checkpoint
 from spin_ray.training.data import Example, Schedule, examples_from_rows
 from spin_ray.training.parallel import apply_fsdp, set_accumulating
@@ -60,16 +58,15 @@ def micro_step(model, examples: list[Example], config: Config, pad_id: int, scal
     """Forward + backward of one micro-batch; returns metric SUMS over its examples (for exact averaging)."""
     objective = config.objective
     prompts = [e.prompt for e in examples]
-    if objective == "sft":
-        batch = {k: v.to(device) for k, v in collate_sequences(prompts, [e.answers[0] for e in examples], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps, mask = token_logps(logits, batch["input_ids"], batch["loss_mask"])
-        nll = -logps.sum()
+    pack = config.training.pack_sequences
+    if objective == "sft":  # summed NLL of the human answers; the scale turns it into a token average
+        reals = [e.answers[0] for e in examples]
+        nll = -answer_logps(model, prompts, [(r,) for r in reals], pad_id, pack=pack).sum()
         (nll * scale).backward()
-        return {"loss": float(nll), "tokens": float(mask.sum())}
+        return {"loss": float(nll.detach()), "tokens": float(sum(len(r) for r in reals))}
     # one concatenated forward over every answer of every example (pairs, or T-SPIN's triplets)
     average = averages_logps(objective, config)
-    policy = answer_logps(model, prompts, [e.answers for e in examples], pad_id, average)
+    policy = answer_logps(model, prompts, [e.answers for e in examples], pad_id, average, pack)
     refs = None
     if examples[0].ref_logps:
         refs = torch.tensor([e.ref_logps for e in examples], dtype=torch.float32, device=device)
@@ -181,9 +178,10 @@ def train(
         metrics = _step_metrics(totals, config.objective, t.global_batch_size, step, schedule, lr, float(grad_norm), seconds)
         summary = metrics
         if context.rank == 0:
-            record = {**metrics, "prompt_ids": [examples[i].prompt_id for i in global_indices]}
+            record = {**metrics, "world_size": context.world_size,
+                      "prompt_ids": [examples[i].prompt_id for i in global_indices]}
             _append_log(metrics_path, record)
-            print(_progress_line(metrics, schedule.total_steps), flush=True)
+            print(_progress_line(metrics, schedule.total_steps, time.perf_counter() - started, start_step), flush=True)
         if context.report:
             context.report(metrics)
         done = step + 1
@@ -222,12 +220,17 @@ def _step_metrics(totals, objective, global_batch, step, schedule, lr, grad_norm
     return metrics
 
 
-def _progress_line(metrics: dict, total: int) -> str:
-    parts = [f"step {metrics['step']}/{total}", f"loss {metrics['loss']:.4f}"]
+def _progress_line(metrics: dict, total: int, elapsed: float, first_step: int = 0) -> str:
+    """A tqdm meter as one log line per step (job logs are not terminals): percentage, bar, steps,
+    elapsed < ETA (from this run's step rate, so a resumed run estimates from its own steps), metrics."""
+    from tqdm import tqdm
+
+    parts = [f"loss {metrics['loss']:.4f}"]
     if "rewards/margins" in metrics:
         parts += [f"margin {metrics['rewards/margins']:.4f}", f"acc {metrics['rewards/accuracies']:.2f}"]
     parts += [f"lr {metrics['lr']:.2e}", f"{metrics['tokens_per_second']} tok/s"]
-    return "train: " + ", ".join(parts)
+    return tqdm.format_meter(metrics["step"], total, elapsed, ncols=140, prefix="train", unit="step",
+                             initial=first_step, postfix=", ".join(parts))
 
 
 def _append_log(url: str, record: dict) -> None:

@@ -29,19 +29,66 @@ def answer_logps(
     answers: Sequence[Sequence[Sequence[int]]],
     pad_id: int,
     average: bool = False,
+    pack: bool = False,
 ) -> torch.Tensor:
     """Policy log-probs [B, n] of each prompt's n answers (a pair, or T-SPIN's triplet) from ONE forward pass.
 
-    One pass instead of n halves the kernel launches and, under FSDP, the all-gathers.
+    One pass instead of n halves the kernel launches and, under FSDP, the all-gathers. With `pack`
+    the sequences are concatenated into one row without padding (see `packed_response_logps`).
     """
     n = len(answers[0])
     if any(len(group) != n for group in answers):
         raise ValueError("every example of a micro-batch must have the same number of answers")
     # answer-major order: all first answers, then all second answers, ...
-    batch = collate_sequences([p for _ in range(n) for p in prompts],
-                              [group[k] for k in range(n) for group in answers], pad_id)
-    logps = response_logps(model, _on_model_device(model, batch), average)
+    flat_prompts = [p for _ in range(n) for p in prompts]
+    flat_answers = [group[k] for k in range(n) for group in answers]
+    if pack:
+        logps = packed_response_logps(model, flat_prompts, flat_answers, average)
+    else:
+        logps = response_logps(model, _on_model_device(model, collate_sequences(flat_prompts, flat_answers, pad_id)),
+                               average)
     return logps.view(n, len(prompts)).T
+
+
+def pack_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    """All prompt+response sequences concatenated into ONE row, no padding: input_ids and position_ids
+    [1, T] (positions restart at 0 for each sequence), loss_mask [1, T] (response tokens) and
+    sequence [T] (which sequence each token belongs to)."""
+    ids, positions, mask, sequence = [], [], [], []
+    for number, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        length = len(prompt) + len(response)
+        ids += [*prompt, *response]
+        positions += range(length)
+        mask += [False] * len(prompt) + [True] * len(response)
+        sequence += [number] * length
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+            "loss_mask": torch.tensor([mask]), "sequence": torch.tensor(sequence)}
+
+
+def packed_response_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
+                          responses: Sequence[Sequence[int]], average: bool = False) -> torch.Tensor:
+    """Summed (or mean) response log-probs [N] of N sequences packed into one row.
+
+    With position_ids that restart per sequence and no attention mask, transformers (>= 4.53, masking
+    utils) detects the packed layout and keeps attention inside each sequence, so the values equal
+    the padded path's. No FLOPs go to padding, and the LM head runs only at the positions that predict
+    a response token. Whether that is faster depends on the attention kernel: varlen kernels
+    (flash-attention on GPU) skip the cross-sequence blocks, while CPU SDPA computes the whole
+    block-diagonal T x T product.
+    """
+    packed = pack_sequences(prompts, responses)
+    device = next(model.parameters()).device
+    mask = packed["loss_mask"][0].to(device)
+    targets = mask.nonzero().flatten()  # every response token; its predictor sits one position earlier
+    logits = model(input_ids=packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device),
+                   attention_mask=None, use_cache=False, logits_to_keep=targets - 1).logits[0]
+    token_lps = gathered_logps(logits, packed["input_ids"][0].to(device)[targets])
+    owner = packed["sequence"].to(device)[targets]
+    total = torch.zeros(len(prompts), dtype=token_lps.dtype, device=device).index_add(0, owner, token_lps)
+    if average:
+        counts = torch.bincount(owner, minlength=len(prompts)).clamp(min=1)
+        return total / counts
+    return total
 
 
 def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:

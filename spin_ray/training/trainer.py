@@ -78,7 +78,8 @@ def validate_pairs(config: Config, dataset, source: str) -> None:
 
     pairs = examples_from_rows([with_dummy_tokens(r) for r in rows], source, config.objective, config.needs_reference)
     schedule = Schedule(len(pairs), t.global_batch_size, t.micro_batch_size, t.epochs, t.seed)
-    for workers in set(t.num_workers):
+    low, high = t.num_workers
+    for workers in range(low, high + 1):  # an elastic group may run at any size in [min, max]
         schedule.check_world(workers)
 
 

@@ -100,3 +100,19 @@ def test_tspin_reuses_the_initial_models_answers(ray_session, tmp_path, tiny_mod
     assert evaluated["nll_per_token"] > 0 and evaluated["reward_pairs"] == 4
     report = json.loads((run / "report.json").read_text())
     assert report["algorithm"] == "tspin" and [row["model"] for row in report["rows"]] == ["p0", "p1", "p2"]
+
+
+def test_tspin_with_reference_rescores_y0_under_each_opponent(ray_session, tmp_path, tiny_model_dir):
+    """With tspin.reference_free false, r(y) = lambda (lp - lp_t): at the first step of iteration 1 the policy
+    IS the reference p_1, so every reward is 0, which holds for y_0 only if it was rescored under p_1."""
+    config = load_config(None, [
+        *COMMON, f"model.name={tiny_model_dir}", f"run.storage_path={tmp_path}", "run.name=tspin-ref",
+        "algorithm=tspin", "tspin.reference_free=false", "tspin.reward_scale=1.0", "data.limit=4",
+        "evaluation.enabled=false"])
+    manifest = run_iterations(config, echo=lambda line: None)
+    assert manifest["status"] == "done"
+    assert all(row["ref_logp_real"] is not None for row in _rows(tmp_path / "tspin-ref" / "iter_1" / "generation"))
+    (first,) = read_metrics_log(str(tmp_path / "tspin-ref" / "iter_1" / "train"))
+    for key in ("rewards/real", "rewards/generated", "rewards/proto"):
+        assert first[key] == pytest.approx(0.0, abs=1e-3), key
+    assert first["loss/historical"] == pytest.approx(0.6931471805599453, abs=1e-3)

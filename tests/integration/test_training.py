@@ -112,3 +112,4 @@ def test_one_step_single_process_equals_two_fsdp_workers(ray_session, tmp_path, 
     single, sharded = _weights(single_dir / "model"), _weights(f"{iteration_dir(config, 0)}/model")
     assert not torch.allclose(single, before)  # the step did move the weights
     assert torch.allclose(sharded, single, atol=1e-5)
+
