@@ -57,6 +57,22 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory, tokenizer) -> str:
+    """A random 2-layer Llama sequence-classification model with one output: a stand-in reward model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("tiny-reward-model")
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture
 def tiny_model(tiny_model_dir):
     from spin_ray.models import load_model

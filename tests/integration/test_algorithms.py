@@ -21,21 +21,6 @@ def _rows(folder: Path) -> list[dict]:
     return [row for shard in sorted(folder.glob("shard-*.parquet")) for row in pq.read_table(shard).to_pylist()]
 
 
-@pytest.fixture(scope="module")
-def tiny_reward_model(tmp_path_factory, tokenizer):
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id)
-    folder = tmp_path_factory.mktemp("reward-model")
-    LlamaForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def test_sppo_with_a_reward_model_oracle(ray_session, tmp_path, tiny_model_dir, tiny_reward_model):
     config = load_config(None, [
         *COMMON, f"model.name={tiny_model_dir}", f"run.storage_path={tmp_path}", "run.name=sppo",

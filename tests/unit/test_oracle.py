@@ -46,22 +46,6 @@ def test_bradley_terry_matrix_is_a_sigmoid_of_score_differences():
     assert np.allclose(matrix + matrix.T, 1.0) and np.allclose(np.diag(matrix), 0.5)
 
 
-@pytest.fixture(scope="module")
-def tiny_reward_model(tmp_path_factory, tokenizer):
-    """A random 2-layer Llama sequence-classification model with one output: a stand-in reward model."""
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id)
-    folder = tmp_path_factory.mktemp("tiny-reward-model")
-    LlamaForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def test_reward_model_oracle_scores_each_answer_alone(tiny_reward_model):
     oracle = RewardModelOracle(tiny_reward_model, batch_size=2)
     answers = ["7", "The answer is 12, since 3 + 4 is not 12.", "#### 7"]
