@@ -14,7 +14,7 @@ import subprocess
 from typing import Any
 
 from spin_ray import __version__
-from spin_ray.config import Config, ConfigError, differing_keys, flatten
+from spin_ray.config import Config, ConfigError, _deep_merge, differing_keys, flatten
 from spin_ray.storage import atomic_write_json, read_json
 
 DONE, RUNNING, FAILED = "done", "running", "failed"
@@ -43,12 +43,18 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
+def stored_config(existing: dict) -> dict:
+    """The config a run was started with, completed with today's defaults for keys added since (a run
+    started before `algorithm` existed ran SPIN, the default), so an upgrade alone is not a change."""
+    return _deep_merge(Config().to_dict(), existing["config"])
+
+
 def config_conflict(existing: dict, config: Config) -> str | None:
     """The refusal message when `config` differs from the config a run was started with, else None."""
-    changed = differing_keys(existing["config"], config.to_dict())
+    changed = differing_keys(stored_config(existing), config.to_dict())
     if not changed:
         return None
-    old, new = flatten(existing["config"]), flatten(config.to_dict())
+    old, new = flatten(stored_config(existing)), flatten(config.to_dict())
     shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed)
     return (f"run {config.run.name!r} at {run_dir(config)} was started with a different config "
             f"({len(changed)} key(s) differ: {shown}); use a new run.name, or --force to continue anyway")
@@ -87,7 +93,7 @@ class Manifest:
                                  "phases": {}, "iterations": [], "jobs": [], "config_changes": []})
         else:
             manifest = cls(url, existing)
-            changed = differing_keys(existing["config"], current)
+            changed = differing_keys(stored_config(existing), current)
             if changed and not force:
                 raise ConfigError(config_conflict(existing, config))
             if changed:

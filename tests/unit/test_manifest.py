@@ -56,6 +56,18 @@ def test_operational_keys_may_change(tmp_path):
     assert differing_keys({"a": {"b": 1}}, {"a": {"b": 2}, "c": 3}) == ["a.b", "c"]
 
 
+def test_a_run_started_before_a_key_existed_continues_under_its_default(tmp_path):
+    # as written by a version without `algorithm`, `sppo`, `tspin` and `training.pack_sequences`
+    manifest = Manifest.open(_config(tmp_path))
+    for key in ("algorithm", "sppo", "tspin"):
+        del manifest.data["config"][key]
+    del manifest.data["config"]["training"]["pack_sequences"]
+    manifest.save()
+    check_config(_config(tmp_path))  # the defaults are what that run did: no change
+    with pytest.raises(ConfigError, match="algorithm: 'spin' -> 'tspin'"):
+        check_config(_config(tmp_path, "algorithm=tspin"))
+
+
 def test_cli_run_refuses_a_changed_config_before_starting_ray(tmp_path, capsys):
     config = _config(tmp_path)
     Manifest.open(config)
