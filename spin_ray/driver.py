@@ -75,12 +75,10 @@ def _previous_pairs(config: Config, iteration: int, opponent: str):
     prompt_ids tagged so they stay distinct from this iteration's pairs of the same prompts."""
     from spin_ray.generation.pipeline import _shard_files, generation_dir, score_under, shards_dataset
     from spin_ray.generation.stages import PAIRS_SCHEMA
-    from spin_ray.models import load_tokenizer
 
-    pad_id = load_tokenizer(opponent, config.model.trust_remote_code).pad_token_id
     previous = shards_dataset(_shard_files(generation_dir(config, iteration - 1)))
     return (
-        score_under(previous, config, opponent, pad_id)
+        score_under(previous, config, opponent)
         .map_batches(tag_prompt_ids, fn_kwargs={"prefix": f"iter{iteration - 1}/"}, batch_format="pyarrow",
                      batch_size=None, num_cpus=0)
         .select_columns([f.name for f in PAIRS_SCHEMA])
@@ -99,13 +97,11 @@ def _with_proto(dataset, config: Config, iteration: int, opponent: str):
     import ray
 
     from spin_ray.generation.pipeline import _shard_files, generation_dir, score_under, shards_dataset
-    from spin_ray.models import load_tokenizer
 
     proto_dir = generation_dir(config, 0)
     rows = shards_dataset(_shard_files(proto_dir))
     if config.needs_reference and iteration > 0:
-        pad_id = load_tokenizer(opponent, config.model.trust_remote_code).pad_token_id
-        rows = score_under(rows, config, opponent, pad_id)
+        rows = score_under(rows, config, opponent)
     table = rows.select_columns(["prompt_id", "generated_token_ids", "ref_logp_generated"]).to_arrow_refs()
     table = pa.concat_tables(ray.get(table)).sort_by("prompt_id")
     ids = table.column("prompt_id").to_pylist()

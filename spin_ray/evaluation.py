@@ -110,7 +110,6 @@ def evaluate_model(config: Config, model_path: str, output_dir: str, opponent_an
     opponent's own evaluation) also its reward accuracy against that opponent. Results are written to
     {output_dir}/metrics.json (atomically) and reused when present."""
     from spin_ray.generation.pipeline import _shard_files, run_generation, score_under, shards_dataset
-    from spin_ray.models import load_tokenizer
 
     done = read_json(f"{output_dir}/{METRICS_FILE}")
     if done is not None:
@@ -138,11 +137,10 @@ def evaluate_model(config: Config, model_path: str, output_dir: str, opponent_an
     }
     if opponent_answers is not None:
         started = time.perf_counter()
-        pad_id = load_tokenizer(model_path, config.model.trust_remote_code).pad_token_id
         opponent_rows = shards_dataset(_shard_files(opponent_answers)).map_batches(
             keep_opponent_logps, batch_format="pyarrow", batch_size=None, num_cpus=0)
         rewards = (
-            score_under(opponent_rows, config, model_path, pad_id)
+            score_under(opponent_rows, config, model_path)
             .map_batches(reward_columns, fn_kwargs={"beta": config.training.beta}, batch_format="pyarrow",
                          batch_size=None, num_cpus=0)
             .to_pandas()

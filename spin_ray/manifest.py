@@ -51,10 +51,11 @@ def stored_config(existing: dict) -> dict:
 
 def config_conflict(existing: dict, config: Config) -> str | None:
     """The refusal message when `config` differs from the config a run was started with, else None."""
-    changed = differing_keys(stored_config(existing), config.to_dict())
+    stored, current = stored_config(existing), config.to_dict()
+    changed = differing_keys(stored, current)
     if not changed:
         return None
-    old, new = flatten(stored_config(existing)), flatten(config.to_dict())
+    old, new = flatten(stored), flatten(current)
     shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed)
     return (f"run {config.run.name!r} at {run_dir(config)} was started with a different config "
             f"({len(changed)} key(s) differ: {shown}); use a new run.name, or --force to continue anyway")

@@ -14,9 +14,6 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-ORACLES = ("rule:gsm8k", "reward_model")
-
-
 def win_rates(matrix: np.ndarray) -> np.ndarray:
     """P_hat(y_i) = mean_j P(y_i beats y_j) over all K answers, the self-pair counted as 1/2."""
     matrix = np.array(matrix, dtype=np.float64)

@@ -248,14 +248,17 @@ def _reference_pool(config: Config, model_path: str, chat: ChatFormat, dataset):
     return score_under(dataset, config, model_path, chat.tokenizer.pad_token_id)
 
 
-def score_under(dataset, config: Config, model_path: str, pad_id: int):
+def score_under(dataset, config: Config, model_path: str, pad_id: int | None = None):
     """Append a forward-only ReferenceStage pool: each row's ref_logp_* become its answers' log-probs
     under `model_path`. Used for the vLLM path's reference, rescoring the previous iteration's pairs
-    under p_t, and scoring the opponent's held-out answers under p_{t+1}."""
+    (and T-SPIN's y_0) under p_t, and scoring the opponent's held-out answers under p_{t+1}. The pad id
+    defaults to `model_path`'s tokenizer's."""
     import ray
 
     from spin_ray.generation.stages import ReferenceStage
 
+    if pad_id is None:
+        pad_id = load_tokenizer(model_path, config.model.trust_remote_code).pad_token_id
     gen = config.generation
     return dataset.map_batches(
         ReferenceStage,
