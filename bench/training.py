@@ -19,7 +19,11 @@ over the wall time of the training steps (ours: the logged step times; TRL: its 
 MFU = model FLOPs (6 x parameters + attention, per token) x tokens/s over the fp32 matmul peak of
 this machine, measured here with torch.mm at the same thread count.
 
-    python bench/training.py [--pairs 16] [--global-batch 4] [--only ours_ray,trl_default ...]
+Every variant runs --repeats times, in rounds whose order rotates; the JSON gives each trial and
+compares medians, and records per trial the share of CPU time the hypervisor stole (this box is a
+shared VM: a slow spell can halve one trial's speed).
+
+    python bench/training.py [--pairs 16] [--global-batch 4] [--repeats 3] [--only ours_ray,trl_default ...]
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -55,6 +60,16 @@ def matmul_peak_flops(threads: int, size: int = 2048, repeats: int = 8, trials: 
             torch.mm(a, b)
         best = max(best, 2 * size**3 * repeats / (time.perf_counter() - started))
     return best
+
+
+def cpu_steal_seconds() -> float | None:
+    """CPU seconds the hypervisor has taken from this VM since boot, summed over CPUs (None off Linux)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else None
 
 
 def build_pairs(model_path: str, pairs: int, max_new_tokens: int) -> list[dict]:
@@ -207,6 +222,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--ray-workers", type=int, default=1, help="Ray Train workers sharing --threads CPUs")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over all variants, order rotated")
     parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     args = parser.parse_args()
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
@@ -225,19 +241,41 @@ def main() -> None:
     flops_per_token = model_flops_per_token(model_path, mean_sequence)
     peak = matmul_peak_flops(args.threads)
 
-    results: dict[str, dict] = {}
+    runners = {"ours_ray": run_ours_ray, "ours_process": run_ours_process,
+               "ours_packed": lambda *a: run_ours_process(*a, pack=True),
+               "ours_process_beside_ray": run_ours_beside_ray,
+               "trl_default": lambda *a: run_trl(*a, precompute=False),
+               "trl_precomputed": lambda *a: run_trl(*a, precompute=True)}
+    names = args.only.split(",")
+    trials: dict[str, list[dict]] = {name: [] for name in names}
+    peaks = [peak]
     with tempfile.TemporaryDirectory(prefix="spin-ray-bench-", dir=os.environ.get("RAY_TMPDIR")) as scratch:
-        for name in args.only.split(","):
-            runner = {"ours_ray": run_ours_ray, "ours_process": run_ours_process,
-                      "ours_packed": lambda *a: run_ours_process(*a, pack=True),
-                      "ours_process_beside_ray": run_ours_beside_ray,
-                      "trl_default": lambda *a: run_trl(*a, precompute=False),
-                      "trl_precomputed": lambda *a: run_trl(*a, precompute=True)}[name]
-            results[name] = runner(args, rows, model_path, scratch)
-            achieved = results[name]["tokens_per_second"] * flops_per_token
-            results[name]["mfu"] = round(achieved / peak, 4)
-            print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
-    peak_after = matmul_peak_flops(args.threads)  # the box is noisy: bracket the runs
+        # Rounds rotate the order, so a slow spell of this shared machine lands on different variants; the
+        # medians over rounds are what get compared. Each trial records the CPU time stolen by the
+        # hypervisor while it ran, to show which trials were disturbed.
+        for round_index in range(args.repeats):
+            order = names[round_index % len(names):] + names[:round_index % len(names)]
+            for name in order:
+                stolen = cpu_steal_seconds()
+                started = time.perf_counter()
+                trial = runners[name](args, rows, model_path, f"{scratch}/{round_index}")
+                wall = time.perf_counter() - started
+                if stolen is not None:
+                    trial["steal_share"] = round((cpu_steal_seconds() - stolen) / (wall * (os.cpu_count() or 1)), 3)
+                trial["mfu"] = round(trial["tokens_per_second"] * flops_per_token / peaks[-1], 4)
+                trials[name].append(trial)
+                print(f"round {round_index} {name}: {trial}", file=sys.stderr, flush=True)
+            peaks.append(matmul_peak_flops(args.threads))  # the box is noisy: bracket every round
+
+    results: dict[str, dict] = {}
+    for name, runs in trials.items():
+        speeds = [r["tokens_per_second"] for r in runs]
+        results[name] = {**runs[0], "tokens_per_second": round(statistics.median(speeds), 2),
+                         "tokens_per_second_trials": speeds,
+                         "mfu": round(statistics.median(speeds) * flops_per_token / statistics.median(peaks), 4)}
+        if runs and "steal_share" in runs[0]:
+            results[name]["steal_share_trials"] = [r["steal_share"] for r in runs]
+        results[name].pop("steal_share", None)
 
     ratios = {}
     for ours in ("ours_ray", "ours_process", "ours_packed", "ours_process_beside_ray"):
@@ -255,7 +293,9 @@ def main() -> None:
         "setup": {"model": "SmolLM2-135M-Instruct fp32", "pairs": len(rows), "global_batch": args.global_batch,
                   "micro_batch": args.micro_batch, "epochs": args.epochs, "max_new_tokens": args.max_new_tokens,
                   "mean_sequence_tokens": round(mean_sequence, 1), "loss": "sigmoid, beta 0.1", "optimizer": "adamw"},
-        "matmul_peak_gflops": round(peak / 1e9, 1), "matmul_peak_gflops_after": round(peak_after / 1e9, 1),
+        "repeats": args.repeats, "statistic": "median over rounds (MFU: median tokens/s over median peak)",
+        "matmul_peak_gflops": round(statistics.median(peaks) / 1e9, 1),
+        "matmul_peak_gflops_trials": [round(p / 1e9, 1) for p in peaks],
         "model_gflop_per_token": round(flops_per_token / 1e9, 3),
         "results": results, "ratios": ratios,
         "targets": {"ours_vs_trl_default": 1.5, "ours_vs_trl_precomputed": 1.1, "mfu": 0.35},

@@ -145,6 +145,12 @@ class TrainingConfig(_Section):
         "sequence, attention stays inside it). Pays off with varlen attention (flash-attention on GPU); on CPU "
         "the block-diagonal attention costs more than the padding saved.",
     )
+    logits_chunk_rows: int = Field(
+        128, ge=0,
+        description="Response positions that go through the LM head at a time (log-probs computed chunk by chunk, "
+        "recomputed in backward), so a micro-batch's [tokens, vocab] logits never exist whole; 0 materialises "
+        "them. Used for Llama-style heads (a bias-free linear output layer); other models fall back to 0.",
+    )
     use_gpu: bool = Field(False, description="One GPU per worker and NCCL; false trains on CPU with gloo.")
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between distributed checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Committed checkpoints to keep (the newest).")

@@ -58,15 +58,15 @@ def micro_step(model, examples: list[Example], config: Config, pad_id: int, scal
     """Forward + backward of one micro-batch; returns metric SUMS over its examples (for exact averaging)."""
     objective = config.objective
     prompts = [e.prompt for e in examples]
-    pack = config.training.pack_sequences
+    pack, chunk = config.training.pack_sequences, config.training.logits_chunk_rows
     if objective == "sft":  # summed NLL of the human answers; the scale turns it into a token average
         reals = [e.answers[0] for e in examples]
-        nll = -answer_logps(model, prompts, [(r,) for r in reals], pad_id, pack=pack).sum()
+        nll = -answer_logps(model, prompts, [(r,) for r in reals], pad_id, pack=pack, logits_chunk_rows=chunk).sum()
         (nll * scale).backward()
         return {"loss": float(nll.detach()), "tokens": float(sum(len(r) for r in reals))}
     # one concatenated forward over every answer of every example (pairs, or T-SPIN's triplets)
     average = averages_logps(objective, config)
-    policy = answer_logps(model, prompts, [e.answers for e in examples], pad_id, average, pack)
+    policy = answer_logps(model, prompts, [e.answers for e in examples], pad_id, average, pack, chunk)
     refs = None
     if examples[0].ref_logps:
         refs = torch.tensor([e.ref_logps for e in examples], dtype=torch.float32, device=device)

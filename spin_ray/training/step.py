@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from spin_ray.losses import gathered_logps, sequence_logps, sft_loss, spin_loss, sppo_loss, tspin_loss
+from spin_ray.losses import gathered_logps, linear_token_logps, sequence_logps, sft_loss, spin_loss, sppo_loss, tspin_loss
 from spin_ray.tokenization import collate_sequences
 
 
@@ -30,11 +30,13 @@ def answer_logps(
     pad_id: int,
     average: bool = False,
     pack: bool = False,
+    logits_chunk_rows: int = 0,
 ) -> torch.Tensor:
     """Policy log-probs [B, n] of each prompt's n answers (a pair, or T-SPIN's triplet) from ONE forward pass.
 
     One pass instead of n halves the kernel launches and, under FSDP, the all-gathers. With `pack`
-    the sequences are concatenated into one row without padding (see `packed_response_logps`).
+    the sequences are concatenated into one row without padding (see `packed_response_logps`); with
+    `logits_chunk_rows` > 0 the LM head runs chunk by chunk (see `linear_token_logps`).
     """
     n = len(answers[0])
     if any(len(group) != n for group in answers):
@@ -43,10 +45,10 @@ def answer_logps(
     flat_prompts = [p for _ in range(n) for p in prompts]
     flat_answers = [group[k] for k in range(n) for group in answers]
     if pack:
-        logps = packed_response_logps(model, flat_prompts, flat_answers, average)
+        logps = packed_response_logps(model, flat_prompts, flat_answers, average, logits_chunk_rows)
     else:
         logps = response_logps(model, _on_model_device(model, collate_sequences(flat_prompts, flat_answers, pad_id)),
-                               average)
+                               average, logits_chunk_rows)
     return logps.view(n, len(prompts)).T
 
 
@@ -66,7 +68,8 @@ def pack_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequenc
 
 
 def packed_response_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
-                          responses: Sequence[Sequence[int]], average: bool = False) -> torch.Tensor:
+                          responses: Sequence[Sequence[int]], average: bool = False,
+                          logits_chunk_rows: int = 0) -> torch.Tensor:
     """Summed (or mean) response log-probs [N] of N sequences packed into one row.
 
     With position_ids that restart per sequence and no attention mask, transformers (>= 4.53, masking
@@ -80,9 +83,14 @@ def packed_response_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int
     device = next(model.parameters()).device
     mask = packed["loss_mask"][0].to(device)
     targets = mask.nonzero().flatten()  # every response token; its predictor sits one position earlier
-    logits = model(input_ids=packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device),
-                   attention_mask=None, use_cache=False, logits_to_keep=targets - 1).logits[0]
-    token_lps = gathered_logps(logits, packed["input_ids"][0].to(device)[targets])
+    inputs = {"input_ids": packed["input_ids"].to(device), "position_ids": packed["position_ids"].to(device),
+              "attention_mask": None, "use_cache": False, "logits_to_keep": targets - 1}
+    tokens = packed["input_ids"][0].to(device)[targets]
+    if logits_chunk_rows and chunked_head_supported(model):
+        token_lps = _head_token_logps(model, inputs, torch.arange(len(targets), device=device), tokens,
+                                      logits_chunk_rows)
+    else:
+        token_lps = gathered_logps(model(**inputs).logits[0], tokens)
     owner = packed["sequence"].to(device)[targets]
     total = torch.zeros(len(prompts), dtype=token_lps.dtype, device=device).index_add(0, owner, token_lps)
     if average:
@@ -91,7 +99,8 @@ def packed_response_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int
     return total
 
 
-def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:
+def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool = False,
+                   logits_chunk_rows: int = 0) -> torch.Tensor:
     """Summed response log-probs of a collated batch, with the LM head applied only where it counts.
 
     The vocabulary projection is the largest single matmul of a small model (49k x 576 of
@@ -106,16 +115,61 @@ def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], avera
         return torch.zeros(mask.shape[0], device=mask.device)
     # logits at position t predict token t+1: keep positions first_response-1 .. last_response-1
     keep = torch.arange(int(columns[0]) - 1, int(columns[-1]), device=mask.device)
+    labels = batch["input_ids"][:, keep + 1]
+    kept_mask = mask[:, keep + 1]
+    if logits_chunk_rows and chunked_head_supported(model):
+        # only the response tokens go through the head: rows of the flattened [B, K] kept positions
+        rows = kept_mask.flatten().nonzero().flatten()
+        token_lps = _head_token_logps(
+            model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": keep},
+            rows, labels.flatten()[rows], logits_chunk_rows)
+        total = torch.zeros(mask.shape[0], dtype=token_lps.dtype, device=mask.device).index_add(
+            0, rows // len(keep), token_lps)
+        return total / kept_mask.sum(-1).clamp(min=1) if average else total
     try:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
     except TypeError:  # no logits_to_keep in this model's forward
         return sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                               batch["input_ids"], mask, average=average)
-    labels = batch["input_ids"][:, keep + 1]
-    kept_mask = mask[:, keep + 1]
     logps = gathered_logps(logits, labels) * kept_mask
     total = logps.sum(-1)
     return total / kept_mask.sum(-1).clamp(min=1) if average else total
+
+
+# Causal LMs whose forward ends in exactly `logits = self.lm_head(hidden_states[:, logits_to_keep])`: no
+# logit scaling or soft-capping after the head, so the head can be swapped for `_TokenLogpsHead`.
+CHUNKED_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def chunked_head_supported(model: torch.nn.Module) -> bool:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return (getattr(getattr(model, "config", None), "model_type", None) in CHUNKED_HEAD_MODEL_TYPES
+            and isinstance(head, torch.nn.Linear) and head.bias is None)
+
+
+class _TokenLogpsHead(torch.nn.Module):
+    """Stands in for the LM head during one forward: returns log p(token) at the chosen rows of the
+    flattened kept positions instead of logits. It reads the real head's weight at call time, so under
+    FSDP2 it gets the unsharded parameter the root module gathered for this forward."""
+
+    def __init__(self, head: torch.nn.Linear, rows: torch.Tensor, tokens: torch.Tensor, chunk_rows: int):
+        super().__init__()
+        self.head, self.rows, self.tokens, self.chunk_rows = head, rows, tokens, chunk_rows
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.rows)
+        return linear_token_logps(flat, self.head.weight, self.tokens, self.chunk_rows)
+
+
+def _head_token_logps(model: torch.nn.Module, inputs: dict, rows: torch.Tensor, tokens: torch.Tensor,
+                      chunk_rows: int) -> torch.Tensor:
+    """Run the model with its LM head swapped for `_TokenLogpsHead`; the real head is back afterwards."""
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(_TokenLogpsHead(head, rows, tokens, chunk_rows))
+    try:
+        return model(**inputs).logits
+    finally:
+        model.set_output_embeddings(head)
 
 
 def _on_model_device(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

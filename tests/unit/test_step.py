@@ -57,7 +57,8 @@ def test_sft_step_lowers_the_nll(tiny_model, pairs, tokenizer):
     assert metrics["tokens"].item() == sum(len(r) for r in reals)
 
 
-def test_packed_forward_equals_padded_in_values_and_gradients(tiny_model, pairs, tokenizer):
+@pytest.mark.parametrize("chunk_rows", [0, 3])  # 3: the LM head runs in many chunks of 3 positions
+def test_packed_forward_equals_padded_in_values_and_gradients(tiny_model, pairs, tokenizer, chunk_rows):
     from spin_ray.training.step import answer_logps
 
     prompts, reals, generateds = pairs
@@ -65,21 +66,62 @@ def test_packed_forward_equals_padded_in_values_and_gradients(tiny_model, pairs,
     grads = {}
     for pack in (False, True):
         tiny_model.zero_grad()
-        logps = answer_logps(tiny_model, prompts, answers, tokenizer.pad_token_id, pack=pack)
+        logps = answer_logps(tiny_model, prompts, answers, tokenizer.pad_token_id, pack=pack,
+                             logits_chunk_rows=chunk_rows)
         assert logps.shape == (2, 3)
         logps.sum().backward()
         grads[pack] = (logps.detach(), [p.grad.clone() for p in tiny_model.parameters()])
     assert torch.allclose(grads[False][0], grads[True][0], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads[False][1], grads[True][1], strict=True))
-    averaged = answer_logps(tiny_model, prompts, answers, tokenizer.pad_token_id, average=True, pack=True)
+    averaged = answer_logps(tiny_model, prompts, answers, tokenizer.pad_token_id, average=True, pack=True,
+                            logits_chunk_rows=chunk_rows)
     lengths = torch.tensor([[len(a) for a in group] for group in answers])
     assert torch.allclose(averaged, grads[True][0] / lengths, atol=1e-5)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_chunked_lm_head_equals_full_logits_in_values_and_gradients(tiny_model, pairs, tokenizer, pack):
+    from spin_ray.training.step import answer_logps, chunked_head_supported
+
+    assert chunked_head_supported(tiny_model)
+    prompts, reals, generateds = pairs
+    answers = [(r, g) for r, g in zip(reals, generateds, strict=True)]
+    weights = torch.tensor([[1.0, -2.0], [0.5, 3.0]])  # unequal upstream gradients per answer
+    results = {}
+    for chunk_rows in (0, 1, 4, 10_000):
+        tiny_model.zero_grad()
+        logps = answer_logps(tiny_model, prompts, answers, tokenizer.pad_token_id, pack=pack,
+                             logits_chunk_rows=chunk_rows)
+        (logps * weights).sum().backward()
+        results[chunk_rows] = (logps.detach(), [p.grad.clone() for p in tiny_model.parameters()])
+    assert type(tiny_model.get_output_embeddings()) is torch.nn.Linear  # the real head is back
+    full_logps, full_grads = results[0]
+    assert full_logps.abs().min() > 1.0  # real log-probs, not zeros
+    for chunk_rows in (1, 4, 10_000):
+        logps, grads = results[chunk_rows]
+        assert torch.allclose(logps, full_logps, atol=1e-5), chunk_rows
+        # fp32 rounding of a different summation order: ~5e-5 on gradients of size ~14
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-4) for a, b in zip(grads, full_grads, strict=True)), chunk_rows
+
+
+def test_models_outside_the_list_or_with_a_head_bias_keep_the_full_logits(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from spin_ray.training.step import chunked_head_supported
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert chunked_head_supported(model)
+    model.config.model_type = "gemma2"  # soft-caps its logits after the head
+    assert not chunked_head_supported(model)
+    model.config.model_type = "llama"
+    model.lm_head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    assert not chunked_head_supported(model)
 
 
 @pytest.mark.parametrize("overrides", [["algorithm=spin"], ["algorithm=tspin", "tspin.length_normalize=true"],
                                        ["algorithm=sppo", "generation.num_samples=2", "generation.temperature=1"],
                                        ["training.objective=sft"]])
-def test_micro_step_is_the_same_packed_or_padded(tiny_model, pairs, tokenizer, overrides):
+def test_micro_step_is_the_same_packed_or_padded_chunked_or_not(tiny_model, pairs, tokenizer, overrides):
     from spin_ray.config import load_config
     from spin_ray.training.data import Example
     from spin_ray.training.loop import micro_step
@@ -94,15 +136,18 @@ def test_micro_step_is_the_same_packed_or_padded(tiny_model, pairs, tokenizer, o
         rates = (0.75, 0.25) if objective == "sppo" else ()
         examples.append(Example(f"p{i}", p, answers, refs, rates))
     results = {}
-    for pack in (False, True):
+    for pack, chunk_rows in ((False, 0), (True, 0), (False, 5), (True, 5)):
         tiny_model.zero_grad()
-        packed = config.model_copy(update={"training": config.training.model_copy(update={"pack_sequences": pack})})
-        sums = micro_step(tiny_model, examples, packed, tokenizer.pad_token_id, 0.5, torch.device("cpu"))
-        results[pack] = (sums, [p.grad.clone() for p in tiny_model.parameters()])
-    assert results[False][0].keys() == results[True][0].keys()
-    for key, value in results[False][0].items():
-        assert results[True][0][key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(results[False][1], results[True][1], strict=True))
+        variant = config.model_copy(update={"training": config.training.model_copy(
+            update={"pack_sequences": pack, "logits_chunk_rows": chunk_rows})})
+        sums = micro_step(tiny_model, examples, variant, tokenizer.pad_token_id, 0.5, torch.device("cpu"))
+        results[pack, chunk_rows] = (sums, [p.grad.clone() for p in tiny_model.parameters()])
+    baseline_sums, baseline_grads = results[False, 0]
+    for variant, (sums, grads) in results.items():
+        assert sums.keys() == baseline_sums.keys()
+        for key, value in baseline_sums.items():
+            assert sums[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (variant, key)
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-4) for a, b in zip(grads, baseline_grads, strict=True)), variant
 
 
 def test_progress_line_is_a_tqdm_meter_with_this_runs_eta():
