@@ -86,11 +86,7 @@ def packed_response_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int
     inputs = {"input_ids": packed["input_ids"].to(device), "position_ids": packed["position_ids"].to(device),
               "attention_mask": None, "use_cache": False, "logits_to_keep": targets - 1}
     tokens = packed["input_ids"][0].to(device)[targets]
-    if logits_chunk_rows and chunked_head_supported(model):
-        token_lps = _head_token_logps(model, inputs, torch.arange(len(targets), device=device), tokens,
-                                      logits_chunk_rows)
-    else:
-        token_lps = gathered_logps(model(**inputs).logits[0], tokens)
+    token_lps = _kept_token_logps(model, inputs, torch.arange(len(targets), device=device), tokens, logits_chunk_rows)
     owner = packed["sequence"].to(device)[targets]
     total = torch.zeros(len(prompts), dtype=token_lps.dtype, device=device).index_add(0, owner, token_lps)
     if average:
@@ -115,24 +111,18 @@ def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], avera
         return torch.zeros(mask.shape[0], device=mask.device)
     # logits at position t predict token t+1: keep positions first_response-1 .. last_response-1
     keep = torch.arange(int(columns[0]) - 1, int(columns[-1]), device=mask.device)
-    labels = batch["input_ids"][:, keep + 1]
     kept_mask = mask[:, keep + 1]
-    if logits_chunk_rows and chunked_head_supported(model):
-        # only the response tokens go through the head: rows of the flattened [B, K] kept positions
-        rows = kept_mask.flatten().nonzero().flatten()
-        token_lps = _head_token_logps(
-            model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": keep},
-            rows, labels.flatten()[rows], logits_chunk_rows)
-        total = torch.zeros(mask.shape[0], dtype=token_lps.dtype, device=mask.device).index_add(
-            0, rows // len(keep), token_lps)
-        return total / kept_mask.sum(-1).clamp(min=1) if average else total
+    # only the response tokens count: rows of the flattened [B, K] kept positions
+    rows = kept_mask.flatten().nonzero().flatten()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": keep}
     try:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+        token_lps = _kept_token_logps(model, inputs, rows, batch["input_ids"][:, keep + 1].flatten()[rows],
+                                      logits_chunk_rows)
     except TypeError:  # no logits_to_keep in this model's forward
         return sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                               batch["input_ids"], mask, average=average)
-    logps = gathered_logps(logits, labels) * kept_mask
-    total = logps.sum(-1)
+    total = torch.zeros(mask.shape[0], dtype=token_lps.dtype, device=mask.device).index_add(
+        0, rows // len(keep), token_lps)
     return total / kept_mask.sum(-1).clamp(min=1) if average else total
 
 
@@ -161,9 +151,14 @@ class _TokenLogpsHead(torch.nn.Module):
         return linear_token_logps(flat, self.head.weight, self.tokens, self.chunk_rows)
 
 
-def _head_token_logps(model: torch.nn.Module, inputs: dict, rows: torch.Tensor, tokens: torch.Tensor,
+def _kept_token_logps(model: torch.nn.Module, inputs: dict, rows: torch.Tensor, tokens: torch.Tensor,
                       chunk_rows: int) -> torch.Tensor:
-    """Run the model with its LM head swapped for `_TokenLogpsHead`; the real head is back afterwards."""
+    """log p(tokens) at `rows` of the flattened [B, K] positions kept by inputs["logits_to_keep"]: through
+    the chunked head when `chunk_rows` > 0 and the model allows it, else from the full logits."""
+    if not (chunk_rows and chunked_head_supported(model)):
+        logits = model(**inputs).logits
+        return gathered_logps(logits.reshape(-1, logits.shape[-1]).index_select(0, rows), tokens)
+    # the model runs with its LM head swapped for `_TokenLogpsHead`; the real head is back afterwards
     head = model.get_output_embeddings()
     model.set_output_embeddings(_TokenLogpsHead(head, rows, tokens, chunk_rows))
     try:
