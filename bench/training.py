@@ -5,14 +5,16 @@ greedy answer), same global batch, micro-batch, epochs, optimizer (AdamW), sched
 loss, all in this process, one after another:
 
   ours_ray        the trainer as jobs run it: Ray Train TorchTrainer, FSDP2 over gloo, the reference
-                  log-probs precomputed (they come from the generation pass), workers as configured
+                  log-probs precomputed (they come from the generation pass), workers as configured,
+                  default config (micro-batches packed into one unpadded row, attention per sequence)
   ours_process    the same training loop in this process without Ray (2 torch threads)
-  ours_packed     ours_process with training.pack_sequences: one unpadded row per micro-batch
+  ours_padded     ours_process with training.pack_sequences=false: micro-batches padded, as TRL does
   ours_process_beside_ray  ours_process while an idle local Ray instance runs on the same cores
                   (its raylet, GCS, dashboard agent, log monitor): what Ray's own processes cost
   trl_default     TRL DPOTrainer with its defaults: a live reference model forward in every step
-  trl_precomputed TRL DPOTrainer with precompute_ref_log_probs=True (a reference pass before training,
-                  counted in its time, as our reference scoring is counted in generation)
+  trl_precomputed TRL DPOTrainer with precompute_ref_log_probs=True (TRL runs that reference pass in
+                  DPOTrainer.__init__, outside the timed train(), as our reference scoring is part of
+                  generation)
 
 Training tokens/s = policy tokens (prompt + answer, for both answers of every pair, every epoch)
 over the wall time of the training steps (ours: the logged step times; TRL: its `train()` call).
@@ -44,7 +46,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-VARIANTS = ("ours_ray", "ours_process", "ours_packed", "ours_process_beside_ray", "trl_default", "trl_precomputed")
+VARIANTS = ("ours_ray", "ours_process", "ours_padded", "ours_process_beside_ray", "trl_default", "trl_precomputed")
 
 
 def matmul_peak_flops(threads: int, size: int = 2048, repeats: int = 8, trials: int = 3) -> float:
@@ -106,7 +108,7 @@ def model_flops_per_token(model_path: str, mean_sequence: float) -> float:
     return 6 * params + 12 * cfg.num_hidden_layers * cfg.hidden_size * mean_sequence
 
 
-def _config(args, workers: int, cpus: float, pack: bool = False):
+def _config(args, workers: int, cpus: float, pack: bool = True):
     from spin_ray.config import load_config
 
     return load_config(None, [f"training.pack_sequences={str(pack).lower()}",
@@ -129,11 +131,11 @@ def _from_log(train_dir: str) -> dict:
             "final_margin": round(log[-1]["rewards/margins"], 5)}
 
 
-def run_ours_process(args, rows, model_path, scratch, pack: bool = False) -> dict:
+def run_ours_process(args, rows, model_path, scratch, pack: bool = True) -> dict:
     from spin_ray.training.loop import train
 
     torch.set_num_threads(args.threads)
-    folder = f"{scratch}/{'packed' if pack else 'proc'}"
+    folder = f"{scratch}/{'proc' if pack else 'padded'}"
     with contextlib.redirect_stdout(sys.stderr):  # the loop's progress lines; stdout is for the JSON
         train(_config(args, 1, args.threads, pack), rows, model_path, f"{folder}/train", f"{folder}/model")
     return {**_from_log(f"{folder}/train"), "threads": args.threads}
@@ -242,7 +244,7 @@ def main() -> None:
     peak = matmul_peak_flops(args.threads)
 
     runners = {"ours_ray": run_ours_ray, "ours_process": run_ours_process,
-               "ours_packed": lambda *a: run_ours_process(*a, pack=True),
+               "ours_padded": lambda *a: run_ours_process(*a, pack=False),
                "ours_process_beside_ray": run_ours_beside_ray,
                "trl_default": lambda *a: run_trl(*a, precompute=False),
                "trl_precomputed": lambda *a: run_trl(*a, precompute=True)}
@@ -278,7 +280,7 @@ def main() -> None:
         results[name].pop("steal_share", None)
 
     ratios = {}
-    for ours in ("ours_ray", "ours_process", "ours_packed", "ours_process_beside_ray"):
+    for ours in ("ours_ray", "ours_process", "ours_padded", "ours_process_beside_ray"):
         for theirs in ("trl_default", "trl_precomputed"):
             if ours in results and theirs in results:
                 ratios[f"{ours}_vs_{theirs}"] = round(results[ours]["tokens_per_second"] /

@@ -140,10 +140,11 @@ class TrainingConfig(_Section):
     )
     cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs Ray reserves for each training worker.")
     pack_sequences: bool = Field(
-        False,
+        True,
         description="Concatenate each micro-batch's sequences into one row without padding (positions restart per "
-        "sequence, attention stays inside it). Pays off with varlen attention (flash-attention on GPU); on CPU "
-        "the block-diagonal attention costs more than the padding saved.",
+        "sequence, attention stays inside it; same values as padded). SDPA models (llama, mistral, qwen2, qwen3) "
+        "then run attention sequence by sequence, so neither padding nor cross-sequence blocks cost FLOPs; false "
+        "pads each micro-batch to its longest sequence.",
     )
     logits_chunk_rows: int = Field(
         128, ge=0,

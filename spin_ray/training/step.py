@@ -8,6 +8,7 @@ import torch
 
 from spin_ray.losses import gathered_logps, linear_token_logps, sequence_logps, sft_loss, spin_loss, sppo_loss, tspin_loss
 from spin_ray.tokenization import collate_sequences
+from spin_ray.training.attention import packed_attention
 
 
 def concatenated_logps(
@@ -72,12 +73,11 @@ def packed_response_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int
                           logits_chunk_rows: int = 0) -> torch.Tensor:
     """Summed (or mean) response log-probs [N] of N sequences packed into one row.
 
-    With position_ids that restart per sequence and no attention mask, transformers (>= 4.53, masking
-    utils) detects the packed layout and keeps attention inside each sequence, so the values equal
-    the padded path's. No FLOPs go to padding, and the LM head runs only at the positions that predict
-    a response token. Whether that is faster depends on the attention kernel: varlen kernels
-    (flash-attention on GPU) skip the cross-sequence blocks, while CPU SDPA computes the whole
-    block-diagonal T x T product.
+    Positions restart per sequence and attention stays inside each one, so the values equal the
+    padded path's. No FLOPs go to padding, and the LM head runs only at the positions that predict a
+    response token. For SDPA models attention runs sequence by sequence (`packed_attention`), each
+    costing its own causal triangle; other models get transformers' handling of packed position_ids
+    (a block-diagonal mask, or flash-attention's varlen kernels).
     """
     packed = pack_sequences(prompts, responses)
     device = next(model.parameters()).device
@@ -86,7 +86,9 @@ def packed_response_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int
     inputs = {"input_ids": packed["input_ids"].to(device), "position_ids": packed["position_ids"].to(device),
               "attention_mask": None, "use_cache": False, "logits_to_keep": targets - 1}
     tokens = packed["input_ids"][0].to(device)[targets]
-    token_lps = _kept_token_logps(model, inputs, torch.arange(len(targets), device=device), tokens, logits_chunk_rows)
+    with packed_attention(model, [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]) as extra:
+        token_lps = _kept_token_logps(model, {**inputs, **extra}, torch.arange(len(targets), device=device), tokens,
+                                      logits_chunk_rows)
     owner = packed["sequence"].to(device)[targets]
     total = torch.zeros(len(prompts), dtype=token_lps.dtype, device=device).index_add(0, owner, token_lps)
     if average:

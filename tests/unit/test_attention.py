@@ -1,0 +1,94 @@
+"""Packed-row attention: sequence-by-sequence SDPA equals the block-diagonal mask, and engages only where it may."""
+
+import pytest
+import torch
+
+from spin_ray.training import attention
+from spin_ray.training.attention import PACKED_SDPA, packed_attention, packed_sdpa_attention, packed_sdpa_supported
+
+
+class _Heads(torch.nn.Module):
+    """What transformers' SDPA reads off an attention module: grouped-query heads, causal."""
+
+    num_key_value_groups = 2
+    is_causal = True
+
+
+def test_sequence_by_sequence_sdpa_equals_the_block_diagonal_mask():
+    torch.manual_seed(0)
+    lengths = [5, 1, 9, 3]
+    total = sum(lengths)
+    query = torch.randn(1, 4, total, 8, requires_grad=True)
+    key = torch.randn(1, 2, total, 8, requires_grad=True)
+    value = torch.randn(1, 2, total, 8, requires_grad=True)
+    bounds, start = [], 0
+    for length in lengths:
+        bounds.append((start, start + length))
+        start += length
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    allowed = (owner[:, None] == owner[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1), attn_mask=allowed).transpose(1, 2)
+
+    got, weights = packed_sdpa_attention(_Heads(), query, key, value, None, sequence_bounds=bounds, scaling=8 ** -0.5)
+    assert weights is None
+    assert got.shape == (1, total, 4, 8)
+    assert torch.allclose(got, expected, atol=1e-6)
+    upstream = torch.randn_like(got)
+    grads = torch.autograd.grad((got * upstream).sum(), (query, key, value))
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (query, key, value))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, expected_grads, strict=True))
+
+
+def test_packed_forward_runs_the_packed_kernel_once_per_layer_with_the_sequence_bounds(
+        tiny_model, tokenizer, monkeypatch):
+    from spin_ray.training.step import packed_response_logps
+
+    calls = []
+    real_kernel = attention.packed_sdpa_attention
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        calls.append((attention_mask, kwargs.get("sequence_bounds")))
+        return real_kernel(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(attention, "packed_sdpa_attention", spy)
+    prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14, 15]]
+    packed = packed_response_logps(tiny_model, prompts, responses)
+    assert len(calls) == tiny_model.config.num_hidden_layers
+    assert all(mask is None and bounds == [(0, 5), (5, 11)] for mask, bounds in calls)  # no T x T mask built
+    assert tiny_model.config._attn_implementation == "sdpa"  # restored after the forward
+    # each sequence alone, unpacked, gives the same log-probs
+    for number, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        alone = packed_response_logps(tiny_model, [prompt], [response])
+        assert torch.allclose(packed[number], alone[0], atol=1e-5)
+
+
+def test_the_implementation_comes_back_when_the_forward_fails(tiny_model):
+    with pytest.raises(RuntimeError, match="boom"):
+        with packed_attention(tiny_model, [3, 4]) as extra:
+            assert extra == {"sequence_bounds": [(0, 3), (3, 7)]}
+            assert tiny_model.config._attn_implementation == PACKED_SDPA
+            raise RuntimeError("boom")
+    assert tiny_model.config._attn_implementation == "sdpa"
+
+
+def test_packed_kernel_stays_out_where_it_would_change_the_attention(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+
+    eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    assert not packed_sdpa_supported(eager, 10)  # eager was chosen on purpose
+    with packed_attention(eager, [4, 6]) as extra:
+        assert extra == {} and eager.config._attn_implementation == "eager"
+
+    small = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, attn_implementation="sdpa")
+    windowed = MistralForCausalLM(MistralConfig(sliding_window=8, **small))
+    assert packed_sdpa_supported(windowed, 8)  # every sequence fits the window: plain causal is the same
+    assert not packed_sdpa_supported(windowed, 9)
+    assert packed_sdpa_supported(MistralForCausalLM(MistralConfig(sliding_window=None, **small)), 10_000)
+
+    class Unknown(torch.nn.Module):
+        config = MistralConfig(**small)
+
+    Unknown.config.model_type = "gpt2"  # attention outside the AttentionInterface: never swapped
+    assert not packed_sdpa_supported(Unknown(), 10)
