@@ -21,8 +21,8 @@ over the wall time of the training steps (ours: the logged step times; TRL: its 
 MFU = model FLOPs (6 x parameters + attention, per token) x tokens/s over the fp32 matmul peak of
 this machine, measured here with torch.mm at the same thread count.
 
-Every variant runs --repeats times, in rounds whose order rotates; the JSON gives each trial and
-compares medians, and records per trial the share of CPU time the hypervisor stole (this box is a
+Every variant runs --repeats times, in rounds whose order rotates; the JSON gives each trial's
+speed, the details (seconds, steps, losses) of the median trial, and compares medians, and records per trial the share of CPU time the hypervisor stole (this box is a
 shared VM: a slow spell can halve one trial's speed).
 
     python bench/training.py [--pairs 16] [--global-batch 4] [--repeats 3] [--only ours_ray,trl_default ...]
@@ -272,10 +272,12 @@ def main() -> None:
     results: dict[str, dict] = {}
     for name, runs in trials.items():
         speeds = [r["tokens_per_second"] for r in runs]
-        results[name] = {**runs[0], "tokens_per_second": round(statistics.median(speeds), 2),
+        # seconds, steps, losses ... of the trial whose speed is the (lower) median, not of round 0
+        median_trial = next(r for r in runs if r["tokens_per_second"] == statistics.median_low(speeds))
+        results[name] = {**median_trial, "tokens_per_second": round(statistics.median(speeds), 2),
                          "tokens_per_second_trials": speeds,
                          "mfu": round(statistics.median(speeds) * flops_per_token / statistics.median(peaks), 4)}
-        if runs and "steal_share" in runs[0]:
+        if "steal_share" in median_trial:
             results[name]["steal_share_trials"] = [r["steal_share"] for r in runs]
         results[name].pop("steal_share", None)
 
