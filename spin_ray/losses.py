@@ -1,7 +1,8 @@
-"""Objectives and log-prob math in plain torch: sequence log-probs, SPIN (sigmoid/hinge/ipo), SPPO, T-SPIN and SFT.
+"""Objectives in plain torch: SPIN (sigmoid/hinge/ipo), SPPO, T-SPIN and SFT, each a loss per example plus named metrics.
 
-No Ray here: these functions run the same in a unit test, a single process, torchrun or a
-Ray Train worker. Metric names follow DESIGN.md (TRL's with chosen/rejected renamed).
+No Ray here: these functions run the same in a unit test, a single process, torchrun or a Ray Train
+worker. Inputs are summed answer log-probs (`spin_ray.logprobs`). Metric names are TRL's with
+chosen/rejected renamed (real/generated, winner/loser).
 """
 
 from __future__ import annotations
@@ -12,94 +13,6 @@ import torch.nn.functional as F
 SPIN_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
 
-def gathered_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under `logits` at each position ([..., V] and [...] -> [...]), as gather - logsumexp.
-
-    Every log-prob in the project goes through here, so the engine's on-the-fly reference log-probs
-    and the trainer's policy log-probs round the same way.
-    """
-    logits = logits.float()
-    picked = torch.gather(logits, -1, tokens.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-class _LinearTokenLogps(torch.autograd.Function):
-    """log softmax(hidden @ weight.T)[token] per row, in row chunks; backward recomputes each chunk's logits."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, tokens, chunk_rows):
-        accumulate = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for bf16/fp32 models
-        out = torch.empty(hidden.shape[0], dtype=accumulate, device=hidden.device)
-        lse = torch.empty_like(out)
-        for start in range(0, hidden.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            logits = (hidden[rows] @ weight.T).to(accumulate)
-            lse[rows] = torch.logsumexp(logits, dim=-1)
-            out[rows] = torch.gather(logits, -1, tokens[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]
-        ctx.save_for_backward(hidden, weight, tokens, lse)
-        ctx.chunk_rows = chunk_rows
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, tokens, lse = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for start in range(0, hidden.shape[0], ctx.chunk_rows):
-            rows = slice(start, start + ctx.chunk_rows)
-            g = grad_out[rows].to(lse.dtype).unsqueeze(-1)
-            # d logp[token] / d logits = onehot(token) - softmax(logits)
-            grad_logits = (hidden[rows] @ weight.T).to(lse.dtype).sub_(lse[rows].unsqueeze(-1)).exp_().mul_(-g)
-            grad_logits.scatter_add_(-1, tokens[rows].unsqueeze(-1), g)
-            grad_logits = grad_logits.to(weight.dtype)
-            if grad_hidden is not None:
-                grad_hidden[rows] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, hidden[rows])
-        return grad_hidden, grad_weight, None, None
-
-
-def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-    """log p(token) per row of `hidden` [N, d] under an LM head `weight` [V, d], in fp32, without ever
-    holding the [N, V] logits: rows go through the head `chunk_rows` at a time, and backward recomputes
-    each chunk's logits from the saved hidden states (one extra head matmul per chunk).
-
-    The same values as `gathered_logps(hidden @ weight.T, tokens)`. What it saves is memory traffic:
-    on a 49k vocabulary a micro-batch's full logits, their log-softmax and their gradient are
-    hundreds of MB each, which glibc hands back to the kernel after every step (page faults on the
-    next); chunks under 32 MB are reused from the heap. On GPU the peak memory drops by the same size.
-    """
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    return _LinearTokenLogps.apply(hidden, weight, tokens.clamp(min=0), chunk_rows)
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of `labels` under `logits`, shifted so position t is predicted at t-1.
-
-    logits: [B, T, V]; labels: [B, T] token ids (the input ids); mask: [B, T], true on the
-    tokens whose log-prob counts (response tokens). Returns (logps [B, T-1], mask [B, T-1]),
-    with masked positions set to 0.
-    """
-    if logits.shape[:2] != labels.shape or labels.shape != mask.shape:
-        raise ValueError(f"shape mismatch: logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, mask {tuple(mask.shape)}")
-    mask = mask[:, 1:].bool()
-    # gather - logsumexp avoids materialising a full [B, T, V] log_softmax.
-    logps = gathered_logps(logits[:, :-1], labels[:, 1:]) * mask
-    return logps, mask
-
-
-def sequence_logps(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, average: bool = False
-) -> torch.Tensor:
-    """Summed (or, with average=True, per-token mean) response log-prob of each sequence: [B]."""
-    logps, mask = token_logps(logits, labels, mask)
-    total = logps.sum(-1)
-    if average:
-        return total / mask.sum(-1).clamp(min=1)
-    return total
-
-
 def spin_loss(
     policy_real_logps: torch.Tensor,
     policy_generated_logps: torch.Tensor,
@@ -107,14 +20,18 @@ def spin_loss(
     ref_generated_logps: torch.Tensor,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
+    real_tokens: torch.Tensor | None = None,
+    generated_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SPIN per-pair losses and metrics: prefer the human answer (real) over the opponent's (generated).
 
     h = [lp(y) - lp_ref(y)] - [lp(y') - lp_ref(y')], the reference being the opponent p_t.
       sigmoid: -log sigmoid(beta * h)        (the paper's logistic loss; DPO with chosen = human)
       hinge:   max(0, 1 - beta * h)
-      ipo:     (h - 1 / (2 * beta))^2         (IPO; pass per-token-averaged log-probs as IPO does)
-    Metrics are batch means, detached.
+      ipo:     (h_tok - 1 / (2 * beta))^2     h_tok: h with each log-ratio divided by its answer's token count
+                                              (`real_tokens`, `generated_tokens`), as TRL and the IPO authors do
+    Log-probs are sums over the answer's tokens in every mode, so the rewards, beta x summed log-ratio,
+    mean the same thing whatever the loss (TRL's rewards/chosen). Metrics are batch means, detached.
     """
     real_ratio = policy_real_logps - ref_real_logps
     generated_ratio = policy_generated_logps - ref_generated_logps
@@ -124,7 +41,10 @@ def spin_loss(
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - beta * h)
     elif loss_type == "ipo":
-        losses = (h - 1.0 / (2.0 * beta)) ** 2
+        if real_tokens is None or generated_tokens is None:
+            raise ValueError("spin_loss: loss_type ipo needs real_tokens and generated_tokens (answer lengths)")
+        h_tok = real_ratio / real_tokens.clamp(min=1) - generated_ratio / generated_tokens.clamp(min=1)
+        losses = (h_tok - 1.0 / (2.0 * beta)) ** 2
     else:
         raise ValueError(f"unknown SPIN loss_type {loss_type!r}; choose one of {SPIN_LOSS_TYPES}")
     real_rewards = (beta * real_ratio).detach()
@@ -186,16 +106,17 @@ def tspin_loss(
     ref_real_logps: torch.Tensor | None = None,
     ref_generated_logps: torch.Tensor | None = None,
     ref_proto_logps: torch.Tensor | None = None,
-    alpha: float = 1.0,
-    reward_scale: float = 0.1,
+    reward_scale: float = 1.0,
+    historical_weight: float = 0.1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """T-SPIN per-triplet losses (arXiv 2601.08198, in the form DESIGN.md gives) and metrics.
+    """T-SPIN per-triplet losses (arXiv 2601.08198, Eq. 7 and Appendix D) and metrics.
 
     Triplet: human answer y, current synthetic y_t (from p_t), proto-synthetic y_0 (from the initial
-    model, the same in every iteration). Reward r(y) = lambda * lp(y), or lambda * (lp(y) - lp_t(y))
-    when reference log-probs are given (pass all three or none). Pass per-token mean log-probs for
-    the length-normalised variant.
-      loss = -log sigmoid(r(y) - r(y_t))  -  alpha * log sigmoid(r(y_t) - r(y_0))
+    model, the same in every iteration). Reward r(y) = alpha * lp(y) (the paper's reference-free reward,
+    alpha = `reward_scale`, 1.0 in the paper), or alpha * (lp(y) - lp_t(y)) when reference log-probs are
+    given (pass all three or none; the paper's weaker ablation). Pass per-token mean log-probs for the
+    length-normalised variant. With beta = `historical_weight` (0.1 in the paper):
+      loss = -log sigmoid(r(y) - r(y_t))  -  beta * log sigmoid(r(y_t) - r(y_0))
              current advantage               historical advantage
     The historical term keeps a signal when y_t has become as likely as y (SPIN's vanishing advantage).
     """
@@ -211,7 +132,7 @@ def tspin_loss(
     real_rewards, generated_rewards, proto_rewards = reward_scale * real, reward_scale * generated, reward_scale * proto
     current = -F.logsigmoid(real_rewards - generated_rewards)
     historical = -F.logsigmoid(generated_rewards - proto_rewards)
-    losses = current + alpha * historical
+    losses = current + historical_weight * historical
     metrics = {
         "loss": losses.detach().mean(),
         "loss/current": current.detach().mean(),
@@ -230,12 +151,14 @@ def tspin_loss(
 
 
 def sft_loss(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+    policy_real_logps: torch.Tensor, real_tokens: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Token-averaged negative log-likelihood of the human response (prompt and padding masked)."""
-    logps, mask = token_logps(logits, labels, mask)
-    tokens = mask.sum()
+    """SFT: per-example summed negative log-likelihood of the human answer, -lp(y); the trainer divides the
+    global batch's sum by its answer tokens, so a step minimises the token-averaged NLL. Metrics: `nll`
+    (per token, this batch) and `loss` (its per-example mean NLL sum)."""
+    tokens = real_tokens.sum()
     if tokens == 0:
-        raise ValueError("sft_loss: the mask selects no response tokens")
-    loss = -logps.sum() / tokens
-    return loss, {"loss": loss.detach(), "nll": loss.detach(), "tokens": tokens.detach().float()}
+        raise ValueError("sft_loss: the answers have no tokens")
+    losses = -policy_real_logps
+    nll = losses.detach().sum() / tokens
+    return losses, {"loss": losses.detach().mean(), "nll": nll, "logps/real": policy_real_logps.detach().mean()}

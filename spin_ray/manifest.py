@@ -3,7 +3,8 @@
 It records each phase (SFT warm start, baseline evaluation, and per iteration: generate, train,
 evaluate) with its status, attempts, timings, artifact paths and metrics, plus the config, its
 hash and the code version. A re-submitted job reads it to skip finished phases; a changed config
-under the same run name is refused with the differing keys named.
+under the same run name is refused with the differing keys named. Keys the resubmitted config does
+not set take the run's stored values, so a run started under older defaults resumes under them.
 """
 
 from __future__ import annotations
@@ -14,18 +15,23 @@ import subprocess
 from typing import Any
 
 from spin_ray import __version__
-from spin_ray.config import Config, ConfigError, _deep_merge, differing_keys, flatten
+from spin_ray.config import (
+    Config,
+    ConfigError,
+    build_config,
+    config_keys,
+    deep_merge,
+    differing_keys,
+    explicit_keys,
+    flatten,
+)
+from spin_ray.layout import RunLayout
 from spin_ray.storage import atomic_write_json, read_json
 
 DONE, RUNNING, FAILED = "done", "running", "failed"
 
-
-def run_dir(config: Config) -> str:
-    return f"{config.run.storage_path.rstrip('/')}/{config.run.name}"
-
-
-def manifest_url(run: str) -> str:
-    return f"{run.rstrip('/')}/manifest.json"
+# Keys renamed since runs were first stored: old dotted name -> new dotted name (same meaning).
+RENAMED_KEYS = {"tspin.alpha": "tspin.historical_weight"}
 
 
 def _now() -> str:
@@ -43,10 +49,38 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
 def stored_config(existing: dict) -> dict:
-    """The config a run was started with, completed with today's defaults for keys added since (a run
-    started before `algorithm` existed ran SPIN, the default), so an upgrade alone is not a change."""
-    return _deep_merge(Config().to_dict(), existing["config"])
+    """The config a run was started with, in today's key names, completed with today's defaults for keys added
+    since (a run started before `algorithm` existed ran SPIN, the default); keys since removed are dropped."""
+    known = set(config_keys())
+    stored = {RENAMED_KEYS.get(k, k): v for k, v in flatten(existing["config"]).items()}
+    stored = {k: v for k, v in stored.items() if k in known or k.rsplit(".", 1)[0] in known}  # dict-valued keys too
+    return deep_merge(Config().to_dict(), _unflatten(stored))
+
+
+def resume_config(config: Config, existing: dict | None) -> Config:
+    """`config` for resuming the run `existing` describes: keys it does not set explicitly take the run's stored
+    values instead of today's defaults. A fresh run (None) keeps `config` as it is."""
+    if existing is None:
+        return config
+    given = explicit_keys(config)
+    current, stored = flatten(config.to_dict()), flatten(stored_config(existing))
+    adopted = {k: stored[k] for k in stored if k not in given and current.get(k) != stored[k]
+               and not any(k.startswith(f"{g}.") for g in given)}
+    if not adopted:
+        return config
+    return build_config(deep_merge(config.to_dict(), _unflatten(adopted)), "the run's stored config")
 
 
 def config_conflict(existing: dict, config: Config) -> str | None:
@@ -57,13 +91,13 @@ def config_conflict(existing: dict, config: Config) -> str | None:
         return None
     old, new = flatten(stored), flatten(current)
     shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed)
-    return (f"run {config.run.name!r} at {run_dir(config)} was started with a different config "
+    return (f"run {config.run.name!r} at {RunLayout.of(config).root} was started with a different config "
             f"({len(changed)} key(s) differ: {shown}); use a new run.name, or --force to continue anyway")
 
 
 def check_config(config: Config, force: bool = False) -> None:
     """Raise ConfigError if the run exists under a different config (unless `force`)."""
-    existing = read_json(manifest_url(run_dir(config)))
+    existing = read_json(RunLayout.of(config).manifest)
     if existing is not None and not force:
         message = config_conflict(existing, config)
         if message:
@@ -79,21 +113,23 @@ class Manifest:
 
     @classmethod
     def read(cls, run: str) -> "Manifest | None":
-        data = read_json(manifest_url(run))
-        return None if data is None else cls(manifest_url(run), data)
+        url = RunLayout(run).manifest
+        data = read_json(url)
+        return None if data is None else cls(url, data)
 
     @classmethod
     def open(cls, config: Config, force: bool = False) -> "Manifest":
         """Start a run's manifest, or continue an existing one if the config agrees (or `force`)."""
-        url = manifest_url(run_dir(config))
-        existing = read_json(url)
+        layout = RunLayout.of(config)
+        existing = read_json(layout.manifest)
         current = config.to_dict()
         if existing is None:
-            manifest = cls(url, {"run": config.run.name, "run_dir": run_dir(config), "created": _now(),
-                                 "status": RUNNING, "config": current, "config_hash": config.result_fingerprint(),
-                                 "phases": {}, "iterations": [], "jobs": [], "config_changes": []})
+            manifest = cls(layout.manifest, {"run": config.run.name, "run_dir": layout.root, "created": _now(),
+                                             "status": RUNNING, "config": current,
+                                             "config_hash": config.result_fingerprint(), "phases": {},
+                                             "iterations": [], "jobs": [], "config_changes": []})
         else:
-            manifest = cls(url, existing)
+            manifest = cls(layout.manifest, existing)
             changed = differing_keys(stored_config(existing), current)
             if changed and not force:
                 raise ConfigError(config_conflict(existing, config))
@@ -148,4 +184,3 @@ class Manifest:
         self.data["status"] = status
         self.data.update(extra)
         self.save()
-

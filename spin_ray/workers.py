@@ -1,4 +1,4 @@
-"""CPU priority of compute workers: undo the low priority Ray gives its worker processes."""
+"""Compute processes under Ray: undo the low CPU priority Ray gives its workers, and size their torch thread pool."""
 
 from __future__ import annotations
 
@@ -26,3 +26,13 @@ def claim_normal_priority() -> bool:
         log.info("cannot raise worker CPU priority (%s); running at Ray's default niceness", error)
         return False
     return True
+
+
+def prepare_compute_process(threads: int) -> None:
+    """What every compute actor and training worker does first: normal CPU priority, and `threads` torch threads
+    (Ray does not pass its CPU reservation on to torch). Processes it starts later (vLLM's) inherit both."""
+    import torch
+
+    claim_normal_priority()
+    if threads > 0:
+        torch.set_num_threads(threads)

@@ -32,7 +32,8 @@ def tokenizer(smollm2_path):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
-    """A random 2-layer, hidden-64 Llama with the SmolLM2 tokenizer, saved like a real checkpoint."""
+    """A random 2-layer, hidden-64 Llama with the SmolLM2 tokenizer, saved like a real checkpoint. Two query heads
+    share one KV head (grouped-query attention); head_dim 32 is the smallest vLLM's CPU attention runs."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -42,8 +43,8 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
@@ -53,6 +54,26 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     model = LlamaForCausalLM(config)
     folder = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def varied_model_dir(tmp_path_factory, tokenizer) -> str:
+    """A random Llama whose greedy answers vary per prompt, saved like a real checkpoint (the shared tiny model, with
+    tied embeddings and a small init, only ever repeats one token, which would make engine comparisons vacuous)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+        tie_word_embeddings=False, initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path_factory.mktemp("varied-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
@@ -107,3 +128,30 @@ def pytest_sessionfinish(session, exitstatus):
 
         if ray.is_initialized():
             ray.shutdown()
+
+
+BUCKET = "spin-runs"
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """moto's S3 server (real HTTP, the S3 API) with one bucket; this process, the Ray nodes it starts after this and
+    the jobs it submits with `client_env()` use it exactly as they would use AWS, through s3fs."""
+    import s3fs
+
+    from tests.servers import MotoS3
+
+    server = MotoS3(tmp_path_factory.mktemp("moto") / "moto.log")
+    env = server.client_env()
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir(BUCKET)
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()

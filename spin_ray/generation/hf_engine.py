@@ -21,17 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spin_ray.losses import gathered_logps
+from spin_ray.generation.engine import Completion
+from spin_ray.logprobs import gathered_logps
 from spin_ray.tokenization import ChatFormat
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]  # generated tokens, end-of-turn included when the model stopped by itself
-    text: str  # decoded answer with the end-of-turn marker removed
-    finish_reason: str  # "stop" (end-of-turn/eos) or "length" (hit max_new_tokens)
-    logp: float | None = None  # summed log-prob of token_ids under the engine's model (temperature 1, no top_p)
-    scored_logp: float | None = None  # summed log-prob of the request's `score` tokens, when it had any
 
 
 def sample_next(

@@ -3,20 +3,19 @@
 A checkpoint is `{train_dir}/checkpoints/step_{N}/`: every rank writes its shards of the model and
 optimizer through DCP (reshardable: a 2-worker checkpoint loads into 1 worker), then, after a
 barrier, rank 0 writes `_COMMITTED.json` (step, scheduler, RNG) last. A folder without the marker
-is an interrupted write and is ignored, on local disks and object stores alike.
+is an interrupted write and is ignored, on local disks and object stores alike. DCP picks its storage
+from the checkpoint id: files on a local path, fsspec for a bucket URL, so each rank writes its own
+shards straight to the bucket.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 
-import fsspec
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from fsspec.implementations.local import LocalFileSystem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -24,7 +23,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from spin_ray.storage import atomic_write_json, read_json
+from spin_ray.models import FOLDER_MARKER, folder_complete, folder_digest, publish_folder
+from spin_ray.storage import atomic_write_json, exists, filesystem, is_local, join, list_dir, read_json, remove
 
 COMMITTED = "_COMMITTED.json"
 
@@ -34,22 +34,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _is_local(url: str) -> bool:
-    return isinstance(fsspec.core.url_to_fs(url)[0], LocalFileSystem)
-
-
 def checkpoint_dir(train_dir: str, step: int) -> str:
-    return f"{train_dir.rstrip('/')}/checkpoints/step_{step:08d}"
+    return join(train_dir, "checkpoints", f"step_{step:08d}")
 
 
 def committed_steps(train_dir: str) -> list[int]:
-    fs, path = fsspec.core.url_to_fs(f"{train_dir.rstrip('/')}/checkpoints")
-    if not fs.exists(path):
-        return []
+    """Steps with a committed checkpoint, read from the store (never from a cached listing)."""
     steps = []
-    for entry in fs.ls(path, detail=False):
+    for entry in list_dir(join(train_dir, "checkpoints")):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("step_") and fs.exists(f"{entry.rstrip('/')}/{COMMITTED}"):
+        if name.startswith("step_") and exists(join(entry, COMMITTED)):
             steps.append(int(name[5:]))
     return sorted(steps)
 
@@ -58,14 +52,12 @@ def save_checkpoint(train_dir: str, step: int, model, optimizer, state: dict, ra
     """Collective: every rank writes its shards; rank 0 commits and prunes to the last `keep`."""
     target = checkpoint_dir(train_dir, step)
     model_state, optim_state = get_state_dict(model, optimizer)
-    writer = dcp.FileSystemWriter(target) if _is_local(target) else _fsspec_writer(target)
-    dcp.save({"model": model_state, "optim": optim_state}, storage_writer=writer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=target)
     _barrier()
     if rank == 0:
-        atomic_write_json(f"{target}/{COMMITTED}", {**state, "step": step})
+        atomic_write_json(join(target, COMMITTED), {**state, "step": step})
         for old in committed_steps(train_dir)[:-keep]:
-            fs, path = fsspec.core.url_to_fs(checkpoint_dir(train_dir, old))
-            fs.rm(path, recursive=True)
+            remove(checkpoint_dir(train_dir, old))
     _barrier()
     return target
 
@@ -74,53 +66,40 @@ def load_checkpoint(train_dir: str, step: int, model, optimizer) -> dict:
     """Collective: load the sharded model and optimizer (any world size) and return the trainer state."""
     target = checkpoint_dir(train_dir, step)
     model_state, optim_state = get_state_dict(model, optimizer)
-    reader = dcp.FileSystemReader(target) if _is_local(target) else _fsspec_reader(target)
     payload = {"model": model_state, "optim": optim_state}
-    dcp.load(payload, storage_reader=reader)
+    dcp.load(payload, checkpoint_id=target)
     set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"])
-    return read_json(f"{target}/{COMMITTED}")
-
-
-def _fsspec_writer(url: str):
-    from torch.distributed.checkpoint import FsspecWriter
-
-    return FsspecWriter(url)
-
-
-def _fsspec_reader(url: str):
-    from torch.distributed.checkpoint import FsspecReader
-
-    return FsspecReader(url)
+    return read_json(join(target, COMMITTED))
 
 
 def export_hf(model, tokenizer, target_url: str, rank: int) -> str | None:
     """Collective: gather the full weights; rank 0 writes a Hugging Face folder (safetensors, tokenizer,
-    chat template) that appears atomically, complete, at `target_url`. It is the next opponent."""
+    chat template) that appears complete at `target_url`, with its content hash in the marker. It is the
+    next opponent, which every node stages from there."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         _barrier()
         return None
-    fs, path = fsspec.core.url_to_fs(target_url)
+    local = is_local(target_url)
+    path = filesystem(target_url)[1]
     # Local: stage beside the target, so the final move is a rename and no reader sees half a folder.
-    parent = os.path.dirname(path) if _is_local(target_url) else None
+    parent = os.path.dirname(path) if local else None
     if parent:
         os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         model.save_pretrained(staging, state_dict=full, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        marker = json.dumps({"complete": True}).encode()
-        if _is_local(target_url):
-            with open(os.path.join(staging, "spin_ray_export.json"), "wb") as handle:
-                handle.write(marker)
+        if local:
+            import json
+
+            with open(os.path.join(staging, FOLDER_MARKER), "w") as handle:
+                json.dump(folder_digest(staging), handle)
             if os.path.exists(path):
                 shutil.rmtree(path)
             os.rename(staging, path)
         else:
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
-            fs.put(staging.rstrip("/") + "/", path, recursive=True)
-            fs.pipe_file(f"{path}/spin_ray_export.json", marker)  # the marker goes up last
+            publish_folder(staging, target_url)  # the marker goes up last
     finally:
         if os.path.exists(staging):
             shutil.rmtree(staging, ignore_errors=True)
@@ -129,6 +108,4 @@ def export_hf(model, tokenizer, target_url: str, rank: int) -> str | None:
 
 
 def export_complete(target_url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(target_url)
-    return fs.exists(f"{path.rstrip('/')}/spin_ray_export.json")
-
+    return folder_complete(target_url)

@@ -9,9 +9,7 @@ exports a Hugging Face folder: the next opponent.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,12 +17,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from spin_ray.algorithms import Algorithm, Example, objective
 from spin_ray.config import Config
+from spin_ray.logprobs import answer_logps
+from spin_ray.storage import JsonLines, join, read_json_lines
 from spin_ray.training.checkpoint import committed_steps, export_hf, load_checkpoint, save_checkpoint
-from spin_ray.training.data import Example, Schedule, examples_from_rows
+from spin_ray.training.data import Schedule, examples_from_rows
 from spin_ray.training.parallel import apply_fsdp, set_accumulating
-from spin_ray.training.step import answer_logps, averages_logps, example_losses
-
 
 
 @dataclass
@@ -33,6 +32,9 @@ class WorkerContext:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     report: Callable[[dict], None] | None = None  # called on every rank with the step's metrics
+    # called on every rank before each optimizer step s (0-based) with (s, context, train_dir): a place for
+    # a caller's own bookkeeping, and for tests to fail a worker at a chosen step
+    on_step: Callable[[int, "WorkerContext", str], None] | None = None
 
 
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -54,30 +56,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def micro_step(model, examples: list[Example], config: Config, pad_id: int, scale: float, device) -> dict[str, float]:
-    """Forward + backward of one micro-batch; returns metric SUMS over its examples (for exact averaging)."""
-    objective = config.objective
-    prompts = [e.prompt for e in examples]
-    pack, chunk = config.training.pack_sequences, config.training.logits_chunk_rows
-    if objective == "sft":  # summed NLL of the human answers; the scale turns it into a token average
-        reals = [e.answers[0] for e in examples]
-        nll = -answer_logps(model, prompts, [(r,) for r in reals], pad_id, pack=pack, logits_chunk_rows=chunk).sum()
-        (nll * scale).backward()
-        return {"loss": float(nll.detach()), "tokens": float(sum(len(r) for r in reals))}
-    # one concatenated forward over every answer of every example (pairs, or T-SPIN's triplets)
-    average = averages_logps(objective, config)
-    policy = answer_logps(model, prompts, [e.answers for e in examples], pad_id, average, pack, chunk)
-    refs = None
-    if examples[0].ref_logps:
-        refs = torch.tensor([e.ref_logps for e in examples], dtype=torch.float32, device=device)
-        if average:  # stored reference log-probs are sums over the answer's tokens
-            refs = refs / torch.tensor([[len(a) for a in e.answers] for e in examples], device=device)
+def micro_step(model, examples: list[Example], algorithm: Algorithm, config: Config, pad_id: int, scale: float,
+               device) -> dict[str, float]:
+    """Forward + backward of one micro-batch; returns metric SUMS over its examples (for exact averaging), the
+    sum of its per-example losses, its forward tokens and its first answers' tokens."""
+    t = config.training
+    # one concatenated forward over every answer of every example (pairs, triplets, or SFT's single answer)
+    policy = answer_logps(model, [e.prompt for e in examples], [e.answers for e in examples], pad_id,
+                          pack=t.pack_sequences, logits_chunk_rows=t.logits_chunk_rows)
+    lengths = torch.tensor([[len(a) for a in e.answers] for e in examples], dtype=torch.float32, device=device)
+    refs = torch.tensor([e.ref_logps for e in examples], dtype=torch.float32, device=device) if examples[0].ref_logps else None
     rates = torch.tensor([e.win_rates for e in examples], device=device) if examples[0].win_rates else None
-    losses, metrics = example_losses(objective, policy, refs, rates, config)
+    losses, metrics = algorithm.loss(policy, refs, rates, lengths, config)
     (losses.sum() * scale).backward()
     # the loss returns batch means; sums (mean x n) average exactly over ranks and micro-batches
-    tokens = sum(e.tokens for e in examples)
-    return {**{key: float(value) * len(examples) for key, value in metrics.items()}, "tokens": float(tokens)}
+    return {**{key: float(value) * len(examples) for key, value in metrics.items()},
+            "loss_sum": float(losses.detach().sum()), "tokens": float(sum(e.tokens for e in examples)),
+            "answer_tokens": float(lengths[:, 0].sum())}
 
 
 def _all_reduce_sums(sums: dict[str, float], device) -> dict[str, float]:
@@ -89,19 +84,8 @@ def _all_reduce_sums(sums: dict[str, float], device) -> dict[str, float]:
     return dict(zip(keys, packed.tolist(), strict=True))
 
 
-def _sft_token_total(examples: list[Example], indices) -> int:
+def _answer_tokens(examples: list[Example], indices) -> int:
     return sum(len(examples[i].answers[0]) for i in indices)
-
-
-def _maybe_fail(step: int, fail_at_step: int | None, context: WorkerContext, train_dir: str) -> None:
-    """Test hook: the last rank exits hard (as on a lost node) at this step, once per run folder."""
-    if fail_at_step is None or fail_at_step != step or context.rank != context.world_size - 1:
-        return
-    marker = os.path.join(train_dir.replace("file://", ""), f".failed_at_{step}")
-    if os.path.exists(marker):
-        return
-    open(marker, "w").close()
-    os._exit(1)  # a hard death, as when a node is lost; Ray Train restarts the worker group
 
 
 def train(
@@ -112,7 +96,6 @@ def train(
     export_dir: str,
     context: WorkerContext | None = None,
     source: str = "pairs",
-    fail_at_step: int | None = None,
 ) -> dict:
     """Train one iteration on `rows` (generation-stage rows) starting from `model_path`; resume if a
     checkpoint is committed under `train_dir`. Returns the final summary (on every rank)."""
@@ -120,7 +103,8 @@ def train(
 
     context = context or WorkerContext()
     t = config.training
-    examples = examples_from_rows(rows, source, config.objective, config.needs_reference)
+    algorithm = objective(config)
+    examples = examples_from_rows(rows, source, config)
     schedule = Schedule(len(examples), t.global_batch_size, t.micro_batch_size, t.epochs, t.seed)
     schedule.check_world(context.world_size)
     torch.manual_seed(t.seed)
@@ -135,34 +119,35 @@ def train(
     scheduler = build_scheduler(optimizer, schedule.total_steps, t.warmup_ratio)
 
     start_step = 0
-    metrics_path = f"{train_dir.rstrip('/')}/metrics.jsonl"
+    log = JsonLines(join(train_dir, "metrics.jsonl")) if context.rank == 0 else None
     steps = committed_steps(train_dir)
     if steps:
         state = load_checkpoint(train_dir, steps[-1], model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         start_step = state["step"]
-        if context.rank == 0:
-            _truncate_log(metrics_path, start_step)  # drop lines of steps the checkpoint does not contain
+    if log is not None:  # drop lines of steps the checkpoint does not contain (all of them on a fresh start)
+        log.keep(lambda record: record["step"] <= start_step)
     per_rank = t.global_batch_size // context.world_size
-    scale_spin = 1.0 / per_rank  # FSDP averages over ranks: (1/W) * sum / (G/W) = sum / G
+    per_example_scale = 1.0 / per_rank  # FSDP averages over ranks: (1/W) * sum / (G/W) = sum / G
 
     started = time.perf_counter()
     summary = {}
     tokens_this_run = 0.0
     for step in range(start_step, schedule.total_steps):
-        _maybe_fail(step, fail_at_step, context, train_dir)
+        if context.on_step:
+            context.on_step(step, context, train_dir)
         step_started = time.perf_counter()
         global_indices = schedule.global_batch(step)
-        if config.objective == "sft":
-            scale = context.world_size / _sft_token_total(examples, global_indices)  # token average over the global batch
+        if algorithm.token_average:  # FSDP averages over ranks: W / tokens turns the sum into a token average
+            scale = context.world_size / _answer_tokens(examples, global_indices)
         else:
-            scale = scale_spin
+            scale = per_example_scale
         sums: dict[str, float] = {}
         micros = list(schedule.micro_batches(step, context.rank, context.world_size))
         for number, micro in enumerate(micros, start=1):
             set_accumulating(model, number < len(micros))  # sync gradients on the last micro-batch only
-            part = micro_step(model, [examples[i] for i in micro], config, pad_id, scale, context.device)
+            part = micro_step(model, [examples[i] for i in micro], algorithm, config, pad_id, scale, context.device)
             for key, value in part.items():
                 sums[key] = sums.get(key, 0.0) + value
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -175,12 +160,12 @@ def train(
         totals = _all_reduce_sums(sums, context.device)
         tokens_this_run += totals["tokens"]
         seconds = time.perf_counter() - step_started
-        metrics = _step_metrics(totals, config.objective, t.global_batch_size, step, schedule, lr, float(grad_norm), seconds)
+        metrics = _step_metrics(totals, algorithm, t.global_batch_size, step, schedule, lr, float(grad_norm), seconds)
         summary = metrics
         if context.rank == 0:
             record = {**metrics, "world_size": context.world_size,
                       "prompt_ids": [examples[i].prompt_id for i in global_indices]}
-            _append_log(metrics_path, record)
+            log.append(record)
             print(_progress_line(metrics, schedule.total_steps, time.perf_counter() - started, start_step), flush=True)
         if context.report:
             context.report(metrics)
@@ -208,15 +193,15 @@ def train(
     }
 
 
-def _step_metrics(totals, objective, global_batch, step, schedule, lr, grad_norm, seconds) -> dict:
+def _step_metrics(totals, algorithm: Algorithm, global_batch, step, schedule, lr, grad_norm, seconds) -> dict:
     metrics = {"step": step + 1, "epoch": step // schedule.steps_per_epoch, "lr": lr, "grad_norm": grad_norm,
                "samples_seen": (step + 1) * global_batch, "seconds": round(seconds, 3),
                "tokens_per_second": round(totals["tokens"] / seconds, 1) if seconds > 0 else None}
-    if objective == "sft":
-        metrics["loss"] = totals["loss"] / totals["tokens"]
-        metrics["nll"] = metrics["loss"]
-    else:  # every loss metric is a per-example mean
-        metrics.update({key: value / global_batch for key, value in totals.items() if key != "tokens"})
+    counters = ("loss_sum", "tokens", "answer_tokens")
+    # every loss metric is a per-example mean over the global batch
+    metrics.update({key: value / global_batch for key, value in totals.items() if key not in counters})
+    if algorithm.token_average:  # what the step minimised: the per-token mean over the whole global batch
+        metrics["loss"] = metrics["nll"] = totals["loss_sum"] / totals["answer_tokens"]
     return metrics
 
 
@@ -233,33 +218,6 @@ def _progress_line(metrics: dict, total: int, elapsed: float, first_step: int = 
                              initial=first_step, postfix=", ".join(parts))
 
 
-def _append_log(url: str, record: dict) -> None:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(url: str, last_step: int) -> None:
-    import fsspec
-
-    from spin_ray.storage import atomic_write_bytes
-
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
-        return
-    with fs.open(path, "r") as handle:
-        kept = [line for line in handle if line.strip() and json.loads(line)["step"] <= last_step]
-    atomic_write_bytes(url, "".join(kept).encode())
-
-
 def read_metrics_log(train_dir: str) -> list[dict]:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(f"{train_dir.rstrip('/')}/metrics.jsonl")
-    if not fs.exists(path):
-        return []
-    with fs.open(path, "r") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """The JSON-lines step log of a training stage ([] before its first step)."""
+    return read_json_lines(join(train_dir, "metrics.jsonl"))

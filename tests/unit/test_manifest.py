@@ -6,7 +6,8 @@ import pytest
 
 from spin_ray.cli import main
 from spin_ray.config import ConfigError, differing_keys, load_config
-from spin_ray.manifest import Manifest, check_config, manifest_url, run_dir
+from spin_ray.layout import RunLayout
+from spin_ray.manifest import Manifest, check_config, resume_config
 from spin_ray.report import format_status, format_table, iteration_rows, write_report
 
 
@@ -18,13 +19,13 @@ def test_phase_lifecycle_is_written_through(tmp_path):
     config = _config(tmp_path)
     manifest = Manifest.open(config)
     manifest.start("generate", 0)
-    on_disk = json.loads(open(manifest_url(run_dir(config))).read())
+    on_disk = json.loads(open(RunLayout.of(config).manifest).read())
     assert on_disk["iterations"][0]["phases"]["generate"] == {
         "status": "running", "attempts": 1, "started": on_disk["iterations"][0]["phases"]["generate"]["started"]}
     manifest.fail("generate", 0, RuntimeError("node lost"))
     manifest.start("generate", 0)
     manifest.finish("generate", 0, 12.345, {"prompts": 4}, {"pairs": "x"})
-    record = Manifest.read(run_dir(config)).data["iterations"][0]["phases"]["generate"]
+    record = Manifest.read(RunLayout.of(config).root).data["iterations"][0]["phases"]["generate"]
     assert record["status"] == "done" and record["attempts"] == 2 and record["seconds"] == 12.35
     assert "error" not in record and record["metrics"] == {"prompts": 4}
 
@@ -94,13 +95,13 @@ def _synthetic_run(tmp_path):
 
 def test_report_rows_table_and_files(tmp_path):
     config = _synthetic_run(tmp_path)
-    data = Manifest.read(run_dir(config)).data
+    data = Manifest.read(RunLayout.of(config).root).data
     rows = iteration_rows(data)
     assert [r["model"] for r in rows] == ["p0", "p1", "p2"]
     assert rows[2]["reward_accuracy"] == 0.5 and rows[1]["training_tok_s"] == 120.0 and rows[0]["accuracy"] == 0.25
     table = format_table(data)
     assert "reward acc" in table and "0.750" in table
-    paths = write_report(run_dir(config))
+    paths = write_report(RunLayout.of(config))
     assert open(paths["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "| p2 |" in open(paths["markdown"]).read()
     assert json.loads(open(paths["json"]).read())["rows"][1]["reward_margin"] == 0.4

@@ -4,14 +4,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from spin_ray.oracle import (
-    GSM8KRuleOracle,
-    RewardModelOracle,
-    gsm8k_rule_preferences,
-    matrix_from_scores,
-    win_rates,
-    winner_and_loser,
-)
+from spin_ray.algorithms import winner_and_loser
+from spin_ray.oracle import GSM8KRuleOracle, RewardModelOracle, gsm8k_rule_preferences, matrix_from_scores, win_rates
 
 QUESTION = [{"role": "user", "content": "Tom has 3 apples and buys 4. How many?"}]
 HUMAN = "3 + 4 = 7\n#### 7"
@@ -27,7 +21,7 @@ def test_win_rates_count_the_self_pair_as_one_half():
 
 def test_gsm8k_rule_correct_beats_wrong_and_ties_are_half():
     answers = ["so the answer is 7", "#### 12", "It is 7.00 apples.", "no idea"]
-    matrix = GSM8KRuleOracle().preferences(QUESTION, answers, HUMAN)
+    matrix = matrix_from_scores(GSM8KRuleOracle().scores([QUESTION], [answers], [HUMAN])[0], GSM8KRuleOracle.comparison)
     assert matrix.tolist() == [[0.5, 1.0, 0.5, 1.0], [0.0, 0.5, 0.0, 0.5], [0.5, 1.0, 0.5, 1.0], [0.0, 0.5, 0.0, 0.5]]
     assert win_rates(matrix).tolist() == [0.75, 0.25, 0.75, 0.25]
 
@@ -54,7 +48,7 @@ def test_reward_model_oracle_scores_each_answer_alone(tiny_reward_model):
     alone = [oracle.scores([QUESTION], [[a]])[0][0] for a in answers]
     assert scores == pytest.approx(alone, abs=1e-5)
     assert len(set(np.round(scores, 6))) == 3
-    matrix = oracle.preferences(QUESTION, answers)
+    matrix = matrix_from_scores(scores, oracle.comparison)
     assert matrix[0, 1] == pytest.approx(1 / (1 + np.exp(-(scores[0] - scores[1]))), abs=1e-6)
     assert np.allclose(matrix + matrix.T, 1.0)
 

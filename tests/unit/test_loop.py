@@ -1,0 +1,105 @@
+"""The training step without Ray: log 2 at the start, margins that move, and micro-steps equal whichever way they run."""
+
+import math
+
+import pytest
+import torch
+
+from spin_ray.logprobs import answer_logps, score_responses
+from spin_ray.losses import sft_loss, spin_loss
+
+
+@pytest.fixture
+def pairs(chat):
+    prompts = chat.batch_prompt_ids([[{"role": "user", "content": q}] for q in ("What is 3+4?", "Name a fruit.")])
+    reals = chat.batch_response_ids(["3+4 = 7\n#### 7", "An apple."])
+    generateds = chat.batch_response_ids(["It is 12.", "Potato, I think, or maybe a car."])
+    return prompts, reals, generateds
+
+
+def test_spin_steps_start_at_log2_and_widen_the_margin(tiny_model, pairs, tokenizer):
+    prompts, reals, generateds = pairs
+    pad = tokenizer.pad_token_id
+    ref_real = score_responses(tiny_model, prompts, reals, pad)
+    ref_generated = score_responses(tiny_model, prompts, generateds, pad)
+    optimizer = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
+    margins = []
+    for step in range(4):
+        policy = answer_logps(tiny_model, prompts, list(zip(reals, generateds, strict=True)), pad)
+        losses, metrics = spin_loss(policy[:, 0], policy[:, 1], ref_real, ref_generated, beta=0.1)
+        loss = losses.mean()
+        if step == 0:
+            assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
+        margins.append(metrics["rewards/margins"].item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert margins[0] == pytest.approx(0.0, abs=1e-5)
+    assert margins[-1] > margins[0] + 0.05
+    assert metrics["rewards/accuracies"].item() == 1.0
+
+
+def test_sft_step_lowers_the_nll(tiny_model, pairs, tokenizer):
+    prompts, reals, _ = pairs
+    tokens = torch.tensor([float(len(r)) for r in reals])
+    optimizer = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
+    nlls = []
+    for _ in range(3):
+        policy = answer_logps(tiny_model, prompts, [(r,) for r in reals], tokenizer.pad_token_id)
+        per_answer, metrics = sft_loss(policy[:, 0], tokens)
+        loss = per_answer.sum() / tokens.sum()  # what the trainer minimises: the token-averaged NLL
+        assert metrics["nll"].item() == pytest.approx(loss.item(), rel=1e-6)
+        nlls.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert nlls[-1] < nlls[0]
+
+
+@pytest.mark.parametrize("overrides", [["algorithm=spin"], ["algorithm=tspin", "tspin.length_normalize=true"],
+                                       ["algorithm=sppo", "generation.num_samples=2", "generation.temperature=1"],
+                                       ["training.objective=sft"]])
+def test_micro_step_is_the_same_packed_or_padded_chunked_or_not(tiny_model, pairs, tokenizer, overrides):
+    from spin_ray.algorithms import Example, objective
+    from spin_ray.config import load_config
+    from spin_ray.training.loop import micro_step
+
+    prompts, reals, generateds = pairs
+    config = load_config(None, overrides)
+    algorithm = objective(config)
+    examples = []
+    for i, (p, r, g) in enumerate(zip(prompts, reals, generateds, strict=True)):
+        answers = {"sft": (r,), "spin": (r, g), "sppo": (r, g), "tspin": (r, g, r[:2])}[algorithm.name]
+        refs = {"sft": (), "spin": (-5.0, -9.0), "sppo": (-5.0, -9.0), "tspin": ()}[algorithm.name]
+        rates = (0.75, 0.25) if algorithm.name == "sppo" else ()
+        examples.append(Example(f"p{i}", p, answers, refs, rates))
+    results = {}
+    for pack, chunk_rows in ((False, 0), (True, 0), (False, 5), (True, 5)):
+        tiny_model.zero_grad()
+        variant = config.model_copy(update={"training": config.training.model_copy(
+            update={"pack_sequences": pack, "logits_chunk_rows": chunk_rows})})
+        sums = micro_step(tiny_model, examples, algorithm, variant, tokenizer.pad_token_id, 0.5, torch.device("cpu"))
+        results[pack, chunk_rows] = (sums, [p.grad.clone() for p in tiny_model.parameters()])
+    baseline_sums, baseline_grads = results[False, 0]
+    for variant, (sums, grads) in results.items():
+        assert sums.keys() == baseline_sums.keys()
+        for key, value in baseline_sums.items():
+            assert sums[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (variant, key)
+        # fp32 rounding of another summation order scales with the summands, so it is measured against each
+        # tensor's scale: SPPO's targets of 250 nats give gradients of ~1e3, whose near-zero entries move by ~1e-3
+        assert all(_close_to_scale(a, b) for a, b in zip(grads, baseline_grads, strict=True)), variant
+
+
+def _close_to_scale(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-4) -> bool:
+    return float((a - b).abs().max()) <= atol + rtol * float(b.abs().max())
+
+
+def test_progress_line_is_a_tqdm_meter_with_this_runs_eta():
+    from spin_ray.training.loop import _progress_line
+
+    metrics = {"step": 3, "loss": 0.69, "rewards/margins": 0.1, "rewards/accuracies": 0.5, "lr": 1e-6,
+               "tokens_per_second": 90.1}
+    line = _progress_line(metrics, 12, elapsed=45.0)
+    assert "25%" in line and "3/12" in line and "00:45<02:15" in line and "margin 0.1000" in line
+    # resumed at step 2: one step in 10 s this run, 9 to go
+    assert "00:10<01:30" in _progress_line(metrics, 12, elapsed=10.0, first_step=2)
