@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--config", default=str(ROOT / "jobs" / "gsm8k_smollm2_cpu.yaml"))
+    parser.add_argument("--out", default=None, help="also write the JSON here (engines log to stdout too)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     variants = args.variants.split(",")
@@ -169,14 +170,17 @@ def main() -> None:
     if "plain_vllm" in results and "pipeline_vllm" in results:
         ratios["pipeline_vllm_vs_plain_vllm_engine_only"] = round(
             results["pipeline_vllm"]["engine_tokens_per_second"] / results["plain_vllm"]["engine_tokens_per_second"], 3)
-    print(json.dumps({
+    report = json.dumps({
         "benchmark": "generation", "model": config.model.name, "prompts": len(ids),
         "max_new_tokens": config.generation.max_new_tokens, "decoding": "greedy",
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
         "command": "python bench/generation.py " + " ".join(sys.argv[1:]),
         "variants": results, "ratios": ratios, "identical_greedy_answers_vs_plain_hf": identical,
         "targets": {"pipeline_vllm_vs_plain_hf_end_to_end": ">= 2.0", "pipeline_vllm_vs_plain_vllm_engine_only": ">= 0.85"},
-    }, indent=2))
+    }, indent=2)
+    if args.out:
+        Path(args.out).write_text(report + "\n")
+    print(report)
 
 
 if __name__ == "__main__":

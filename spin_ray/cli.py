@@ -10,6 +10,7 @@ import sys
 
 from spin_ray import __version__
 from spin_ray.algorithms import TrainingDataError
+from spin_ray.cluster import ResourceError
 from spin_ray.config import ConfigError, load_config
 from spin_ray.data import DataError
 from spin_ray.driver import RunAlreadyActive
@@ -20,7 +21,7 @@ from spin_ray.storage import StorageError, preflight
 
 # Errors that are the user's input or environment, not our bug: print the message, no traceback, exit 2.
 USER_ERRORS = (ConfigError, DataError, ModelResolutionError, GenerationError, TrainingDataError, StorageError,
-               RunAlreadyActive)
+               RunAlreadyActive, ResourceError)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -124,7 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"[spin-ray] run {config.run.name}: {config.iterations.count} iteration(s), model {config.model.name}, "
           f"data {config.data.train}, state in {layout.manifest}", flush=True)
     try:
-        driver = start_driver(config, args.force)
+        driver = start_driver(config, args.force, progress_bars=sys.stdout.isatty())
         manifest = ray.get(driver.run.remote())
     except ray.exceptions.RayTaskError as exc:
         cause = _unwrap_remote(exc)
@@ -176,14 +177,45 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from spin_ray.lease import live_holder
     from spin_ray.manifest import Manifest
-    from spin_ray.report import format_status
+    from spin_ray.report import format_status, run_state
 
     folder = _run_folder(args.run)
     manifest = Manifest.read(folder)
     if manifest is None:
         raise ConfigError(f"{folder}: no manifest.json; not a spin-ray run folder (or the run has not started)")
-    print(json.dumps(manifest.data, indent=2) if args.json else format_status(manifest.data))
+    holder = live_holder(RunLayout(folder).lease)
+    if args.json:
+        print(json.dumps({**manifest.data, "state": run_state(manifest.data, holder), "lease_holder": holder}, indent=2))
+    else:
+        print(format_status(manifest.data, holder))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from spin_ray.manifest import Manifest
+    from spin_ray.model_card import model_card
+    from spin_ray.models import folder_complete
+    from spin_ray.storage import download_folder
+
+    folder = _run_folder(args.run)
+    manifest = Manifest.read(folder)
+    if manifest is None:
+        raise ConfigError(f"{folder}: no manifest.json; not a spin-ray run folder")
+    trained = [r["iteration"] for r in manifest.data["iterations"] if (r["phases"].get("train") or {}).get("status") == "done"]
+    iteration = args.iteration if args.iteration is not None else (trained[-1] if trained else None)
+    if iteration is None or iteration not in trained:
+        raise ConfigError(f"{folder}: iteration {iteration} has no trained model (trained: {trained or 'none'})")
+    source = RunLayout(folder).model(iteration)
+    if not folder_complete(source):
+        raise ConfigError(f"{source}: the export is incomplete (no completion marker)")
+    if os.path.exists(args.dir) and os.listdir(args.dir):
+        raise ConfigError(f"{args.dir}: exists and is not empty; export into a new folder")
+    download_folder(source, args.dir)
+    with open(os.path.join(args.dir, "README.md"), "w") as handle:
+        handle.write(str(model_card(manifest.data, iteration)))
+    print(f"exported iteration {iteration}'s model {source} -> {args.dir} (with its model card)")
     return 0
 
 
@@ -237,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.md, report.json and report.png of a run")
     p.add_argument("run", help="run folder ({storage_path}/{run.name}) or the run's config YAML")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="copy a run's model (the last trained by default) out, with its model card")
+    p.add_argument("run", help="run folder ({storage_path}/{run.name}, a bucket URL too) or the run's config YAML")
+    p.add_argument("dir", help="a new local folder for the model")
+    p.add_argument("--iteration", type=int, default=None, help="the model trained in iteration T")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("status", help="print where a run stands (phases, attempts, timings)")
     p.add_argument("run", help="run folder ({storage_path}/{run.name}) or the run's config YAML")

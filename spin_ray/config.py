@@ -128,6 +128,14 @@ class GenerationConfig(_Section):
         None, description="Ray accelerator type the engine replicas require (e.g. L4, H100): they land only on nodes "
         "that declare it (the cluster files label their node types)."
     )
+    max_restarts: int = Field(
+        3, ge=0, description="Times Ray restarts a crashed engine, scorer or reward-model actor (killed for memory, "
+        "node lost) before the phase fails; Ray Data's default is without limit."
+    )
+    memory_per_replica_gb: float | None = Field(
+        None, gt=0.0, description="Memory Ray reserves for each engine or scorer actor, so no more replicas share a "
+        "node than fit in its memory; null reserves none."
+    )
     vllm_engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="vLLM only: extra vllm.LLM engine arguments, applied over spin_ray's "
         "(e.g. {enforce_eager: true} to skip compilation)."
@@ -245,6 +253,15 @@ class RunConfig(_Section):
     driver_max_restarts: int = Field(
         3, ge=0, description="Times Ray restarts a crashed driver actor; it continues from the manifest."
     )
+    driver_resource: str | None = Field(
+        None, description="A custom resource (declared by the node type that should host the driver actor) the "
+        "driver asks a sliver of; null places it on the head node, which autoscaling never removes."
+    )
+    resource_wait_s: float = Field(
+        900.0, gt=0.0, description="Longest wait for a phase's actors to find room (nodes launching, other work "
+        "finishing) before the run stops saying what it asked and what the cluster offered. Requests no node "
+        "type can ever hold fail at once."
+    )
 
     @field_validator("storage_path")
     @classmethod
@@ -342,9 +359,13 @@ OPERATIONAL_KEYS = frozenset(
         "sppo.reward_cpus_per_replica",
         "run.lease_ttl_s",
         "run.driver_max_restarts",
+        "run.driver_resource",
+        "run.resource_wait_s",
         "generation.accelerator_type",
         "training.accelerator_type",
         "generation.vllm_engine_kwargs",
+        "generation.max_restarts",
+        "generation.memory_per_replica_gb",
     }
 )
 

@@ -14,9 +14,10 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from spin_ray.algorithms import objective
+from spin_ray.cluster import ensure_resources
 from spin_ray.config import Config, build_config
 from spin_ray.layout import RunLayout
 from spin_ray.lease import LeaseHeld, RunLease
@@ -49,7 +50,7 @@ class Phases:
     manifest: Manifest
     lease: RunLease
     echo: Callable[[str], None]
-    produced: dict = field(default_factory=dict)
+    config: Config
 
     def run(self, name: str, iteration: int | None, body: Callable[[], Produced]) -> tuple[dict, object]:
         """(the phase's manifest record, what its body produced now, or None when an earlier job did it)."""
@@ -63,6 +64,7 @@ class Phases:
         self.manifest.start(name, iteration)
         started = time.perf_counter()
         try:
+            ensure_resources(self.config, PHASE_KIND[name], self.echo)
             out = body()
         except BaseException as error:
             self.manifest.fail(name, iteration, error)
@@ -72,6 +74,9 @@ class Phases:
         return self.manifest.phase(name, iteration), out.value
 
 
+# What each phase asks of the cluster (`spin_ray.cluster.phase_requests`).
+PHASE_KIND = {"sft": "train", "baseline_eval": "evaluate", "generate": "generate", "train": "train",
+              "evaluate": "evaluate"}
 GENERATION_KEYS = ("prompts", "prompts_generated_this_run", "generated_tokens", "seconds", "tokens_per_second",
                    "engine_seconds", "reference_seconds", "startup_seconds", "engine_tokens_per_second",
                    "mean_response_tokens", "share_hit_max_new_tokens", "answers_per_prompt", "oracle_mean_score",
@@ -130,6 +135,7 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
                    lease_token: str | None = None, owner: str | None = None) -> dict:
     """The self-play outer loop (a plain function; the driver actor calls it). Returns the final manifest dict."""
     from spin_ray.generation.shards import read_completion, shards_dataset
+    from spin_ray.model_card import write_model_card
     from spin_ray.report import format_table, write_report
     from spin_ray.trainset import iteration_set, sft_rows
 
@@ -142,7 +148,7 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
     lease.start_heartbeat()
     try:
         manifest = Manifest.open(config, force)
-        phases = Phases(manifest, lease, echo)
+        phases = Phases(manifest, lease, echo, config)
         opponent = initial_model(config, layout)
         manifest.data["base_model"] = opponent
         evaluate = config.evaluation.enabled and config.data.eval is not None
@@ -153,6 +159,7 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
             record, _ = phases.run("sft", None, lambda: _train(sft_config, layout, None, sft_rows(config, opponent),
                                                                 opponent, config.data.train))
             opponent = record["artifacts"]["model"]
+            write_model_card(layout, manifest.data, None)
 
         opponent_answers = None
         if evaluate:
@@ -173,10 +180,12 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
 
             record, _ = phases.run("train", t, train)
             next_model = record["artifacts"]["model"]
+            write_model_card(layout, manifest.data, t)
             if evaluate:
                 record, _ = phases.run("evaluate", t, lambda: _evaluate(config, next_model, layout.evaluation(t),
                                                                          opponent_answers))
                 opponent_answers = record["artifacts"]["answers"]
+                write_model_card(layout, manifest.data, t)  # now with its held-out metrics
                 if _converged(config, record["metrics"].get("reward_accuracy"), t, echo):
                     manifest.set_status("converged", final_model=next_model, stopped_after_iteration=t)
                     break
@@ -207,8 +216,14 @@ class DriverActor:
     Restarted by Ray after a crash (run.driver_max_restarts), it continues from the manifest as a
     resubmitted job does, and takes the lease back: its token is the job's, which survives the restart."""
 
-    def __init__(self, config: dict, force: bool, lease_token: str, owner: str):
+    def __init__(self, config: dict, force: bool, lease_token: str, owner: str, progress_bars: bool = False):
+        import ray
+
         self.config = build_config(config, "driver")
+        context = ray.data.DataContext.get_current()
+        # An actor pool whose minimum never starts fails after run.resource_wait_s instead of waiting forever.
+        context.wait_for_min_actors_s = self.config.run.resource_wait_s
+        context.enable_progress_bars = progress_bars
         self.force = force
         self.lease_token, self.owner = lease_token, owner
 
@@ -226,7 +241,7 @@ def submission_name() -> str:
     return f"ray job {submission}" if submission else f"spin-ray run (pid {os.getpid()})"
 
 
-def start_driver(config: Config, force: bool = False):
+def start_driver(config: Config, force: bool = False, progress_bars: bool = False):
     """Create the run's named driver actor on the head node; refuse if a live driver of this cluster drives the run."""
     import ray
 
@@ -241,9 +256,10 @@ def start_driver(config: Config, force: bool = False):
     token = f"{ray.get_runtime_context().get_job_id()}:{name}"
     owner = f"{submission_name()} on {socket.gethostname()}"
     restarts = config.run.driver_max_restarts
-    # num_cpus=0: the driver only orchestrates; every CPU stays free for engines and trainers. The head node:
-    # autoscaled worker nodes come and go. Not detached: stopping the job stops the driver, and the manifest
-    # lets the next job continue.
+    # num_cpus=0: the driver only orchestrates; every CPU stays free for engines and trainers. The head node (or
+    # the node type run.driver_resource names): autoscaled worker nodes come and go. Not detached: stopping the
+    # job stops the driver, and the manifest lets the next job continue.
     actor_class = ray.remote(num_cpus=0, max_restarts=restarts, max_task_retries=restarts)(DriverActor)
-    return actor_class.options(name=name, namespace=DRIVER_NAMESPACE,
-                               resources={"node:__internal_head__": 0.001}).remote(config.to_dict(), force, token, owner)
+    place = config.run.driver_resource or "node:__internal_head__"
+    return actor_class.options(name=name, namespace=DRIVER_NAMESPACE, resources={place: 0.001}).remote(
+        config.to_dict(), force, token, owner, progress_bars)

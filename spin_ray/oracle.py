@@ -148,4 +148,6 @@ def preference_stage(config):
         compute=ray.data.ActorPoolStrategy(min_size=sppo.reward_replicas[0], max_size=sppo.reward_replicas[1]),
         num_cpus=sppo.reward_cpus_per_replica,
         num_gpus=1 if sppo.reward_use_gpu else 0,
+        max_restarts=config.generation.max_restarts,
+        max_task_retries=config.generation.max_restarts,
     )

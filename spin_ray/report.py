@@ -156,15 +156,46 @@ def write_report(layout: RunLayout) -> dict:
 PHASE_ORDER = ("sft", "baseline_eval", "generate", "train", "evaluate")
 
 
-def format_status(manifest: dict) -> str:
-    """Where a run stands: overall status, then every phase with its status, attempts and seconds."""
-    lines = [f"run {manifest['run']} ({manifest['run_dir']}): {manifest['status']}, "
-             f"{len(manifest.get('jobs', []))} job(s), config {manifest['config_hash']}, updated {manifest.get('updated')}"]
+def run_state(manifest: dict, holder: dict | None) -> str:
+    """running (a live driver holds the run's lease), interrupted (the manifest says running but nobody holds the
+    lease: the job was stopped or its node lost), or the manifest's own final status."""
+    if manifest["status"] != "running":
+        return manifest["status"]
+    return "running" if holder is not None else "interrupted"
+
+
+def next_step(manifest: dict) -> str | None:
+    """What a resubmission of the run does first: the earliest phase that is not done."""
+    for name in PHASE_ORDER[:2]:
+        phase = manifest["phases"].get(name)
+        if phase and phase["status"] != "done":
+            return f"{name} ({phase['status']}, attempt {phase['attempts'] + 1})"
+    for record in manifest["iterations"]:
+        for name in PHASE_ORDER[2:]:
+            phase = record["phases"].get(name)
+            if phase is None or phase["status"] != "done":
+                state = "not started" if phase is None else f"{phase['status']}, attempt {phase['attempts'] + 1}"
+                return f"iteration {record['iteration']} {name} ({state})"
+    return None
+
+
+def format_status(manifest: dict, holder: dict | None = None) -> str:
+    """Where a run stands: running or interrupted, then every phase with its status, attempts and seconds."""
+    state = run_state(manifest, holder)
+    lines = [f"run {manifest['run']} ({manifest['run_dir']}): {state}, {len(manifest.get('jobs', []))} job(s), "
+             f"config {manifest['config_hash']}, updated {manifest.get('updated')}"]
+    if state == "running":
+        lines.append(f"  driven by {holder.get('owner')}")
+    elif state == "interrupted":
+        step = next_step(manifest)
+        lines.append("  no live driver holds the run (stopped job or lost node); submitting the same config again "
+                     f"continues it" + (f" with {step}" if step else ""))
 
     def describe(label: str, phase: dict) -> str:
+        shown = "stopped" if state == "interrupted" and phase["status"] == "running" else phase["status"]
         extra = f", {phase['seconds']}s" if "seconds" in phase else ""
         error = f"\n      error: {phase['error']}" if phase.get("error") else ""
-        return f"  {label:<28} {phase['status']:<8} attempts {phase['attempts']}{extra}{error}"
+        return f"  {label:<28} {shown:<8} attempts {phase['attempts']}{extra}{error}"
 
     order = {name: i for i, name in enumerate(PHASE_ORDER)}
 

@@ -43,15 +43,21 @@ def _port_open(port: int) -> bool:
 
 
 class RayHead:
-    """`ray start --head --block` on loopback as a child process; `stop()` ends it and everything it started."""
+    """`ray start --head --block` on loopback as a child process, with a temp dir of its own; `stop()` ends it and
+    every process that runs under that temp dir (nodes an autoscaler launched included), and nothing else."""
 
-    def __init__(self, log: Path, num_cpus: int = 2, env: dict | None = None, extra: list[str] | None = None):
-        self.port, self.dashboard_port = free_port(), free_port()
+    def __init__(self, log: Path, num_cpus: int = 2, env: dict | None = None, extra: list[str] | None = None,
+                 port: int | None = None):
+        import tempfile
+
+        self.port, self.dashboard_port = port or free_port(), free_port()
         self.env = {**os.environ, **(env or {})}
+        # short: Ray's unix sockets live under it, and their paths may not exceed 107 characters
+        self.temp_dir = tempfile.mkdtemp(prefix="h", dir=os.environ.get("RAY_TMPDIR"))
         self.log = open(log, "w")
         command = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
                    f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-                   f"--num-cpus={num_cpus}", "--disable-usage-stats", *(extra or [])]
+                   f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={self.temp_dir}", *(extra or [])]
         self.process = subprocess.Popen(command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(lambda: _port_open(self.dashboard_port) or self.process.poll() is not None, 120,
                  f"the Ray head's dashboard on port {self.dashboard_port}")
@@ -74,7 +80,22 @@ class RayHead:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=30)
+        self._end_leftovers()
         self.log.close()
+
+    def _end_leftovers(self) -> None:
+        """Nodes an autoscaler started do not die with the head: end what still runs under this head's temp dir."""
+        import psutil
+
+        mine = [p for p in psutil.process_iter(["cmdline"]) if any(self.temp_dir in a for a in p.info["cmdline"] or [])]
+        for process in mine:
+            try:
+                process.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(mine, timeout=20)
+        for process in alive:
+            process.kill()
 
 
 class MotoS3:

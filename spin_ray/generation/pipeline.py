@@ -8,6 +8,7 @@ prompt_ids already committed and generates only the missing ones.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,7 +71,13 @@ def run_generation(config: Config, model: str, output_dir: str, source: str | No
     if todo:
         plan = _plan(config, _prompt_table(split, todo, config.generation.shard_rows), model, output_dir,
                      score_reference, preference_stage)
-        new_rows = plan.materialize()
+        try:
+            new_rows = plan.materialize()
+        except Exception as error:
+            failure = memory_failure(error, config.generation)
+            if failure is None:
+                raise
+            raise failure from None
     seconds = time.perf_counter() - started
 
     shards = _verify(output_dir, set(expected))
@@ -129,13 +136,41 @@ def rows_per_call(gen: GenerationConfig, prompts: int) -> int:
 
 
 def placement(gen: GenerationConfig, gpus: int) -> dict:
-    """Ray resources of one generation-side actor: its CPUs, its GPUs when on GPU, the accelerator label."""
-    resources: dict = {"num_cpus": gen.cpus_per_replica}
+    """Ray options of one generation-side actor: its CPUs, GPUs and memory, the accelerator label, and a bounded
+    number of restarts (an actor killed for memory every time would otherwise restart forever)."""
+    options: dict = {"num_cpus": gen.cpus_per_replica, "max_restarts": gen.max_restarts,
+                     "max_task_retries": gen.max_restarts}
     if gen.use_gpu:
-        resources["num_gpus"] = gpus
+        options["num_gpus"] = gpus
     if gen.accelerator_type:
-        resources["accelerator_type"] = gen.accelerator_type
-    return resources
+        options["accelerator_type"] = gen.accelerator_type
+    if gen.memory_per_replica_gb:
+        options["memory"] = int(gen.memory_per_replica_gb * 2**30)
+    return options
+
+
+_NODE_MEMORY = re.compile(r"was (\d+(?:\.\d+)?GB / \d+(?:\.\d+)?GB)")
+
+
+def memory_failure(error: BaseException, gen: GenerationConfig) -> GenerationError | None:
+    """A one-line GenerationError when `error` (or what caused it) is Ray's memory monitor killing an actor, else None."""
+    seen, chain = set(), [error]
+    while chain:
+        current = chain.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        text = str(current)
+        if type(current).__name__ == "OutOfMemoryError" or "low on memory" in text:
+            usage = _NODE_MEMORY.search(text)
+            reserved = f"{gen.memory_per_replica_gb} GiB reserved" if gen.memory_per_replica_gb else "no memory reserved"
+            return GenerationError(
+                f"a generation actor was killed for memory (node memory {usage.group(1) if usage else 'exhausted'}) "
+                f"and restarted until generation.max_restarts ({gen.max_restarts}) ran out; each replica had "
+                f"{reserved}: lower generation.batch_size, or raise generation.memory_per_replica_gb so fewer "
+                f"replicas share a node")
+        chain += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return None
 
 
 def _plan(config: Config, table: pa.Table, model: str, output_dir: str, score_reference: bool,

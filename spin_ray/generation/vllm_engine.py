@@ -88,6 +88,8 @@ class VLLMEngine:
                  engine_kwargs: dict | None = None, with_logprobs: bool = True):
         if not use_gpu:
             os.environ.update(CPU_ENVIRONMENT)
+        # vLLM logs every engine step's stats at INFO: in a job log they would bury the run's own lines
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from transformers import AutoConfig
         from vllm import LLM
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -102,7 +103,10 @@ def run_training(config: Config, dataset, model_path: str, train_dir: str, expor
         scaling_config=ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name="ray_train", storage_path=_ray_train_storage(train_dir),
-                             failure_config=FailureConfig(max_failures=t.max_failures)),
+                             # a worker group that cannot start times out after 60 s and counts as a controller
+                             # failure; bounded, so an unplaceable group fails after about run.resource_wait_s
+                             failure_config=FailureConfig(max_failures=t.max_failures, controller_failure_limit=
+                                                          max(1, math.ceil(config.run.resource_wait_s / 60)))),
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )

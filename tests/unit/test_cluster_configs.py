@@ -1,5 +1,13 @@
-"""Every shipped YAML loads, has the fields Ray needs, and agrees with the job configs it runs."""
+"""The shipped cluster files, checked by their owners' validators and against the job configs they run.
 
+Launcher YAML: Ray's own `validate_config` after `prepare_config`. RayJob: KubeRay v1.7.0's RayJob CRD schema
+(vendored under tests/schemas/) with `jsonschema`, unknown fields rejected. Then every phase of the GPU job
+must fit a node type that declares its accelerator label, by the same check the driver runs before each phase.
+"""
+
+import copy
+import gzip
+import json
 import re
 import shlex
 from pathlib import Path
@@ -7,12 +15,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from spin_ray.cluster import NodeType, check_feasible, phase_requests
 from spin_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHERS = [ROOT / "cluster" / "aws.yaml", ROOT / "cluster" / "gcp.yaml"]
 RAYJOB = ROOT / "cluster" / "kuberay-rayjob.yaml"
 GPU_JOB = ROOT / "jobs" / "gsm8k_smollm2_gpu.yaml"
+CRD = ROOT / "tests" / "schemas" / "kuberay-v1.7.0" / "ray.io_rayjobs.yaml.gz"
+PHASES = ("generate", "train", "evaluate")
 
 
 def _yaml(path: Path) -> dict:
@@ -26,63 +37,121 @@ def test_job_configs_validate(path):
 
 
 @pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
-def test_launcher_yaml_has_what_ray_needs_and_fits_the_gpu_job(path):
+def test_launcher_yaml_passes_rays_validator_and_holds_the_gpu_job(path):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
     cluster = _yaml(path)
-    for key in ("cluster_name", "max_workers", "provider", "available_node_types", "head_node_type",
-                "head_start_ray_commands", "worker_start_ray_commands", "setup_commands"):
-        assert key in cluster, f"{path.name}: missing {key}"
-    assert cluster["provider"]["type"] in ("aws", "gcp")
+    validate_config(prepare_config(copy.deepcopy(cluster)))  # raises on what Ray would refuse at `ray up`
     types = cluster["available_node_types"]
-    assert cluster["head_node_type"] in types
-    for name, node in types.items():
-        for key in ("node_config", "resources", "min_workers", "max_workers"):
-            assert key in node, f"{path.name}: node type {name} lacks {key}"
-        assert 0 <= node["min_workers"] <= node["max_workers"]
-    head = types[cluster["head_node_type"]]
-    assert head["resources"].get("GPU", 0) == 0, "the head is a CPU node"
-    assert sum(node["max_workers"] for n, node in types.items() if n != cluster["head_node_type"]) <= cluster["max_workers"]
-
+    head = cluster["head_node_type"]
+    assert types[head]["resources"].get("GPU", 0) == 0, "the head is a CPU node"
+    nodes = [NodeType(name, spec["resources"], 1 if name == head else spec["max_workers"]) for name, spec in types.items()]
     job = load_config(GPU_JOB)
-    generation = types["gpu_generation"]
-    assert generation["min_workers"] == 0, "the generation fleet scales to zero between iterations"
-    gpus_per_replica = job.generation.tensor_parallel_size
-    assert generation["max_workers"] * generation["resources"]["GPU"] >= job.generation.replicas[1] * gpus_per_replica
-    assert generation["resources"]["CPU"] >= job.generation.cpus_per_replica
-    training = types["gpu_training"]
-    assert training["resources"]["GPU"] * training["max_workers"] >= job.training.num_workers[1]
-    assert training["resources"]["CPU"] >= job.training.num_workers[1] * job.training.cpus_per_worker
-    assert "ray start --head" in " ".join(cluster["head_start_ray_commands"])
-    assert any("--autoscaling-config" in c for c in cluster["head_start_ray_commands"])
+    for phase in PHASES:  # the driver's own preflight, on this file's node types
+        check_feasible(phase_requests(job, phase), path.name, nodes)
+    engines = [n for n in nodes if n.resources.get(f"accelerator_type:{job.generation.accelerator_type}")]
+    trainers = [n for n in nodes if n.resources.get(f"accelerator_type:{job.training.accelerator_type}")]
+    assert engines and trainers and {n.name for n in engines}.isdisjoint(n.name for n in trainers)
+    assert all(types[n.name]["min_workers"] == 0 for n in engines), "the generation fleet scales to zero"
 
 
-def test_rayjob_manifest_runs_a_shipped_job_with_autoscaling():
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
+def test_launchers_run_token_auth_on_loopback_with_storage_access_everywhere(path):
+    cluster = _yaml(path)
+    starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert any("--dashboard-host=127.0.0.1" in c for c in cluster["head_start_ray_commands"])
+    assert "~/.ray/auth_token" in cluster["file_mounts"]
+    extra = {"aws": "s3", "gcp": "gcs"}[cluster["provider"]["type"]]
+    assert any(re.search(rf"spin_ray\[[^]]*\b{extra}\b", c) for c in cluster["setup_commands"])
+    credential = {"aws": "IamInstanceProfile", "gcp": "serviceAccounts"}[cluster["provider"]["type"]]
+    for name, spec in cluster["available_node_types"].items():
+        assert credential in spec["node_config"], f"{path.name}: node type {name} gets no storage credentials"
+
+
+def _strict(schema):
+    """A CRD's OpenAPI schema as a JSON schema that rejects unknown fields (the API server would prune them)."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    return schema
+
+
+def _rayjob_schema() -> dict:
+    crd = yaml.safe_load(gzip.decompress(CRD.read_bytes()))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return _strict(version["schema"]["openAPIV3Schema"])
+
+
+def test_rayjob_passes_the_kuberay_crd_schema():
+    import jsonschema
+
+    schema = _rayjob_schema()
     manifest = _yaml(RAYJOB)
-    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
+    jsonschema.validate(manifest, schema)
+    broken = copy.deepcopy(manifest)
+    broken["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParam"] = {"num-cpus": "8"}  # a typo
+    with pytest.raises(jsonschema.ValidationError, match="rayStartParam"):
+        jsonschema.validate(broken, schema)
+
+
+def _kuberay_node_types(cluster: dict) -> list[NodeType]:
+    def resources(group) -> dict:
+        params = group["rayStartParams"]
+        found = {"CPU": float(params.get("num-cpus", 0)), "GPU": float(params.get("num-gpus", 0))}
+        if "resources" in params:  # KubeRay's format: a quoted JSON object
+            found.update(json.loads(json.loads(params["resources"])))
+        return found
+
+    head = NodeType("head", resources(cluster["headGroupSpec"]), 1)
+    return [head] + [NodeType(g["groupName"], resources(g), g["maxReplicas"]) for g in cluster["workerGroupSpecs"]]
+
+
+def test_rayjob_runs_a_shipped_job_that_fits_its_groups_and_survives_what_the_issue_lists():
+    manifest = _yaml(RAYJOB)
     spec = manifest["spec"]
     words = shlex.split(spec["entrypoint"])
-    assert words[:2] == ["spin-ray", "run"]
-    job_path = ROOT / words[2]
-    assert job_path.is_file(), f"entrypoint names {words[2]}, which does not exist"
-    job = load_config(job_path, [w for w in words[3:] if "=" in w])
+    assert words[:2] == ["spin-ray", "run"] and (ROOT / words[2]).is_file()
+    job = load_config(ROOT / words[2], [w for w in words[3:] if "=" in w])
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["working_dir"].endswith(".zip"), "the entrypoint's job file must reach the cluster"
+    assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] > 0
     cluster = spec["rayClusterSpec"]
-    assert cluster["enableInTreeAutoscaling"] is True
-    assert cluster["rayVersion"] == "2.60.0"
-    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-    generation, training = groups["gpu-generation"], groups["gpu-training"]
-    assert generation["minReplicas"] == 0
-    assert generation["maxReplicas"] * int(generation["rayStartParams"]["num-gpus"]) >= job.generation.replicas[1]
-    assert training["maxReplicas"] * int(training["rayStartParams"]["num-gpus"]) >= job.training.num_workers[1]
+    assert cluster["enableInTreeAutoscaling"] is True and cluster["rayVersion"] == "2.60.0"
+    assert cluster["authOptions"]["mode"] == "token"
+    for phase in PHASES:
+        check_feasible(phase_requests(job, phase), RAYJOB.name, _kuberay_node_types(cluster))
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
-        container = group["template"]["spec"]["containers"][0]
-        assert container["image"] and container["resources"]["limits"]
+        pod = group["template"]["spec"]
+        assert pod["serviceAccountName"], "bucket access comes with the pod's service account"
+        mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        shm = {v["name"]: v for v in pod["volumes"]}["dshm"]
+        assert "/dev/shm" in mounts and shm["emptyDir"]["medium"] == "Memory"
     for group in cluster["workerGroupSpecs"]:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert str(limits["nvidia.com/gpu"]) == group["rayStartParams"]["num-gpus"]
 
 
+def test_a_job_the_cluster_cannot_hold_is_refused_by_the_same_check():
+    from spin_ray.cluster import ResourceError
+
+    nodes = [NodeType(n.name, n.resources, n.max_count) for n in _kuberay_node_types(_yaml(RAYJOB)["spec"]["rayClusterSpec"])]
+    too_many = load_config(GPU_JOB, ["generation.replicas=[9,12]"])
+    with pytest.raises(ResourceError, match="9 x generation engine replica.*lower generation.replicas"):
+        check_feasible(phase_requests(too_many, "generate"), "the RayJob's groups", nodes)
+    wrong_label = load_config(GPU_JOB, ["generation.accelerator_type=H100"])
+    with pytest.raises(ResourceError, match="accelerator_type:H100"):
+        check_feasible(phase_requests(wrong_label, "generate"), "the RayJob's groups", nodes)
+
+
 def test_jobs_readme_submits_shipped_configs():
     text = (ROOT / "jobs" / "README.md").read_text()
     named = set(re.findall(r"spin-ray run (jobs/\S+\.yaml)", text))
-    assert named == {"jobs/gsm8k_smollm2_cpu.yaml", "jobs/gsm8k_smollm2_gpu.yaml"}
+    assert named >= {"jobs/gsm8k_smollm2_cpu.yaml", "jobs/gsm8k_smollm2_gpu.yaml"}
     assert all((ROOT / p).is_file() for p in named)
-    assert "ray job submit" in text
+    assert "ray job submit" in text and "RAY_AUTH_MODE=token" in text

@@ -17,7 +17,8 @@ LAYERS = [
      "spin_ray.generation.pipeline", "spin_ray.oracle"},
     {"spin_ray.training", "spin_ray.training.data", "spin_ray.training.parallel", "spin_ray.training.checkpoint",
      "spin_ray.training.loop", "spin_ray.training.trainer"},
-    {"spin_ray.trainset", "spin_ray.evaluation", "spin_ray.manifest", "spin_ray.report"},
+    {"spin_ray.trainset", "spin_ray.evaluation", "spin_ray.manifest", "spin_ray.report", "spin_ray.cluster",
+     "spin_ray.model_card"},
     {"spin_ray.driver", "spin_ray.cli"},
 ]
 WITHOUT_RAY = {"spin_ray.losses", "spin_ray.logprobs", "spin_ray.tokenization", "spin_ray.packed_attention",

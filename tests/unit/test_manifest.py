@@ -108,3 +108,24 @@ def test_report_rows_table_and_files(tmp_path):
     status = format_status(data)
     assert status.index("iteration 0/2 generate") < status.index("iteration 0/2 train") < status.index(
         "iteration 0/2 evaluate")
+
+
+def test_status_tells_a_live_run_from_an_interrupted_one(tmp_path, capsys):
+    from spin_ray.lease import RunLease
+
+    config = _config(tmp_path, "iterations.count=2")
+    manifest = Manifest.open(config)
+    manifest.finish("baseline_eval", None, 3.0, {}, {})
+    manifest.finish("generate", 0, 5.0, {}, {})
+    manifest.start("train", 0)  # then the job was stopped: the manifest still says running
+    layout = RunLayout.of(config)
+    assert main(["status", layout.root]) == 0
+    out = capsys.readouterr().out
+    assert ": interrupted," in out and "continues it with iteration 0 train (running, attempt 2)" in out
+    assert "iteration 0/2 train" in out and "stopped" in out
+    lease = RunLease(layout.lease, ttl_s=60, token="job-7", owner="ray job raysubmit_7")
+    lease.acquire()
+    assert main(["status", layout.root]) == 0
+    out = capsys.readouterr().out
+    assert ": running," in out and "driven by spin-ray driver of ray job raysubmit_7" in out
+    lease.release()

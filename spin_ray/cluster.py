@@ -1,0 +1,162 @@
+"""What a phase asks of the cluster, whether the cluster can ever give it, and a bounded wait until it does.
+
+Before each phase the driver checks the phase's minimum actors (engine replicas, scorers, training
+workers) against the cluster's node types: the autoscaler's node groups (its config in the GCS, or
+the autoscaling config the head's monitor runs with), else the live nodes of a fixed cluster. A
+request no node type can ever hold fails at once, naming the resource and the config key. A request
+that fits is waited for with a placement group of those bundles (which also tells the autoscaler to
+launch nodes), for at most `run.resource_wait_s`; then it fails saying what was asked and what the
+cluster offered. Nothing waits without a limit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import yaml
+
+from spin_ray.algorithms import objective
+
+
+class ResourceError(RuntimeError):
+    """A phase's resources that the cluster cannot give (ever, or within run.resource_wait_s)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """`count` actors of one kind, each needing `bundle` (Ray resources); `key` is the config key that sets them."""
+
+    what: str
+    key: str
+    bundle: dict
+    count: int
+
+
+@dataclass(frozen=True)
+class NodeType:
+    name: str
+    resources: dict
+    max_count: int
+
+
+def _accelerator(bundle: dict, accelerator: str | None) -> dict:
+    # how Ray asks for an accelerator type: a sliver of the node's `accelerator_type:<name>` resource
+    return {**bundle, f"accelerator_type:{accelerator}": 0.001} if accelerator else bundle
+
+
+def _engine_bundle(gen, gpus: int) -> dict:
+    bundle = {"CPU": gen.cpus_per_replica, **({"GPU": gpus} if gen.use_gpu else {})}
+    return _accelerator(bundle, gen.accelerator_type)
+
+
+def phase_requests(config, phase: str) -> list[Request]:
+    """The minimum actors a phase starts at once: generate/evaluate (engines, scorers, oracle), train (workers)."""
+    gen, train = config.generation, config.training
+    if phase == "train":
+        bundle = _accelerator({"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})},
+                              train.accelerator_type)
+        keys = "training.num_workers, training.cpus_per_worker, training.use_gpu, training.accelerator_type"
+        return [Request("training worker", keys, bundle, train.num_workers[0])]
+    requests = [Request("generation engine replica", "generation.replicas, generation.cpus_per_replica, "
+                        "generation.use_gpu, generation.tensor_parallel_size, generation.accelerator_type",
+                        _engine_bundle(gen, gen.tensor_parallel_size), gen.replicas[0])]
+    scoring = phase == "evaluate" or (config.needs_reference and not gen.fuse_reference)
+    if scoring:
+        requests.append(Request("reference scorer", "generation.reference_replicas, generation.cpus_per_replica, "
+                                "generation.use_gpu", _engine_bundle(gen, 1), gen.reference_replicas[0]))
+    if phase == "generate" and objective(config).needs_oracle and config.sppo.oracle == "reward_model":
+        sppo = config.sppo
+        bundle = {"CPU": sppo.reward_cpus_per_replica, **({"GPU": 1} if sppo.reward_use_gpu else {})}
+        requests.append(Request("reward model replica", "sppo.reward_replicas, sppo.reward_cpus_per_replica, "
+                                "sppo.reward_use_gpu", bundle, sppo.reward_replicas[0]))
+    return requests
+
+
+def _autoscaling_config_path() -> str | None:
+    """The autoscaling config the head's monitor process runs with (`ray start --head --autoscaling-config=...`)."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        args = process.info.get("cmdline") or []
+        if any(a.endswith("monitor.py") for a in args):
+            for arg in args:
+                if arg.startswith("--autoscaling-config="):
+                    return arg.split("=", 1)[1]
+    return None
+
+
+def node_types() -> tuple[str, list[NodeType]]:
+    """(where they came from, the node types) of the connected cluster; see the module docstring."""
+    import ray
+
+    config = ray._private.state.state.get_cluster_config()
+    if config is not None and config.node_group_configs:
+        return "the autoscaler's node groups", [
+            NodeType(g.name, dict(g.resources), g.max_count if g.max_count >= 0 else math.inf)
+            for g in config.node_group_configs]
+    path = _autoscaling_config_path()
+    if path:
+        with open(path) as handle:
+            scaling = yaml.safe_load(handle)
+        head_type = scaling.get("head_node_type")
+        types = []
+        for name, spec in (scaling.get("available_node_types") or {}).items():
+            count = 1 if name == head_type else min(spec.get("max_workers", 0), scaling.get("max_workers", math.inf))
+            types.append(NodeType(name, dict(spec.get("resources") or {}), count))
+        return f"the autoscaling config {path}", types
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return "the live nodes (no autoscaler)", [NodeType(n["NodeManagerAddress"], dict(n["Resources"]), 1) for n in nodes]
+
+
+def _fits(bundle: dict, resources: dict) -> int:
+    """How many `bundle`s one node with `resources` holds."""
+    counts = [math.floor(resources.get(name, 0) / amount + 1e-9) for name, amount in bundle.items() if amount > 0]
+    return min(counts) if counts else 0
+
+
+def _show(resources: dict) -> str:
+    return json.dumps({k: v for k, v in resources.items() if not k.startswith("node:") and k != "object_store_memory"
+                       and k != "memory"}, sort_keys=True)
+
+
+def check_feasible(requests: list[Request], source: str, types: list[NodeType]) -> None:
+    """Raise ResourceError if some request can never be met by these node types."""
+    for request in requests:
+        per_node = {t.name: _fits(request.bundle, t.resources) for t in types}
+        capacity = sum(per_node[t.name] * t.max_count for t in types)
+        if capacity == 0:
+            offered = "; ".join(f"{t.name}: {_show(t.resources)}" for t in types) or "no nodes"
+            raise ResourceError(f"no node type can hold a {request.what} needing {_show(request.bundle)} (set by "
+                                f"{request.key}); {source} offers {offered}")
+        if capacity < request.count:
+            raise ResourceError(f"{request.count} x {request.what} ({_show(request.bundle)} each) exceed what "
+                                f"{source} can ever hold ({capacity}); lower {request.key}")
+
+
+def ensure_resources(config, phase: str, echo=print) -> None:
+    """Fail at once if the phase's minimum actors can never be placed; else wait (bounded) until they can be."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    requests = [r for r in phase_requests(config, phase) if r.count > 0]
+    source, types = node_types()
+    check_feasible(requests, source, types)
+    bundles = [dict(r.bundle) for r in requests for _ in range(r.count)]
+    wait = config.run.resource_wait_s
+    group = placement_group(bundles, strategy="PACK", name=f"spin-ray-preflight-{phase}")
+    started = time.monotonic()
+    try:
+        if not group.wait(timeout_seconds=min(5, wait)):
+            echo(f"[spin-ray] {phase}: waiting up to {wait:.0f}s for "
+                 + ", ".join(f"{r.count} x {r.what} {_show(r.bundle)}" for r in requests))
+            if not group.wait(timeout_seconds=max(0.0, wait - (time.monotonic() - started))):
+                available = ray.available_resources()
+                raise ResourceError(
+                    f"{phase}: waited {wait:.0f}s (run.resource_wait_s) for "
+                    + ", ".join(f"{r.count} x {r.what} {_show(r.bundle)} ({r.key})" for r in requests)
+                    + f"; the cluster offered {_show(available)} free of {_show(ray.cluster_resources())}")
+    finally:
+        remove_placement_group(group)

@@ -1,0 +1,58 @@
+"""Model cards: a Hugging Face README.md for every exported model, with what made it and how it scored held out."""
+
+from __future__ import annotations
+
+from spin_ray.layout import RunLayout
+from spin_ray.storage import atomic_write_bytes, join
+
+# Hub ids of the built-in aliases and datasets, for the card's base_model and datasets fields.
+HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+DATASET_IDS = {"gsm8k": "openai/gsm8k", "gsm8k:train": "openai/gsm8k", "gsm8k:test": "openai/gsm8k"}
+METRICS = (("accuracy", "GSM8K exact match (spin_ray's rule)"), ("accuracy_lm_eval_strict", "exact match, lm-eval strict"),
+           ("accuracy_lm_eval_flexible", "exact match, lm-eval flexible"), ("nll_per_token", "NLL per token of human answers"),
+           ("reward_accuracy", "reward accuracy vs its opponent"), ("answer_format_rate", "answers ending in #### <number>"))
+
+
+def model_card(manifest: dict, iteration: int | None):
+    """The card of the model trained in `iteration` (None: the SFT warm start), from the run's manifest."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    config = manifest["config"]
+    algorithm = "sft" if iteration is None else config.get("algorithm", "spin")
+    phases = manifest["phases"] if iteration is None else manifest["iterations"][iteration]["phases"]
+    evaluation = (phases.get("evaluate" if iteration is not None else "baseline_eval") or {}).get("metrics") or {}
+    training = (phases.get("sft" if iteration is None else "train") or {}).get("metrics") or {}
+    name = f"{manifest['run']}-{'sft' if iteration is None else f'iter{iteration}'}"
+    held_out = config["data"].get("eval")
+    results = [EvalResult(task_type="text-generation", dataset_type=DATASET_IDS.get(held_out, held_out or "held-out"),
+                          dataset_name=held_out or "held-out", metric_type=key, metric_name=label,
+                          metric_value=evaluation[key]) for key, label in METRICS if evaluation.get(key) is not None]
+    data = ModelCardData(
+        model_name=name, base_model=HUB_IDS.get(config["model"]["name"], config["model"]["name"]),
+        datasets=[DATASET_IDS.get(config["data"]["train"], config["data"]["train"])], library_name="transformers",
+        pipeline_tag="text-generation", tags=["spin_ray", "self-play", algorithm, "ray"],
+        eval_results=results or None,
+        spin_ray={"algorithm": algorithm, "iteration": iteration, "config_hash": manifest["config_hash"],
+                  "code_version": manifest.get("code_version"), "run": manifest["run_dir"]},
+    )
+    opponent = manifest["base_model"] if iteration is None else manifest["iterations"][iteration].get("opponent")
+    lines = [f"# {name}", "",
+             f"Trained by spin_ray (Ray-native self-play fine-tuning) with **{algorithm}**"
+             + ("" if iteration is None else f", self-play iteration {iteration}, against opponent `{opponent}`")
+             + f", on `{config['data']['train']}`.", "",
+             f"Run `{manifest['run']}`, config hash `{manifest['config_hash']}`, code {manifest.get('code_version')}.", ""]
+    if training:
+        shown = ", ".join(f"{k} {training[k]:.4g}" for k in ("steps", "loss", "rewards/margins", "rewards/accuracies")
+                          if isinstance(training.get(k), (int, float)))
+        lines += [f"Training: {shown}.", ""]
+    if results:
+        lines += [f"Held out (`{held_out}`, {evaluation.get('prompts')} prompts):", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {r.metric_name} | {r.metric_value:.4g} |" for r in results] + [""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def write_model_card(layout: RunLayout, manifest: dict, iteration: int | None) -> str:
+    """Write README.md into the model folder of `iteration`; returns its URL."""
+    url = join(layout.model(iteration), "README.md")
+    atomic_write_bytes(url, str(model_card(manifest, iteration)).encode())
+    return url

@@ -1,0 +1,210 @@
+"""Ray's own autoscaler (fake multi-node provider): a fleet that grows and shrinks, preflight refusals, a driver restart.
+
+The head is the one `ray.cluster_utils.AutoscalingCluster` describes, started by the test itself as a child
+process (`ray start --head --autoscaling-config=...` with the fake provider's environment): AutoscalingCluster's
+own start() runs a machine-wide `ray stop`, which would end every Ray instance here. The head has no CPUs; a
+"gen" node type (max 3) carries accelerator_type:GEN and a "train" type (max 1) accelerator_type:TRAIN, which
+the run's generation.accelerator_type and training.accelerator_type ask for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.servers import RayHead, free_port, wait_for
+
+pytestmark = pytest.mark.ray
+
+GEN, TRAIN = "accelerator_type:GEN", "accelerator_type:TRAIN"
+SMALL_STORE = 200 * 1024 * 1024  # each fake node's object store: five of Ray's defaults would not fit this box
+
+
+@pytest.fixture(scope="module")
+def autoscaling_head(tmp_path_factory):
+    import ray
+    from ray.cluster_utils import AutoscalingCluster
+
+    if ray.is_initialized():
+        ray.shutdown()  # the shared session; the next test that needs it starts it again
+    folder = tmp_path_factory.mktemp("autoscaling")
+    port = free_port()
+    described = AutoscalingCluster(
+        head_resources={"CPU": 0},
+        worker_node_types={
+            "gen": {"resources": {"CPU": 1, GEN: 1, "object_store_memory": SMALL_STORE}, "node_config": {},
+                    "min_workers": 0, "max_workers": 3},
+            "train": {"resources": {"CPU": 2, TRAIN: 1, "object_store_memory": SMALL_STORE}, "node_config": {},
+                      "min_workers": 0, "max_workers": 1},
+        },
+        idle_timeout_minutes=0.25, max_workers=4)
+    config = described._config
+    config["provider"]["gcs_address"] = f"127.0.0.1:{port}"  # fake nodes join this head, not port 6379
+    path = folder / "autoscaling.json"
+    path.write_text(json.dumps(config))
+    head = RayHead(folder / "head.log", num_cpus=0, port=port,
+                   env={"AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"},
+                   extra=[f"--autoscaling-config={path}", f"--object-store-memory={SMALL_STORE}"])
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        ray.init(address=head.address, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield head
+    finally:
+        ray.shutdown()
+        head.stop()
+        os.environ.pop("RAY_AUTH_MODE", None)
+
+
+def _overrides(tmp_path, model, run, *extra):
+    return [f"model.name={model}", f"run.storage_path={tmp_path}", f"run.name={run}", "data.limit=72",
+            "generation.max_new_tokens=128", "generation.batch_size=1", "generation.shard_rows=4",
+            "generation.replicas=[1,3]", f"generation.accelerator_type={GEN.split(':')[1]}",
+            "training.num_workers=[2,2]", f"training.accelerator_type={TRAIN.split(':')[1]}",
+            "training.global_batch_size=8", "training.epochs=1", "evaluation.enabled=false", "iterations.count=1",
+            "run.resource_wait_s=240", *extra]
+
+
+class Hog:
+    """Holds a whole node's worth of resources."""
+
+    def ping(self) -> bool:
+        return True
+
+
+def _autoscaler_report() -> dict:
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    return json.loads(raw).get("autoscaler_report", {}) if raw else {}
+
+
+def test_the_fleet_grows_with_the_work_and_shrinks_after_it(autoscaling_head, tmp_path, tiny_model_dir):
+    import ray
+    from ray._private import state
+
+    from spin_ray.config import load_config
+    from spin_ray.driver import start_driver
+    from spin_ray.storage import read_json
+
+    config = load_config(None, _overrides(tmp_path, tiny_model_dir, "scaling"))
+    samples: list[dict] = []
+    stop = threading.Event()
+
+    def observe():
+        while not stop.is_set():
+            nodes = [n for n in ray.nodes() if n["Alive"]]
+            replicas = sum(1 for a in state.actors().values()
+                           if "GenerateStage" in a["ActorClassName"] and a["State"] == "ALIVE")
+            manifest = read_json(f"{tmp_path}/scaling/manifest.json") or {}
+            phases = (manifest.get("iterations") or [{}])[0].get("phases", {})
+            samples.append({"t": time.monotonic(), "gen_nodes": sum(GEN in n["Resources"] for n in nodes),
+                            "train_nodes": sum(TRAIN in n["Resources"] for n in nodes), "replicas": replicas,
+                            "phase": next((k for k, v in phases.items() if v["status"] == "running"), None),
+                            "active": _autoscaler_report().get("active_nodes", {})})
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=observe, daemon=True)
+    watcher.start()
+    try:
+        manifest = ray.get(start_driver(config).run.remote(), timeout=900)
+        # idle gen nodes leave after the idle timeout (15 s here): keep watching until they are gone
+        wait_for(lambda: samples and samples[-1]["gen_nodes"] == 0, 120, "the idle gen nodes to be released")
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+    assert manifest["status"] == "done"
+    generating = [s for s in samples if s["phase"] == "generate"]
+    training = [s for s in samples if s["phase"] == "train"]
+    assert generating and training, "the observer missed a phase"
+    assert max(s["gen_nodes"] for s in generating) >= 2, "the autoscaler never launched a second gen node"
+    assert max(s["replicas"] for s in generating) >= 2, "the engine pool never grew past one replica"
+    assert max(s["gen_nodes"] for s in samples) <= 3 and max(s["replicas"] for s in samples) <= 3  # the config's max
+    assert max(s["active"].get("gen", 0) for s in samples) >= 2  # the autoscaler's own account agrees
+    assert max(s["train_nodes"] for s in training) == 1 and training[0]["train_nodes"] <= 1
+    first_train = training[0]["t"]
+    assert all(s["gen_nodes"] == 0 for s in samples if s["t"] > samples[-1]["t"] - 1)  # released at the end
+    assert any(s["train_nodes"] == 1 for s in samples if s["t"] >= first_train)  # training got its node
+    assert manifest["iterations"][0]["phases"]["train"]["metrics"]["steps"] == 9
+
+
+def test_requests_no_node_type_can_hold_fail_at_once(autoscaling_head, tmp_path, tiny_model_dir):
+    base = _overrides(tmp_path, tiny_model_dir, "preflight")
+    cases = {
+        "gpu": (["generation.engine=vllm", "generation.use_gpu=true", "evaluation.enabled=true"],
+                "no node type can hold a generation engine replica needing", '"GPU": 1'),
+        "replicas": (["generation.replicas=[4,4]"], "4 x generation engine replica", "lower generation.replicas"),
+        "label": (["generation.accelerator_type=H100"], "accelerator_type:H100", "generation.accelerator_type"),
+    }
+    for name, (extra, *fragments) in cases.items():
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "spin_ray.cli", "run", "--address", autoscaling_head.address,
+             *base, f"run.name=preflight-{name}", *extra],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        for fragment in fragments:
+            assert fragment in lines[0], lines[0]
+        assert time.monotonic() - started < 60, f"{name}: refused, but only after {time.monotonic() - started:.0f}s"
+
+
+def test_a_request_that_fits_but_finds_no_room_fails_after_the_wait(autoscaling_head, tmp_path, tiny_model_dir):
+    import ray
+
+    from spin_ray.cluster import ResourceError, ensure_resources
+    from spin_ray.config import load_config
+
+    # the only train node (max 1) is taken whole by another actor: the request fits the node type, never the cluster
+    hog = ray.remote(num_cpus=2, resources={TRAIN: 1})(Hog).remote()
+    try:
+        ray.get(hog.ping.remote(), timeout=180)
+        config = load_config(None, _overrides(tmp_path, tiny_model_dir, "wait", "run.resource_wait_s=8"))
+        started = time.monotonic()
+        with pytest.raises(ResourceError, match=r"train: waited 8s \(run.resource_wait_s\) for 2 x training worker"):
+            ensure_resources(config, "train", echo=lambda line: None)
+        assert 8 <= time.monotonic() - started < 40
+    finally:
+        ray.kill(hog)
+
+
+def test_a_killed_driver_restarts_and_redoes_no_finished_phase(autoscaling_head, tmp_path, tiny_model_dir):
+    import ray
+
+    from spin_ray.config import load_config
+    from spin_ray.driver import start_driver
+    from spin_ray.storage import read_json
+
+    config = load_config(None, _overrides(tmp_path, tiny_model_dir, "restart", "data.limit=24",
+                                          "generation.max_new_tokens=16", "training.epochs=8",
+                                          "training.checkpoint_every=1", "evaluation.enabled=true",
+                                          "evaluation.prompts=4"))
+    driver = start_driver(config)
+    pid = ray.get(driver.pid.remote(), timeout=60)
+    run = driver.run.remote()
+
+    def training_with_a_checkpoint():
+        manifest = read_json(f"{tmp_path}/restart/manifest.json") or {}
+        phases = (manifest.get("iterations") or [{}])[0].get("phases", {})
+        training = phases.get("train", {}).get("status") == "running"
+        return training and list((tmp_path / "restart" / "iter_0" / "train" / "checkpoints").glob("*/_COMMITTED.json"))
+
+    wait_for(training_with_a_checkpoint, 600, "iteration 0's training to commit a checkpoint")
+    os.kill(pid, signal.SIGKILL)  # the driver's process dies, as on a crash
+    manifest = ray.get(run, timeout=900)  # Ray restarts the actor and retries run() on it
+    assert ray.get(driver.pid.remote(), timeout=60) != pid
+    assert manifest["status"] == "done"
+    assert manifest["phases"]["baseline_eval"]["attempts"] == 1
+    phases = manifest["iterations"][0]["phases"]
+    assert phases["generate"]["attempts"] == 1 and phases["evaluate"]["attempts"] == 1
+    assert phases["train"]["attempts"] == 2 and phases["train"]["metrics"]["resumed_from_step"] >= 1
+    assert len(manifest["jobs"]) == 2  # the restarted driver opened the manifest again, as a resubmitted job does
