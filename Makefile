@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_TMPDIR ?= $(CURDIR)/.tmp/ray
 export SPIN_RAY_CACHE ?= $(CURDIR)/.cache/spin_ray
+export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 export MALLOC_ARENA_MAX ?= 2
 
 .PHONY: setup demo test test-unit test-integration test-e2e bench bench-training clean

@@ -155,14 +155,16 @@ def run_ours_beside_ray(args, rows, model_path, scratch) -> dict:
 def run_ours_ray(args, rows, model_path, scratch) -> dict:
     import ray
 
+    from spin_ray.layout import RunLayout
     from spin_ray.training.trainer import run_training
 
     workers, cpus = args.ray_workers, args.threads / args.ray_workers
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     config = _config(args, workers, cpus).model_copy(update={"run": _config(args, 1, 1).run.model_copy(
         update={"storage_path": scratch, "name": "ray"})})
+    layout = RunLayout.of(config)
     started = time.perf_counter()
-    run_training(config, ray.data.from_items(rows), model_path, iteration=0)
+    run_training(config, ray.data.from_items(rows), model_path, layout.train(0), layout.model(0))
     wall = time.perf_counter() - started
     ray.shutdown()
     return {**_from_log(f"{scratch}/ray/iter_0/train"), "workers": workers, "threads_per_worker": int(cpus),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from spin_ray.algorithms import ALGORITHMS
+from spin_ray.algorithms import ALGORITHMS, SFT
 from spin_ray.layout import RunLayout
 from spin_ray.manifest import Manifest
 from spin_ray.storage import atomic_write_bytes
@@ -131,7 +131,8 @@ def write_report(layout: RunLayout) -> dict:
     data = manifest.data
     rows = iteration_rows(data)
     paths = {kind: layout.report(kind) for kind in ("json", "markdown", "plot")}
-    algorithm = ALGORITHMS[data["config"].get("algorithm", "spin")]
+    stored = data["config"]
+    algorithm = SFT if stored.get("training", {}).get("objective") == "sft" else ALGORITHMS[stored.get("algorithm", "spin")]
     payload = {"run": data["run"], "algorithm": algorithm.name, "status": data["status"],
                "config_hash": data["config_hash"], "code_version": data.get("code_version"),
                "final_model": data.get("final_model"), "rows": rows}

@@ -9,6 +9,7 @@ client's cached listing of that folder first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -163,6 +164,19 @@ def download_folder(url: str, local: str, skip: tuple[str, ...] = ()) -> None:
         target = os.path.join(local, relative)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         fs.get_file(name, target)
+
+
+@contextlib.contextmanager
+def local_copy(url: str):
+    """A local path holding the file at `url` while the block runs (the file itself when it is local)."""
+    if is_local(url):
+        yield filesystem(url)[1]
+        return
+    with tempfile.TemporaryDirectory(prefix="spin-ray-") as folder:
+        path = os.path.join(folder, url.rstrip("/").rsplit("/", 1)[-1])
+        with open(path, "wb") as handle:
+            handle.write(read_bytes(url) or b"")
+        yield path
 
 
 class JsonLines:

@@ -45,7 +45,15 @@ def sft_rows(config: Config, model: str):
 
 def iteration_set(config: Config, layout: RunLayout, t: int, pairs, opponent: str) -> TrainingSet:
     """Iteration t's training set: its own pairs (`pairs`), with iterations.mix_previous iteration t-1's pairs
-    rescored under p_t, and for T-SPIN each row's y_0."""
+    rescored under p_t, and for T-SPIN each row's y_0. Continued SFT (no generated answers, `pairs` None) trains on
+    the human answers, twice over with mix_previous, so it takes as many steps as SPIN does on pairs of t and t-1."""
+    if not objective(config).columns:
+        rows = sft_rows(config, opponent)
+        if config.iterations.mix_previous and t > 0:
+            tagged = rows.map_batches(tag_prompt_ids, fn_kwargs={"prefix": f"iter{t - 1}/"}, batch_format="pyarrow",
+                                      batch_size=None, num_cpus=0)
+            return TrainingSet(rows.union(tagged).materialize(), f"{config.data.train} (human answers, twice)")
+        return TrainingSet(rows, f"{config.data.train} (human answers)")
     source = layout.generation(t)
     dataset = pairs
     if config.iterations.mix_previous and t > 0:

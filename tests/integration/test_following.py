@@ -1,0 +1,91 @@
+"""Following a run (tiny model, real Ray): trackers read back with their own readers, one tracking run across
+jobs, model cards that parse, and a non-terminal log that reads as a story (no redrawn bars, no doubled lines)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spin_ray.config import load_config
+
+pytestmark = pytest.mark.ray
+
+COMMON = ["data.limit=8", "generation.max_new_tokens=6", "generation.batch_size=8", "generation.replicas=[1,1]",
+          "generation.shard_rows=4", "training.global_batch_size=4", "training.epochs=1", "training.learning_rate=1e-3",
+          "evaluation.prompts=4", "tracking.interval_s=1"]
+
+
+def test_tensorboard_and_mlflow_get_every_metric_in_one_tracking_run_across_jobs(ray_session, tmp_path, tiny_model_dir,
+                                                                                capsys):
+    from huggingface_hub import ModelCard
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from spin_ray.cli import main
+    from spin_ray.driver import run_iterations
+
+    overrides = [*COMMON, f"model.name={tiny_model_dir}", f"run.storage_path={tmp_path}", "run.name=tracked",
+                 "tracking.backends=[tensorboard,mlflow]"]
+    first = run_iterations(load_config(None, [*overrides, "iterations.count=1"]), echo=lambda line: None)
+    # a resubmitted job that goes one iteration further (iterations.count may change freely)
+    manifest = run_iterations(load_config(None, [*overrides, "iterations.count=2"]), echo=lambda line: None)
+    run = tmp_path / "tracked"
+    assert first["tracking"]["mlflow_run_id"] == manifest["tracking"]["mlflow_run_id"]
+    steps = [r["phases"]["train"]["metrics"]["steps"] for r in manifest["iterations"]]
+
+    client = MlflowClient(tracking_uri=manifest["tracking"]["mlflow_tracking_uri"])
+    (experiment,) = [e for e in client.search_experiments() if e.name == "spin_ray"]
+    (tracked,) = client.search_runs([experiment.experiment_id])  # one tracking run, continued, not two
+    assert tracked.info.run_id == manifest["tracking"]["mlflow_run_id"]
+    assert tracked.data.params["training.beta"] == "0.1" and tracked.data.params["run.name"] == "tracked"
+    losses = client.get_metric_history(tracked.info.run_id, "train/loss")
+    assert [m.step for m in losses] == list(range(1, sum(steps) + 1))  # global steps across both iterations
+    accuracy = {m.step: m.value for m in client.get_metric_history(tracked.info.run_id, "evaluate/accuracy")}
+    assert sorted(accuracy) == [0, 1, 2]  # p0, p1, p2
+    assert accuracy[2] == manifest["iterations"][1]["phases"]["evaluate"]["metrics"]["accuracy"]
+    assert "report.png" in [a.path for a in client.list_artifacts(tracked.info.run_id)]
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tensorboard_losses = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert sorted(tensorboard_losses) == list(range(1, sum(steps) + 1))
+    assert tensorboard_losses[1] == pytest.approx(losses[0].value, rel=1e-6)
+    assert {e.step for e in events.Scalars("evaluate/nll_per_token")} == {0, 1, 2}
+
+    # the exported model's card parses as a Hugging Face model card and carries the manifest's metrics
+    out = tmp_path / "exported"
+    assert main(["export", str(run), str(out)]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == tiny_model_dir and "self-play" in card.data.tags
+    assert card.data.spin_ray["iteration"] == 1 and card.data.spin_ray["config_hash"] == manifest["config_hash"]
+    evaluated = manifest["iterations"][1]["phases"]["evaluate"]["metrics"]
+    shown = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert shown["nll_per_token"] == evaluated["nll_per_token"] and shown["accuracy"] == evaluated["accuracy"]
+    assert (out / "model.safetensors").is_file() and "exported iteration 1" in capsys.readouterr().out
+    assert ModelCard.load(run / "iter_0" / "model" / "README.md").data.spin_ray["iteration"] == 0
+
+
+def test_a_job_log_reads_as_a_story(ray_session, tmp_path, tiny_model_dir):
+    address = ray_session.get_runtime_context().gcs_address
+    result = subprocess.run(
+        [sys.executable, "-m", "spin_ray.cli", "run", "--address", address, *COMMON, f"model.name={tiny_model_dir}",
+         f"run.storage_path={tmp_path}", "run.name=story", "iterations.count=1", "generation.max_new_tokens=48",
+         "generation.batch_size=1", "tracking.backends=[]"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)  # a pipe: not a terminal
+    log = result.stdout
+    assert result.returncode == 0, log[-3000:]
+    assert "\r" not in log and "\x1b[" not in log, "a redrawn progress bar or escape codes in a non-terminal log"
+    lines = [re.sub(r"^\(\w+ pid=\d+(?:, ip=[\d.]+)?\)\s*", "", line) for line in log.splitlines()]
+    story = [line for line in lines if line.startswith("[spin-ray]") or line.startswith("train:")]
+    doubled = sorted({line for line in story if story.count(line) > 1})
+    assert not doubled, f"lines printed twice: {doubled[:5]}"
+    for phase in ("baseline_eval: started", "iteration 0: generate: done", "iteration 0: train: done",
+                  "iteration 0: evaluate: done"):
+        assert any(phase in line for line in story), phase
+    assert any(line.startswith("train:") and "1/2" in line for line in story)  # a step line per step
+    assert any("story/iter_0/generation" in line and "prompt" in line for line in story)  # periodic progress
+    assert Path(tmp_path / "story" / "report.md").is_file()
