@@ -61,7 +61,17 @@ def _init_ray(address: str | None) -> None:
     import ray
 
     # RAY_ADDRESS (set by `ray job submit`) or --address joins a cluster; otherwise a local instance.
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
+    if not sys.stdout.isatty():
+        # a job log or a file: Ray colours the "(Actor pid=...)" prefix and its "[repeated 3x]" notes regardless;
+        # colorama (Ray's own dependency) strips escape codes from what this process prints
+        import colorama
+
+        colorama.init(strip=True, convert=False)
+    # Ray's own INFO lines go to stderr, where a refusal must stand alone as one line; say where we are instead
+    context = ray.init(address=address or os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True,
+                       logging_level=logging.WARNING)
+    where = f", dashboard {context.dashboard_url}" if getattr(context, "dashboard_url", None) else ""
+    print(f"[spin-ray] Ray at {context.address_info.get('gcs_address', 'a local instance')}{where}", flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -63,7 +63,9 @@ def phase_requests(config, phase: str) -> list[Request]:
     requests = [Request("generation engine replica", "generation.replicas, generation.cpus_per_replica, "
                         "generation.use_gpu, generation.tensor_parallel_size, generation.accelerator_type",
                         _engine_bundle(gen, gen.tensor_parallel_size), gen.replicas[0])]
-    scoring = phase == "evaluate" or (config.needs_reference and not gen.fuse_reference)
+    # a reference pool runs beside the engines only when scoring is not fused into the engine pass; evaluation's
+    # later scoring of the opponent's answers is a pool of its own after generation, with an engine's bundle
+    scoring = not gen.fuse_reference and (phase == "evaluate" or config.needs_reference)
     if scoring:
         requests.append(Request("reference scorer", "generation.reference_replicas, generation.cpus_per_replica, "
                                 "generation.use_gpu", _engine_bundle(gen, 1), gen.reference_replicas[0]))
@@ -108,7 +110,9 @@ def node_types() -> tuple[str, list[NodeType]]:
             types.append(NodeType(name, dict(spec.get("resources") or {}), count))
         return f"the autoscaling config {path}", types
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return "the live nodes (no autoscaler)", [NodeType(n["NodeManagerAddress"], dict(n["Resources"]), 1) for n in nodes]
+    # several nodes can share an address (one machine, or containers behind one IP): name them by id too
+    return "the live nodes (no autoscaler)", [
+        NodeType(f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})", dict(n["Resources"]), 1) for n in nodes]
 
 
 def _fits(bundle: dict, resources: dict) -> int:
@@ -118,15 +122,15 @@ def _fits(bundle: dict, resources: dict) -> int:
 
 
 def _show(resources: dict) -> str:
+    # placement groups' own resources (CPU_group_<id>) and node ids say nothing to a user
     return json.dumps({k: v for k, v in resources.items() if not k.startswith("node:") and k != "object_store_memory"
-                       and k != "memory"}, sort_keys=True)
+                       and k != "memory" and "_group_" not in k}, sort_keys=True)
 
 
 def check_feasible(requests: list[Request], source: str, types: list[NodeType]) -> None:
     """Raise ResourceError if some request can never be met by these node types."""
     for request in requests:
-        per_node = {t.name: _fits(request.bundle, t.resources) for t in types}
-        capacity = sum(per_node[t.name] * t.max_count for t in types)
+        capacity = sum(_fits(request.bundle, t.resources) * t.max_count for t in types)
         if capacity == 0:
             offered = "; ".join(f"{t.name}: {_show(t.resources)}" for t in types) or "no nodes"
             raise ResourceError(f"no node type can hold a {request.what} needing {_show(request.bundle)} (set by "
@@ -134,6 +138,32 @@ def check_feasible(requests: list[Request], source: str, types: list[NodeType]) 
         if capacity < request.count:
             raise ResourceError(f"{request.count} x {request.what} ({_show(request.bundle)} each) exceed what "
                                 f"{source} can ever hold ({capacity}); lower {request.key}")
+
+
+def release_orphaned_groups(echo=print) -> int:
+    """Remove this job's placement groups whose creating actor has died; return how many.
+
+    Ray frees a placement group only once both its creator actor and its job are gone. A driver actor that
+    Ray restarts lives on in the same job, so the groups of what it had started (Ray Train's worker group,
+    Ray Data's pools) would hold their nodes until the job ends, and the restarted driver would wait on
+    them for `run.resource_wait_s` and fail (seen with Ray 2.60's Ray Train). Ray has no public listing of
+    a group's creator, so this reads the GCS table directly.
+    """
+    import ray
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for raw in ray._private.state.state._connect_and_get_accessor().get_placement_group_table():
+        group = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        orphaned = group.creator_actor_dead and not group.creator_job_dead and not group.is_detached
+        if orphaned and group.creator_job_id.hex() == job and group.state != gcs_pb2.PlacementGroupTableData.REMOVED:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+            removed += 1
+    if removed:
+        echo(f"[spin-ray] released {removed} placement group(s) left by actors that died (a restarted driver's)")
+    return removed
 
 
 def ensure_resources(config, phase: str, echo=print) -> None:
@@ -144,19 +174,24 @@ def ensure_resources(config, phase: str, echo=print) -> None:
     requests = [r for r in phase_requests(config, phase) if r.count > 0]
     source, types = node_types()
     check_feasible(requests, source, types)
+    release_orphaned_groups(echo)
     bundles = [dict(r.bundle) for r in requests for _ in range(r.count)]
     wait = config.run.resource_wait_s
     group = placement_group(bundles, strategy="PACK", name=f"spin-ray-preflight-{phase}")
-    started = time.monotonic()
+    deadline = time.monotonic() + wait
     try:
-        if not group.wait(timeout_seconds=min(5, wait)):
+        ready = group.wait(timeout_seconds=min(5, wait))
+        if not ready:
             echo(f"[spin-ray] {phase}: waiting up to {wait:.0f}s for "
                  + ", ".join(f"{r.count} x {r.what} {_show(r.bundle)}" for r in requests))
-            if not group.wait(timeout_seconds=max(0.0, wait - (time.monotonic() - started))):
-                available = ray.available_resources()
-                raise ResourceError(
-                    f"{phase}: waited {wait:.0f}s (run.resource_wait_s) for "
-                    + ", ".join(f"{r.count} x {r.what} {_show(r.bundle)} ({r.key})" for r in requests)
-                    + f"; the cluster offered {_show(available)} free of {_show(ray.cluster_resources())}")
+        # PlacementGroup.wait may return a little before its timeout: wait out the whole limit
+        while not ready and time.monotonic() < deadline:
+            ready = group.wait(timeout_seconds=max(1, math.ceil(deadline - time.monotonic())))
+        if not ready:
+            available = ray.available_resources()
+            raise ResourceError(
+                f"{phase}: waited {wait:.0f}s (run.resource_wait_s) for "
+                + ", ".join(f"{r.count} x {r.what} {_show(r.bundle)} ({r.key})" for r in requests)
+                + f"; the cluster offered {_show(available)} free of {_show(ray.cluster_resources())}")
     finally:
         remove_placement_group(group)

@@ -75,7 +75,9 @@ class Phases:
         self.manifest.finish(name, iteration, seconds, out.metrics, out.artifacts)
         # a step per model: p0 at 0, p(t+1) at t+1; generation of iteration t is p_t's, at t
         step = 0 if iteration is None else iteration + (name != "generate")
-        self.tracker.scalars("evaluate" if name == "baseline_eval" else name, {**out.metrics, "seconds": seconds}, step)
+        # train/* are the per-step metrics at global steps: the training phase's summary goes beside them
+        prefix = {"baseline_eval": "evaluate", "train": "train_phase"}.get(name, name)
+        self.tracker.scalars(prefix, {**out.metrics, "seconds": seconds}, step)
         self.tracker.flush()
         self.echo(f"[spin-ray] {label}: done in {seconds:.1f}s")
         return self.manifest.phase(name, iteration), out.value
@@ -154,6 +156,7 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
     except LeaseHeld as error:
         raise RunAlreadyActive(str(error)) from None
     lease.start_heartbeat()
+    tracker = None
     try:
         manifest = Manifest.open(config, force)
         tracker = Tracker(config, layout, manifest.data.setdefault("tracking", {}))
@@ -167,6 +170,7 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
         if config.iterations.sft_warm_start:
             sft_config = config.model_copy(update={"training": config.training.model_copy(
                 update={"objective": "sft", "epochs": config.iterations.sft_epochs})})
+
             def sft() -> Produced:
                 with tracker.following(layout.train(None), "sft", 0):
                     return _train(sft_config, layout, None, sft_rows(config, opponent), opponent, config.data.train)
@@ -217,8 +221,11 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
         with local_copy(manifest.data["report"]["plot"]) as picture:
             tracker.artifact(picture)
         tracker.close()
+        tracker = None
         return manifest.data
     finally:
+        if tracker is not None:  # the run failed: what was logged stays, the tracking run ends as failed
+            tracker.close(failed=True)
         lease.release()
 
 

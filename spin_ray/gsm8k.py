@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -24,9 +24,11 @@ def normalise_number(text: str) -> str | None:
         return None
     if not value.is_finite():
         return None
-    normal = value.normalize()
-    # normalize() writes 100 as 1E+2: quantize integers back to plain digits
-    return str(normal.quantize(Decimal(1))) if normal == normal.to_integral_value() else format(normal, "f")
+    # normalize() writes 100 as 1E+2, and rounds to the context's precision (28 digits): a model's 60-digit
+    # answer must stay itself; format "f" writes plain digits
+    with localcontext() as context:
+        context.prec = max(28, len(cleaned))
+        return format(value.normalize(), "f")
 
 
 def final_answer(text: str | None) -> str | None:

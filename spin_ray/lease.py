@@ -173,7 +173,7 @@ class RunLease:
         fs, path = filesystem(self.url)
         if is_local(self.url):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            staging = f"{path}.{self.token}.new"
+            staging = f"{path}.{uuid.uuid4().hex}.new"  # the token may hold '/' (a driver's name has the run's path)
             with open(staging, "wb") as out:
                 out.write(self._payload())
             try:

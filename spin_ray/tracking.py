@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import threading
+import uuid
 from contextlib import contextmanager
 
 from spin_ray.config import Config, flatten
@@ -55,7 +56,7 @@ class TensorBoard:
         if self.local != self.target:
             upload_folder(self.local, self.target)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.flush()
         self.writer.close()
 
@@ -66,7 +67,10 @@ class MLflow:
     def __init__(self, config: Config, layout: RunLayout, state: dict):
         from mlflow.tracking import MlflowClient
 
-        uri = config.tracking.mlflow_tracking_uri or "file:" + os.path.abspath(join(layout.root, "mlruns"))
+        uri = config.tracking.mlflow_tracking_uri
+        if uri is None:  # a file store in the run folder: MLflow 3 keeps it working but wants the opt-in said
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = "file:" + os.path.abspath(join(layout.root, "mlruns"))
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = state.get("mlflow_run_id")
         if self.run_id is None:
@@ -102,8 +106,8 @@ class MLflow:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 class WandB:
@@ -114,7 +118,7 @@ class WandB:
 
         folder = join(layout.root, "wandb") if is_local(layout.root) else tempfile.mkdtemp(prefix="spin-ray-wandb-")
         os.makedirs(folder, exist_ok=True)
-        run_id = state.setdefault("wandb_run_id", wandb.util.generate_id())
+        run_id = state.setdefault("wandb_run_id", uuid.uuid4().hex[:12])  # W&B ids: short, alphanumeric
         self.run = wandb.init(project=config.tracking.wandb_project, id=run_id, resume="allow", name=config.run.name,
                               mode=config.tracking.wandb_mode, dir=folder, reinit="create_new")
 
@@ -132,8 +136,8 @@ class WandB:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class Tracker:
@@ -168,9 +172,12 @@ class Tracker:
         for backend in self.backends:
             backend.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         for backend in self.backends:
-            backend.close()
+            try:
+                backend.close(failed)
+            except Exception as error:  # closing a tracker must not hide the run's own outcome
+                log.warning("tracking: could not close %s: %s", type(backend).__name__, error)
 
     @contextmanager
     def following(self, train_dir: str, key: str, step_offset: int):

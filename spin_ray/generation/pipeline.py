@@ -12,6 +12,7 @@ import logging
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +38,11 @@ from spin_ray.generation.stages import REFERENCE_COLUMNS
 from spin_ray.models import load_tokenizer
 from spin_ray.prepare import TokenizedSplit, tokenize_split
 from spin_ray.tokenization import ChatFormat
+
+# Ray 2.60's map_batches takes bounded actor restarts (max_restarts, max_task_retries) only as extra remote
+# args, which it warns are deprecated (to go in 2.64) while offering no named parameter for them; without the
+# bound an actor killed for memory restarts forever. The warning would print in every job log.
+warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module=r"spin_ray\.generation")
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +115,8 @@ def progress_lines(output_dir: str, todo: int, interval_s: float):
     already = set(committed_shards(output_dir))
     counted: dict[str, tuple[int, int]] = {}
     stop, started = threading.Event(), time.perf_counter()
-    label = "/".join(output_dir.rstrip("/").split("/")[-2:])
+    # three levels name the phase within its run: story/iter_0/generation, iter_0/eval/answers, baseline/eval/answers
+    label = "/".join(output_dir.rstrip("/").split("/")[-3:])
 
     def report() -> None:
         while not stop.wait(interval_s):

@@ -12,6 +12,7 @@ engine (63/63).
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from collections.abc import Sequence
@@ -28,14 +29,21 @@ from spin_ray.tokenization import ChatFormat
 CPU_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_AOT_COMPILE": "0"}
 
 
+# vLLM's CPU backend pages the KV cache in blocks of 128 tokens and keeps one block out of use: 1.1 x one
+# 1024-token sequence (8.8 blocks) left the tiny model a 896-token maximum (7 blocks) and refused to start.
+CPU_BLOCK_TOKENS = 128
+
+
 def kv_cache_bytes(model_config: Any, sequences: int, max_model_len: int, dtype_bytes: int) -> int:
-    """KV cache that holds `sequences` sequences of `max_model_len` tokens, with 10% slack (vLLM's CPU default
-    is a flat 4 GiB, too much for a small model on a small box and too little for a large one)."""
+    """KV cache that holds `sequences` sequences of `max_model_len` tokens in whole blocks, plus vLLM's reserved
+    block, with 10% slack (vLLM's CPU default is a flat 4 GiB, too much for a small model on a small box and too
+    little for a large one)."""
     layers = model_config.num_hidden_layers
     heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     per_token = 2 * layers * heads * head_dim * dtype_bytes
-    return int(per_token * sequences * max_model_len * 1.1)
+    blocks = sequences * math.ceil(max_model_len / CPU_BLOCK_TOKENS) + 1
+    return int(per_token * CPU_BLOCK_TOKENS * blocks * 1.1)
 
 
 def sampling_params(max_new_tokens: int, temperature: float, top_p: float, seed: int, stop_token_ids: list[int],

@@ -10,6 +10,7 @@ exports a Hugging Face folder: the next opponent.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -166,7 +167,10 @@ def train(
             record = {**metrics, "world_size": context.world_size,
                       "prompt_ids": [examples[i].prompt_id for i in global_indices]}
             log.append(record)
-            print(_progress_line(metrics, schedule.total_steps, time.perf_counter() - started, start_step), flush=True)
+            # not print(): Ray Train's worker patches it to log as well as print when stdout is wrapped (as in a
+            # job), and every step line came out twice
+            sys.stdout.write(_progress_line(metrics, schedule.total_steps, time.perf_counter() - started, start_step) + "\n")
+            sys.stdout.flush()
         if context.report:
             context.report(metrics)
         done = step + 1

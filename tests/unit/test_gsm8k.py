@@ -16,7 +16,8 @@ HUMAN = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("1,200", "1200"), ("$18.00", "18"), ("-3", "-3"), ("0.50", "0.5"), ("100", "100"), ("7.", "7"), ("abc", None)],
+    [("1,200", "1200"), ("$18.00", "18"), ("-3", "-3"), ("0.50", "0.5"), ("100", "100"), ("7.", "7"), ("abc", None),
+     ("1" * 60, "1" * 60), ("9" * 40 + ".5", "9" * 40 + ".5")],  # a random model's digit runs: exact, no crash
 )
 def test_normalise_number(text, expected):
     assert normalise_number(text) == expected

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spin_ray.generation.hf_engine import HFEngine
-from spin_ray.logprobs import score_responses as reference_logps
+from spin_ray.logprobs import score_responses
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,8 @@ def test_free_logps_equal_a_separate_forward(varied_model, chat, prompts, tokeni
     engine = HFEngine(tiny_model, chat, 10, batch_size=4, prefill_rows=3)
     out = engine.generate(prompts, score=reals)
     pad = tokenizer.pad_token_id
-    generated = reference_logps(tiny_model, prompts, [c.token_ids for c in out], pad, batch_size=1)
-    real = reference_logps(tiny_model, prompts, reals, pad, batch_size=1)
+    generated = score_responses(tiny_model, prompts, [c.token_ids for c in out], pad, batch_size=1)
+    real = score_responses(tiny_model, prompts, reals, pad, batch_size=1)
     assert torch.allclose(torch.tensor([c.logp for c in out]), generated, atol=1e-4)
     assert torch.allclose(torch.tensor([c.scored_logp for c in out]), real, atol=1e-4)
     # the scored answer must not disturb generation: same tokens as without scoring

@@ -123,7 +123,8 @@ def test_status_tells_a_live_run_from_an_interrupted_one(tmp_path, capsys):
     out = capsys.readouterr().out
     assert ": interrupted," in out and "continues it with iteration 0 train (running, attempt 2)" in out
     assert "iteration 0/2 train" in out and "stopped" in out
-    lease = RunLease(layout.lease, ttl_s=60, token="job-7", owner="ray job raysubmit_7")
+    # a driver's token is its job id and actor name, which holds the run's path
+    lease = RunLease(layout.lease, ttl_s=60, token=f"07000000:spin-ray-driver:{layout.root}", owner="ray job raysubmit_7")
     lease.acquire()
     assert main(["status", layout.root]) == 0
     out = capsys.readouterr().out
