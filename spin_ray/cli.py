@@ -60,6 +60,8 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
 def _init_ray(address: str | None) -> None:
     import ray
 
+    if ray.is_initialized():
+        return
     # RAY_ADDRESS (set by `ray job submit`) or --address joins a cluster; otherwise a local instance.
     if not sys.stdout.isatty():
         # a job log or a file: Ray colours the "(Actor pid=...)" prefix and its "[repeated 3x]" notes regardless;
@@ -68,7 +70,7 @@ def _init_ray(address: str | None) -> None:
 
         colorama.init(strip=True, convert=False)
     # Ray's own INFO lines go to stderr, where a refusal must stand alone as one line; say where we are instead
-    context = ray.init(address=address or os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True,
+    context = ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True,
                        logging_level=logging.WARNING)
     where = f", dashboard {context.dashboard_url}" if getattr(context, "dashboard_url", None) else ""
     print(f"[spin-ray] Ray at {context.address_info.get('gcs_address', 'a local instance')}{where}", flush=True)
@@ -117,7 +119,7 @@ def _unwrap_remote(error: Exception) -> Exception:
 def cmd_run(args: argparse.Namespace) -> int:
     import ray
 
-    from spin_ray.driver import start_driver
+    from spin_ray.driver import driver_alive, ray_session, start_driver
     from spin_ray.lease import describe, live_holder
     from spin_ray.manifest import check_config, resume_config
     from spin_ray.report import format_table
@@ -127,15 +129,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     layout = RunLayout.of(config)
     preflight(layout.root)  # a bucket that is missing, unreachable or read-only stops here, before any work
     holder = live_holder(layout.lease)
-    if holder is not None:  # another live driver, from any cluster: refuse before starting anything
-        raise RunAlreadyActive(f"run {config.run.name!r} at {layout.root} is leased to {describe(holder)}")
+    ended = None
+    if holder is not None:
+        # a driver that renewed lately: from another cluster, or alive here, it drives the run (refuse before
+        # starting anything); one of this cluster whose job has ended (`ray job stop`) is waited out instead
+        joins = args.address or os.environ.get("RAY_ADDRESS")  # a new local instance is never the holder's cluster
+        if joins:
+            _init_ray(args.address)
+        if not joins or holder.get("ray_session") != ray_session() or driver_alive(config):
+            raise RunAlreadyActive(f"run {config.run.name!r} at {layout.root} is leased to {describe(holder)}")
+        ended = holder.get("token")
     config = resume_config(config, read_json(layout.manifest))
     check_config(config, args.force)  # refuse a changed config before anything starts
     _init_ray(args.address)
     print(f"[spin-ray] run {config.run.name}: {config.iterations.count} iteration(s), model {config.model.name}, "
           f"data {config.data.train}, state in {layout.manifest}", flush=True)
     try:
-        driver = start_driver(config, args.force, progress_bars=sys.stdout.isatty())
+        driver = start_driver(config, args.force, progress_bars=sys.stdout.isatty(), ended_holder=ended)
         manifest = ray.get(driver.run.remote())
     except ray.exceptions.RayTaskError as exc:
         cause = _unwrap_remote(exc)

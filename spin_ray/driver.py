@@ -141,8 +141,9 @@ def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str
 
 
 def run_iterations(config: Config, force: bool = False, echo: Callable[[str], None] = print,
-                   lease_token: str | None = None, owner: str | None = None) -> dict:
-    """The self-play outer loop (a plain function; the driver actor calls it). Returns the final manifest dict."""
+                   lease_token: str | None = None, owner: str | None = None, ended_holder: str | None = None) -> dict:
+    """The self-play outer loop (a plain function; the driver actor calls it). Returns the final manifest dict.
+    `ended_holder`: the lease token of a driver whose job is known to have ended (its lease is waited out)."""
     from spin_ray.generation.shards import read_completion, shards_dataset
     from spin_ray.model_card import write_model_card
     from spin_ray.report import format_table, iteration_rows, write_report
@@ -150,9 +151,9 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
     from spin_ray.trainset import iteration_set, sft_rows
 
     layout = RunLayout.of(config)
-    lease = RunLease(layout.lease, config.run.lease_ttl_s, token=lease_token, owner=owner)
+    lease = RunLease(layout.lease, config.run.lease_ttl_s, token=lease_token, owner=owner, cluster=ray_session())
     try:
-        lease.acquire(echo)
+        lease.acquire(echo, ended=ended_holder)
     except LeaseHeld as error:
         raise RunAlreadyActive(str(error)) from None
     lease.start_heartbeat()
@@ -252,7 +253,8 @@ class DriverActor:
     Restarted by Ray after a crash (run.driver_max_restarts), it continues from the manifest as a
     resubmitted job does, and takes the lease back: its token is the job's, which survives the restart."""
 
-    def __init__(self, config: dict, force: bool, lease_token: str, owner: str, progress_bars: bool = False):
+    def __init__(self, config: dict, force: bool, lease_token: str, owner: str, progress_bars: bool = False,
+                 ended_holder: str | None = None):
         import ray
 
         self.config = build_config(config, "driver")
@@ -261,10 +263,11 @@ class DriverActor:
         context.wait_for_min_actors_s = self.config.run.resource_wait_s
         context.enable_progress_bars = progress_bars
         self.force = force
-        self.lease_token, self.owner = lease_token, owner
+        self.lease_token, self.owner, self.ended_holder = lease_token, owner, ended_holder
 
     def run(self) -> dict:
-        return run_iterations(self.config, self.force, lease_token=self.lease_token, owner=self.owner)
+        return run_iterations(self.config, self.force, lease_token=self.lease_token, owner=self.owner,
+                              ended_holder=self.ended_holder)
 
     def pid(self) -> int:
         return os.getpid()
@@ -277,16 +280,31 @@ def submission_name() -> str:
     return f"ray job {submission}" if submission else f"spin-ray run (pid {os.getpid()})"
 
 
-def start_driver(config: Config, force: bool = False, progress_bars: bool = False):
-    """Create the run's named driver actor on the head node; refuse if a live driver of this cluster drives the run."""
+def ray_session() -> str | None:
+    """The connected Ray cluster's session name (None without Ray): which cluster a lease holder ran in."""
+    import ray
+
+    return ray.get_runtime_context().get_session_name() if ray.is_initialized() else None
+
+
+def driver_alive(config: Config) -> bool:
+    """Whether this cluster has a live driver actor for the run (it is not detached: it dies with its job)."""
+    import ray
+
+    try:
+        ray.get_actor(driver_name(config), namespace=DRIVER_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def start_driver(config: Config, force: bool = False, progress_bars: bool = False, ended_holder: str | None = None):
+    """Create the run's named driver actor on the head node; refuse if a live driver of this cluster drives the run.
+    `ended_holder`: the lease token of a driver of this cluster whose job has ended (see run_iterations)."""
     import ray
 
     name = driver_name(config)
-    try:
-        ray.get_actor(name, namespace=DRIVER_NAMESPACE)
-    except ValueError:
-        pass
-    else:
+    if driver_alive(config):
         raise RunAlreadyActive(f"run {config.run.name!r} is already being driven by a live job (actor {name!r}); "
                                "stop that job first (ray job stop ...)")
     token = f"{ray.get_runtime_context().get_job_id()}:{name}"
@@ -298,4 +316,4 @@ def start_driver(config: Config, force: bool = False, progress_bars: bool = Fals
     actor_class = ray.remote(num_cpus=0, max_restarts=restarts, max_task_retries=restarts)(DriverActor)
     place = config.run.driver_resource or "node:__internal_head__"
     return actor_class.options(name=name, namespace=DRIVER_NAMESPACE, resources={place: 0.001}).remote(
-        config.to_dict(), force, token, owner, progress_bars)
+        config.to_dict(), force, token, owner, progress_bars, ended_holder)

@@ -60,9 +60,11 @@ def live_holder(url: str) -> dict | None:
 class RunLease:
     """Take, renew and release the lease object at `url` for this process."""
 
-    def __init__(self, url: str, ttl_s: float, token: str | None = None, owner: str | None = None):
+    def __init__(self, url: str, ttl_s: float, token: str | None = None, owner: str | None = None,
+                 cluster: str | None = None):
         self.url = url
         self.ttl_s = ttl_s
+        self.cluster = cluster  # the Ray session the holder runs in: lets a later job of that cluster tell it ended
         # The holder's identity: a driver restarted by Ray passes the same token (its job's) and takes the
         # lease back at once; anyone else waits for it to expire. `owner` is how refusals name the holder.
         self.token = token or uuid.uuid4().hex
@@ -74,9 +76,10 @@ class RunLease:
         self.lost: LeaseLost | None = None
 
     # ---- public --------------------------------------------------------------------------------
-    def acquire(self, echo: Callable[[str], None] | None = None) -> None:
+    def acquire(self, echo: Callable[[str], None] | None = None, ended: str | None = None) -> None:
         """Take the lease, or raise LeaseHeld naming the live holder. A holder that stopped renewing (a driver killed
-        by `ray job stop`, a lost node) is waited out until its lease expires, at most a third of the TTL."""
+        by `ray job stop`, a lost node), or whose token is `ended` (its job is known to have ended), is waited out
+        until its lease expires."""
         if self._create():
             return
         holder, etag = self._read()
@@ -90,11 +93,13 @@ class RunLease:
         if holder and holder.get("expires_at", 0) > time.time():
             # a live holder renews every ttl/3: silent for 2/3 of the TTL means it is gone
             silent = time.time() - holder.get("renewed_at", 0)
-            if silent < 2 * self.ttl_s / 3:
+            gone = ended is not None and holder.get("token") == ended
+            if silent < 2 * self.ttl_s / 3 and not gone:
                 raise LeaseHeld(f"run storage {self.url} is leased to {describe(holder)}")
             wait = holder["expires_at"] - time.time()
             if echo:
-                echo(f"[spin-ray] the run's lease is held by {holder.get('owner')}, silent for {silent:.0f}s: "
+                why = "whose job has ended" if gone else f"silent for {silent:.0f}s"
+                echo(f"[spin-ray] the run's lease is held by {holder.get('owner')}, {why}: "
                      f"taking it over when it expires in {max(0, wait):.0f}s")
             time.sleep(max(0.0, wait) + 0.5)
             holder, etag = self._read()
@@ -148,7 +153,7 @@ class RunLease:
     # ---- one backend per store -------------------------------------------------------------------
     def _payload(self) -> bytes:
         return json.dumps({"owner": self.owner, "token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                           "ray_job_id": os.environ.get("RAY_JOB_ID"), "acquired": self.acquired_at,
+                           "ray_job_id": os.environ.get("RAY_JOB_ID"), "ray_session": self.cluster, "acquired": self.acquired_at,
                            "renewed_at": time.time(), "expires_at": time.time() + self.ttl_s}).encode()
 
     def _read(self) -> tuple[dict | None, str | None]:

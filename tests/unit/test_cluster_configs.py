@@ -162,6 +162,17 @@ def test_node_types_with_one_name_each_count():
         check_feasible(phase_requests(greedy, "generate"), "the live nodes", two_workers)
 
 
+def test_a_reference_pool_is_asked_for_only_beside_unfused_engines():
+    # fused (the default): the engine pass scores; a scorer reserved beside it would never fit a node that
+    # holds exactly one replica (the 2-CPU job in tests/e2e waited out run.resource_wait_s for it)
+    fused = load_config(None, ["generation.cpus_per_replica=2"])
+    assert [r.what for r in phase_requests(fused, "evaluate")] == ["generation engine replica"]
+    assert [r.what for r in phase_requests(fused, "generate")] == ["generation engine replica"]
+    apart = load_config(None, ["generation.fuse_reference=false"])
+    for phase in ("generate", "evaluate"):
+        assert [r.what for r in phase_requests(apart, phase)] == ["generation engine replica", "reference scorer"]
+
+
 def test_jobs_readme_submits_shipped_configs():
     text = (ROOT / "jobs" / "README.md").read_text()
     named = set(re.findall(r"spin-ray run (jobs/\S+\.yaml)", text))

@@ -1,6 +1,7 @@
 """Run state: the manifest's phase records, resume bookkeeping, and the refusal of a changed config."""
 
 import json
+import time
 
 import pytest
 
@@ -130,3 +131,19 @@ def test_status_tells_a_live_run_from_an_interrupted_one(tmp_path, capsys):
     out = capsys.readouterr().out
     assert ": running," in out and "driven by spin-ray driver of ray job raysubmit_7" in out
     lease.release()
+
+
+def test_a_lease_whose_job_has_ended_is_waited_out_not_refused(tmp_path):
+    from spin_ray.lease import LeaseHeld, RunLease
+
+    url = str(tmp_path / "run" / "lease.json")
+    stopped = RunLease(url, ttl_s=3, token="01000000:spin-ray-driver:/runs:demo", cluster="session_a")
+    stopped.acquire()  # renewed just now, then its job was stopped: no heartbeat, no release
+    with pytest.raises(LeaseHeld, match="is leased to"):
+        RunLease(url, ttl_s=3, token="02000000:x").acquire()  # nothing says it ended: it looks alive
+    lines: list[str] = []
+    started = time.monotonic()
+    RunLease(url, ttl_s=3, token="03000000:y").acquire(lines.append, ended=stopped.token)
+    assert time.monotonic() - started >= 2  # waited for the expiry, then took it
+    assert "whose job has ended: taking it over" in lines[0]
+    assert json.loads(open(url).read())["token"] == "03000000:y"
