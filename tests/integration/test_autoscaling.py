@@ -67,10 +67,15 @@ def autoscaling_head(tmp_path_factory):
         gcs_address=f"127.0.0.1:{port}")  # fake nodes join this head, not port 6379
     path = folder / "autoscaling.json"
     path.write_text(json.dumps(config))
+    auth = _token_auth()
     head = RayHead(folder / "head.log", num_cpus=0, port=port,
-                   env={"AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"},
+                   env={"AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1", **auth},
                    extra=[f"--autoscaling-config={path}", f"--object-store-memory={SMALL_STORE}"])
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    saved = {key: os.environ.get(key) for key in auth}
+    os.environ.update(auth)
+    from ray._raylet import AuthenticationTokenLoader
+
+    AuthenticationTokenLoader.instance().reset_cache()  # read the token from the environment just set
     try:
         ray.init(address=head.address, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -78,7 +83,24 @@ def autoscaling_head(tmp_path_factory):
     finally:
         ray.shutdown()
         head.stop()
-        os.environ.pop("RAY_AUTH_MODE", None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _token_auth() -> dict:
+    """Token auth with the token this process already holds (or a new one): Ray keeps the auth it set up at this
+    process's first ray.init, and a head with auth off beside a token-auth session had every call from its
+    workers refused ("Missing authorization header"), so their actors died."""
+    import secrets
+
+    from ray._raylet import AuthenticationTokenLoader
+
+    loader = AuthenticationTokenLoader.instance()
+    token = loader.get_raw_token() if loader.has_token(ignore_auth_mode=True) else secrets.token_hex(32)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
 
 
 def _overrides(tmp_path, model, run, *extra):
@@ -191,7 +213,7 @@ def test_requests_no_node_type_can_hold_fail_at_once(autoscaling_head, tmp_path,
         result = subprocess.run(
             [sys.executable, "-m", "spin_ray.cli", "run", "--address", autoscaling_head.address,
              *base, f"run.name=preflight-{name}", *extra],
-            capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+            capture_output=True, text=True, timeout=300, env=dict(os.environ))
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, result.stderr[-2000:]
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
