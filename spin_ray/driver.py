@@ -151,7 +151,7 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
     from spin_ray.trainset import iteration_set, sft_rows
 
     layout = RunLayout.of(config)
-    lease = RunLease(layout.lease, config.run.lease_ttl_s, token=lease_token, owner=owner, cluster=ray_session())
+    lease = RunLease(layout.lease, config.run.lease_ttl_s, token=lease_token, owner=owner, ray_session=ray_session())
     try:
         lease.acquire(echo, ended=ended_holder)
     except LeaseHeld as error:

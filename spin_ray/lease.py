@@ -61,10 +61,10 @@ class RunLease:
     """Take, renew and release the lease object at `url` for this process."""
 
     def __init__(self, url: str, ttl_s: float, token: str | None = None, owner: str | None = None,
-                 cluster: str | None = None):
+                 ray_session: str | None = None):
         self.url = url
         self.ttl_s = ttl_s
-        self.cluster = cluster  # the Ray session the holder runs in: lets a later job of that cluster tell it ended
+        self.ray_session = ray_session  # the holder's Ray cluster: a later job there can tell it ended
         # The holder's identity: a driver restarted by Ray passes the same token (its job's) and takes the
         # lease back at once; anyone else waits for it to expire. `owner` is how refusals name the holder.
         self.token = token or uuid.uuid4().hex
@@ -153,8 +153,9 @@ class RunLease:
     # ---- one backend per store -------------------------------------------------------------------
     def _payload(self) -> bytes:
         return json.dumps({"owner": self.owner, "token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                           "ray_job_id": os.environ.get("RAY_JOB_ID"), "ray_session": self.cluster, "acquired": self.acquired_at,
-                           "renewed_at": time.time(), "expires_at": time.time() + self.ttl_s}).encode()
+                           "ray_job_id": os.environ.get("RAY_JOB_ID"), "ray_session": self.ray_session,
+                           "acquired": self.acquired_at, "renewed_at": time.time(),
+                           "expires_at": time.time() + self.ttl_s}).encode()
 
     def _read(self) -> tuple[dict | None, str | None]:
         fs, path = filesystem(self.url)

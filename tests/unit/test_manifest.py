@@ -137,7 +137,7 @@ def test_a_lease_whose_job_has_ended_is_waited_out_not_refused(tmp_path):
     from spin_ray.lease import LeaseHeld, RunLease
 
     url = str(tmp_path / "run" / "lease.json")
-    stopped = RunLease(url, ttl_s=3, token="01000000:spin-ray-driver:/runs:demo", cluster="session_a")
+    stopped = RunLease(url, ttl_s=3, token="01000000:spin-ray-driver:/runs:demo", ray_session="session_a")
     stopped.acquire()  # renewed just now, then its job was stopped: no heartbeat, no release
     with pytest.raises(LeaseHeld, match="is leased to"):
         RunLease(url, ttl_s=3, token="02000000:x").acquire()  # nothing says it ended: it looks alive
