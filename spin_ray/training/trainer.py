@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import tempfile
@@ -12,6 +13,17 @@ from spin_ray.algorithms import TrainingDataError, objective
 from spin_ray.config import Config, build_config
 from spin_ray.storage import atomic_write_json, is_local, join, read_json
 from spin_ray.training.checkpoint import export_complete
+
+
+def _quiet_per_report_lines() -> None:
+    """Ray Train logs every `ray.train.report` call at INFO, metrics and all, from a logger named by its
+    file path: outside `ray.train`, so RunConfig's LoggingConfig does not reach it. The loop prints its own
+    step line, so a job log would show every step twice."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def _worker_entry(loop_config: dict) -> None:
@@ -24,6 +36,7 @@ def _worker_entry(loop_config: dict) -> None:
     config = build_config(loop_config["config"])
     # One torch thread per reserved CPU, set explicitly: the worker process does not get it from Ray.
     prepare_compute_process(max(1, int(config.training.cpus_per_worker)))
+    _quiet_per_report_lines()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     # Every worker reads the whole pairs set (datasets_to_split=[]): the (seed, epoch) schedule then

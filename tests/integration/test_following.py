@@ -84,6 +84,7 @@ def test_a_job_log_reads_as_a_story(ray_session, tmp_path, tiny_model_dir):
     story = [line for line in lines if line.startswith("[spin-ray]") or line.startswith("train:")]
     doubled = sorted({line for line in story if story.count(line) > 1})
     assert not doubled, f"lines printed twice: {doubled[:5]}"
+    assert not [line for line in lines if "Reporting training result" in line], "Ray Train's per-report line repeats each step"
     for phase in ("baseline_eval: started", "iteration 0: generate: done", "iteration 0: train: done",
                   "iteration 0: evaluate: done"):
         assert any(phase in line for line in story), phase
