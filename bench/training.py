@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import math
 import os
@@ -289,13 +290,16 @@ def main() -> None:
             if ours in results and theirs in results:
                 ratios[f"{ours}_vs_{theirs}"] = round(results[ours]["tokens_per_second"] /
                                                       results[theirs]["tokens_per_second"], 3)
-    import trl
     import transformers
 
+    try:  # only the TRL variants need TRL: a run of ours alone records it as absent
+        trl_version = importlib.metadata.version("trl")
+    except importlib.metadata.PackageNotFoundError:
+        trl_version = None
     print(json.dumps({
         "benchmark": "training",
         "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),
-                    "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+                    "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_version},
         "setup": {"model": "SmolLM2-135M-Instruct fp32", "pairs": len(rows), "global_batch": args.global_batch,
                   "micro_batch": args.micro_batch, "epochs": args.epochs, "max_new_tokens": args.max_new_tokens,
                   "mean_sequence_tokens": round(mean_sequence, 1), "loss": "sigmoid, beta 0.1", "optimizer": "adamw"},
