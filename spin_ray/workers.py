@@ -1,4 +1,4 @@
-"""Compute processes under Ray: undo the low CPU priority Ray gives its workers, and size their torch thread pool."""
+"""Compute processes under Ray: normal CPU priority, a torch thread pool of their size, no library bars in the job log."""
 
 from __future__ import annotations
 
@@ -29,10 +29,21 @@ def claim_normal_priority() -> bool:
 
 
 def prepare_compute_process(threads: int) -> None:
-    """What every compute actor and training worker does first: normal CPU priority, and `threads` torch threads
-    (Ray does not pass its CPU reservation on to torch). Processes it starts later (vLLM's) inherit both."""
+    """What every compute actor and training worker does first: normal CPU priority, `threads` torch threads (Ray
+    does not pass its CPU reservation on to torch), no library progress bars. Processes it starts later (vLLM's)
+    inherit the first two."""
     import torch
 
     claim_normal_priority()
     if threads > 0:
         torch.set_num_threads(threads)
+    quiet_library_progress_bars()
+
+
+def quiet_library_progress_bars() -> None:
+    """No transformers or huggingface_hub progress bars in this process. Ray forwards a worker's stderr into the job
+    log, where each model load's "Loading weights" bar arrives as a run of carriage-return lines from every actor;
+    the job prints its own progress lines."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()

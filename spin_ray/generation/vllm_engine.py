@@ -107,6 +107,7 @@ class VLLMEngine:
             "enable_prefix_caching": True,  # K samples of one prompt share its prefix
             "logprobs_mode": "raw_logprobs",  # the model's own log-probs, as the trainer computes them
             "tensor_parallel_size": tensor_parallel_size,
+            "use_tqdm_on_load": False,  # a bar per replica start, in the job log of every engine actor
         }
         if use_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
