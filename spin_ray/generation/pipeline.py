@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import re
-import threading
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +21,7 @@ import pyarrow as pa
 
 from spin_ray.config import Config, GenerationConfig
 from spin_ray.generation.engine import EngineSpec, replica_threads
+from spin_ray.generation.progress import progress_lines
 from spin_ray.generation.shards import (
     SHARD_COLUMN,
     GenerationError,
@@ -81,10 +81,12 @@ def run_generation(config: Config, model: str, output_dir: str, source: str | No
     started = time.perf_counter()
     new_rows = None
     if todo:
-        plan = _plan(config, _prompt_table(split, todo, config.generation.shard_rows), model, output_dir,
-                     score_reference, preference_stage)
+        gen = config.generation
+        table = _prompt_table(split, todo, gen.shard_rows)
         try:
-            with progress_lines(output_dir, len(todo), config.tracking.interval_s):
+            with progress_lines(output_dir, len(todo), gen.num_samples, math.ceil(len(todo) / gen.shard_rows),
+                                config.tracking.interval_s) as tally:
+                plan = _plan(config, table, model, output_dir, score_reference, preference_stage, tally)
                 new_rows = plan.materialize()
         except Exception as error:
             failure = memory_failure(error, config.generation)
@@ -99,45 +101,6 @@ def run_generation(config: Config, model: str, output_dir: str, source: str | No
     # Rows generated now are already in the object store; earlier rows are read back once.
     dataset = new_rows if len(todo) == len(expected) else shards_dataset(shards).materialize()
     return GenerationResult(output_dir, dataset, summary)
-
-
-@contextmanager
-def progress_lines(output_dir: str, todo: int, interval_s: float):
-    """Where a job log is no terminal (Ray Data's bars off), print one progress line every `interval_s` seconds while
-    the body runs: prompts committed of those to do, tokens, tokens/s and the ETA, read off the committed shards."""
-    import ray
-
-    if ray.data.DataContext.get_current().enable_progress_bars:
-        yield
-        return
-    from tqdm import tqdm
-
-    already = set(committed_shards(output_dir))
-    counted: dict[str, tuple[int, int]] = {}
-    stop, started = threading.Event(), time.perf_counter()
-    # three levels name the phase within its run: story/iter_0/generation, iter_0/eval/answers, baseline/eval/answers
-    label = "/".join(output_dir.rstrip("/").split("/")[-3:])
-
-    def report() -> None:
-        while not stop.wait(interval_s):
-            try:
-                for shard in set(committed_shards(output_dir)) - already - set(counted):
-                    lengths = read_shards([shard], ["generated_tokens"]).column("generated_tokens").to_pylist()
-                    counted[shard] = (len(lengths), sum(sum(row) for row in lengths))
-            except Exception:  # a listing that fails now is retried at the next line
-                continue
-            done, tokens = sum(c[0] for c in counted.values()), sum(c[1] for c in counted.values())
-            elapsed = time.perf_counter() - started
-            print(tqdm.format_meter(done, todo, elapsed, ncols=120, prefix=f"[spin-ray] {label}", unit="prompt",
-                                    postfix=f"{tokens:,} tokens, {tokens / elapsed:.1f} tok/s"), flush=True)
-
-    thread = threading.Thread(target=report, name="spin-ray-progress", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=10)
 
 
 def _load_prompts(config: Config, model: str, source: str) -> TokenizedSplit:
@@ -226,8 +189,9 @@ def memory_failure(error: BaseException, gen: GenerationConfig) -> GenerationErr
 
 
 def _plan(config: Config, table: pa.Table, model: str, output_dir: str, score_reference: bool,
-          preference_stage: RowStage | None):
-    """The lazy Ray Data plan: engine pool (-> reference pool) (-> preference stage) -> shard commit."""
+          preference_stage: RowStage | None, tally=None):
+    """The lazy Ray Data plan: engine pool (-> reference pool) (-> preference stage) -> shard commit. The engine
+    replicas count their answers into `tally` (an AnswerTally actor) when one is given."""
     import ray
 
     from spin_ray.generation.stages import GenerateStage
@@ -238,7 +202,7 @@ def _plan(config: Config, table: pa.Table, model: str, output_dir: str, score_re
     blocks = [table.slice(start, gen.shard_rows) for start in range(0, table.num_rows, gen.shard_rows)]
     dataset = ray.data.from_arrow(blocks).map_batches(
         GenerateStage,
-        fn_constructor_kwargs={"spec": EngineSpec.from_config(config, model, score_reference=fused)},
+        fn_constructor_kwargs={"spec": EngineSpec.from_config(config, model, score_reference=fused), "tally": tally},
         batch_format="pyarrow",
         batch_size=rows_per_call(gen, table.num_rows),
         compute=ray.data.ActorPoolStrategy(min_size=gen.replicas[0], max_size=gen.replicas[1]),

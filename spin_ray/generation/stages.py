@@ -7,6 +7,7 @@ import time
 import pyarrow as pa
 
 from spin_ray.generation.engine import EngineSpec, sample_seed, sampling_description
+from spin_ray.generation.progress import TallySender
 from spin_ray.generation.shards import SHARD_COLUMN
 
 
@@ -45,10 +46,11 @@ class GenerateStage:
     model, so a generated answer's log-prob comes with it (summed while decoding, or vLLM's own), and
     the human answer is scored in the same engine pass (the prompt's prefill; a prompt-scoring request
     in vLLM). No second model copy, no second pool. Start-up (staging and loading the model, building
-    the engine) is timed apart from generation and reported with the replica's first shard.
+    the engine) is timed apart from generation and reported with the replica's first shard. Each finished
+    answer is counted into the phase's `tally` (an AnswerTally actor) for the job log's progress lines.
     """
 
-    def __init__(self, spec: EngineSpec):
+    def __init__(self, spec: EngineSpec, tally=None):
         from spin_ray.models import local_model_path, load_tokenizer
         from spin_ray.tokenization import ChatFormat
         from spin_ray.workers import prepare_compute_process
@@ -75,6 +77,7 @@ class GenerateStage:
             self.hf_model = load_model(path, spec.dtype, spec.trust_remote_code)
             self.engine = HFEngine(self.hf_model, chat, spec.max_new_tokens, spec.temperature, spec.top_p, spec.batch_size)
         self.sampling = sampling_description(spec.max_new_tokens, spec.temperature, spec.top_p, spec.num_samples, spec.seed)
+        self.progress = TallySender(tally)
         self.startup_seconds = time.perf_counter() - started
 
     def __call__(self, batch: pa.Table):
@@ -104,8 +107,10 @@ class GenerateStage:
             row["ref_logp_generated"][k] = completion.logp
             if k == 0:
                 row["ref_logp_real"] = completion.scored_logp
+            self.progress.count(len(completion.token_ids))
             pending[row[SHARD_COLUMN]] -= 1
             if pending[row[SHARD_COLUMN]] == 0:
+                self.progress.send(wait=True)
                 done = [r for r in rows if r[SHARD_COLUMN] == row[SHARD_COLUMN]]
                 engine_seconds = time.perf_counter() - clock
                 yield self._finish(done, engine_seconds)

@@ -107,6 +107,22 @@ def test_sampling_is_reproducible_per_prompt(ray_session, tmp_path, varied_model
     assert any(samples[0] != samples[1] for samples in rows_a.values())  # the K samples differ
 
 
+def test_progress_lines_count_every_answer_and_token_of_a_non_terminal_log(ray_session, tmp_path, tiny_model_dir,
+                                                                             capsys):
+    config = _config(tmp_path, tiny_model_dir, run="progress",
+                     **{"generation.num_samples": 2, "generation.temperature": 1.0, "tracking.interval_s": 0.5})
+    result = run_generation(config)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("[spin-ray] progress/iter_0/generation")]
+    tokens = sum(sum(row["generated_tokens"]) for row in result.dataset.take_all())
+    assert lines, out[-2000:]
+    # the last line, printed when the phase ends, has every answer (12 prompts x 2) and token, from the replicas
+    assert "100%" in lines[-1] and "24/24" in lines[-1] and "3/3 shards committed" in lines[-1], lines[-1]
+    assert lines[-1].endswith(", done]") and not [line for line in lines[:-1] if "done" in line]
+    assert f"{tokens:,} tokens" in lines[-1], (tokens, lines[-1])
+    assert "\r" not in out
+
+
 def test_vllm_engine_answers_as_the_hf_engine_with_exact_reference_logps(ray_session, tmp_path, varied_model_dir):
     one = {"generation.replicas": "[1,1]"}
     hf = {r["prompt_id"]: r for r in run_generation(_config(tmp_path, varied_model_dir, run="hf-twin", **one)).dataset.take_all()}
