@@ -89,7 +89,7 @@ def progress_lines(output_dir: str, prompts: int, samples: int, shards: int, int
         elapsed = time.perf_counter() - started
         # a replica killed mid-shard has its shard answered again, so the count may pass the total
         postfix = f"{committed}/{shards} shards committed, {tokens:,} tokens, {tokens / elapsed:.1f} tok/s{ended}"
-        print(tqdm.format_meter(min(answers, answers_to_do), answers_to_do, elapsed, ncols=140,
+        print(tqdm.format_meter(min(answers, answers_to_do), answers_to_do, elapsed,  # no ncols: never cut the counts
                                 prefix=f"[spin-ray] {label}", unit="answer", postfix=postfix), flush=True)
 
     def report() -> None:

@@ -107,6 +107,19 @@ def test_sampling_is_reproducible_per_prompt(ray_session, tmp_path, varied_model
     assert any(samples[0] != samples[1] for samples in rows_a.values())  # the K samples differ
 
 
+def test_vllm_samples_the_same_when_a_step_holds_one_prompt_at_a_time(ray_session, tmp_path, varied_model_dir):
+    # A 128-token budget per engine step fits about two prompts: with chunked prefill vLLM would split the next one,
+    # which a seeded sampler on CPU does not survive ("CPU Generator does not use offset").
+    sampled = {"generation.temperature": 1.0, "generation.num_samples": 2, "generation.engine": "vllm",
+               "generation.replicas": "[1,1]", "data.max_prompt_tokens": 96, "data.max_response_tokens": 32}
+    tight = run_generation(_config(tmp_path, varied_model_dir, run="tight", **sampled,
+                                   **{"generation.vllm_engine_kwargs": "{max_num_batched_tokens: 128}"}))
+    roomy = run_generation(_config(tmp_path, varied_model_dir, run="roomy", **sampled))
+    rows_tight = {r["prompt_id"]: r["generated_token_ids"] for r in tight.dataset.take_all()}
+    rows_roomy = {r["prompt_id"]: r["generated_token_ids"] for r in roomy.dataset.take_all()}
+    assert len(rows_tight) == 12 and rows_tight == rows_roomy
+
+
 def test_progress_lines_count_every_answer_and_token_of_a_non_terminal_log(ray_session, tmp_path, tiny_model_dir,
                                                                              capsys):
     config = _config(tmp_path, tiny_model_dir, run="progress",
