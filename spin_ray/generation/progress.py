@@ -63,9 +63,9 @@ class TallySender:
 @contextmanager
 def progress_lines(output_dir: str, prompts: int, samples: int, shards: int, interval_s: float):
     """Where a job log is no terminal (Ray Data's bars off), print one progress line every `interval_s` seconds while
-    the body runs, and a last one ("done" or "stopped") when it ends: answers finished of those to do, tokens, tokens/s and the ETA from
-    the replicas' tally, and shards committed of the `shards` to write. Yields the tally for the engine replicas (None on a
-    terminal, where Ray Data draws its own bars)."""
+    the body runs, and a last one ("done" or "stopped") when it ends: answers finished of `prompts` x `samples`,
+    tokens, tokens/s and the ETA from the replicas' tally, and shards committed of the `shards` to write. Yields the
+    tally for the engine replicas (None on a terminal, where Ray Data draws its own bars)."""
     import ray
 
     if ray.data.DataContext.get_current().enable_progress_bars:

@@ -90,6 +90,6 @@ def test_a_job_log_reads_as_a_story(ray_session, tmp_path, tiny_model_dir):
         assert any(phase in line for line in story), phase
     assert any(line.startswith("train:") and "1/2" in line for line in story)  # a step line per step
     progress = [line for line in story if "story/iter_0/generation" in line and "answer" in line]
-    assert len(progress) > 1 and "8/8" in progress[-1] and "2/2 shards committed" in progress[-1]  # periodic, then
+    assert len(progress) > 1 and "8/8" in progress[-1] and "2/2 shards committed" in progress[-1]  # periodic lines
     assert progress[-1].endswith(", done]")  # the phase's last line
     assert Path(tmp_path / "story" / "report.md").is_file()
