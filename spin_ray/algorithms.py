@@ -141,7 +141,8 @@ def _spin_loss(policy, refs, rates, lengths, config):
     from spin_ray.losses import spin_loss
 
     t = config.training
-    return spin_loss(policy[:, 0], policy[:, 1], refs[:, 0], refs[:, 1], t.beta, t.loss_type, lengths[:, 0], lengths[:, 1])
+    return spin_loss(policy[:, 0], policy[:, 1], refs[:, 0], refs[:, 1], t.beta, t.loss_type, lengths[:, 0], lengths[:, 1],
+                     nll_weight=t.nll_weight, dpop_lambda=t.dpop_lambda, length_normalize=t.length_normalize)
 
 
 def _sppo_loss(policy, refs, rates, lengths, config):
@@ -151,14 +152,19 @@ def _sppo_loss(policy, refs, rates, lengths, config):
 
 
 def _tspin_loss(policy, refs, rates, lengths, config):
+    import torch
+
     from spin_ray.losses import tspin_loss
 
+    real_tokens = lengths[:, 0]
     if config.tspin.length_normalize:  # the variant's reward is on per-token means of policy and reference alike
         policy = policy / lengths
         refs = None if refs is None else refs / lengths
+        real_tokens = torch.ones_like(real_tokens)  # policy[:, 0] is already the per-token mean
     ref = (None, None, None) if refs is None else (refs[:, 0], refs[:, 1], refs[:, 2])
     return tspin_loss(policy[:, 0], policy[:, 1], policy[:, 2], *ref, reward_scale=config.tspin.reward_scale,
-                      historical_weight=config.tspin.historical_weight)
+                      historical_weight=config.tspin.historical_weight, nll_weight=config.training.nll_weight,
+                      real_tokens=real_tokens)
 
 
 def _sft_loss(policy, refs, rates, lengths, config):
@@ -190,7 +196,7 @@ class Algorithm:
     columns: tuple[str, ...]  # generation columns read besides prompt_id, prompt_token_ids, real_token_ids
     build: Callable[[RowReader, bool, bool], Example]
     loss: Callable[..., tuple[Any, dict]]
-    metrics: tuple[str, ...]  # what a training step reports, besides loss
+    metrics: tuple[str, ...]  # what a training step reports, besides loss (some only with a stabiliser on)
     margin_caption: str = ""  # what rewards/margins compares, for the report
     reference_columns: tuple[str, ...] = ()  # read only when the objective uses reference log-probs
     uses_reference: Callable[[Any], bool] = lambda config: True
@@ -198,6 +204,12 @@ class Algorithm:
     needs_proto: bool = False  # examples carry the initial model's answer y_0
     token_average: bool = False  # a step minimises the per-token mean over the global batch, not per example
     check: Callable[[Any], str | None] = field(default=lambda config: None)
+    # training.* stabilisers the loss honours (docs/algorithms.md); the config refuses the others when set
+    options: tuple[str, ...] = ()
+
+    def unsupported_options(self, training) -> list[str]:
+        """The stabilisers set away from their off value that this objective would silently ignore."""
+        return [name for name in STABILISERS if name not in self.options and getattr(training, name)]
 
     def needed_columns(self, config) -> list[str]:
         columns = ["prompt_id", "prompt_token_ids", "real_token_ids", *self.columns]
@@ -207,13 +219,16 @@ class Algorithm:
         return self.build(RowReader(row, source, number), self.uses_reference(config), with_tokens)
 
 
+# The loss stabilisers of training.*: off is 0 (or false) for each.
+STABILISERS = ("nll_weight", "dpop_lambda", "length_normalize")
+
 _REWARD_METRICS = ("rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies", "logps/real",
                    "logps/generated")
 
 SPIN = Algorithm(
     name="spin", answers="(human, generated)",
     columns=("generated_token_ids", "ref_logp_real", "ref_logp_generated"),
-    build=_spin_example, loss=_spin_loss, metrics=_REWARD_METRICS,
+    build=_spin_example, loss=_spin_loss, metrics=(*_REWARD_METRICS, "nll/real", "dpop/penalty"), options=STABILISERS,
     margin_caption="reward of the human answer minus the opponent's answer (beta x log-ratio)",
 )
 SPPO = Algorithm(
@@ -229,9 +244,9 @@ TSPIN = Algorithm(
     columns=("generated_token_ids", "proto_token_ids"),
     reference_columns=("ref_logp_real", "ref_logp_generated", "ref_logp_proto"),
     uses_reference=lambda config: not config.tspin.reference_free,
-    build=_tspin_example, loss=_tspin_loss, needs_proto=True,
+    build=_tspin_example, loss=_tspin_loss, needs_proto=True, options=("nll_weight",),
     metrics=(*_REWARD_METRICS, "loss/current", "loss/historical", "rewards/proto", "rewards/historical_margins",
-             "logps/proto"),
+             "logps/proto", "nll/real"),
     margin_caption="reward of the human answer minus the current synthetic answer y_t (alpha x log-prob)",
 )
 SFT = Algorithm(

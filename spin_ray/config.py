@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from spin_ray.algorithms import ALGORITHMS
+from spin_ray.algorithms import ALGORITHMS, objective
 
 
 class ConfigError(ValueError):
@@ -157,6 +157,15 @@ class TrainingConfig(_Section):
     )
     loss_type: Literal["sigmoid", "hinge", "ipo"] = Field("sigmoid", description="SPIN loss shape.")
     beta: float = Field(0.1, gt=0.0, description="Inverse temperature of the SPIN reward (paper: 0.1).")
+    nll_weight: float = Field(
+        0.0, ge=0.0, description="RPO's alpha (SPIN, T-SPIN): adds alpha x the human answer's per-token NLL to each "
+        "example's loss, so self-play cannot lower the human answers' likelihood for free. 0 is the paper's loss.")
+    dpop_lambda: float = Field(
+        0.0, ge=0.0, description="DPOP's lambda (SPIN): lambda x max(0, log p_t(y) - log p(y)) inside the sigmoid, a "
+        "penalty for the human answer's log-ratio falling below zero. 0 is off.")
+    length_normalize: bool = Field(
+        False, description="SPIN: log-ratios divided by their answer's token count (LN-DPO), so a longer answer earns "
+        "no reward for its length. The ipo loss always normalises.")
     learning_rate: float = Field(5e-7, gt=0.0, description="Peak learning rate (paper: 5e-7, 1e-7 later).")
     optimizer: Literal["rmsprop", "adamw"] = Field("rmsprop", description="RMSprop as in the paper, or AdamW.")
     weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (AdamW) or L2 penalty (RMSprop).")
@@ -345,6 +354,12 @@ class Config(_Section):
         problem = ALGORITHMS[self.algorithm].check(self)
         if problem:
             raise ValueError(problem)
+        trained = objective(self)
+        ignored = trained.unsupported_options(self.training)
+        if ignored:
+            what = "training.objective sft" if trained.name == "sft" else f"algorithm {trained.name}"
+            raise ValueError(f"training.{ignored[0]} does not apply to {what} (it applies to: "
+                             f"{', '.join(a.name for a in ALGORITHMS.values() if ignored[0] in a.options)})")
         if "mlflow" in self.tracking.backends and not self.tracking.mlflow_tracking_uri \
                 and "://" in self.run.storage_path:
             raise ValueError("tracking.backends has mlflow and run.storage_path is a bucket: MLflow's file store is "

@@ -22,35 +22,51 @@ def spin_loss(
     loss_type: str = "sigmoid",
     real_tokens: torch.Tensor | None = None,
     generated_tokens: torch.Tensor | None = None,
+    nll_weight: float = 0.0,
+    dpop_lambda: float = 0.0,
+    length_normalize: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SPIN per-pair losses and metrics: prefer the human answer (real) over the opponent's (generated).
 
-    h = [lp(y) - lp_ref(y)] - [lp(y') - lp_ref(y')], the reference being the opponent p_t.
+    With r = lp(y) - lp_ref(y) and g = lp(y') - lp_ref(y'), the reference being the opponent p_t,
+    h = r - g - lambda * max(0, -r):
       sigmoid: -log sigmoid(beta * h)        (the paper's logistic loss; DPO with chosen = human)
       hinge:   max(0, 1 - beta * h)
       ipo:     (h_tok - 1 / (2 * beta))^2     h_tok: h with each log-ratio divided by its answer's token count
                                               (`real_tokens`, `generated_tokens`), as TRL and the IPO authors do
+    Stabilisers (all off by default, the paper's SPIN):
+      length_normalize: r and g divided by their answers' token counts (LN-DPO), so a long answer
+                        earns no reward for its length;
+      dpop_lambda:      DPOP's penalty (arXiv 2402.13228): lambda * max(0, lp_ref(y) - lp(y)) inside the
+                        sigmoid, so lowering the human answer's likelihood below the opponent's costs;
+      nll_weight:       RPO's term (arXiv 2404.19733), alpha * (-lp(y) / |y|) added to each pair's loss.
     Log-probs are sums over the answer's tokens in every mode, so the rewards, beta x summed log-ratio,
     mean the same thing whatever the loss (TRL's rewards/chosen). Metrics are batch means, detached.
     """
+    needs_lengths = loss_type == "ipo" or length_normalize or nll_weight > 0
+    if needs_lengths and (real_tokens is None or generated_tokens is None):
+        raise ValueError("spin_loss: ipo, length_normalize and nll_weight need real_tokens and generated_tokens "
+                         "(answer lengths)")
     real_ratio = policy_real_logps - ref_real_logps
     generated_ratio = policy_generated_logps - ref_generated_logps
-    h = real_ratio - generated_ratio
+    if loss_type == "ipo" or length_normalize:
+        real_margin = real_ratio / real_tokens.clamp(min=1)
+        generated_margin = generated_ratio / generated_tokens.clamp(min=1)
+    else:
+        real_margin, generated_margin = real_ratio, generated_ratio
+    penalty = dpop_lambda * torch.relu(-real_margin)
+    h = real_margin - generated_margin - penalty
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * h)
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - beta * h)
     elif loss_type == "ipo":
-        if real_tokens is None or generated_tokens is None:
-            raise ValueError("spin_loss: loss_type ipo needs real_tokens and generated_tokens (answer lengths)")
-        h_tok = real_ratio / real_tokens.clamp(min=1) - generated_ratio / generated_tokens.clamp(min=1)
-        losses = (h_tok - 1.0 / (2.0 * beta)) ** 2
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
     else:
         raise ValueError(f"unknown SPIN loss_type {loss_type!r}; choose one of {SPIN_LOSS_TYPES}")
     real_rewards = (beta * real_ratio).detach()
     generated_rewards = (beta * generated_ratio).detach()
     metrics = {
-        "loss": losses.detach().mean(),
         "rewards/real": real_rewards.mean(),
         "rewards/generated": generated_rewards.mean(),
         "rewards/margins": (real_rewards - generated_rewards).mean(),
@@ -58,7 +74,20 @@ def spin_loss(
         "logps/real": policy_real_logps.detach().mean(),
         "logps/generated": policy_generated_logps.detach().mean(),
     }
-    return losses, metrics
+    if dpop_lambda > 0:
+        metrics["dpop/penalty"] = penalty.detach().mean()
+    losses = _with_nll(losses, policy_real_logps, real_tokens, nll_weight, metrics)
+    return losses, {"loss": losses.detach().mean(), **metrics}
+
+
+def _with_nll(losses: torch.Tensor, policy_real_logps: torch.Tensor, real_tokens: torch.Tensor | None,
+              nll_weight: float, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+    """RPO's NLL term: alpha times the human answer's per-token NLL, added to each example's loss."""
+    if nll_weight <= 0:
+        return losses
+    nll = -policy_real_logps / real_tokens.clamp(min=1)
+    metrics["nll/real"] = nll.detach().mean()
+    return losses + nll_weight * nll
 
 
 def sppo_loss(
@@ -108,6 +137,8 @@ def tspin_loss(
     ref_proto_logps: torch.Tensor | None = None,
     reward_scale: float = 1.0,
     historical_weight: float = 0.1,
+    nll_weight: float = 0.0,
+    real_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """T-SPIN per-triplet losses (arXiv 2601.08198, Eq. 7 and Appendix D) and metrics.
 
@@ -119,7 +150,11 @@ def tspin_loss(
       loss = -log sigmoid(r(y) - r(y_t))  -  beta * log sigmoid(r(y_t) - r(y_0))
              current advantage               historical advantage
     The historical term keeps a signal when y_t has become as likely as y (SPIN's vanishing advantage).
+    `nll_weight` adds RPO's alpha * (-lp(y) / |y|) per triplet (`real_tokens`: the human answers' lengths;
+    `policy_real_logps` summed, as everywhere).
     """
+    if nll_weight > 0 and real_tokens is None:
+        raise ValueError("tspin_loss: nll_weight needs real_tokens")
     refs = (ref_real_logps, ref_generated_logps, ref_proto_logps)
     if any(r is None for r in refs) and not all(r is None for r in refs):
         raise ValueError("tspin_loss: pass all three reference log-probs or none (reference-free)")
@@ -134,7 +169,6 @@ def tspin_loss(
     historical = -F.logsigmoid(generated_rewards - proto_rewards)
     losses = current + historical_weight * historical
     metrics = {
-        "loss": losses.detach().mean(),
         "loss/current": current.detach().mean(),
         "loss/historical": historical.detach().mean(),
         "rewards/real": real_rewards.detach().mean(),
@@ -147,7 +181,8 @@ def tspin_loss(
         "logps/generated": policy_generated_logps.detach().mean(),
         "logps/proto": policy_proto_logps.detach().mean(),
     }
-    return losses, metrics
+    losses = _with_nll(losses, policy_real_logps, real_tokens, nll_weight, metrics)
+    return losses, {"loss": losses.detach().mean(), **metrics}
 
 
 def sft_loss(

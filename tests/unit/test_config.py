@@ -93,3 +93,15 @@ def test_the_configuration_reference_is_generated_from_the_schema():
     missing = [key for key in config_keys() if f"`{key}`" not in documented]
     assert not missing, f"docs/configuration.md lacks: {missing}"
     assert documented == module.reference(), "docs/configuration.md is stale: run python scripts/config_reference.py"
+
+
+def test_a_stabiliser_is_refused_where_the_algorithm_table_says_it_does_not_apply():
+    from spin_ray.algorithms import ALGORITHMS
+
+    assert load_config(overrides=["training.nll_weight=0.5", "training.dpop_lambda=1", "training.length_normalize=true"])
+    assert load_config(overrides=["algorithm=tspin", "training.nll_weight=0.5"]).training.nll_weight == 0.5
+    assert ALGORITHMS["tspin"].options == ("nll_weight",) and not ALGORITHMS["sppo"].options
+    with pytest.raises(ConfigError, match=r"training.dpop_lambda does not apply to algorithm tspin \(it applies to: spin\)"):
+        load_config(overrides=["algorithm=tspin", "training.dpop_lambda=1"])
+    with pytest.raises(ConfigError, match="training.nll_weight does not apply to training.objective sft"):
+        load_config(overrides=["training.objective=sft", "training.nll_weight=0.5"])

@@ -161,3 +161,53 @@ def test_tspin_historical_term_keeps_a_gradient_when_the_current_advantage_vanis
     losses.sum().backward()
     assert proto.grad.item() > 0  # lower y_0
     assert generated.grad.item() == pytest.approx(0.0)  # current (+0.5) and historical (-0.5) pulls cancel here
+
+
+def test_nll_weight_adds_rpos_per_token_nll_of_the_human_answer():
+    # two pairs; human answers of 5 and 2 tokens with summed log-probs -10 and -6: per-token NLL 2 and 3
+    policy_real, policy_generated = torch.tensor([-10.0, -6.0]), torch.tensor([-12.0, -9.0])
+    ref_real, ref_generated = torch.tensor([-11.0, -6.5]), torch.tensor([-11.0, -8.0])
+    tokens = dict(real_tokens=torch.tensor([5.0, 2.0]), generated_tokens=torch.tensor([7.0, 3.0]))
+    plain, _ = spin_loss(policy_real, policy_generated, ref_real, ref_generated, beta=0.1, **tokens)
+    rpo, metrics = spin_loss(policy_real, policy_generated, ref_real, ref_generated, beta=0.1, nll_weight=0.5, **tokens)
+    h = torch.tensor([(-10 + 11) - (-12 + 11), (-6 + 6.5) - (-9 + 8)])  # 2.0 and 1.5
+    expected = -torch.nn.functional.logsigmoid(0.1 * h) + 0.5 * torch.tensor([2.0, 3.0])
+    assert torch.allclose(rpo, expected, atol=1e-6) and torch.allclose(rpo - plain, torch.tensor([1.0, 1.5]))
+    assert metrics["nll/real"].item() == pytest.approx(2.5) and metrics["loss"].item() == pytest.approx(expected.mean().item())
+    with pytest.raises(ValueError, match="need real_tokens"):
+        spin_loss(policy_real, policy_generated, ref_real, ref_generated, nll_weight=0.5)
+
+
+def test_length_normalize_divides_each_log_ratio_by_its_answers_tokens():
+    # log-ratios +1 over a 2-token human answer and -1 over a 4-token generated one: h = 1/2 + 1/4
+    losses, metrics = spin_loss(*_pair(), beta=0.1, length_normalize=True, real_tokens=torch.tensor([2.0]),
+                                generated_tokens=torch.tensor([4.0]))
+    assert losses.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.1 * 0.75))), abs=1e-6)
+    assert metrics["rewards/margins"].item() == pytest.approx(0.2)  # rewards stay beta x summed log-ratios
+    # a longer opponent answer with the same per-token log-ratio earns it nothing more
+    longer, _ = spin_loss(*_pair(policy_generated=-13.0), beta=0.1, length_normalize=True,
+                          real_tokens=torch.tensor([2.0]), generated_tokens=torch.tensor([8.0]))
+    assert longer.item() == pytest.approx(losses.item(), abs=1e-6)
+
+
+def test_dpop_penalises_the_human_answer_falling_below_the_opponent():
+    # r = -12 - (-11) = -1 (the human answer lost likelihood), g = -14 - (-11) = -3: h = r - g - lambda * 1
+    args = _pair(policy_real=-12.0, policy_generated=-14.0)
+    losses, metrics = spin_loss(*args, beta=0.1, dpop_lambda=5.0)
+    assert losses.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.1 * (2 - 5)))), abs=1e-6)
+    assert metrics["dpop/penalty"].item() == pytest.approx(5.0)
+    raised, _ = spin_loss(*_pair(policy_real=-10.0, policy_generated=-12.0), beta=0.1, dpop_lambda=5.0)
+    plain, _ = spin_loss(*_pair(policy_real=-10.0, policy_generated=-12.0), beta=0.1)
+    assert raised.item() == pytest.approx(plain.item())  # no penalty while the human answer's log-ratio is >= 0
+    policy_real = torch.tensor([-12.0], requires_grad=True)
+    spin_loss(policy_real, torch.tensor([-14.0]), torch.tensor([-11.0]), torch.tensor([-11.0]), dpop_lambda=5.0)[0].backward()
+    free = torch.tensor([-12.0], requires_grad=True)
+    spin_loss(free, torch.tensor([-14.0]), torch.tensor([-11.0]), torch.tensor([-11.0]))[0].backward()
+    assert policy_real.grad.item() < free.grad.item() < 0  # a stronger push up on the human answer
+
+
+def test_tspin_nll_weight_adds_the_same_term():
+    real, generated, proto = torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-15.0])
+    plain, _ = tspin_loss(real, generated, proto)
+    rpo, metrics = tspin_loss(real, generated, proto, nll_weight=0.25, real_tokens=torch.tensor([4.0]))
+    assert rpo.item() == pytest.approx(plain.item() + 0.25 * 2.5) and metrics["nll/real"].item() == pytest.approx(2.5)
