@@ -69,11 +69,21 @@ def _init_ray(address: str | None) -> None:
         import colorama
 
         colorama.init(strip=True, convert=False)
+    from spin_ray.logs import quiet_library_logs
+
     # Ray's own INFO lines go to stderr, where a refusal must stand alone as one line; say where we are instead
     context = ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True,
                        logging_level=logging.WARNING)
+    quiet_library_logs()
     where = f", dashboard {context.dashboard_url}" if getattr(context, "dashboard_url", None) else ""
     print(f"[spin-ray] Ray at {context.address_info.get('gcs_address', 'a local instance')}{where}", flush=True)
+
+
+def _check_inputs(config, model: str | None = None, train: bool = True, evaluation: bool | None = None) -> None:
+    """Model and data refused in seconds, before Ray starts (and, on a cluster, before any node is provisioned)."""
+    from spin_ray.prepare import check_inputs
+
+    print(f"[spin-ray] inputs: {check_inputs(config, model, train, evaluation)}", flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -83,6 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = _config(args)
     layout = RunLayout.of(config)
     preflight(layout.root)
+    _check_inputs(config, evaluation=False)
     _init_ray(args.address)
     model = resolve_model(config.model.name, config.model.cache_dir).path
     result = run_generation(config, model, layout.generation(0))
@@ -128,6 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args)
     layout = RunLayout.of(config)
     preflight(layout.root)  # a bucket that is missing, unreachable or read-only stops here, before any work
+    _check_inputs(config)
     holder = live_holder(layout.lease)
     ended = None
     if holder is not None:
@@ -167,6 +179,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = resolve_model(args.model, config.model.cache_dir)
     output = args.output or join(config.run.storage_path, "eval", os.path.basename(model.path.rstrip("/")))
     preflight(output)
+    held_out = config.model_copy(update={"data": config.data.model_copy(update={"eval": args.data or config.data.eval})})
+    _check_inputs(held_out, args.model, train=False, evaluation=True)
     _init_ray(args.address)
     metrics = evaluate_model(config, model.path, output, opponent_answers=args.opponent_answers,
                              data=args.data or config.data.eval)
@@ -206,11 +220,38 @@ def cmd_status(args: argparse.Namespace) -> int:
     if manifest is None:
         raise ConfigError(f"{folder}: no manifest.json; not a spin-ray run folder (or the run has not started)")
     holder = live_holder(RunLayout(folder).lease)
+    job = holder_job_status(holder, args.address or os.environ.get("RAY_ADDRESS"))
     if args.json:
-        print(json.dumps({**manifest.data, "state": run_state(manifest.data, holder), "lease_holder": holder}, indent=2))
+        print(json.dumps({**manifest.data, "state": run_state(manifest.data, holder, job), "lease_holder": holder,
+                          "lease_holder_job": job}, indent=2))
     else:
-        print(format_status(manifest.data, holder))
+        print(format_status(manifest.data, holder, job))
     return 0
+
+
+def holder_job_status(holder: dict | None, address: str | None, timeout_s: float = 15.0) -> str | None:
+    """Ray's status of the lease holder's job (RUNNING, STOPPED, FAILED, ...), asked of the job server at `address`
+    (the dashboard URL `ray job submit` uses). None when there is no holder, no address, or no answer within
+    `timeout_s`: the lease alone then decides, and a stopped job's lease expires after run.lease_ttl_s."""
+    if holder is None or not holder.get("ray_job_id") or not address:
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask() -> str | None:
+        from ray.job_submission import JobSubmissionClient
+
+        for job in JobSubmissionClient(address).list_jobs():
+            if job.job_id == holder["ray_job_id"]:
+                return getattr(job.status, "value", str(job.status))
+        return None
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(ask).result(timeout=timeout_s)
+    except Exception:  # another cluster, an address that is not a job server, a timeout: no answer
+        return None
+    finally:
+        pool.shutdown(wait=False)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -224,18 +265,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     if manifest is None:
         raise ConfigError(f"{folder}: no manifest.json; not a spin-ray run folder")
     trained = [r["iteration"] for r in manifest.data["iterations"] if (r["phases"].get("train") or {}).get("status") == "done"]
-    iteration = args.iteration if args.iteration is not None else (trained[-1] if trained else None)
-    if iteration is None or iteration not in trained:
+    selected = manifest.data.get("selected_model")
+    keep = (manifest.data["config"].get("evaluation") or {}).get("keep", "best")
+    use_selected = (args.iteration is None and not args.last and keep == "best" and selected is not None
+                    and selected.get("value") is not None)  # a value: chosen on a validation split
+    if use_selected:
+        iteration, why = selected["iteration"], (f"the best model on the validation split, {selected['model']} "
+                                                 f"({selected['by']} {selected['value']:.4f})")
+    elif args.iteration is not None:
+        iteration, why = args.iteration, f"iteration {args.iteration}'s model"
+    elif trained:
+        iteration, why = trained[-1], f"the last model, p{trained[-1] + 1}"
+    else:
+        raise ConfigError(f"{folder}: no trained model yet")
+    if iteration is not None and iteration not in trained:
         raise ConfigError(f"{folder}: iteration {iteration} has no trained model (trained: {trained or 'none'})")
-    source = RunLayout(folder).model(iteration)
-    if not folder_complete(source):
+    # p0 selected: no iteration improved on the start model on the validation split
+    source = selected["path"] if iteration is None else RunLayout(folder).model(iteration)
+    if iteration is not None and not folder_complete(source):
         raise ConfigError(f"{source}: the export is incomplete (no completion marker)")
     if os.path.exists(args.dir) and os.listdir(args.dir):
         raise ConfigError(f"{args.dir}: exists and is not empty; export into a new folder")
     download_folder(source, args.dir)
     with open(os.path.join(args.dir, "README.md"), "w") as handle:
         handle.write(str(model_card(manifest.data, iteration)))
-    print(f"exported iteration {iteration}'s model {source} -> {args.dir} (with its model card)")
+    print(f"exported {why}: {source} -> {args.dir} (with its model card)")
     return 0
 
 
@@ -290,15 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder ({storage_path}/{run.name}) or the run's config YAML")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("export", help="copy a run's model (the last trained by default) out, with its model card")
+    p = sub.add_parser("export", help="copy a run's model out with its model card: the best on the validation split "
+                       "(evaluation.keep: best, the default) or the last")
     p.add_argument("run", help="run folder ({storage_path}/{run.name}, a bucket URL too) or the run's config YAML")
     p.add_argument("dir", help="a new local folder for the model")
     p.add_argument("--iteration", type=int, default=None, help="the model trained in iteration T")
+    p.add_argument("--last", action="store_true", help="the last trained model, whatever the selection")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("status", help="print where a run stands (phases, attempts, timings)")
     p.add_argument("run", help="run folder ({storage_path}/{run.name}) or the run's config YAML")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p.add_argument("--address", default=None,
+                   help="Ray dashboard URL (default $RAY_ADDRESS) to ask whether the lease holder's job still runs")
     p.set_defaults(func=cmd_status)
 
     return parser

@@ -106,19 +106,25 @@ def _detect_format(fs: fsspec.AbstractFileSystem, path: str, declared: str) -> s
 
 
 def _iter_jsonl(fs, path: str, url: str) -> Iterator[tuple[int, Any]]:
-    with fs.open(path, "rb", compression="infer") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield line_number, DataError(url, line_number, None, f"line is not valid UTF-8 ({exc.reason})")
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield line_number, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield line_number, DataError(url, line_number, None, f"malformed JSON: {exc.msg} at column {exc.colno}")
+    line_number = 0
+    try:
+        with fs.open(path, "rb", compression="infer") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                if raw.strip():
+                    yield line_number, _parse_jsonl_line(raw, line_number, url)
+    except (OSError, EOFError) as exc:  # unreadable, or a corrupt .gz/.zst: the file's fault, not a row's
+        where = f"after line {line_number}" if line_number else "at its start"
+        raise DataError(url, None, None, f"unreadable {where} ({type(exc).__name__}: {exc})") from None
+
+
+def _parse_jsonl_line(raw: bytes, line_number: int, url: str) -> Any:
+    """The line's JSON value, or the DataError that names it (raised by the caller unless skip_invalid)."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return DataError(url, line_number, None, f"line is not valid UTF-8 ({exc.reason})")
+    except json.JSONDecodeError as exc:
+        return DataError(url, line_number, None, f"malformed JSON: {exc.msg} at column {exc.colno}")
 
 
 def _iter_json(fs, path: str, url: str) -> Iterator[tuple[int, Any]]:
@@ -127,6 +133,8 @@ def _iter_json(fs, path: str, url: str) -> Iterator[tuple[int, Any]]:
             payload = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(url, None, None, f"file is not valid JSON: {exc}") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(url, None, None, f"unreadable ({type(exc).__name__}: {exc})") from None
     if isinstance(payload, dict) and isinstance(payload.get("data"), list):
         payload = payload["data"]
     if not isinstance(payload, list):
@@ -223,16 +231,19 @@ def normalize_row(item: Any, url: str, row: int, cfg: DataConfig) -> tuple[list[
     return prompt, response
 
 
-def load_records(source: str, cfg: DataConfig | None = None) -> tuple[pa.Table, LoadReport]:
-    """Load, validate and id the SFT records of `source` into a table with RECORD_SCHEMA.
+def in_validation(prompt_id: str, fraction: float) -> bool:
+    """Whether a record belongs to the validation split carved from its training set: the first 32 bits of its content
+    hash, read as a share of 2^32, fall below `fraction`. The same records on every run, machine and data order."""
+    return int(prompt_id[:8], 16) < fraction * 2**32
 
-    Invalid rows raise DataError unless cfg.skip_invalid, in which case they are counted
-    in the report. Exact duplicate records are dropped (counted) so every prompt_id is unique.
-    """
-    cfg = cfg or DataConfig()
+
+def iter_records(source: str, cfg: DataConfig, report: LoadReport, part: str | None = None,
+                 ) -> Iterator[tuple[str, list, str, int]]:
+    """(prompt_id, prompt messages, human response, source row) of every usable record of `source`, in file order,
+    streaming: invalid rows raise DataError unless cfg.skip_invalid (then they are counted in `report`), exact
+    duplicates are dropped (counted), and it stops after cfg.limit records. `part` "train" or "validation" keeps
+    only the records outside or inside the validation carve (cfg.validation_fraction; see in_validation)."""
     url, cfg = resolve_source(source, cfg)
-    report = LoadReport(source=source)
-    ids, prompts, responses, rows = [], [], [], []
     seen: set[str] = set()
     for row, item in iter_raw_rows(url, cfg.format, cfg.split):
         report.rows_read += 1
@@ -250,16 +261,38 @@ def load_records(source: str, cfg: DataConfig | None = None) -> tuple[pa.Table, 
             report.duplicates += 1
             continue
         seen.add(pid)
-        ids.append(pid)
-        prompts.append(prompt)
-        responses.append(response)
-        rows.append(row)
-        if cfg.limit is not None and len(ids) >= cfg.limit:
-            break
-    report.records = len(ids)
+        if part is not None and in_validation(pid, cfg.validation_fraction) != (part == "validation"):
+            continue
+        report.records += 1
+        yield pid, prompt, response, row
+        if cfg.limit is not None and report.records >= cfg.limit:
+            return
+    if not report.records:
+        where = "" if part is None else f" in its {part} part (data.validation_fraction {cfg.validation_fraction})"
+        raise DataError(url, None, None,
+                        f"no usable records{where} ({report.rows_read} rows read, {report.skipped} invalid)")
+
+
+def check_records(source: str, cfg: DataConfig | None = None, part: str | None = None) -> LoadReport:
+    """Read `source` as load_records would, keeping only the ids: the same errors, in one streaming pass, before
+    anything starts (a run would otherwise find a bad row after its cluster and its baseline evaluation)."""
+    report = LoadReport(source=source if part is None else f"{source} ({part} part)")
+    for _ in iter_records(source, cfg or DataConfig(), report, part):
+        pass
+    return report
+
+
+def load_records(source: str, cfg: DataConfig | None = None, part: str | None = None) -> tuple[pa.Table, LoadReport]:
+    """Load, validate and id the SFT records of `source` into a table with RECORD_SCHEMA.
+
+    Invalid rows raise DataError unless cfg.skip_invalid, in which case they are counted
+    in the report. Exact duplicate records are dropped (counted) so every prompt_id is unique.
+    `part`: the training or validation part of a carved set (see iter_records).
+    """
+    report = LoadReport(source=source if part is None else f"{source} ({part} part)")
+    records = list(iter_records(source, cfg or DataConfig(), report, part))
     if report.skipped:
         log.warning("%s; first: %s", report.summary(), report.skip_examples[0])
-    if not ids:
-        raise DataError(url, None, None, f"no usable records ({report.rows_read} rows read, {report.skipped} invalid)")
+    ids, prompts, responses, rows = (list(column) for column in zip(*records, strict=True))
     table = pa.table({"prompt_id": ids, "prompt": prompts, "response": responses, "source_row": rows}, RECORD_SCHEMA)
     return table, report

@@ -155,6 +155,39 @@ def resolve_model(spec: str | os.PathLike, cache_dir: str | Path | None = None) 
     )
 
 
+def check_model(spec: str | os.PathLike, cache_dir: str | Path | None = None, hub_timeout_s: float = 10.0) -> str:
+    """Refuse a model spec that names nothing, in seconds and without converting or downloading anything: an
+    alias needs its wheel's GGUF, a folder or URL its config.json, a hub id its repository (in the local hub
+    cache, or asked of the hub). Returns what was checked; a hub that cannot be reached is reported, not refused:
+    the nodes that load the model may reach it."""
+    spec = os.fspath(spec)
+    alias = ALIASES.get(spec.strip().lower())
+    if alias is not None:
+        gguf, version = _gguf_path(alias)
+        return f"alias {spec}: {alias.distribution} {version} ({gguf.name})"
+    resolved = resolve_model(spec, cache_dir)
+    if resolved.source != "hub":
+        return f"{resolved.source} {resolved.path}"
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+        return f"hub {spec} (in the local hub cache)"
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ModelResolutionError(f"model {spec!r}: not in the local hub cache and HF_HUB_OFFLINE is set")
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(spec, timeout=hub_timeout_s)
+    except GatedRepoError:
+        return f"hub {spec} (gated: the nodes need a token)"
+    except RepositoryNotFoundError:
+        raise ModelResolutionError(f"model {spec!r}: no such repository on the Hugging Face hub") from None
+    except Exception as exc:  # no network here: the check cannot be made, which is not a refusal
+        return f"hub {spec} (not checked: {type(exc).__name__})"
+    return f"hub {spec}"
+
+
 def folder_digest(folder: str) -> dict:
     """Content of a local model folder: every file's size and sha256, and one hash over all of them."""
     files = {}

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from spin_ray.config import Config
-from spin_ray.data import LoadReport, load_records
-from spin_ray.models import ResolvedModel, load_tokenizer, resolve_model
+from spin_ray.data import LoadReport, check_records, load_records
+from spin_ray.models import ResolvedModel, check_model, load_tokenizer, resolve_model
 from spin_ray.tokenization import ChatFormat, LengthReport, apply_length_policy
 
 
@@ -21,9 +21,17 @@ class TokenizedSplit:
     lengths: LengthReport
 
 
-def tokenize_split(source: str, config: Config, chat: ChatFormat) -> TokenizedSplit:
-    """Load and validate `source`, render prompts with the chat template, apply the length policy."""
-    records, load_report = load_records(source, config.data)
+def carved_part(config: Config, source: str) -> str | None:
+    """"train" when `source` is data.train and the run carves its validation split out of it (the validation records
+    then never reach generation or training), else None."""
+    carving = config.data.validation is None and config.data.validation_fraction > 0
+    return "train" if carving and source == config.data.train else None
+
+
+def tokenize_split(source: str, config: Config, chat: ChatFormat, part: str | None = None) -> TokenizedSplit:
+    """Load and validate `source` (its training part when the run carves a validation split out of it, or the given
+    `part`), render prompts with the chat template, apply the length policy."""
+    records, load_report = load_records(source, config.data, part or carved_part(config, source))
     prompt_ids = chat.batch_prompt_ids(records.column("prompt").to_pylist())
     response_ids = chat.batch_response_ids(records.column("response").to_pylist())
     kept, prompt_ids, response_ids, lengths = apply_length_policy(
@@ -36,6 +44,24 @@ def tokenize_split(source: str, config: Config, chat: ChatFormat) -> TokenizedSp
     if len(kept) != records.num_rows:
         records = records.take(pa.array(kept, pa.int64()))
     return TokenizedSplit(records, prompt_ids, response_ids, load_report, lengths)
+
+
+def check_inputs(config: Config, model: str | None = None, train: bool = True, evaluation: bool | None = None) -> str:
+    """Refuse a run's missing or bad inputs before Ray starts: the model spec, then every row a run will read of
+    data.train (up to data.limit) and of data.eval (up to evaluation.prompts), with the loader's own file/row/field
+    errors. Returns one line saying what was checked."""
+    checked = [f"model {check_model(model or config.model.name, config.model.cache_dir)}"]
+    if train:
+        checked.append(check_records(config.data.train, config.data, carved_part(config, config.data.train)).summary())
+        validation = config.data.model_copy(update={"limit": config.evaluation.validation_prompts})
+        if config.data.validation is not None:
+            checked.append(check_records(config.data.validation, validation).summary())
+        elif carved_part(config, config.data.train):
+            checked.append(check_records(config.data.train, validation, "validation").summary())
+    if config.data.eval is not None and (config.evaluation.enabled if evaluation is None else evaluation):
+        held_out = config.data.model_copy(update={"limit": config.evaluation.prompts})
+        checked.append(check_records(config.data.eval, held_out).summary())
+    return "; ".join(checked)
 
 
 def validate(config: Config) -> dict:

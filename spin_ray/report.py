@@ -15,6 +15,7 @@ COLUMNS = (
     ("model", "model", "{}"),
     ("accuracy", "GSM8K acc", "{:.3f}"),
     ("nll_per_token", "NLL/tok", "{:.4f}"),
+    ("validation_nll_per_token", "val NLL/tok", "{:.4f}"),
     ("reward_accuracy", "reward acc", "{:.3f}"),
     ("reward_margin", "reward margin", "{:.4f}"),
     ("train_loss", "train loss", "{:.4f}"),
@@ -25,6 +26,8 @@ COLUMNS = (
     ("training_tok_s", "train tok/s", "{:.1f}"),
     ("export_s", "export s", "{:.1f}"),
     ("evaluation_s", "eval s", "{:.0f}"),
+    ("collapse", "collapse watch", "{}"),
+    ("selected", "selected", "{}"),
 )
 
 
@@ -41,6 +44,8 @@ def iteration_rows(manifest: dict) -> list[dict]:
         ev = _metrics(baseline)
         rows.append({"model": "p0 (sft)" if sft else "p0", "iteration": None, "status": (baseline or sft)["status"],
                      "accuracy": ev.get("accuracy"), "nll_per_token": ev.get("nll_per_token"),
+                     "validation_nll_per_token": ev.get("validation_nll_per_token"),
+                     "validation_accuracy": ev.get("validation_accuracy"),
                      "evaluation_s": (baseline or {}).get("seconds"),
                      "train_loss": _metrics(sft).get("loss"), "training_s": _metrics(sft).get("training_seconds")})
     for record in manifest["iterations"]:
@@ -53,6 +58,8 @@ def iteration_rows(manifest: dict) -> list[dict]:
             "status": statuses,
             "accuracy": ev.get("accuracy"),
             "nll_per_token": ev.get("nll_per_token"),
+            "validation_nll_per_token": ev.get("validation_nll_per_token"),
+            "validation_accuracy": ev.get("validation_accuracy"),
             "reward_accuracy": ev.get("reward_accuracy"),
             "reward_margin": ev.get("reward_margin"),
             "train_loss": train.get("loss"),
@@ -67,8 +74,21 @@ def iteration_rows(manifest: dict) -> list[dict]:
             "evaluation_s": (phases.get("evaluate") or {}).get("seconds"),
             "resumed_from_step": train.get("resumed_from_step"),
             "train_attempts": (phases.get("train") or {}).get("attempts"),
+            "collapse": _collapse_cell(record),
         })
+    chosen = manifest.get("selected_model") or {}
+    if chosen.get("value") is not None:  # chosen on a validation split
+        for row in rows:
+            row["selected"] = "best" if row["iteration"] == chosen["iteration"] else None
     return rows
+
+
+def _collapse_cell(record: dict) -> str | None:
+    """The collapse watch's verdict on this iteration's model: None before it ran, 'ok', or its signals by name."""
+    signals = record.get("collapse_signals")
+    if signals is None:
+        return None
+    return ", ".join(signals) or "ok"
 
 
 def _cell(value, fmt: str) -> str:
@@ -157,12 +177,17 @@ def write_report(layout: RunLayout) -> dict:
 PHASE_ORDER = ("sft", "baseline_eval", "generate", "train", "evaluate")
 
 
-def run_state(manifest: dict, holder: dict | None) -> str:
+# Ray's job states in which the job's driver no longer runs.
+ENDED_JOB_STATES = ("STOPPED", "FAILED", "SUCCEEDED")
+
+
+def run_state(manifest: dict, holder: dict | None, holder_job: str | None = None) -> str:
     """running (a live driver holds the run's lease), interrupted (the manifest says running but nobody holds the
-    lease: the job was stopped or its node lost), or the manifest's own final status."""
+    lease, or Ray says the holder's job has ended: stopped, failed, its node lost), or the manifest's final status.
+    `holder_job`: Ray's status of the lease holder's job, when the cluster could be asked."""
     if manifest["status"] != "running":
         return manifest["status"]
-    return "running" if holder is not None else "interrupted"
+    return "running" if holder is not None and holder_job not in ENDED_JOB_STATES else "interrupted"
 
 
 def next_step(manifest: dict) -> str | None:
@@ -180,17 +205,18 @@ def next_step(manifest: dict) -> str | None:
     return None
 
 
-def format_status(manifest: dict, holder: dict | None = None) -> str:
+def format_status(manifest: dict, holder: dict | None = None, holder_job: str | None = None) -> str:
     """Where a run stands: running or interrupted, then every phase with its status, attempts and seconds."""
-    state = run_state(manifest, holder)
+    state = run_state(manifest, holder, holder_job)
     lines = [f"run {manifest['run']} ({manifest['run_dir']}): {state}, {len(manifest.get('jobs', []))} job(s), "
              f"config {manifest['config_hash']}, updated {manifest.get('updated')}"]
     if state == "running":
         lines.append(f"  driven by {holder.get('owner')}")
     elif state == "interrupted":
         step = next_step(manifest)
-        lines.append("  no live driver holds the run (stopped job or lost node); submitting the same config again "
-                     f"continues it" + (f" with {step}" if step else ""))
+        why = (f"its driver's Ray job is {holder_job}" if holder is not None
+               else "no live driver holds the run (stopped job or lost node)")
+        lines.append(f"  {why}; submitting the same config again continues it" + (f" with {step}" if step else ""))
 
     def describe(label: str, phase: dict) -> str:
         shown = "stopped" if state == "interrupted" and phase["status"] == "running" else phase["status"]

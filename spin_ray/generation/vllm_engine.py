@@ -99,7 +99,13 @@ class VLLMEngine:
         # vLLM logs every engine step's stats at INFO: in a job log they would bury the run's own lines
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from transformers import AutoConfig
+
+        from spin_ray.logs import filter_vllm_startup_notes, quiet_library_logs
+
+        quiet_library_logs()  # before the import: vLLM's dispatcher warns while it is imported
         from vllm import LLM
+
+        filter_vllm_startup_notes()
 
         kwargs: dict[str, Any] = {
             "model": model_path, "tokenizer": model_path, "dtype": dtype, "max_model_len": max_model_len,
@@ -150,14 +156,19 @@ class VLLMEngine:
         answers: dict[int, Completion] = {}
         scored: dict[int, float] = {}
         scoring = SamplingParams(**scoring_params())
+        requests = []  # (request id, token ids, sampling params)
         for index, prompt in enumerate(prompts):
             params = sampling_params(self.max_new_tokens, self.temperature, self.top_p, seeds[index], self.stop_ids,
                                      self.with_logprobs)
-            engine.add_request(f"{call}:a:{index}", TokensPrompt(prompt_token_ids=list(prompt)), SamplingParams(**params))
+            requests.append((f"{call}:a:{index}", list(prompt), SamplingParams(**params)))
             parts[index] = 1
             if score[index] is not None:
-                engine.add_request(f"{call}:s:{index}", TokensPrompt(prompt_token_ids=[*prompt, *score[index]]), scoring)
+                requests.append((f"{call}:s:{index}", [*prompt, *score[index]], scoring))
                 parts[index] += 1
+        # the engine's own renderer turns token prompts into engine inputs (raw prompts are deprecated in vLLM 0.32)
+        rendered = engine.renderer.render_cmpl([TokensPrompt(prompt_token_ids=ids) for _, ids, _ in requests])
+        for (request_id, _, params), engine_input in zip(requests, rendered, strict=True):
+            engine.add_request(request_id, engine_input, params)
         try:
             while engine.has_unfinished_requests():
                 for output in engine.step():

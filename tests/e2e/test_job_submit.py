@@ -33,14 +33,15 @@ def _manifest(run: str) -> dict:
 
 # 2 CPUs, and actors that take both, as `make demo` has on the 2-core box: a stage that waits for a
 # CPU an actor pool holds would hang here.
-@pytest.fixture
-def head_node(tmp_path):
+@pytest.fixture(scope="module")
+def head_node(tmp_path_factory):
+    """One head for both storages: each test's run lives under its own storage path, with its own lease and driver."""
     import ray
 
     if ray.is_initialized():  # the shared in-process instance would compete for the 2 cores
         ray.shutdown()
     # This head listens on loopback only, inside the test, so the test's client goes without a token.
-    head = RayHead(tmp_path / "head.log", num_cpus=2, env={"RAY_AUTH_MODE": "disabled"})
+    head = RayHead(tmp_path_factory.mktemp("head") / "head.log", num_cpus=2, env={"RAY_AUTH_MODE": "disabled"})
     os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
         yield head.dashboard
@@ -66,7 +67,7 @@ def test_stopped_job_resumes_on_resubmit(storage, head_node, tmp_path, tiny_mode
     config.write_text(f"""
 model: {{name: {tiny_model_dir}}}
 data: {{train: gsm8k, eval: gsm8k:test, limit: 16}}
-generation: {{max_new_tokens: 8, batch_size: 16, replicas: [1, 1], shard_rows: 8, cpus_per_replica: 2}}
+generation: {{engine: hf, max_new_tokens: 8, batch_size: 16, replicas: [1, 1], shard_rows: 8, cpus_per_replica: 2}}
 training: {{global_batch_size: 4, micro_batch_size: 2, epochs: 8, checkpoint_every: 2, learning_rate: 1.0e-4}}
 run: {{name: submitted, storage_path: {storage_path}, lease_ttl_s: 15}}
 iterations: {{count: 2}}
@@ -94,6 +95,11 @@ evaluation: {{prompts: 4}}
     _wait(lambda: client.get_job_status(first) == JobStatus.STOPPED, 120, "the first job to stop")
     stopped = _manifest(run)
     assert stopped["iterations"][1]["phases"]["train"]["status"] != "done"
+    # the stopped driver's lease is still fresh (15 s TTL), but Ray says its job is over
+    status = subprocess.run([sys.executable, "-m", "spin_ray.cli", "status", run, "--address", head_node],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, **env_vars})
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert ": interrupted," in status.stdout and "its driver's Ray job is STOPPED" in status.stdout, status.stdout
 
     second = client.submit_job(entrypoint=entrypoint, runtime_env=env)
     _wait(lambda: client.get_job_status(second) in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED),

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.ray
 
 COMMON = ["data.limit=8", "generation.max_new_tokens=6", "generation.batch_size=8", "generation.replicas=[1,1]",
           "generation.shard_rows=4", "training.global_batch_size=4", "training.epochs=1",
-          "training.learning_rate=1e-3", "iterations.count=2"]
+          "training.learning_rate=1e-3", "iterations.count=2",
+          "generation.engine=hf"]  # the algorithms, not the engine, are the point: vLLM runs in test_generation
 
 
 def _rows(folder: Path) -> list[dict]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -67,15 +68,12 @@ def autoscaling_head(tmp_path_factory):
         gcs_address=f"127.0.0.1:{port}")  # fake nodes join this head, not port 6379
     path = folder / "autoscaling.json"
     path.write_text(json.dumps(config))
-    auth = _token_auth()
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # this head's own token
     head = RayHead(folder / "head.log", num_cpus=0, port=port,
                    env={"AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1", **auth},
                    extra=[f"--autoscaling-config={path}", f"--object-store-memory={SMALL_STORE}"])
     saved = {key: os.environ.get(key) for key in auth}
-    os.environ.update(auth)
-    from ray._raylet import AuthenticationTokenLoader
-
-    AuthenticationTokenLoader.instance().reset_cache()  # read the token from the environment just set
+    _use_auth(auth)
     try:
         ray.init(address=head.address, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -83,24 +81,22 @@ def autoscaling_head(tmp_path_factory):
     finally:
         ray.shutdown()
         head.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _use_auth(saved)
 
 
-def _token_auth() -> dict:
-    """Token auth with the token this process already holds (or a new one): Ray keeps the auth it set up at this
-    process's first ray.init, and a head with auth off beside a token-auth session had every call from its
-    workers refused ("Missing authorization header"), so their actors died."""
-    import secrets
+def _use_auth(settings: dict) -> None:
+    """Put this process's Ray client in the auth mode and token of `settings` (None: unset), whatever an earlier
+    ray.init in this process chose: Ray caches both, the mode in its config and the token in its loader, and a
+    client in the wrong mode is refused by the head ("Authentication token is missing or incorrect")."""
+    from ray._raylet import AuthenticationTokenLoader, Config
 
-    from ray._raylet import AuthenticationTokenLoader
-
-    loader = AuthenticationTokenLoader.instance()
-    token = loader.get_raw_token() if loader.has_token(ignore_auth_mode=True) else secrets.token_hex(32)
-    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    for key, value in settings.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    Config.initialize("")  # what Ray itself does after setting RAY_AUTH_MODE: the config reads it again
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _overrides(tmp_path, model, run, *extra):

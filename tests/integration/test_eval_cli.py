@@ -11,7 +11,7 @@ pytestmark = pytest.mark.ray
 
 def test_eval_baseline_and_self_reward_is_zero(ray_session, tmp_path, tiny_model_dir, capsys):
     common = [f"run.storage_path={tmp_path}", "evaluation.prompts=4", "generation.max_new_tokens=8",
-              "generation.replicas=[1,1]", "generation.batch_size=4"]
+              "generation.replicas=[1,1]", "generation.batch_size=4", "generation.engine=hf"]
     out = tmp_path / "base"
     assert main(["eval", "--data", "gsm8k:test", "--output", str(out), tiny_model_dir, *common]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -40,7 +40,7 @@ def test_eval_on_a_users_own_math_file(ray_session, tmp_path, tiny_model_dir, ca
     out = tmp_path / "mine"
     assert main(["eval", "--data", str(data), "--output", str(out), tiny_model_dir, "data.prompt_column=question",
                  "data.response_column=solution", "evaluation.prompts=5", "generation.max_new_tokens=8",
-                 "generation.replicas=[1,1]", f"run.storage_path={tmp_path}"]) == 0
+                 "generation.replicas=[1,1]", "generation.engine=hf", f"run.storage_path={tmp_path}"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prompts"] == 5 and metrics["data"] == str(data)
     for key in ("accuracy", "accuracy_lm_eval_strict", "accuracy_lm_eval_flexible", "answer_format_rate",
@@ -51,6 +51,6 @@ def test_eval_on_a_users_own_math_file(ray_session, tmp_path, tiny_model_dir, ca
     capsys.readouterr()
     assert main(["eval", "--data", str(data), "--output", str(out), tiny_model_dir, "data.prompt_column=question",
                  "data.response_column=solution", "evaluation.prompts=3", "generation.max_new_tokens=8",
-                 "generation.replicas=[1,1]", f"run.storage_path={tmp_path}"]) == 0
+                 "generation.replicas=[1,1]", "generation.engine=hf", f"run.storage_path={tmp_path}"]) == 0
     assert "replacing it" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["prompts"] == 3

@@ -187,7 +187,8 @@ def test_two_iterations_on_s3_with_nodes_that_share_no_disk(s3, tmp_path, tiny_m
         f"model.name={tiny_model_dir}", f"run.storage_path=s3://{BUCKET}/runs", "run.name=two-nodes", "data.limit=8",
         "generation.max_new_tokens=6", "generation.batch_size=8", "generation.replicas=[1,1]", "generation.shard_rows=4",
         "training.global_batch_size=4", "training.epochs=1", "training.num_workers=[2,2]", "training.checkpoint_every=1",
-        "training.learning_rate=1e-3", "iterations.count=2", "evaluation.prompts=4"])
+        "training.learning_rate=1e-3", "iterations.count=2", "evaluation.prompts=4",
+        "generation.engine=hf"])  # storage is the point: the HF engine stages its model from the bucket the same way
     deleted = {}
 
     def delete_the_drivers_cache_after_iteration_0():

@@ -58,3 +58,40 @@ def test_module_entrypoint_and_help():
     assert result.returncode == 0
     for command in ("validate", "prepare-model", "generate", "train", "run", "eval", "report", "status"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize("case", ["missing", "unreadable", "bad row", "missing model"])
+def test_run_refuses_bad_inputs_in_seconds_before_ray_starts(case, tmp_path, tiny_model_dir):
+    import gzip
+    import os
+    import time
+
+    data, expected = tmp_path / "train.jsonl", None
+    model = tiny_model_dir
+    if case == "missing":
+        expected = f"{data}: no such file or folder"
+    elif case == "unreadable":  # a truncated download: the gzip stream ends half-way through the second row
+        data = tmp_path / "train.jsonl.gz"
+        whole = gzip.compress(b'{"prompt": "q1", "response": "a1"}\n{"prompt": "q2", "response": "a2"}\n')
+        data.write_bytes(whole[: len(whole) - 12])
+        expected = f"{data}: unreadable after line 1 (EOFError"
+    elif case == "bad row":
+        data.write_text('{"prompt": "q1", "response": "a1"}\n{"prompt": 3, "response": "a2"}\n')
+        expected = f"{data}, row 2, field 'prompt': expected a string, got int"
+    else:
+        data.write_text('{"prompt": "q1", "response": "a1"}\n')
+        model = str(tmp_path / "no-such-model")
+        expected = f"model path '{model}' is not a checkpoint folder"
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "spin_ray.cli", "run", f"model.name={model}", f"data.train={data}", "data.eval=null",
+         f"run.storage_path={tmp_path / 'runs'}"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""})
+    seconds = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("spin-ray run: error: ")
+    assert expected in result.stderr
+    assert seconds < 30, f"the refusal took {seconds:.0f}s"
+    assert not list(ray_tmp.iterdir()), "Ray started before the inputs were checked"

@@ -130,6 +130,13 @@ def test_status_tells_a_live_run_from_an_interrupted_one(tmp_path, capsys):
     assert main(["status", layout.root]) == 0
     out = capsys.readouterr().out
     assert ": running," in out and "driven by spin-ray driver of ray job raysubmit_7" in out
+    # Ray's word on the holder's job outranks the lease's freshness: a stopped job's run is interrupted at once
+    holder = json.loads(open(layout.lease).read())
+    assert format_status(manifest.data, holder, "RUNNING").startswith(f"run {config.run.name} ({layout.root}): running,")
+    stopped = format_status(manifest.data, holder, "STOPPED")
+    assert ": interrupted," in stopped and "its driver's Ray job is STOPPED; submitting the same config" in stopped
+    assert main(["status", layout.root, "--address", "http://127.0.0.1:1"]) == 0  # nobody answers: the lease decides
+    assert ": running," in capsys.readouterr().out
     lease.release()
 
 
