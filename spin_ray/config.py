@@ -56,6 +56,13 @@ class DataConfig(_Section):
         description="SFT data: built-in name (gsm8k, gsm8k:test) or an fsspec path/URL to jsonl, json, parquet or a saved HF dataset.",
     )
     eval: str | None = Field("gsm8k:test", description="Held-out data, same forms as data.train; null for none.")
+    validation: str | None = Field(
+        None, description="Validation data (model selection), same forms as data.train; null carves "
+        "data.validation_fraction of data.train instead. Never the test split.")
+    validation_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Share of data.train held out as the validation split when data.validation "
+        "is null, chosen by each record's content hash (the same records on every run and machine); they never "
+        "reach generation or training. 0: no validation split (the last model is kept).")
     format: Literal["auto", "jsonl", "json", "parquet", "hf"] = Field(
         "auto", description="File format; auto picks it from the extension (a folder is a saved HF dataset)."
     )
@@ -296,6 +303,14 @@ class IterationsConfig(_Section):
     mix_previous: bool = Field(
         False, description="Also train on the previous iteration's pairs, as the official recipe does."
     )
+    stop_on_collapse: bool = Field(
+        False, description="End the run when the collapse watch fires (a new model's held-out NLL, length-limit share "
+        "or format rate worse than its opponent's beyond the tolerances) and keep the model before it.")
+    collapse_nll_tolerance: float = Field(
+        0.01, ge=0.0, description="Collapse watch: rise in held-out NLL per token (nats) that counts as a signal.")
+    collapse_share_tolerance: float = Field(
+        0.05, ge=0.0, le=1.0, description="Collapse watch: rise in the share of answers hitting max_new_tokens, or "
+        "fall in the format rate, that counts as a signal.")
     converged_accuracy: float | None = Field(
         None, gt=0.0, le=1.0, description="Stop early once held-out reward accuracy falls to this (e.g. 0.55)."
     )
@@ -313,6 +328,15 @@ class EvaluationConfig(_Section):
     max_new_tokens: int | None = Field(
         None, ge=1, description="Longest evaluation answer; null means generation.max_new_tokens."
     )
+    validation_prompts: int | None = Field(
+        64, ge=1, description="Validation prompts every model is also evaluated on, when the run has a validation "
+        "split (data.validation or data.validation_fraction); null for all of them.")
+    select_by: Literal["nll_per_token", "accuracy"] = Field(
+        "nll_per_token", description="Validation metric that names a run's best model: nll_per_token (of the human "
+        "answers, lower is better) or accuracy (exact match, higher is better).")
+    keep: Literal["best", "last"] = Field(
+        "best", description="The model the report, the model card and spin-ray export present: best (on the "
+        "validation split; the last one when the run has none) or last.")
 
 
 class TrackingConfig(_Section):
@@ -354,6 +378,8 @@ class Config(_Section):
         problem = ALGORITHMS[self.algorithm].check(self)
         if problem:
             raise ValueError(problem)
+        if self.data.validation is not None and self.data.validation_fraction > 0:
+            raise ValueError("set data.validation or data.validation_fraction, not both")
         trained = objective(self)
         ignored = trained.unsupported_options(self.training)
         if ignored:
@@ -416,6 +442,7 @@ OPERATIONAL_KEYS = frozenset(
         "tracking.wandb_project",
         "tracking.wandb_mode",
         "tracking.interval_s",
+        "evaluation.keep",
     }
 )
 

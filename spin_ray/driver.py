@@ -18,10 +18,13 @@ from dataclasses import dataclass
 
 from spin_ray.algorithms import objective
 from spin_ray.cluster import ensure_resources
+from spin_ray.collapse import collapse_signals
 from spin_ray.config import Config, build_config
 from spin_ray.layout import RunLayout
 from spin_ray.lease import LeaseHeld, RunLease
+from spin_ray.logs import quiet_library_logs
 from spin_ray.manifest import DONE, Manifest
+from spin_ray.selection import better_model
 from spin_ray.tracking import Tracker
 
 DRIVER_NAMESPACE = "spin_ray"
@@ -133,10 +136,15 @@ def _train(config: Config, layout: RunLayout, t: int | None, dataset, opponent: 
                     {"model": summary["export_dir"], "train": layout.train(t), **(extra_artifacts or {})})
 
 
-def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str | None) -> Produced:
-    from spin_ray.evaluation import evaluate_model
+def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str | None,
+              validation: str | None = None) -> Produced:
+    """Held-out evaluation of `model`, and with `validation` (a source) its validation metrics too."""
+    from spin_ray.evaluation import evaluate_model, evaluate_validation
+    from spin_ray.storage import join
 
     metrics = evaluate_model(config, model, output_dir, opponent_answers=opponent_answers)
+    if validation is not None:
+        metrics.update(evaluate_validation(config, model, join(output_dir, "validation"), validation))
     return Produced({k: v for k, v in metrics.items() if k != "key"}, {"eval": output_dir, "answers": metrics["answers"]})
 
 
@@ -145,6 +153,7 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
     """The self-play outer loop (a plain function; the driver actor calls it). Returns the final manifest dict.
     `ended_holder`: the lease token of a driver whose job is known to have ended (its lease is waited out)."""
     from spin_ray.generation.shards import read_completion, shards_dataset
+    from spin_ray.evaluation import validation_source
     from spin_ray.model_card import write_model_card
     from spin_ray.report import format_table, iteration_rows, write_report
     from spin_ray.storage import local_copy
@@ -167,6 +176,7 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
         opponent = initial_model(config, layout)
         manifest.data["base_model"] = opponent
         evaluate = config.evaluation.enabled and config.data.eval is not None
+        validation = validation_source(config, layout.validation_data) if evaluate else None
 
         if config.iterations.sft_warm_start:
             sft_config = config.model_copy(update={"training": config.training.model_copy(
@@ -183,8 +193,9 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
         opponent_answers = None
         if evaluate:
             record, _ = phases.run("baseline_eval", None,
-                                   lambda: _evaluate(config, opponent, layout.evaluation(None), None))
+                                   lambda: _evaluate(config, opponent, layout.evaluation(None), None, validation))
             opponent_answers = record["artifacts"]["answers"]
+            _select(config, manifest, None, opponent, echo)
 
         for t in range(config.iterations.count):
             manifest.iteration(t)["opponent"] = opponent
@@ -205,9 +216,13 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
             write_model_card(layout, manifest.data, t)
             if evaluate:
                 record, _ = phases.run("evaluate", t, lambda: _evaluate(config, next_model, layout.evaluation(t),
-                                                                         opponent_answers))
+                                                                         opponent_answers, validation))
                 opponent_answers = record["artifacts"]["answers"]
+                _select(config, manifest, t, next_model, echo)
                 write_model_card(layout, manifest.data, t)  # now with its held-out metrics
+                if _collapsing(config, manifest, t, echo):
+                    manifest.set_status("collapsed", final_model=opponent, stopped_after_iteration=t)
+                    break
                 if _converged(config, record["metrics"].get("reward_accuracy"), t, echo):
                     manifest.set_status("converged", final_model=next_model, stopped_after_iteration=t)
                     break
@@ -237,6 +252,41 @@ def steps_before(manifest: dict, t: int) -> int:
     return sum(((stage or {}).get("metrics") or {}).get("steps", 0) for stage in stages)
 
 
+def _select(config: Config, manifest: Manifest, t: int | None, model: str, echo) -> None:
+    """After p_{t+1}'s evaluation (p_0's when t is None): keep it as the run's selected model if it is the best so far
+    on the validation split (evaluation.select_by); without a validation split the newest model is selected."""
+    metrics = (manifest.phase("baseline_eval") if t is None else manifest.iteration(t)["phases"]["evaluate"])["metrics"]
+    label = "p0" if t is None else f"p{t + 1}"
+    current = manifest.data.get("selected_model")
+    chosen = better_model(current, {"model": label, "iteration": t, "path": model}, metrics, config.evaluation.select_by)
+    if chosen is not current:
+        manifest.data["selected_model"] = chosen
+        manifest.save()
+        if chosen.get("value") is not None and t is not None:
+            echo(f"[spin-ray] iteration {t}: {label} is the best model so far on the validation split "
+                 f"({chosen['by']} {chosen['value']:.4f})")
+
+
+def _collapsing(config: Config, manifest: Manifest, t: int, echo) -> bool:
+    """The collapse watch after iteration t's evaluation: p_{t+1} against its opponent p_t (the baseline evaluation for
+    t = 0). Signals go to the job log and the manifest; True when they should end the run (iterations.stop_on_collapse)."""
+    previous = manifest.data["phases"].get("baseline_eval") if t == 0 else manifest.iteration(t - 1)["phases"].get("evaluate")
+    current = manifest.iteration(t)["phases"].get("evaluate")
+    if not previous or not current:
+        return False
+    it = config.iterations
+    signals = collapse_signals(previous.get("metrics") or {}, current.get("metrics") or {}, it.collapse_nll_tolerance,
+                               it.collapse_share_tolerance)
+    manifest.iteration(t)["collapse_signals"] = signals
+    manifest.save()
+    if not signals:
+        return False
+    stop = it.stop_on_collapse
+    echo(f"[spin-ray] iteration {t}: WARNING collapse watch: p{t + 1} vs p{t}: {'; '.join(signals.values())}"
+         + (f"; stopping (iterations.stop_on_collapse) and keeping p{t}" if stop else ""))
+    return stop
+
+
 def _converged(config: Config, accuracy: float | None, t: int, echo) -> bool:
     """The paper's fixed point: p_{t+1} no longer tells its opponent's answers from human ones (iterations.converged_accuracy)."""
     threshold = config.iterations.converged_accuracy
@@ -262,6 +312,7 @@ class DriverActor:
         # An actor pool whose minimum never starts fails after run.resource_wait_s instead of waiting forever.
         context.wait_for_min_actors_s = self.config.run.resource_wait_s
         context.enable_progress_bars = progress_bars
+        quiet_library_logs()
         self.force = force
         self.lease_token, self.owner, self.ended_holder = lease_token, owner, ended_holder
 
@@ -315,5 +366,9 @@ def start_driver(config: Config, force: bool = False, progress_bars: bool = Fals
     # job stops the driver, and the manifest lets the next job continue.
     actor_class = ray.remote(num_cpus=0, max_restarts=restarts, max_task_retries=restarts)(DriverActor)
     place = config.run.driver_resource or "node:__internal_head__"
-    return actor_class.options(name=name, namespace=DRIVER_NAMESPACE, resources={place: 0.001}).remote(
+    # Every process the driver starts (engines, trainers, Ray Data tasks) inherits this hook: their job-log lines
+    # are ours, not library notes.
+    setup = {"worker_process_setup_hook": "spin_ray.logs.quiet_library_logs"}
+    return actor_class.options(name=name, namespace=DRIVER_NAMESPACE, resources={place: 0.001},
+                               runtime_env=setup).remote(
         config.to_dict(), force, token, owner, progress_bars, ended_holder)

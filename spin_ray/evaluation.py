@@ -22,11 +22,14 @@ import pyarrow.parquet as pq
 
 from spin_ray.config import Config
 from spin_ray.gsm8k import final_answer, harness_flexible, harness_match, harness_strict, has_answer_format
-from spin_ray.storage import atomic_write_bytes, atomic_write_json, join, read_json, remove
+from spin_ray.storage import atomic_write_bytes, atomic_write_json, exists, join, read_json, remove
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 SCORES_FILE = "scores.parquet"
+# What a model's validation evaluation adds to its evaluation metrics, each as validation_<key>.
+VALIDATION_KEYS = ("prompts", "accuracy", "nll_per_token", "answer_format_rate", "share_hit_max_new_tokens",
+                   "mean_answer_tokens")
 
 
 def score_answers(batch: pa.Table) -> pa.Table:
@@ -156,3 +159,32 @@ def evaluate_model(config: Config, model: str, output_dir: str, opponent_answers
     atomic_write_bytes(join(output_dir, SCORES_FILE), sink.getvalue().to_pybytes())
     atomic_write_json(join(output_dir, METRICS_FILE), metrics)
     return metrics
+
+
+def validation_source(config: Config, carved_file: str) -> str | None:
+    """The run's validation data: data.validation, or the records carved out of data.train, written once (up to
+    evaluation.validation_prompts of them) to `carved_file`, so every evaluation reads the same file; None when the
+    run has no validation split."""
+    from spin_ray.data import load_records
+
+    if config.data.validation is not None:
+        return config.data.validation
+    if config.data.validation_fraction <= 0:
+        return None
+    if not exists(carved_file):
+        records, _ = load_records(config.data.train, config.data.model_copy(
+            update={"limit": config.evaluation.validation_prompts}), part="validation")
+        column = config.data.messages_column
+        lines = [json.dumps({column: [*prompt, {"role": "assistant", "content": response}]}, ensure_ascii=False)
+                 for prompt, response in zip(records.column("prompt").to_pylist(),
+                                             records.column("response").to_pylist(), strict=True)]
+        atomic_write_bytes(carved_file, ("\n".join(lines) + "\n").encode("utf-8"))
+    return carved_file
+
+
+def evaluate_validation(config: Config, model: str, output_dir: str, source: str) -> dict:
+    """`model` on the validation split (evaluation.validation_prompts of it): validation_<key> for VALIDATION_KEYS."""
+    limited = config.model_copy(update={"evaluation": config.evaluation.model_copy(
+        update={"prompts": config.evaluation.validation_prompts})})
+    metrics = evaluate_model(limited, model, output_dir, data=source)
+    return {f"validation_{key}": metrics.get(key) for key in VALIDATION_KEYS}

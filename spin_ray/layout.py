@@ -1,6 +1,7 @@
 """Where everything of a run lives under `{run.storage_path}/{run.name}`: the one place that builds its paths.
 
     manifest.json  lease.json  report.{json,md,png}
+    validation.jsonl            the validation records carved out of data.train (data.validation_fraction)
     base_model/                 the initial model, uploaded once when the storage is a bucket
     sft/{train,model}/          the SFT warm start (train/: checkpoints, metrics.jsonl, summary.json)
     baseline/eval/              evaluation of p_0
@@ -35,6 +36,10 @@ class RunLayout:
     def report(self, kind: str) -> str:
         """report.json, report.md or report.png."""
         return join(self.root, f"report.{ {'json': 'json', 'markdown': 'md', 'plot': 'png'}[kind] }")
+
+    @property
+    def validation_data(self) -> str:
+        return join(self.root, "validation.jsonl")
 
     @property
     def base_model(self) -> str:

@@ -18,11 +18,16 @@ def model_card(manifest: dict, iteration: int | None):
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     config = manifest["config"]
-    algorithm = "sft" if iteration is None else config.get("algorithm", "spin")
+    if iteration is None:
+        algorithm = "sft" if manifest["phases"].get("sft") else "none (the start model)"
+    else:
+        algorithm = config.get("algorithm", "spin")
     phases = manifest["phases"] if iteration is None else manifest["iterations"][iteration]["phases"]
     evaluation = (phases.get("evaluate" if iteration is not None else "baseline_eval") or {}).get("metrics") or {}
     training = (phases.get("sft" if iteration is None else "train") or {}).get("metrics") or {}
     name = f"{manifest['run']}-{'sft' if iteration is None else f'iter{iteration}'}"
+    chosen = manifest.get("selected_model") or {}
+    selected_here = chosen.get("value") is not None and chosen.get("iteration") == iteration
     held_out = config["data"].get("eval")
     results = [EvalResult(task_type="text-generation", dataset_type=DATASET_IDS.get(held_out, held_out or "held-out"),
                           dataset_name=held_out or "held-out", metric_type=key, metric_name=label,
@@ -33,6 +38,7 @@ def model_card(manifest: dict, iteration: int | None):
         pipeline_tag="text-generation", tags=["spin_ray", "self-play", algorithm, "ray"],
         eval_results=results or None,
         spin_ray={"algorithm": algorithm, "iteration": iteration, "config_hash": manifest["config_hash"],
+                  "selected": selected_here,
                   "code_version": manifest.get("code_version"), "run": manifest["run_dir"]},
     )
     opponent = manifest["base_model"] if iteration is None else manifest["iterations"][iteration].get("opponent")
@@ -48,6 +54,12 @@ def model_card(manifest: dict, iteration: int | None):
     if results:
         lines += [f"Held out (`{held_out}`, {evaluation.get('prompts')} prompts):", "", "| metric | value |", "|---|---|"]
         lines += [f"| {r.metric_name} | {r.metric_value:.4g} |" for r in results] + [""]
+    if evaluation.get("validation_prompts"):
+        shown = ", ".join(f"{key} {evaluation[f'validation_{key}']:.4g}" for key in ("nll_per_token", "accuracy")
+                          if evaluation.get(f"validation_{key}") is not None)
+        lines += [f"Validation split ({evaluation['validation_prompts']} prompts): {shown}.", ""]
+    if selected_here:
+        lines += [f"This is the run's selected model: the best on its validation split ({chosen['by']}).", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 

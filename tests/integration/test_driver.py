@@ -19,6 +19,8 @@ def test_warm_start_mix_previous_then_converged_stop_on_forced_rerun(ray_session
         "generation.shard_rows=4", "training.global_batch_size=4", "training.epochs=1",
         "training.learning_rate=1e-3", "iterations.count=2", "iterations.mix_previous=true",
         "iterations.sft_warm_start=true", "evaluation.prompts=4",
+        "data.validation_fraction=0.05", "evaluation.validation_prompts=4",
+        "generation.engine=hf",  # the loop is the point; vLLM starts in ~20-60 s each of 5 times (test_generation has it)
     ]
     manifest = run_iterations(load_config(None, overrides), echo=lambda line: None)
     run = Path(tmp_path) / "loop"
@@ -39,6 +41,17 @@ def test_warm_start_mix_previous_then_converged_stop_on_forced_rerun(ray_session
     for t in (0, 1):
         ev = manifest["iterations"][t]["phases"]["evaluate"]["metrics"]
         assert ev["reward_pairs"] == 4 and 0.0 <= ev["reward_accuracy"] <= 1.0
+        assert ev["validation_prompts"] == 4 and ev["validation_nll_per_token"] > 0
+
+    # the validation split: carved out of data.train, never trained on, and the best model on it is selected
+    from spin_ray.data import load_records
+
+    validation, _ = load_records(str(run / "validation.jsonl"), load_config(None, overrides).data)
+    assert validation.num_rows == 4 and not set(validation.column("prompt_id").to_pylist()) & set(ids)
+    scored = [manifest["phases"]["baseline_eval"]["metrics"]["validation_nll_per_token"],
+              *(manifest["iterations"][t]["phases"]["evaluate"]["metrics"]["validation_nll_per_token"] for t in (0, 1))]
+    best = min(range(3), key=lambda i: (scored[i], i))
+    assert manifest["selected_model"]["model"] == f"p{best}" and manifest["selected_model"]["value"] == scored[best]
 
     # The stop rule: held-out reward accuracy is at most 1.0, so a threshold of 1.0 stops the run after
     # iteration 0. It is a results-shaping key, so only --force continues the run under it; every
