@@ -317,7 +317,13 @@ class IterationsConfig(_Section):
     sft_warm_start: bool = Field(
         False, description="Before iteration 0, fine-tune the initial model on the SFT data (objective sft); it becomes p_0."
     )
-    sft_epochs: int = Field(1, ge=1, description="Epochs of the SFT warm start.")
+    sft_epochs: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1, description="Epochs of the SFT warm start, or auto: until the validation split's NLL stops improving "
+        "(iterations.sft_patience epochs without a new best), at most iterations.sft_max_epochs; the best epoch is "
+        "kept. auto needs a validation split (data.validation or data.validation_fraction).")
+    sft_max_epochs: int = Field(10, ge=1, description="Cap of sft_epochs auto; the learning-rate schedule spans it.")
+    sft_patience: int = Field(1, ge=1, description="sft_epochs auto: epochs without a new best validation NLL "
+                              "before the warm start stops.")
 
 
 class EvaluationConfig(_Section):
@@ -380,6 +386,9 @@ class Config(_Section):
             raise ValueError(problem)
         if self.data.validation is not None and self.data.validation_fraction > 0:
             raise ValueError("set data.validation or data.validation_fraction, not both")
+        if self.iterations.sft_epochs == "auto" and self.data.validation is None and not self.data.validation_fraction:
+            raise ValueError("iterations.sft_epochs auto stops on the validation NLL: set data.validation_fraction "
+                             "(e.g. 0.05) or data.validation")
         trained = objective(self)
         ignored = trained.unsupported_options(self.training)
         if ignored:

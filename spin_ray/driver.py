@@ -95,6 +95,7 @@ GENERATION_KEYS = ("prompts", "prompts_generated_this_run", "generated_tokens", 
                    "oracle_all_tied_share")
 TRAINING_KEYS = ("steps", "resumed_from_step", "pairs", "loss", "training_seconds", "training_tokens_per_second",
                  "export_seconds")
+EARLY_STOP_KEYS = ("epochs_run", "best_epoch", "validation_nll", "validation_nll_by_epoch")
 
 
 def _pick(summary: dict, keys) -> dict:
@@ -127,11 +128,12 @@ def _generate(config: Config, layout: RunLayout, t: int, opponent: str) -> Produ
 
 
 def _train(config: Config, layout: RunLayout, t: int | None, dataset, opponent: str, source: str,
-           extra_metrics: dict | None = None, extra_artifacts: dict | None = None) -> Produced:
+           extra_metrics: dict | None = None, extra_artifacts: dict | None = None, validation=None) -> Produced:
     from spin_ray.training.trainer import run_training
 
-    summary = run_training(config, dataset, opponent, layout.train(t), layout.model(t), source=source)
-    keys = TRAINING_KEYS + objective(config).metrics
+    summary = run_training(config, dataset, opponent, layout.train(t), layout.model(t), source=source,
+                           validation=validation, patience=config.iterations.sft_patience)
+    keys = TRAINING_KEYS + objective(config).metrics + EARLY_STOP_KEYS
     return Produced({**_pick(summary, keys), **(extra_metrics or {})},
                     {"model": summary["export_dir"], "train": layout.train(t), **(extra_artifacts or {})})
 
@@ -179,12 +181,16 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
         validation = validation_source(config, layout.validation_data) if evaluate else None
 
         if config.iterations.sft_warm_start:
+            it = config.iterations
+            auto = it.sft_epochs == "auto"
             sft_config = config.model_copy(update={"training": config.training.model_copy(
-                update={"objective": "sft", "epochs": config.iterations.sft_epochs})})
+                update={"objective": "sft", "epochs": it.sft_max_epochs if auto else it.sft_epochs})})
 
             def sft() -> Produced:
+                held_out = sft_rows(config, opponent, validation_source(config, layout.validation_data)) if auto else None
                 with tracker.following(layout.train(None), "sft", 0):
-                    return _train(sft_config, layout, None, sft_rows(config, opponent), opponent, config.data.train)
+                    return _train(sft_config, layout, None, sft_rows(config, opponent), opponent, config.data.train,
+                                  validation=held_out)
 
             record, _ = phases.run("sft", None, sft)
             opponent = record["artifacts"]["model"]

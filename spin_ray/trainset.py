@@ -26,8 +26,8 @@ class TrainingSet:
     artifacts: dict = field(default_factory=dict)
 
 
-def sft_rows(config: Config, model: str):
-    """The SFT data as token-id rows (no generated answer) for the warm start."""
+def sft_rows(config: Config, model: str, source: str | None = None):
+    """The SFT data (data.train, or `source`) as token-id rows (no generated answer) for the warm start."""
     import pyarrow as pa
     import ray
 
@@ -36,7 +36,9 @@ def sft_rows(config: Config, model: str):
     from spin_ray.tokenization import ChatFormat
 
     chat = ChatFormat(load_tokenizer(model, config.model.trust_remote_code, config.model.cache_dir))
-    split = tokenize_split(config.data.train, config, chat)
+    if source is not None:  # a validation file: already cut to its size, whatever data.limit says of data.train
+        config = config.model_copy(update={"data": config.data.model_copy(update={"limit": None})})
+    split = tokenize_split(source or config.data.train, config, chat)
     table = pa.table({"prompt_id": split.records.column("prompt_id"),
                       "prompt_token_ids": pa.array(split.prompt_ids, pa.list_(pa.int32())),
                       "real_token_ids": pa.array(split.response_ids, pa.list_(pa.int32()))})

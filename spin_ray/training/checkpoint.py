@@ -24,7 +24,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from spin_ray.models import FOLDER_MARKER, folder_complete, folder_digest, publish_folder
-from spin_ray.storage import atomic_write_json, exists, filesystem, is_local, join, list_dir, read_json, remove
+from spin_ray.storage import (atomic_write_json, download_folder, exists, filesystem, is_local, join, list_dir,
+                              read_json, remove)
 
 COMMITTED = "_COMMITTED.json"
 
@@ -103,6 +104,31 @@ def export_hf(model, tokenizer, target_url: str, rank: int) -> str | None:
     finally:
         if os.path.exists(staging):
             shutil.rmtree(staging, ignore_errors=True)
+    _barrier()
+    return target_url
+
+
+def copy_export(source_url: str, target_url: str, rank: int) -> str | None:
+    """Collective: rank 0 publishes a copy of the complete export at `source_url` as the export at `target_url`
+    (staged and renamed on a local disk, marker last on a bucket); the other ranks wait for it."""
+    if rank != 0:
+        _barrier()
+        return None
+    with tempfile.TemporaryDirectory(prefix="spin-ray-export-") as scratch:
+        folder = filesystem(source_url)[1]
+        if not is_local(source_url):
+            folder = os.path.join(scratch, "model")
+            download_folder(source_url, folder, skip=(FOLDER_MARKER,))  # publish_folder writes it last
+        if is_local(target_url):
+            path = filesystem(target_url)[1]
+            staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(path) or None)
+            os.rmdir(staging)
+            shutil.copytree(folder, staging)
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.rename(staging, path)
+        else:
+            publish_folder(folder, target_url)
     _barrier()
     return target_url
 

@@ -22,7 +22,7 @@ from spin_ray.algorithms import Algorithm, Example, objective
 from spin_ray.config import Config
 from spin_ray.logprobs import answer_logps
 from spin_ray.storage import JsonLines, join, read_json_lines
-from spin_ray.training.checkpoint import committed_steps, export_hf, load_checkpoint, save_checkpoint
+from spin_ray.training.checkpoint import committed_steps, copy_export, export_hf, load_checkpoint, save_checkpoint
 from spin_ray.training.data import Schedule, examples_from_rows
 from spin_ray.training.parallel import apply_fsdp, set_accumulating
 
@@ -89,6 +89,38 @@ def _answer_tokens(examples: list[Example], indices) -> int:
     return sum(len(examples[i].answers[0]) for i in indices)
 
 
+@dataclass
+class EarlyStop:
+    """Stop when the human answers' NLL on validation rows has not improved for `patience` epochs; the best epoch's
+    weights become the export. The schedule (warmup, linear decay) spans training.epochs, the cap."""
+
+    rows: list[dict]  # validation rows: prompt_id, prompt_token_ids, real_token_ids
+    patience: int = 1
+
+
+def validation_nll(model, examples: list[Example], pad_id: int, config: Config, context: WorkerContext) -> float:
+    """Per-token NLL of the examples' first answers under `model`. Collective: each rank scores its slice, and every
+    rank runs the same number of forwards (FSDP gathers parameters in each), the short ones on a discarded example."""
+    t = config.training
+    mine = examples[context.rank::context.world_size]
+    batches = math.ceil(math.ceil(len(examples) / context.world_size) / t.micro_batch_size)
+    nll, tokens = 0.0, 0.0
+    model.eval()
+    with torch.no_grad():
+        for number in range(batches):
+            batch = mine[number * t.micro_batch_size:(number + 1) * t.micro_batch_size]
+            counted = bool(batch)
+            batch = batch or examples[:1]
+            logps = answer_logps(model, [e.prompt for e in batch], [e.answers[:1] for e in batch], pad_id,
+                                 pack=t.pack_sequences, logits_chunk_rows=t.logits_chunk_rows)
+            if counted:
+                nll -= float(logps[:, 0].sum())
+                tokens += sum(len(e.answers[0]) for e in batch)
+    model.train()
+    sums = _all_reduce_sums({"nll": nll, "tokens": tokens}, context.device)
+    return sums["nll"] / sums["tokens"]
+
+
 def train(
     config: Config,
     rows: list[dict],
@@ -97,9 +129,12 @@ def train(
     export_dir: str,
     context: WorkerContext | None = None,
     source: str = "pairs",
+    early_stop: EarlyStop | None = None,
 ) -> dict:
     """Train one iteration on `rows` (generation-stage rows) starting from `model_path`; resume if a
-    checkpoint is committed under `train_dir`. Returns the final summary (on every rank)."""
+    checkpoint is committed under `train_dir`. Returns the final summary (on every rank). With `early_stop`, the
+    validation NLL is measured at each epoch's end (`validation_nll` in that step's record) and training ends once
+    it stops improving."""
     from spin_ray.models import load_model, load_tokenizer
 
     context = context or WorkerContext()
@@ -120,6 +155,7 @@ def train(
     scheduler = build_scheduler(optimizer, schedule.total_steps, t.warmup_ratio)
 
     start_step = 0
+    earlier = read_metrics_log(train_dir)  # read by every rank before rank 0 trims it: the validation history
     log = JsonLines(join(train_dir, "metrics.jsonl")) if context.rank == 0 else None
     steps = committed_steps(train_dir)
     if steps:
@@ -135,6 +171,10 @@ def train(
     started = time.perf_counter()
     summary = {}
     tokens_this_run = 0.0
+    validation = examples_from_rows(early_stop.rows, "validation", config) if early_stop else []
+    history = [r["validation_nll"] for r in earlier if "validation_nll" in r and r["step"] <= start_step]
+    best_dir = join(train_dir, "best_model")
+    stopping = False
     for step in range(start_step, schedule.total_steps):
         if context.on_step:
             context.on_step(step, context, train_dir)
@@ -162,6 +202,12 @@ def train(
         tokens_this_run += totals["tokens"]
         seconds = time.perf_counter() - step_started
         metrics = _step_metrics(totals, algorithm, t.global_batch_size, step, schedule, lr, float(grad_norm), seconds)
+        if validation and (step + 1) % schedule.steps_per_epoch == 0:
+            metrics["validation_nll"] = validation_nll(model, validation, pad_id, config, context)
+            history.append(metrics["validation_nll"])
+            if history[-1] == min(history):  # the best epoch so far: its weights are kept until a better one
+                export_hf(model, tokenizer, best_dir, context.rank)
+            stopping = len(history) - 1 - history.index(min(history)) >= early_stop.patience
         summary = metrics
         if context.rank == 0:
             record = {**metrics, "world_size": context.world_size,
@@ -179,16 +225,27 @@ def train(
                      "epoch": done // schedule.steps_per_epoch, "samples_seen": done * t.global_batch_size,
                      "world_size": context.world_size}
             save_checkpoint(train_dir, done, model, optimizer, state, context.rank, t.keep_checkpoints)
+        if stopping:
+            break
 
     train_seconds = time.perf_counter() - started
     export_started = time.perf_counter()
-    export_hf(model, tokenizer, export_dir, context.rank)
+    stopped = {}
+    if history:
+        best = history.index(min(history))
+        stopped = {"epochs_run": len(history), "best_epoch": best + 1, "validation_nll": round(history[best], 6),
+                   "validation_nll_by_epoch": [round(v, 6) for v in history]}
+    if history and stopped["best_epoch"] < len(history):
+        copy_export(best_dir, export_dir, context.rank)  # a later epoch was worse on validation
+    else:
+        export_hf(model, tokenizer, export_dir, context.rank)
     return {
         **summary,
+        **stopped,
         "training_tokens_per_second": round(tokens_this_run / train_seconds, 1) if tokens_this_run else None,
         "training_seconds": round(train_seconds, 2),
         "export_seconds": round(time.perf_counter() - export_started, 2),
-        "steps": schedule.total_steps,
+        "steps": summary.get("step", schedule.total_steps) if stopped else schedule.total_steps,
         "resumed_from_step": start_step,
         "pairs": len(examples),
         "pairs_left_out_per_epoch": len(examples) - schedule.steps_per_epoch * t.global_batch_size,

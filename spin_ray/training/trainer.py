@@ -30,7 +30,7 @@ def _worker_entry(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from spin_ray.training.loop import WorkerContext, train
+    from spin_ray.training.loop import EarlyStop, WorkerContext, train
     from spin_ray.workers import prepare_compute_process
 
     config = build_config(loop_config["config"])
@@ -42,11 +42,15 @@ def _worker_entry(loop_config: dict) -> None:
     # Every worker reads the whole pairs set (datasets_to_split=[]): the (seed, epoch) schedule then
     # picks each rank's slice, so any worker count resumes the same data order.
     rows = list(ray.train.get_dataset_shard("train").iter_rows())
+    early_stop = None
+    if loop_config.get("early_stop_patience"):
+        early_stop = EarlyStop(list(ray.train.get_dataset_shard("validation").iter_rows()),
+                               loop_config["early_stop_patience"])
     summary = train(
         config, rows, loop_config["model_path"], loop_config["train_dir"], loop_config["export_dir"],
         WorkerContext(rank, world, ray.train.torch.get_device(), report=lambda metrics: ray.train.report(metrics),
                       on_step=loop_config.get("on_step")),
-        source=loop_config["source"],
+        source=loop_config["source"], early_stop=early_stop,
     )
     if rank == 0:
         atomic_write_json(join(loop_config["train_dir"], "summary.json"), summary)
@@ -88,11 +92,11 @@ def _ray_train_storage(train_dir: str) -> str:
 
 
 def run_training(config: Config, dataset, model_path: str, train_dir: str, export_dir: str, source: str = "pairs",
-                 on_step: Callable | None = None) -> dict:
+                 on_step: Callable | None = None, validation=None, patience: int = 1) -> dict:
     """Train the model at `model_path` (p_t) into `export_dir` (p_{t+1}) on a Ray Dataset of pairs; resumes from the
     last checkpoint committed under `train_dir` (also home of metrics.jsonl and summary.json), and returns at
     once if the export is already complete. `on_step(step, context, train_dir)` runs on every worker before
-    each optimizer step."""
+    each optimizer step. `validation` (a Ray Dataset of SFT rows) turns on early stopping (loop.EarlyStop)."""
     import ray.train
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -111,7 +115,8 @@ def run_training(config: Config, dataset, model_path: str, train_dir: str, expor
     trainer = TorchTrainer(
         train_loop_per_worker=_worker_entry,
         train_loop_config={"config": config.to_dict(), "model_path": model_path, "train_dir": train_dir,
-                           "export_dir": export_dir, "source": source, "on_step": on_step},
+                           "export_dir": export_dir, "source": source, "on_step": on_step,
+                           "early_stop_patience": patience if validation is not None else None},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
@@ -120,7 +125,7 @@ def run_training(config: Config, dataset, model_path: str, train_dir: str, expor
                              # failure; bounded, so an unplaceable group fails after about run.resource_wait_s
                              failure_config=FailureConfig(max_failures=t.max_failures, controller_failure_limit=
                                                           max(1, math.ceil(config.run.resource_wait_s / 60)))),
-        datasets={"train": dataset},
+        datasets={"train": dataset, **({"validation": validation} if validation is not None else {})},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     trainer.fit()

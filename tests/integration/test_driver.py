@@ -20,6 +20,7 @@ def test_warm_start_mix_previous_then_converged_stop_on_forced_rerun(ray_session
         "training.learning_rate=1e-3", "iterations.count=2", "iterations.mix_previous=true",
         "iterations.sft_warm_start=true", "evaluation.prompts=4",
         "data.validation_fraction=0.05", "evaluation.validation_prompts=4",
+        "iterations.sft_epochs=auto", "iterations.sft_max_epochs=2",
         "generation.engine=hf",  # the loop is the point; vLLM starts in ~20-60 s each of 5 times (test_generation has it)
     ]
     manifest = run_iterations(load_config(None, overrides), echo=lambda line: None)
@@ -29,6 +30,10 @@ def test_warm_start_mix_previous_then_converged_stop_on_forced_rerun(ray_session
     # the SFT warm start trained on the human answers, and its export is p_0
     sft = manifest["phases"]["sft"]
     assert sft["status"] == "done" and sft["metrics"]["nll"] > 0
+    # sft_epochs auto: an epoch at a time until the validation NLL stops improving (at most 2 here), the best kept
+    history = sft["metrics"]["validation_nll_by_epoch"]
+    assert 1 <= sft["metrics"]["epochs_run"] == len(history) <= 2
+    assert sft["metrics"]["validation_nll"] == min(history) == history[sft["metrics"]["best_epoch"] - 1]
     assert manifest["iterations"][0]["opponent"] == str(run / "sft" / "model")
     assert manifest["phases"]["baseline_eval"]["metrics"]["model"] == str(run / "sft" / "model")
     assert manifest["iterations"][1]["opponent"] == str(run / "iter_0" / "model")

@@ -103,3 +103,39 @@ def test_progress_line_is_a_tqdm_meter_with_this_runs_eta():
     assert "25%" in line and "3/12" in line and "00:45<02:15" in line and "margin 0.1000" in line
     # resumed at step 2: one step in 10 s this run, 9 to go
     assert "00:10<01:30" in _progress_line(metrics, 12, elapsed=10.0, first_step=2)
+
+
+def _sft_rows(chat, answers: list[str], prefix: str) -> list[dict]:
+    prompts = chat.batch_prompt_ids([[{"role": "user", "content": f"Say something ({i})."}] for i in range(len(answers))])
+    return [{"prompt_id": f"{prefix}{i}", "prompt_token_ids": p, "real_token_ids": r}
+            for i, (p, r) in enumerate(zip(prompts, chat.batch_response_ids(answers), strict=True))]
+
+
+@pytest.mark.parametrize("validation_like_training", [False, True])
+def test_early_stop_keeps_the_best_epoch_and_stops_when_validation_nll_rises(tiny_model_dir, chat, tmp_path,
+                                                                             validation_like_training):
+    from safetensors.torch import load_file
+
+    from spin_ray.config import load_config
+    from spin_ray.training.loop import EarlyStop, read_metrics_log, train
+
+    config = load_config(None, [f"model.name={tiny_model_dir}", "training.objective=sft", "training.epochs=4",
+                                "training.global_batch_size=4", "training.micro_batch_size=2", "training.optimizer=adamw",
+                                "training.learning_rate=5e-2", "training.warmup_ratio=0", "training.checkpoint_every=100"])
+    rows = _sft_rows(chat, ["blue blue blue blue"] * 4, "t")
+    # validation answers the training data pushes away from (NLL rises every epoch), or the training answers themselves
+    validation = _sft_rows(chat, ["blue blue blue blue"] * 3 if validation_like_training else ["seven 7 seven 7"] * 3, "v")
+    summary = train(config, rows, tiny_model_dir, str(tmp_path / "train"), str(tmp_path / "model"),
+                    early_stop=EarlyStop(validation, patience=1))
+    history = summary["validation_nll_by_epoch"]
+    logged = [r["validation_nll"] for r in read_metrics_log(str(tmp_path / "train")) if "validation_nll" in r]
+    assert logged == pytest.approx(history)
+    exported = load_file(str(tmp_path / "model" / "model.safetensors"))
+    best = load_file(str(tmp_path / "train" / "best_model" / "model.safetensors"))
+    assert all(torch.equal(exported[k], best[k]) for k in exported)  # the export is the best epoch's weights
+    if validation_like_training:  # improves every epoch: all 4 run, the last is the best
+        assert summary["epochs_run"] == 4 and summary["best_epoch"] == 4 and history == sorted(history, reverse=True)
+        assert summary["steps"] == 4
+    else:  # worse after every epoch: epoch 1 is the best, epoch 2 is the one without a new best, then it stops
+        assert summary["epochs_run"] == 2 and summary["best_epoch"] == 1 and history[1] > history[0]
+        assert summary["steps"] == 2 and summary["validation_nll"] == pytest.approx(history[0], abs=1e-6)
