@@ -150,6 +150,28 @@ def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str
     return Produced({k: v for k, v in metrics.items() if k != "key"}, {"eval": output_dir, "answers": metrics["answers"]})
 
 
+START_METRICS = "start_metrics.json"  # written last into a start-evaluation cache folder: the whole phase's metrics
+
+
+def _evaluate_start(config: Config, model: str, layout: RunLayout, validation: str | None, echo) -> Produced:
+    """p_0's evaluation, through the cache of start-model evaluations keyed by the model's content, the evaluation
+    data and settings: runs that start from the same model (benchmark arms, a resubmitted run under a new name)
+    evaluate it once."""
+    from spin_ray.evaluation import start_evaluation_cache
+    from spin_ray.storage import atomic_write_json, join, read_json
+
+    cache = start_evaluation_cache(config, model, validation)
+    if cache is None:  # a hub model: no content to key on
+        return _evaluate(config, model, layout.evaluation(None), None, validation)
+    cached = read_json(join(cache, START_METRICS))
+    if cached is not None:
+        echo(f"[spin-ray] baseline_eval: the same model, data and settings were evaluated before: reusing {cache}")
+        return Produced({**cached, "model": model, "cached": True}, {"eval": cache, "answers": cached["answers"]})
+    produced = _evaluate(config, model, cache, None, validation)
+    atomic_write_json(join(cache, START_METRICS), produced.metrics)
+    return produced
+
+
 def run_iterations(config: Config, force: bool = False, echo: Callable[[str], None] = print,
                    lease_token: str | None = None, owner: str | None = None, ended_holder: str | None = None) -> dict:
     """The self-play outer loop (a plain function; the driver actor calls it). Returns the final manifest dict.
@@ -199,7 +221,7 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
         opponent_answers = None
         if evaluate:
             record, _ = phases.run("baseline_eval", None,
-                                   lambda: _evaluate(config, opponent, layout.evaluation(None), None, validation))
+                                   lambda: _evaluate_start(config, opponent, layout, validation, echo))
             opponent_answers = record["artifacts"]["answers"]
             _select(config, manifest, None, opponent, echo)
 

@@ -188,3 +188,34 @@ def evaluate_validation(config: Config, model: str, output_dir: str, source: str
         update={"prompts": config.evaluation.validation_prompts})})
     metrics = evaluate_model(limited, model, output_dir, data=source)
     return {f"validation_{key}": metrics.get(key) for key in VALIDATION_KEYS}
+
+
+def start_evaluation_cache(config: Config, model: str, validation: str | None) -> str | None:
+    """Where the evaluation of the start model `model` is kept for every run that starts from the same content with
+    the same evaluation data and settings ({storage_path}/_cache/start_eval/<key>); None when the model's content
+    cannot be fingerprinted (a hub id). A changed setting, data file or model gives another key."""
+    import os
+
+    from spin_ray.models import content_fingerprint
+
+    fingerprint = content_fingerprint(model)
+    if fingerprint is None:
+        return None
+
+    def data_identity(source: str | None) -> list | None:
+        if source is None:
+            return None
+        local = source.removeprefix("file://")
+        stat = os.stat(local) if os.path.isfile(local) else None  # a user's file: its size and time, not just its name
+        return [source, stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
+
+    data = config.data
+    carved = validation is not None and data.validation is None
+    key = {
+        "model": fingerprint, "settings": evaluation_key(config, model, config.data.eval or "", None)["settings"],
+        "eval": data_identity(config.data.eval), "prompts": config.evaluation.prompts,
+        "validation": [data_identity(data.train), data.validation_fraction] if carved else data_identity(data.validation),
+        "validation_prompts": config.evaluation.validation_prompts if validation is not None else None,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return join(config.run.storage_path, "_cache", "start_eval", digest)

@@ -193,7 +193,7 @@ def folder_digest(folder: str) -> dict:
     files = {}
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if os.path.isfile(path) and name != FOLDER_MARKER:
+        if os.path.isfile(path) and name not in (FOLDER_MARKER, _COMPLETE_MARKER):  # markers say when, not what
             digest = hashlib.sha256()
             with open(path, "rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
@@ -215,6 +215,17 @@ def publish_folder(folder: str, url: str) -> str:
     upload_folder(folder, url)
     atomic_write_json(join(url, FOLDER_MARKER), digest)
     return digest["content_hash"]
+
+
+def content_fingerprint(path: str) -> str | None:
+    """The content hash of a model folder (local, or published to storage with its marker); None for a hub id or a
+    folder whose content cannot be known without downloading it."""
+    from spin_ray.storage import join, read_json
+
+    if _is_storage_url(path):
+        return (read_json(join(path, FOLDER_MARKER)) or {}).get("content_hash")
+    local = path.removeprefix("file://")
+    return folder_digest(local)["content_hash"] if os.path.isdir(local) else None
 
 
 def folder_complete(url: str) -> bool:

@@ -71,3 +71,23 @@ def test_warm_start_mix_previous_then_converged_stop_on_forced_rerun(ray_session
     assert sum("done in an earlier job, skipped" in line for line in lines) == 5  # sft, baseline, 3 of iter 0
     on_disk = json.loads((run / "manifest.json").read_text())
     assert on_disk["status"] == "converged" and (run / "report.png").stat().st_size > 0
+
+
+def test_the_start_models_evaluation_is_cached_by_content_data_and_settings(ray_session, tmp_path, tiny_model_dir):
+    common = [f"model.name={tiny_model_dir}", f"run.storage_path={tmp_path}", "iterations.count=0",
+              "generation.max_new_tokens=6", "generation.replicas=[1,1]", "generation.engine=hf", "evaluation.prompts=4"]
+
+    def baseline(name: str, *extra: str) -> tuple[dict, list[str]]:
+        lines: list[str] = []
+        manifest = run_iterations(load_config(None, [*common, f"run.name={name}", *extra]), echo=lines.append)
+        return manifest["phases"]["baseline_eval"], lines
+
+    first, _ = baseline("a")
+    again, lines = baseline("b")  # another run, the same start model: nothing is generated again
+    assert not first["metrics"].get("cached") and again["metrics"]["cached"] is True
+    assert any("reusing" in line for line in lines)
+    shown = ("accuracy", "nll_per_token", "answer_format_rate", "share_hit_max_new_tokens", "prompts")
+    assert {k: again["metrics"][k] for k in shown} == {k: first["metrics"][k] for k in shown}
+    assert again["artifacts"]["answers"] == first["artifacts"]["answers"]
+    changed, _ = baseline("c", "evaluation.prompts=3")  # another setting: evaluated anew
+    assert not changed["metrics"].get("cached") and changed["metrics"]["prompts"] == 3
