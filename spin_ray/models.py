@@ -248,6 +248,9 @@ def _content_key(url: str) -> str:
     return hashlib.sha256(json.dumps([url, entries]).encode()).hexdigest()[:32]
 
 
+# Downloads of one model folder before staging gives up: a copy that lost files (its folder cleaned under it) is
+# downloaded again.
+STAGE_ATTEMPTS = 3
 # Weight files: a tokenizer-only staging (the driver tokenizing prompts) leaves them in the bucket.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -257,22 +260,38 @@ def stage_model(url: str, cache_dir: str | Path | None = None, weights: bool = T
     `weights=False` only its config and tokenizer files."""
     from spin_ray.storage import download_folder
 
+    from spin_ray.storage import join, read_json
+
     root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "staged"
     target = root / (_content_key(url) + ("" if weights else "-tokenizer"))
-    if (target / _COMPLETE_MARKER).is_file():
-        return str(target)
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{target.name}.lock")):
-        if not (target / _COMPLETE_MARKER).is_file():
+    published = (read_json(join(url, FOLDER_MARKER)) or {}).get("files") or {}
+    expected = {name: info["size"] for name, info in published.items() if weights or not name.endswith(WEIGHT_SUFFIXES)}
+    for attempt in range(1, STAGE_ATTEMPTS + 1):
+        if (target / _COMPLETE_MARKER).is_file():
+            return str(target)
+        root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root / f".{target.name}.lock")):
+            if (target / _COMPLETE_MARKER).is_file():
+                return str(target)
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
             try:
                 started = time.perf_counter()
                 download_folder(url, str(staging), skip=() if weights else WEIGHT_SUFFIXES)
+                missing = [n for n, size in expected.items()
+                           if not (staging / n).is_file() or (staging / n).stat().st_size != size]
+                if missing:  # the cache was cleaned under the download, or the disk filled: stage again
+                    if attempt == STAGE_ATTEMPTS:
+                        raise ModelResolutionError(f"model {url!r}: staging into {root} lost {missing[:3]} "
+                                                   f"{STAGE_ATTEMPTS} times (is the cache being deleted, or full?)")
+                    continue
                 (staging / _COMPLETE_MARKER).write_text(
                     json.dumps({"source": url, "seconds": round(time.perf_counter() - started, 2)}))
                 if target.exists():
                     shutil.rmtree(target)
                 os.replace(staging, target)
+            except FileNotFoundError:  # the staging folder itself went away under the download
+                if attempt == STAGE_ATTEMPTS:
+                    raise
             finally:
                 if staging.exists():
                     shutil.rmtree(staging, ignore_errors=True)
