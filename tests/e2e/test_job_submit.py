@@ -1,9 +1,9 @@
 """The job as users run it: `ray start --head`, `ray job submit`, `ray job stop` mid-training, submit again.
 
-Tiny model, 2 iterations, on a local folder and on S3 (moto's server). The first job is stopped during
-iteration 1's training once a checkpoint is committed; the second job (same config, same run name) must
-finish the run. The manifest then shows iteration 0 ran once, iteration 1's training ran twice and resumed
-from its checkpoint. On S3, while the first job runs, a `spin-ray run` of the same run from another Ray
+Tiny model, one iteration, on a local folder and on S3 (moto's server). The first job is stopped during
+iteration 0's training once a checkpoint is committed; `spin-ray status` then says interrupted at once; the
+second job (same config, same run name) must finish the run. The manifest then shows the baseline evaluation
+and the generation ran once, and the training ran twice, resumed from its checkpoint. On S3, while the first job runs, a `spin-ray run` of the same run from another Ray
 instance is refused naming the lease holder; the second job takes the lease over once it has expired.
 """
 
@@ -68,9 +68,9 @@ def test_stopped_job_resumes_on_resubmit(storage, head_node, tmp_path, tiny_mode
 model: {{name: {tiny_model_dir}}}
 data: {{train: gsm8k, eval: gsm8k:test, limit: 16}}
 generation: {{engine: hf, max_new_tokens: 8, batch_size: 16, replicas: [1, 1], shard_rows: 8, cpus_per_replica: 2}}
-training: {{global_batch_size: 4, micro_batch_size: 2, epochs: 8, checkpoint_every: 2, learning_rate: 1.0e-4}}
-run: {{name: submitted, storage_path: {storage_path}, lease_ttl_s: 15}}
-iterations: {{count: 2}}
+training: {{global_batch_size: 4, micro_batch_size: 2, epochs: 4, checkpoint_every: 2, learning_rate: 1.0e-4}}
+run: {{name: submitted, storage_path: {storage_path}, lease_ttl_s: 30}}
+iterations: {{count: 1}}
 evaluation: {{prompts: 4}}
 """)
     run = f"{storage_path}/submitted"
@@ -81,10 +81,10 @@ evaluation: {{prompts: 4}}
     first = client.submit_job(entrypoint=entrypoint, runtime_env=env)
 
     def committed_checkpoint():
-        return any(exists(f"{step}/_COMMITTED.json") for step in list_dir(f"{run}/iter_1/train/checkpoints"))
+        return any(exists(f"{step}/_COMMITTED.json") for step in list_dir(f"{run}/iter_0/train/checkpoints"))
 
     _wait(lambda: committed_checkpoint() or client.get_job_status(first) in (JobStatus.FAILED, JobStatus.SUCCEEDED),
-          600, "a committed checkpoint in iteration 1's training")
+          600, "a committed checkpoint in iteration 0's training")
     assert client.get_job_status(first) == JobStatus.RUNNING, client.get_job_logs(first)[-3000:]
     if storage == "s3":  # the same run from another Ray instance (a subprocess of its own) while the first job lives
         other = subprocess.run([sys.executable, "-m", "spin_ray.cli", "run", str(config)], capture_output=True,
@@ -94,8 +94,8 @@ evaluation: {{prompts: 4}}
     client.stop_job(first)
     _wait(lambda: client.get_job_status(first) == JobStatus.STOPPED, 120, "the first job to stop")
     stopped = _manifest(run)
-    assert stopped["iterations"][1]["phases"]["train"]["status"] != "done"
-    # the stopped driver's lease is still fresh (15 s TTL), but Ray says its job is over
+    assert stopped["iterations"][0]["phases"]["train"]["status"] != "done"
+    # the stopped driver's lease is still fresh (30 s TTL), but Ray says its job is over
     status = subprocess.run([sys.executable, "-m", "spin_ray.cli", "status", run, "--address", head_node],
                             capture_output=True, text=True, timeout=120, env={**os.environ, **env_vars})
     assert status.returncode == 0, status.stderr[-2000:]
@@ -106,7 +106,7 @@ evaluation: {{prompts: 4}}
           600, "the second job to finish", interval=2)
     logs = client.get_job_logs(second)
     assert client.get_job_status(second) == JobStatus.SUCCEEDED, logs[-3000:]
-    assert "iteration 0: train: done in an earlier job, skipped" in logs
+    assert "iteration 0: generate: done in an earlier job, skipped" in logs
     assert "report:" in logs and "reward acc" in logs  # the final table and the report path
     if storage == "s3":  # the stopped job's driver left its lease behind: the second one waited it out
         assert "taking it over when it expires" in logs
@@ -114,13 +114,13 @@ evaluation: {{prompts: 4}}
     manifest = _manifest(run)
     assert manifest["status"] == "done" and len(manifest["jobs"]) == 2
     assert manifest["phases"]["baseline_eval"]["attempts"] == 1
-    for phase in manifest["iterations"][0]["phases"].values():
-        assert phase["status"] == "done" and phase["attempts"] == 1
-    train = manifest["iterations"][1]["phases"]["train"]
+    phases = manifest["iterations"][0]["phases"]
+    assert phases["generate"]["attempts"] == 1 and phases["evaluate"]["attempts"] == 1
+    train = phases["train"]
     assert train["status"] == "done" and train["attempts"] == 2
     assert train["metrics"]["resumed_from_step"] >= 2  # from the checkpoint in the run's storage
-    assert train["metrics"]["steps"] == 8 * (16 // 4)
-    assert manifest["final_model"] == f"{run}/iter_1/model"
+    assert train["metrics"]["steps"] == 4 * (16 // 4)
+    assert manifest["final_model"] == f"{run}/iter_0/model"
     assert load_model(local_model_path(manifest["final_model"], tmp_path / "reader")).num_parameters() > 0
     assert exists(f"{run}/report.md") and exists(f"{run}/report.png")
 

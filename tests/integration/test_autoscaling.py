@@ -112,8 +112,9 @@ def _overrides(tmp_path, model, run, *extra):
 
 
 # Enough generation (about 90 s on one replica here) to outlast the 10-25 s a fake node takes to join and Ray
-# Data's pool to notice it: with 72 prompts the phase ended before the grown pool's second replica started.
-FLEET_WORK = ["data.limit=240"]
+# Data's pool to notice it: with 72 prompts the phase ended before the grown pool's second replica started. The
+# training that follows only has to land on its node: 5 steps of 48 pairs, not 30 of 8.
+FLEET_WORK = ["data.limit=240", "training.global_batch_size=48"]
 
 
 class Hog:
@@ -193,7 +194,7 @@ def test_the_fleet_grows_with_the_work_and_shrinks_after_it(autoscaling_head, tm
     assert samples[-1]["gen_nodes"] == 0
     assert any(s["train_nodes"] == 1 for s in samples if s["t"] >= first_train)  # training got its node
     prompts = manifest["iterations"][0]["phases"]["generate"]["metrics"]["prompts"]
-    assert prompts == 240 and manifest["iterations"][0]["phases"]["train"]["metrics"]["steps"] == prompts // 8
+    assert prompts == 240 and manifest["iterations"][0]["phases"]["train"]["metrics"]["steps"] == prompts // 48
 
 
 def test_requests_no_node_type_can_hold_fail_at_once(autoscaling_head, tmp_path, tiny_model_dir):
