@@ -246,7 +246,7 @@ def test_a_killed_driver_restarts_and_redoes_no_finished_phase(autoscaling_head,
     from spin_ray.storage import read_json
 
     config = load_config(None, _overrides(tmp_path, tiny_model_dir, "restart", "data.limit=24",
-                                          "generation.max_new_tokens=16", "training.epochs=8",
+                                          "generation.max_new_tokens=16", "training.epochs=4",
                                           "training.checkpoint_every=1", "evaluation.enabled=true",
                                           "evaluation.prompts=4"))
     driver = start_driver(config)
