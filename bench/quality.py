@@ -1,13 +1,17 @@
-"""Benchmark: does self-play beat continued SFT on the same data and compute? Prints JSON, draws a picture.
+"""Benchmark: does self-play beat continued SFT from an SFT-converged start? Prints JSON, draws a picture.
 
-From one start (SmolLM2 after an SFT warm start on N GSM8K training prompts, the run `quality-start`), three
-arms train on the same N prompts for k iterations each: SPIN, T-SPIN, and continued SFT on the human answers
-(as many optimizer steps and passes over the human answers as SPIN with its t-1 mixing). Every model of every
-arm is evaluated on the same held-out GSM8K test prompts (greedy). For each arm against continued SFT, the
-paired difference of exact match and of NLL per token comes with a bootstrap 95% interval over prompts.
+v2 (the default). From one start (SmolLM2 after an SFT warm start on N GSM8K training prompts that stops when the
+NLL on a validation split carved from the training data stops improving: the run `quality-start`), four arms
+train on the same N prompts for k iterations each: continued SFT on the human answers (as many optimizer steps as
+SPIN with its t-1 mixing), SPIN as in the paper (no stabiliser), SPIN and T-SPIN with the recommended defaults
+(the defaults of `algorithm: spin` and `tspin`, chosen on the validation split by bench/quality_grid.py). Every
+model is evaluated on the same held-out GSM8K test prompts (greedy); p0 is evaluated once and shared (the start
+evaluation is cached by the model's content). Each arm names its best model on the validation split; for the
+selected and the last model of each arm against continued SFT's, the paired difference of exact match (strict,
+flexible) and of NLL per token comes with a bootstrap 95% interval over prompts (positive: the arm is better).
 Each arm is a resumable run: an interrupted benchmark continues where it stopped when started again.
 
-    python bench/quality.py [--config jobs/gsm8k_smollm2_quality.yaml] [--out bench/results/quality.json] [key=value ...]
+    python bench/quality.py [--config jobs/gsm8k_smollm2_quality.yaml] [--out bench/results/quality-v2.json] [key=value ...]
 """
 
 from __future__ import annotations
@@ -23,18 +27,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ARMS = {"spin": ["algorithm=spin"], "tspin": ["algorithm=tspin"], "sft": ["training.objective=sft"]}
+# the paper's loss: every stabiliser off, whatever the defaults are
+PAPER = ["training.nll_weight=0", "training.dpop_lambda=0", "training.length_normalize=false"]
+ARMS = {"sft": ["training.objective=sft"], "spin_paper": ["algorithm=spin", *PAPER],
+        "spin_recommended": ["algorithm=spin"], "tspin_recommended": ["algorithm=tspin"]}
+START = ["run.name=quality-start", "iterations.sft_warm_start=true", "iterations.sft_epochs=auto", "iterations.count=0"]
 METRICS = ("accuracy", "accuracy_lm_eval_strict", "accuracy_lm_eval_flexible", "answer_format_rate", "nll_per_token",
-           "reward_accuracy", "reward_margin", "mean_answer_tokens", "share_hit_max_new_tokens")
+           "share_hit_max_new_tokens", "mean_answer_tokens", "reward_accuracy", "reward_margin",
+           "validation_nll_per_token", "validation_accuracy", "validation_share_hit_max_new_tokens")
+# per-prompt score column -> (metric name, sign): sign +1 when higher is better
+COMPARED = {"correct_strict": ("accuracy_lm_eval_strict", 1), "correct_flexible": ("accuracy_lm_eval_flexible", 1),
+            "correct": ("accuracy", 1), "nll_per_token": ("nll_per_token", -1)}
 
 
 def run(config) -> dict:
     import ray
 
-    from spin_ray.driver import start_driver
+    from spin_ray.driver import driver_alive, start_driver
 
     started = time.perf_counter()
-    manifest = ray.get(start_driver(config).run.remote())
+    driver = start_driver(config)
+    manifest = ray.get(driver.run.remote())
+    ray.kill(driver)  # the next arm starts its own named driver
+    deadline = time.monotonic() + 60
+    while driver_alive(config) and time.monotonic() < deadline:
+        time.sleep(0.5)
     manifest["bench_seconds_this_invocation"] = round(time.perf_counter() - started, 1)
     return manifest
 
@@ -67,26 +84,41 @@ def phase_seconds(manifest: dict) -> dict:
     return total
 
 
+def versus(arm_scores: dict, sft_scores: dict) -> dict:
+    """Paired differences, arm minus continued SFT, each signed so that positive means the arm is better."""
+    from spin_ray.stats import paired_bootstrap
+
+    if arm_scores["prompt_id"] != sft_scores["prompt_id"]:
+        raise RuntimeError("the arms were evaluated on different prompts")
+    out = {}
+    for column, (metric, sign) in COMPARED.items():
+        a, b = arm_scores[column], sft_scores[column]
+        out[metric] = paired_bootstrap(a, b).to_dict() if sign > 0 else paired_bootstrap(b, a).to_dict()
+    return out
+
+
 def plot(results: dict) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("accuracy", "GSM8K exact match"), ("accuracy_lm_eval_flexible", "exact match, lm-eval flexible"),
-              ("nll_per_token", "NLL/token, human answers"), ("reward_accuracy", "reward acc. vs previous model"),
-              ("answer_format_rate", "answers ending '#### n'"), ("mean_answer_tokens", "mean answer tokens"))
+    panels = (("accuracy_lm_eval_strict", "GSM8K exact match (strict)"), ("answer_format_rate", "answers ending '#### n'"),
+              ("nll_per_token", "NLL/token, human answers"), ("validation_nll_per_token", "validation NLL/token"),
+              ("share_hit_max_new_tokens", "answers at max_new_tokens"), ("mean_answer_tokens", "mean answer tokens"))
     figure, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for axis, (key, title) in zip(axes.flat, panels, strict=True):
         for arm, info in results["arms"].items():
             points = [(i, m["metrics"].get(key)) for i, m in enumerate(info["models"]) if m["metrics"].get(key) is not None]
             axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arm)
         axis.set_title(title, fontsize=9)
-        axis.set_xlabel("model (p0 = SFT warm start)", fontsize=8)
+        axis.set_xlabel("model (p0 = SFT-converged start)", fontsize=8)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    figure.suptitle(f"self-play vs continued SFT: SmolLM2-135M, {results['sizes']['train_prompts']} GSM8K prompts, "
-                    f"{results['sizes']['held_out_prompts']} held out", fontsize=10)
+    sizes = results["sizes"]
+    figure.suptitle(f"self-play vs continued SFT: SmolLM2-135M, {sizes['train_prompts']} GSM8K prompts, "
+                    f"{sizes['held_out_prompts']} held out, start after {sizes['start_sft_epochs']} SFT epochs",
+                    fontsize=10)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
@@ -96,7 +128,8 @@ def plot(results: dict) -> bytes:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "jobs" / "gsm8k_smollm2_quality.yaml"))
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality-v2.json"))
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -104,48 +137,49 @@ def main() -> None:
 
     from spin_ray.config import load_config
     from spin_ray.layout import RunLayout
-    from spin_ray.stats import paired_bootstrap
 
+    arms = {name: ARMS[name] for name in args.arms.split(",")}
+    if "sft" not in arms:
+        raise SystemExit("bench/quality.py: the sft arm is the baseline every other arm is compared with")
     base = load_config(args.config, args.overrides)
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     started = time.perf_counter()
-    start = load_config(args.config, [*args.overrides, "run.name=quality-start", "iterations.sft_warm_start=true",
-                                      "iterations.count=0"])
+    start = load_config(args.config, [*args.overrides, *START])
     start_manifest = run(start)
     start_model = RunLayout.of(start).model(None)
-    results = {"benchmark": "quality", "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+    sft_phase = start_manifest["phases"]["sft"]["metrics"]
+    results = {"benchmark": "quality-v2", "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
                "config": args.config, "overrides": args.overrides, "start_model": start_model,
-               "sizes": {"train_prompts": start_manifest["phases"]["sft"]["metrics"]["pairs"],
+               "sizes": {"train_prompts": sft_phase["pairs"],
                          "held_out_prompts": start_manifest["phases"]["baseline_eval"]["metrics"]["prompts"],
+                         "validation_prompts": start_manifest["phases"]["baseline_eval"]["metrics"].get(
+                             "validation_prompts"),
+                         "start_sft_epochs": sft_phase.get("best_epoch"),
+                         "start_validation_nll_by_epoch": sft_phase.get("validation_nll_by_epoch"),
                          "iterations": base.iterations.count, "epochs_per_iteration": base.training.epochs},
                "start": {"seconds": phase_seconds(start_manifest), "metrics": models_of(start_manifest)[0][1]},
                "arms": {}, "versus_continued_sft": {}}
-    per_prompt = {}
-    for arm, overrides in ARMS.items():
+    per_prompt, roles = {}, {}
+    for arm, overrides in arms.items():
         config = load_config(args.config, [*args.overrides, f"run.name=quality-{arm}", f"model.name={start_model}",
                                            *overrides])
         manifest = run(config)
         models = models_of(manifest)
+        selected = (manifest.get("selected_model") or {}).get("model", models[-1][0])
+        roles[arm] = {"selected": selected, "last": models[-1][0]}
         results["arms"][arm] = {
             "run": manifest["run_dir"], "status": manifest["status"], "seconds": phase_seconds(manifest),
+            "selected": selected, "last": models[-1][0], "overrides": overrides,
+            "collapse_signals": [r.get("collapse_signals") for r in manifest["iterations"]],
             "train": [r["phases"]["train"]["metrics"] for r in manifest["iterations"]],
             "models": [{"model": label, "metrics": {k: m.get(k) for k in METRICS}} for label, m, _ in models]}
         per_prompt[arm] = {label: scores(folder) for label, _, folder in models}
-    for arm in ("spin", "tspin"):
-        comparisons = {}
-        for label, table in per_prompt[arm].items():
-            if label == "p0" or label not in per_prompt["sft"]:
-                continue
-            sft = per_prompt["sft"][label]
-            assert table["prompt_id"] == sft["prompt_id"], "arms were evaluated on different prompts"
-            comparisons[label] = {
-                "accuracy (arm - sft)": paired_bootstrap(table["correct"], sft["correct"]).to_dict(),
-                "accuracy_lm_eval_flexible (arm - sft)": paired_bootstrap(table["correct_flexible"],
-                                                                          sft["correct_flexible"]).to_dict(),
-                "nll_per_token (sft - arm, > 0: arm better)": paired_bootstrap(sft["nll_per_token"],
-                                                                               table["nll_per_token"]).to_dict(),
-            }
-        results["versus_continued_sft"][arm] = comparisons
+    for arm in arms:
+        if arm == "sft":
+            continue
+        results["versus_continued_sft"][arm] = {
+            role: versus(per_prompt[arm][roles[arm][role]], per_prompt["sft"][roles["sft"][role]])
+            for role in ("selected", "last")}
     results["seconds_this_invocation"] = round(time.perf_counter() - started, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -140,12 +140,20 @@ def _train(config: Config, layout: RunLayout, t: int | None, dataset, opponent: 
 
 def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str | None,
               validation: str | None = None) -> Produced:
-    """Held-out evaluation of `model`, and with `validation` (a source) its validation metrics too."""
-    from spin_ray.evaluation import evaluate_model, evaluate_validation
+    """Held-out evaluation of `model` on data.eval, and with `validation` (a source) its validation metrics too.
+    Without data.eval (a run that must not see the test split: a settings grid) the validation split is the
+    held-out set, reward accuracy included."""
+    from spin_ray.evaluation import VALIDATION_KEYS, evaluate_model, evaluate_validation
     from spin_ray.storage import join
 
-    metrics = evaluate_model(config, model, output_dir, opponent_answers=opponent_answers)
-    if validation is not None:
+    if config.data.eval is None:
+        limited = config.model_copy(update={"evaluation": config.evaluation.model_copy(
+            update={"prompts": config.evaluation.validation_prompts})})
+        metrics = evaluate_model(limited, model, output_dir, opponent_answers=opponent_answers, data=validation)
+        metrics.update({f"validation_{key}": metrics.get(key) for key in VALIDATION_KEYS})
+    else:
+        metrics = evaluate_model(config, model, output_dir, opponent_answers=opponent_answers)
+    if validation is not None and config.data.eval is not None:
         metrics.update(evaluate_validation(config, model, join(output_dir, "validation"), validation))
     return Produced({k: v for k, v in metrics.items() if k != "key"}, {"eval": output_dir, "answers": metrics["answers"]})
 
@@ -199,8 +207,8 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
         phases = Phases(manifest, lease, echo, config, tracker)
         opponent = initial_model(config, layout)
         manifest.data["base_model"] = opponent
-        evaluate = config.evaluation.enabled and config.data.eval is not None
-        validation = validation_source(config, layout.validation_data) if evaluate else None
+        validation = validation_source(config, layout.validation_data) if config.evaluation.enabled else None
+        evaluate = config.evaluation.enabled and (config.data.eval is not None or validation is not None)
 
         if config.iterations.sft_warm_start:
             it = config.iterations

@@ -30,3 +30,11 @@ def test_quiet_on_an_improving_iteration_and_on_small_sample_noise():
 def test_tolerances_and_missing_metrics():
     assert collapse_signals(P1, P2, nll_tolerance=0.05).keys() == {"length", "format"}
     assert collapse_signals({"prompts": 195}, P2) == {}  # nothing to compare against
+
+
+def test_the_validation_split_decides_when_both_models_have_it():
+    on_validation = {f"validation_{k}": v for k, v in P1.items()}
+    collapsed = {f"validation_{k}": v for k, v in P2.items()}
+    # the held-out (test) numbers say nothing happened; the validation split says the model collapsed
+    assert set(collapse_signals({**P1, **on_validation}, {**P1, **collapsed})) == {"nll", "length", "format"}
+    assert collapse_signals({**P1, **on_validation}, {**P2, **on_validation}) == {}
