@@ -403,8 +403,9 @@ def start_driver(config: Config, force: bool = False, progress_bars: bool = Fals
     actor_class = ray.remote(num_cpus=0, max_restarts=restarts, max_task_retries=restarts)(DriverActor)
     place = config.run.driver_resource or "node:__internal_head__"
     # Every process the driver starts (engines, trainers, Ray Data tasks) inherits this hook: their job-log lines
-    # are ours, not library notes.
-    setup = {"worker_process_setup_hook": "spin_ray.logs.quiet_library_logs"}
+    # are ours, not library notes. A job that brings its own hook keeps it.
+    own_hook = (ray.get_runtime_context().runtime_env or {}).get("worker_process_setup_hook")
+    setup = {} if own_hook else {"worker_process_setup_hook": "spin_ray.logs.quiet_library_logs"}
     return actor_class.options(name=name, namespace=DRIVER_NAMESPACE, resources={place: 0.001},
                                runtime_env=setup).remote(
         config.to_dict(), force, token, owner, progress_bars, ended_holder)
