@@ -94,6 +94,8 @@ def node_types() -> tuple[str, list[NodeType]]:
     """(where they came from, the node types) of the connected cluster; see the module docstring."""
     import ray
 
+    # Private: Ray 2.60 has no public API for the autoscaler's node groups (what the cluster may grow to); the
+    # public ray.nodes() only lists the nodes alive now.
     config = ray._private.state.state.get_cluster_config()
     if config is not None and config.node_group_configs:
         return "the autoscaler's node groups", [
@@ -155,6 +157,7 @@ def release_orphaned_groups(echo=print) -> int:
 
     job = ray.get_runtime_context().get_job_id()
     removed = 0
+    # Private: ray.util.placement_group_table() returns no creator actor/job liveness, which tells an orphan apart.
     for raw in ray._private.state.state._connect_and_get_accessor().get_placement_group_table():
         group = gcs_pb2.PlacementGroupTableData.FromString(raw)
         orphaned = group.creator_actor_dead and not group.creator_job_dead and not group.is_detached

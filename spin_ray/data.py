@@ -60,6 +60,11 @@ class LoadReport:
     duplicates: int = 0
     skip_examples: list[str] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, source: str, part: str | None = None) -> "LoadReport":
+        """An empty report of `source`, or of its training or validation part."""
+        return cls(source=source if part is None else f"{source} ({part} part)")
+
     def summary(self) -> str:
         text = f"{self.source}: {self.records} records from {self.rows_read} rows"
         if self.skipped:
@@ -276,7 +281,7 @@ def iter_records(source: str, cfg: DataConfig, report: LoadReport, part: str | N
 def check_records(source: str, cfg: DataConfig | None = None, part: str | None = None) -> LoadReport:
     """Read `source` as load_records would, keeping only the ids: the same errors, in one streaming pass, before
     anything starts (a run would otherwise find a bad row after its cluster and its baseline evaluation)."""
-    report = LoadReport(source=source if part is None else f"{source} ({part} part)")
+    report = LoadReport.of(source, part)
     for _ in iter_records(source, cfg or DataConfig(), report, part):
         pass
     return report
@@ -289,7 +294,7 @@ def load_records(source: str, cfg: DataConfig | None = None, part: str | None = 
     in the report. Exact duplicate records are dropped (counted) so every prompt_id is unique.
     `part`: the training or validation part of a carved set (see iter_records).
     """
-    report = LoadReport(source=source if part is None else f"{source} ({part} part)")
+    report = LoadReport.of(source, part)
     records = list(iter_records(source, cfg or DataConfig(), report, part))
     if report.skipped:
         log.warning("%s; first: %s", report.summary(), report.skip_examples[0])

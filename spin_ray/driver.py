@@ -143,13 +143,12 @@ def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str
     """Held-out evaluation of `model` on data.eval, and with `validation` (a source) its validation metrics too.
     Without data.eval (a run that must not see the test split: a settings grid) the validation split is the
     held-out set, reward accuracy included."""
-    from spin_ray.evaluation import VALIDATION_KEYS, evaluate_model, evaluate_validation
+    from spin_ray.evaluation import VALIDATION_KEYS, evaluate_model, evaluate_validation, validation_config
     from spin_ray.storage import join
 
     if config.data.eval is None:
-        limited = config.model_copy(update={"evaluation": config.evaluation.model_copy(
-            update={"prompts": config.evaluation.validation_prompts})})
-        metrics = evaluate_model(limited, model, output_dir, opponent_answers=opponent_answers, data=validation)
+        metrics = evaluate_model(validation_config(config), model, output_dir, opponent_answers=opponent_answers,
+                                 data=validation)
         metrics.update({f"validation_{key}": metrics.get(key) for key in VALIDATION_KEYS})
     else:
         metrics = evaluate_model(config, model, output_dir, opponent_answers=opponent_answers)

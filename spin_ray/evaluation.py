@@ -182,11 +182,15 @@ def validation_source(config: Config, carved_file: str) -> str | None:
     return carved_file
 
 
+def validation_config(config: Config) -> Config:
+    """The config of an evaluation on the validation split: evaluation.validation_prompts of it."""
+    return config.model_copy(update={"evaluation": config.evaluation.model_copy(
+        update={"prompts": config.evaluation.validation_prompts})})
+
+
 def evaluate_validation(config: Config, model: str, output_dir: str, source: str) -> dict:
     """`model` on the validation split (evaluation.validation_prompts of it): validation_<key> for VALIDATION_KEYS."""
-    limited = config.model_copy(update={"evaluation": config.evaluation.model_copy(
-        update={"prompts": config.evaluation.validation_prompts})})
-    metrics = evaluate_model(limited, model, output_dir, data=source)
+    metrics = evaluate_model(validation_config(config), model, output_dir, data=source)
     return {f"validation_{key}": metrics.get(key) for key in VALIDATION_KEYS}
 
 
