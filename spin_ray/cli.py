@@ -71,9 +71,13 @@ def _init_ray(address: str | None) -> None:
         colorama.init(strip=True, convert=False)
     from spin_ray.logs import quiet_library_logs
 
+    # Every process of the job (engines, trainers, Ray Train's controller, Ray Data tasks) runs the library-log
+    # filters when it starts: a job-level hook (Ray runs no actor-level one). A job that brings its own keeps it.
+    job_env = (json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {})
+    hook = {} if job_env.get("worker_process_setup_hook") else {"worker_process_setup_hook": "spin_ray.logs.quiet_library_logs"}
     # Ray's own INFO lines go to stderr, where a refusal must stand alone as one line; say where we are instead
     context = ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-                       logging_level=logging.WARNING)
+                       logging_level=logging.WARNING, runtime_env=hook)
     quiet_library_logs()
     where = f", dashboard {context.dashboard_url}" if getattr(context, "dashboard_url", None) else ""
     print(f"[spin-ray] Ray at {context.address_info.get('gcs_address', 'a local instance')}{where}", flush=True)

@@ -401,10 +401,10 @@ def start_driver(config: Config, force: bool = False, progress_bars: bool = Fals
     # job stops the driver, and the manifest lets the next job continue.
     actor_class = ray.remote(num_cpus=0, max_restarts=restarts, max_task_retries=restarts)(DriverActor)
     place = config.run.driver_resource or "node:__internal_head__"
-    # Every process the driver starts (engines, trainers, Ray Data tasks) inherits this hook: their job-log lines
-    # are ours, not library notes. A job that brings its own hook keeps it.
-    own_hook = (ray.get_runtime_context().runtime_env or {}).get("worker_process_setup_hook")
-    setup = {} if own_hook else {"worker_process_setup_hook": "spin_ray.logs.quiet_library_logs"}
+    # Ray Train's placement-group cleaner finds its cluster through the state API with no address; on a machine that
+    # runs two Ray instances (a laptop, a test suite) that lookup fails and its monitor thread dies with a traceback.
+    # Ray's own address variable, inherited by every process the driver starts, names this cluster.
+    setup = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
     return actor_class.options(name=name, namespace=DRIVER_NAMESPACE, resources={place: 0.001},
                                runtime_env=setup).remote(
         config.to_dict(), force, token, owner, progress_bars, ended_holder)

@@ -70,10 +70,24 @@ def vllm_logging_config(level: str = "WARNING") -> str:
 def quiet_library_logs() -> None:
     """Library lines a job log does not need, in this process. Real warnings and errors stay."""
     # Ray Data prints "Starting execution / Execution plan / execution finished" per dataset at INFO (about 40
-    # lines a demo); they stay in the session's ray-data.log, and spin-ray prints its own line per phase.
+    # lines a demo); they stay in the session's ray-data.log, and spin-ray prints its own line per phase. Importing
+    # ray.data installs its handlers (a process hook runs before anything imported it).
+    import ray.data  # noqa: F401
+
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ == "PlainRayHandler":
             handler.setLevel(logging.WARNING)
+
+    # We turn Ray Data's progress bars off on purpose (spin-ray prints its own progress lines); Ray Data then warns
+    # once per process how to turn them back on.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # Ray Train's placement-group cleaner polls the state API every few seconds; on a busy node a poll times out, it
+    # warns "temporarily unavailable, continuing to monitor", and polls again: nothing for a user to act on.
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+    # Ray Train's DataConfig sets ExecutionOptions.exclude_resources on every fit, which Ray Data deprecates: Ray's call
+    # on Ray's option, printed by every training worker.
+    warnings.filterwarnings("ignore", message=r".*ExecutionOptions\.exclude_resources. is deprecated")
 
     # botocore says "Found credentials in environment variables" at INFO in every process that opens the bucket.
     logging.getLogger("botocore.credentials").setLevel(logging.WARNING)

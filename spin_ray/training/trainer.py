@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from spin_ray.algorithms import TrainingDataError, objective
 from spin_ray.config import Config, build_config
+from spin_ray.logs import quiet_library_logs
 from spin_ray.storage import atomic_write_json, is_local, join, read_json
 from spin_ray.training.checkpoint import export_complete
 
@@ -37,6 +38,7 @@ def _worker_entry(loop_config: dict) -> None:
     # One torch thread per reserved CPU, set explicitly: the worker process does not get it from Ray.
     prepare_compute_process(max(1, int(config.training.cpus_per_worker)))
     _quiet_per_report_lines()
+    quiet_library_logs()  # `spin-ray run`'s job hook did this; a training started otherwise (a benchmark) needs it here
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     # Every worker reads the whole pairs set (datasets_to_split=[]): the (seed, epoch) schedule then
@@ -98,7 +100,7 @@ def run_training(config: Config, dataset, model_path: str, train_dir: str, expor
     once if the export is already complete. `on_step(step, context, train_dir)` runs on every worker before
     each optimizer step. `validation` (a Ray Dataset of SFT rows) turns on early stopping (loop.EarlyStop)."""
     import ray.train
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if export_complete(export_dir):
@@ -121,6 +123,9 @@ def run_training(config: Config, dataset, model_path: str, train_dir: str, expor
         scaling_config=ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name="ray_train", storage_path=_ray_train_storage(train_dir),
+                             # Ray Train's worker-group notes (starting, started, shutting down, per fit) stay in
+                             # its session log files; the job log gets its warnings, and our own phase lines
+                             logging_config=LoggingConfig(log_level="WARNING"),
                              # a worker group that cannot start times out after 60 s and counts as a controller
                              # failure; bounded, so an unplaceable group fails after about run.resource_wait_s
                              failure_config=FailureConfig(max_failures=t.max_failures, controller_failure_limit=
