@@ -63,8 +63,8 @@ def phase_requests(config, phase: str) -> list[Request]:
     requests = [Request("generation engine replica", "generation.replicas, generation.cpus_per_replica, "
                         "generation.use_gpu, generation.tensor_parallel_size, generation.accelerator_type",
                         _engine_bundle(gen, gen.tensor_parallel_size), gen.replicas[0])]
-    # a reference pool runs beside the engines only when scoring is not fused into the engine pass; evaluation's
-    # later scoring of the opponent's answers is a pool of its own after generation, with an engine's bundle
+    # a reference pool runs beside the engines only when scoring is not fused into the engine pass (then
+    # evaluation's scoring of the opponent's answers is a pool of its own after generation, with an engine's bundle)
     scoring = not gen.fuse_reference and (phase == "evaluate" or config.needs_reference)
     if scoring:
         requests.append(Request("reference scorer", "generation.reference_replicas, generation.cpus_per_replica, "

@@ -2,8 +2,9 @@
 
 One engine pass of model M over the held-out prompts (the generation pipeline, greedy) gives M's
 answers (-> exact match, format, length) and, in the same pass, log p_M(human answer) (-> NLL per
-token). Against its opponent p_t, one forward-only pass of M over p_t's held-out answers gives the
-SPIN reward r(y) = beta * (log p_M(y) - log p_t(y)) of both the human and p_t's answer: reward
+token) and log p_M(p_t's answer), p_t being its opponent, whose held-out answers the engines score as
+they go (generation.fuse_reference; false: a forward-only pool after them). That gives the SPIN reward
+r(y) = beta * (log p_M(y) - log p_t(y)) of both the human and p_t's answer: reward
 accuracy is the share of prompts where the human answer gets the higher reward. It falls toward
 0.5 as M reaches the fixed point where it can no longer tell its opponent's answers from human ones.
 Per-prompt scores are kept beside the metrics (scores.parquet), so runs can be compared prompt by prompt.
@@ -84,7 +85,9 @@ def eval_config(config: Config) -> Config:
 def evaluation_key(config: Config, model: str, source: str, opponent_answers: str | None) -> dict:
     """What an evaluation's results depend on; a stored metrics.json is reused only when this matches."""
     settings = eval_config(config)
-    shaping = {"model": settings.model.model_dump(exclude={"cache_dir"}), "data": settings.data.model_dump(exclude={"train", "eval"}),
+    # the model is named by `model` (its path) below, and by its content in the start-evaluation cache: its spec
+    # (an alias, a run's export folder) is not a setting
+    shaping = {"model": settings.model.model_dump(exclude={"cache_dir", "name"}), "data": settings.data.model_dump(exclude={"train", "eval"}),
                "max_new_tokens": settings.generation.max_new_tokens, "engine": settings.generation.engine,
                "beta": config.training.beta}
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
@@ -120,9 +123,16 @@ def evaluate_model(config: Config, model: str, output_dir: str, opponent_answers
               f"replacing it", flush=True)
         remove(output_dir)
     answers_dir = join(output_dir, "answers")
+    # The opponent's held-out answers are scored under `model` by the same engines that answer the prompts
+    # (generation.fuse_reference), not by a second model copy in a pool of its own after them.
+    opponent = _opponent_rows(opponent_answers) if opponent_answers is not None else None
+    fused = opponent is not None and config.generation.fuse_reference
+    also_score = {pid: [answers[0]] for pid, answers in zip(opponent["prompt_id"], opponent["generated_token_ids"],
+                                                           strict=True)} if fused else None
     # The light per-row stages reserve no CPU (num_cpus=0): on a small node the scoring actor holds
     # every CPU, and a stage that waits for one would wait forever.
-    result = run_generation(eval_config(config), model, answers_dir, source=source, score_reference=True)
+    result = run_generation(eval_config(config), model, answers_dir, source=source, score_reference=True,
+                            also_score=also_score)
     scored = result.dataset.map_batches(score_answers, batch_format="pyarrow", batch_size=None, num_cpus=0).to_arrow_refs()
     scores = pa.concat_tables(ray.get(scored)).sort_by("prompt_id")
     metrics = {
@@ -140,12 +150,16 @@ def evaluate_model(config: Config, model: str, output_dir: str, opponent_answers
     }
     if opponent_answers is not None:
         started = time.perf_counter()
-        rewards = score_under(shards_dataset(committed_shards(opponent_answers)), config, model, NEW_MODEL_COLUMNS)
-        rewards = rewards.map_batches(reward_columns, fn_kwargs={"beta": config.training.beta}, batch_format="pyarrow",
-                                      batch_size=None, num_cpus=0).to_arrow_refs()
-        rewards = pa.concat_tables(ray.get(rewards)).sort_by("prompt_id")
+        rewards = _fused_rewards(result.dataset, opponent, config.training.beta) if fused else None
+        scored_in = "engine pass" if rewards is not None else "reference pool"
+        if rewards is None:  # a separate forward-only pool; also for answers committed without the fused scores
+            rewards = score_under(shards_dataset(committed_shards(opponent_answers)), config, model, NEW_MODEL_COLUMNS)
+            rewards = rewards.map_batches(reward_columns, fn_kwargs={"beta": config.training.beta},
+                                          batch_format="pyarrow", batch_size=None, num_cpus=0).to_arrow_refs()
+            rewards = pa.concat_tables(ray.get(rewards)).sort_by("prompt_id")
         metrics.update({
             "opponent_answers": opponent_answers,
+            "reward_scoring": scored_in,
             "reward_pairs": rewards.num_rows,
             "reward_accuracy": _mean(rewards.column("reward_correct").to_pylist()),
             "reward_margin": _mean(rewards.column("reward_margin").to_pylist()),
@@ -159,6 +173,40 @@ def evaluate_model(config: Config, model: str, output_dir: str, opponent_answers
     atomic_write_bytes(join(output_dir, SCORES_FILE), sink.getvalue().to_pybytes())
     atomic_write_json(join(output_dir, METRICS_FILE), metrics)
     return metrics
+
+
+def _opponent_rows(answers_dir: str) -> dict:
+    """The opponent's held-out answers and their log-probs under the opponent (it generated them)."""
+    from spin_ray.generation.shards import committed_shards, read_shards
+
+    return read_shards(committed_shards(answers_dir),
+                       ["prompt_id", "generated_token_ids", "ref_logp_real", "ref_logp_generated"]).to_pydict()
+
+
+def _fused_rewards(dataset, opponent: dict, beta: float) -> pa.Table | None:
+    """reward_columns from the evaluation pass's own scores: the model's log-prob of the human answer (ref_logp_real
+    of its rows) and of the opponent's answer (also_scored_logps). None when a row lacks them (answers committed
+    by a version that did not score them in the pass)."""
+    from spin_ray.generation.shards import ALSO_SCORE_COLUMNS
+
+    import ray
+
+    also = ALSO_SCORE_COLUMNS[1]
+    if also not in dataset.columns():
+        return None
+    table = pa.concat_tables(ray.get(dataset.select_columns(["prompt_id", "ref_logp_real", also]).to_arrow_refs()))
+    mine = {pid: (real, scored) for pid, real, scored in zip(*table.to_pydict().values(), strict=True)}
+    rows = {"prompt_id": [], "ref_logp_real": [], "ref_logp_generated": [], "new_logp_real": [], "new_logp_generated": []}
+    for pid, real, generated in zip(opponent["prompt_id"], opponent["ref_logp_real"], opponent["ref_logp_generated"],
+                                    strict=True):
+        if pid not in mine:
+            continue  # a held-out prompt this evaluation does not have: no reward, as with the separate pool
+        new_real, scored = mine[pid]
+        if new_real is None or not scored:
+            return None
+        for column, value in zip(rows, (pid, real, generated, new_real, scored), strict=True):
+            rows[column].append(value)
+    return reward_columns(pa.table(rows), beta).sort_by("prompt_id")
 
 
 def validation_source(config: Config, carved_file: str) -> str | None:

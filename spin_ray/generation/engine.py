@@ -14,6 +14,8 @@ class Completion:
     finish_reason: str  # "stop" (end-of-turn/eos) or "length" (hit max_new_tokens)
     logp: float | None = None  # summed log-prob of token_ids under the engine's model (temperature 1, no top_p)
     scored_logp: float | None = None  # summed log-prob of the request's `score` tokens, when it had any
+    # summed log-probs of the request's `also_score` responses (e.g. the opponent's answers in an evaluation)
+    also_scored: list[float] | None = None
 
 
 def sample_seed(base_seed: int, prompt_id: str, sample_index: int) -> int:

@@ -23,6 +23,7 @@ from spin_ray.config import Config, GenerationConfig
 from spin_ray.generation.engine import EngineSpec, replica_threads
 from spin_ray.generation.progress import progress_lines
 from spin_ray.generation.shards import (
+    ALSO_SCORE_COLUMNS,
     SHARD_COLUMN,
     GenerationError,
     commit_shard,
@@ -58,12 +59,15 @@ class GenerationResult:
 
 
 def run_generation(config: Config, model: str, output_dir: str, source: str | None = None,
-                   score_reference: bool | None = None, preference_stage: RowStage | None = None) -> GenerationResult:
+                   score_reference: bool | None = None, preference_stage: RowStage | None = None,
+                   also_score: dict[str, list[list[int]]] | None = None) -> GenerationResult:
     """Answer every prompt of `source` (default data.train) with `model` into `output_dir`.
 
     `score_reference` (default: whether the run's algorithm needs reference log-probs) adds the log-probs of the
     human and generated answers under `model`; `preference_stage` (SPPO's oracle) scores each row's answers
-    before its shard commits. Evaluation reuses this on the held-out split, greedy, with its own output_dir."""
+    before its shard commits; `also_score` (prompt_id -> responses) has the engines score those responses under
+    `model` in the same pass (the `also_scored_logps` column). Evaluation reuses this on the held-out split,
+    greedy, with its own output_dir."""
     if score_reference is None:
         score_reference = config.needs_reference
     done = read_completion(output_dir)
@@ -82,7 +86,7 @@ def run_generation(config: Config, model: str, output_dir: str, source: str | No
     new_rows = None
     if todo:
         gen = config.generation
-        table = _prompt_table(split, todo, gen.shard_rows)
+        table = _prompt_table(split, todo, gen.shard_rows, also_score)
         try:
             with progress_lines(output_dir, len(todo), gen.num_samples, math.ceil(len(todo) / gen.shard_rows),
                                 config.tracking.interval_s) as tally:
@@ -126,9 +130,14 @@ def _pending(split: TokenizedSplit, output_dir: str) -> list[int]:
     return sorted(todo, key=lambda i: len(split.prompt_ids[i]))
 
 
-def _prompt_table(split: TokenizedSplit, todo: list[int], shard_rows: int) -> pa.Table:
+def _prompt_table(split: TokenizedSplit, todo: list[int], shard_rows: int,
+                  also_score: dict[str, list[list[int]]] | None = None) -> pa.Table:
     """The rows the engines receive, each tagged with the shard it will be committed in."""
     records = split.records.take(todo)
+    extra = {}
+    if also_score is not None:
+        extra[ALSO_SCORE_COLUMNS[0]] = pa.array([also_score.get(pid, []) for pid in records.column("prompt_id").to_pylist()],
+                                                pa.list_(pa.list_(pa.int32())))
     return pa.table({
         "prompt_id": records.column("prompt_id"),
         "prompt": records.column("prompt"),
@@ -138,6 +147,7 @@ def _prompt_table(split: TokenizedSplit, todo: list[int], shard_rows: int) -> pa
         "prompt_tokens": pa.array([len(split.prompt_ids[i]) for i in todo], pa.int32()),
         "real_tokens": pa.array([len(split.response_ids[i]) for i in todo], pa.int32()),
         SHARD_COLUMN: pa.array([n // shard_rows for n in range(len(todo))], pa.int64()),
+        **extra,
     })
 
 

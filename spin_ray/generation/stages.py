@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from spin_ray.generation.engine import EngineSpec, sample_seed, sampling_description
 from spin_ray.generation.progress import TallySender
-from spin_ray.generation.shards import SHARD_COLUMN
+from spin_ray.generation.shards import ALSO_SCORE_COLUMNS, SHARD_COLUMN
 
 
 REFERENCE_COLUMNS = ("ref_logp_real", "ref_logp_generated")
@@ -83,6 +83,10 @@ class GenerateStage:
     def __call__(self, batch: pa.Table):
         spec = self.spec
         rows = batch.to_pylist()
+        also_in, also_out = ALSO_SCORE_COLUMNS
+        # vLLM scores them with its own requests; the HF engine with one forward when the shard is done
+        also = [row.get(also_in) or [] for row in rows] if also_in in batch.column_names else None
+        engine_also = [] if also is not None and self.hf_model is None else None
         prompts, seeds, score, owner = [], [], [], []
         for position, row in enumerate(rows):
             for column in ("generated", "generated_token_ids", "finish_reasons", "ref_logp_generated"):
@@ -93,14 +97,19 @@ class GenerateStage:
                 seeds.append(sample_seed(spec.seed, row["prompt_id"], k))
                 # the human answer is scored once, with the prompt's first sample
                 score.append(row["real_token_ids"] if spec.score_reference and k == 0 else None)
+                if engine_also is not None:
+                    engine_also.append(also[position] if k == 0 else [])
                 owner.append((position, k))
         pending: dict[int, int] = {}
         for row in rows:
             pending[row[SHARD_COLUMN]] = pending.get(row[SHARD_COLUMN], 0) + spec.num_samples
         clock = time.perf_counter()
-        for index, completion in self.engine.stream(prompts, seeds, score):
+        extra = {"also_score": engine_also} if engine_also is not None else {}
+        for index, completion in self.engine.stream(prompts, seeds, score, **extra):
             position, k = owner[index]
             row = rows[position]
+            if k == 0 and engine_also is not None:
+                row[also_out] = completion.also_scored or []
             row["generated"][k] = completion.text
             row["generated_token_ids"][k] = completion.token_ids
             row["finish_reasons"][k] = completion.finish_reason
@@ -112,9 +121,22 @@ class GenerateStage:
             if pending[row[SHARD_COLUMN]] == 0:
                 self.progress.send(wait=True)
                 done = [r for r in rows if r[SHARD_COLUMN] == row[SHARD_COLUMN]]
+                if also is not None and engine_also is None:
+                    self._score_also(done)
                 engine_seconds = time.perf_counter() - clock
                 yield self._finish(done, engine_seconds)
                 clock = time.perf_counter()
+
+    def _score_also(self, rows: list[dict]) -> None:
+        """The HF engine's way to the rows' also-scored responses: one forward-only pass of its model."""
+        from spin_ray.logprobs import score_responses
+
+        also_in, also_out = ALSO_SCORE_COLUMNS
+        pairs = [(row["prompt_token_ids"], response) for row in rows for response in row.get(also_in) or []]
+        scores = iter(score_responses(self.hf_model, [p for p, _ in pairs], [r for _, r in pairs], self.pad_id,
+                                      self.spec.reference_batch_size).tolist() if pairs else [])
+        for row in rows:
+            row[also_out] = [next(scores) for _ in row.get(also_in) or []]
 
     def _finish(self, rows: list[dict], engine_seconds: float) -> pa.Table:
         startup, self.startup_seconds = self.startup_seconds, 0.0  # counted once, with this replica's first shard

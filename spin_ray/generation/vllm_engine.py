@@ -132,37 +132,45 @@ class VLLMEngine:
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.with_logprobs = with_logprobs
 
-    def generate(self, prompts, seeds=None, score=None) -> list[Completion]:
+    def generate(self, prompts, seeds=None, score=None, also_score=None) -> list[Completion]:
         results: list[Completion | None] = [None] * len(prompts)
-        for index, completion in self.stream(prompts, seeds, score):
+        for index, completion in self.stream(prompts, seeds, score, also_score):
             results[index] = completion
         return results  # type: ignore[return-value]
 
     def stream(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None = None,
-               score: Sequence[Sequence[int] | None] | None = None):
-        """Yield (prompt index, Completion) as each answer (and its scored response, if any) finishes."""
+               score: Sequence[Sequence[int] | None] | None = None,
+               also_score: Sequence[Sequence[Sequence[int]]] | None = None):
+        """Yield (prompt index, Completion) as each answer (and its scored responses, if any) finishes.
+
+        `score[i]` (the human answer) comes back as `scored_logp`, each of `also_score[i]` (e.g. an opponent's
+        answers) in `also_scored`: every one a prompt-scoring request of its own in the same engine."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
         score = list(score) if score is not None else [None] * len(prompts)
-        if not len(seeds) == len(score) == len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds and {len(score)} score entries")
+        also_score = list(also_score) if also_score is not None else [[] for _ in prompts]
+        if not len(seeds) == len(score) == len(also_score) == len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds, {len(score)} score and "
+                             f"{len(also_score)} also_score entries")
         engine = self.llm.llm_engine
         call = uuid.uuid4().hex[:8]
-        parts: dict[int, int] = {}
+        outstanding: dict[int, set[str]] = {}
         answers: dict[int, Completion] = {}
-        scored: dict[int, float] = {}
+        scored: dict[str, float] = {}  # by request id
         scoring = SamplingParams(**scoring_params())
         requests = []  # (request id, token ids, sampling params)
         for index, prompt in enumerate(prompts):
             params = sampling_params(self.max_new_tokens, self.temperature, self.top_p, seeds[index], self.stop_ids,
                                      self.with_logprobs)
             requests.append((f"{call}:a:{index}", list(prompt), SamplingParams(**params)))
-            parts[index] = 1
             if score[index] is not None:
                 requests.append((f"{call}:s:{index}", [*prompt, *score[index]], scoring))
-                parts[index] += 1
+            requests += [(f"{call}:x{j}:{index}", [*prompt, *response], scoring)
+                         for j, response in enumerate(also_score[index] or [])]
+        for request_id, _, _ in requests:
+            outstanding.setdefault(int(request_id.rsplit(":", 1)[1]), set()).add(request_id)
         # the engine's own renderer turns token prompts into engine inputs (raw prompts are deprecated in vLLM 0.32)
         rendered = engine.renderer.render_cmpl([TokensPrompt(prompt_token_ids=ids) for _, ids, _ in requests])
         for (request_id, _, params), engine_input in zip(requests, rendered, strict=True):
@@ -177,13 +185,18 @@ class VLLMEngine:
                     if kind == "a":
                         answers[index] = completion_from_output(output, self.with_logprobs)
                     else:
-                        scored[index] = scored_logp(output, score[index])
-                    parts[index] -= 1
-                    if parts[index] == 0:
+                        response = score[index] if kind == "s" else also_score[index][int(kind[1:])]
+                        scored[output.request_id] = scored_logp(output, response)
+                    outstanding[index].discard(output.request_id)
+                    if not outstanding[index]:
+                        del outstanding[index]
                         completion = answers.pop(index)
-                        completion.scored_logp = scored.pop(index, None)
+                        completion.scored_logp = scored.pop(f"{call}:s:{index}", None)
+                        if also_score[index]:
+                            completion.also_scored = [scored.pop(f"{call}:x{j}:{index}")
+                                                      for j in range(len(also_score[index]))]
                         yield index, completion
         finally:  # a caller that stops early (or an error) leaves no request behind in the engine
-            left = [f"{call}:{kind}:{i}" for i, n in parts.items() if n for kind in ("a", "s")]
+            left = [request_id for ids in outstanding.values() for request_id in ids]
             if left:
                 engine.abort_request(left)

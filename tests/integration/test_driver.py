@@ -1,6 +1,7 @@
 """The self-play loop in process (tiny model, real Ray): SFT warm start, mixing, the convergence stop."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,7 @@ def test_the_start_models_evaluation_is_cached_by_content_data_and_settings(ray_
     assert again["artifacts"]["answers"] == first["artifacts"]["answers"]
     changed, _ = baseline("c", "evaluation.prompts=3")  # another setting: evaluated anew
     assert not changed["metrics"].get("cached") and changed["metrics"]["prompts"] == 3
+    # the same content at another path (a benchmark arm starting from another run's export): the same evaluation
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy-of-start")
+    elsewhere, _ = baseline("d", f"model.name={copy}")
+    assert elsewhere["metrics"]["cached"] is True and elsewhere["artifacts"]["answers"] == first["artifacts"]["answers"]

@@ -54,3 +54,30 @@ def test_eval_on_a_users_own_math_file(ray_session, tmp_path, tiny_model_dir, ca
                  "generation.replicas=[1,1]", "generation.engine=hf", f"run.storage_path={tmp_path}"]) == 0
     assert "replacing it" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["prompts"] == 3
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_rewards_scored_in_the_engine_pass_equal_a_separate_scorers(ray_session, tmp_path, tiny_model_dir,
+                                                                   varied_model_dir, engine):
+    import pyarrow.parquet as pq
+
+    common = [f"run.storage_path={tmp_path}", "evaluation.prompts=6", "generation.max_new_tokens=12",
+              "generation.replicas=[1,1]", "generation.batch_size=6", "generation.engine=hf"]
+    # the opponent p_t: a model whose greedy answers differ per prompt
+    assert main(["eval", "--output", str(tmp_path / "opponent"), varied_model_dir, *common]) == 0
+    answers = str(tmp_path / "opponent" / "answers")
+    runs = {"engine pass": [f"generation.engine={engine}"], "reference pool": ["generation.fuse_reference=false"]}
+    scores, metrics = {}, {}
+    for scored_in, overrides in runs.items():
+        out = tmp_path / scored_in.replace(" ", "_")
+        assert main(["eval", "--output", str(out), "--opponent-answers", answers, tiny_model_dir, *common, *overrides]) == 0
+        metrics[scored_in] = json.loads((out / "metrics.json").read_text())
+        scores[scored_in] = pq.read_table(out / "scores.parquet").sort_by("prompt_id").to_pydict()
+        assert metrics[scored_in]["reward_scoring"] == scored_in and metrics[scored_in]["reward_pairs"] == 6
+    fused, pool = scores["engine pass"], scores["reference pool"]
+    assert fused["prompt_id"] == pool["prompt_id"]
+    assert len(set(pool["reward_generated"])) > 1  # answers that differ: not a comparison of constants
+    for column in ("reward_real", "reward_generated", "reward_margin"):
+        assert fused[column] == pytest.approx(pool[column], abs=1e-4), column  # beta x log-probs within 1e-3 nats
+    assert fused["reward_correct"] == pool["reward_correct"]
+    assert metrics["engine pass"]["reward_accuracy"] == metrics["reference pool"]["reward_accuracy"]
