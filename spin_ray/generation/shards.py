@@ -53,6 +53,7 @@ ALSO_SCORE_COLUMNS = ("also_score_token_ids", "also_scored_logps")
 # Columns that travel with a batch between stages but are not part of a stored row: the shard a row
 # belongs to, and the seconds each stage spent on that shard (kept as shard file metadata).
 SHARD_COLUMN = "_shard"
+TASK_COLUMN = "_task"  # in an engine pass over several prompt sets: which set (and folder) a row belongs to
 TIMING_COLUMNS = ("_engine_seconds", "_reference_seconds", "_startup_seconds")
 
 
@@ -66,21 +67,23 @@ def shard_name(prompt_ids: list[str]) -> str:
     return f"shard-{digest}.parquet"
 
 
-def commit_shard(batch: pa.Table, output_dir: str) -> pa.Table:
+def commit_shard(batch: pa.Table, output_dir: str | list[str]) -> pa.Table:
     """Ray Data stage: write each shard of a batch as one parquet file, atomically; readers see a whole shard or
-    none of it. Returns the stored rows (timing and shard columns dropped)."""
+    none of it. Returns the stored rows (timing and shard columns dropped). With several folders (an engine pass over
+    several prompt sets) a row's TASK_COLUMN indexes its folder."""
     for name in OPTIONAL_COLUMNS:  # absent unless a stage filled them: stored as nulls
         if name not in batch.column_names:
             batch = batch.append_column(name, pa.nulls(batch.num_rows, PAIRS_SCHEMA.field(name).type))
     shards = batch.column(SHARD_COLUMN).to_pylist() if SHARD_COLUMN in batch.column_names else [0] * batch.num_rows
     for shard in sorted(set(shards)):
         part = batch.filter(pa.array([s == shard for s in shards]))
+        folder = output_dir if isinstance(output_dir, str) else output_dir[part.column(TASK_COLUMN)[0].as_py()]
         timing = {c.lstrip("_"): round(float(part.column(c)[0].as_py()), 4) for c in TIMING_COLUMNS if c in part.column_names}
         table = part.select(PAIRS_SCHEMA.names).cast(PAIRS_SCHEMA)
         table = table.replace_schema_metadata({b"spin_ray": json.dumps(timing).encode()})
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        atomic_write_bytes(join(output_dir, shard_name(part.column("prompt_id").to_pylist())), sink.getvalue().to_pybytes())
+        atomic_write_bytes(join(folder, shard_name(part.column("prompt_id").to_pylist())), sink.getvalue().to_pybytes())
     return batch.select(PAIRS_SCHEMA.names).cast(PAIRS_SCHEMA)
 
 
@@ -116,6 +119,17 @@ def read_shards(files: list[str], columns: list[str]) -> pa.Table:
 def committed_prompt_ids(output_dir: str) -> set[str]:
     """Every prompt_id already committed in a shard."""
     return set(read_shards(committed_shards(output_dir), ["prompt_id"]).column("prompt_id").to_pylist())
+
+
+def engine_starts(files: list[str]) -> int:
+    """How many engine replicas started to write these shards: each reports its start-up with its first shard."""
+    starts = 0
+    for file in files:
+        fs, path = filesystem(file)
+        with fs.open(path, "rb") as handle:
+            meta = pq.read_schema(handle).metadata or {}
+        starts += float(json.loads(meta.get(b"spin_ray", b"{}")).get("startup_seconds", 0.0)) > 0
+    return starts
 
 
 def shard_timings(files: list[str]) -> dict:

@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from spin_ray.generation.engine import EngineSpec, sample_seed, sampling_description
 from spin_ray.generation.progress import TallySender
-from spin_ray.generation.shards import ALSO_SCORE_COLUMNS, SHARD_COLUMN
+from spin_ray.generation.shards import ALSO_SCORE_COLUMNS, SHARD_COLUMN, TASK_COLUMN
 
 
 REFERENCE_COLUMNS = ("ref_logp_real", "ref_logp_generated")
@@ -50,7 +50,7 @@ class GenerateStage:
     answer is counted into the phase's `tally` (an AnswerTally actor) for the job log's progress lines.
     """
 
-    def __init__(self, spec: EngineSpec, tally=None):
+    def __init__(self, spec: EngineSpec, tally=None, tasks: tuple[EngineSpec, ...] = ()):
         from spin_ray.models import local_model_path, load_tokenizer
         from spin_ray.tokenization import ChatFormat
         from spin_ray.workers import prepare_compute_process
@@ -76,16 +76,29 @@ class GenerateStage:
 
             self.hf_model = load_model(path, spec.dtype, spec.trust_remote_code)
             self.engine = HFEngine(self.hf_model, chat, spec.max_new_tokens, spec.temperature, spec.top_p, spec.batch_size)
-        self.sampling = sampling_description(spec.max_new_tokens, spec.temperature, spec.top_p, spec.num_samples, spec.seed)
+        # an engine pass over several prompt sets (`run_pass`): a row's TASK_COLUMN picks its sampling settings
+        self.tasks = tasks
         self.progress = TallySender(tally)
         self.startup_seconds = time.perf_counter() - started
 
     def __call__(self, batch: pa.Table):
-        spec = self.spec
-        rows = batch.to_pylist()
+        with_also = ALSO_SCORE_COLUMNS[0] in batch.column_names
+        if TASK_COLUMN not in batch.column_names:
+            yield from self._answer(batch.to_pylist(), self.spec, with_also)
+            return
+        groups: dict[int, list[dict]] = {}
+        for row in batch.to_pylist():
+            groups.setdefault(row[TASK_COLUMN], []).append(row)
+        for task, rows in groups.items():
+            yield from self._answer(rows, self.tasks[task], with_also)
+
+    def _answer(self, rows: list[dict], spec: EngineSpec, with_also: bool):
+        """Answer `rows` with `spec`'s sampling settings; yield each shard as soon as all its answers are done."""
+        engine = self.engine
+        engine.max_new_tokens, engine.temperature, engine.top_p = spec.max_new_tokens, spec.temperature, spec.top_p
         also_in, also_out = ALSO_SCORE_COLUMNS
         # vLLM scores them with its own requests; the HF engine with one forward when the shard is done
-        also = [row.get(also_in) or [] for row in rows] if also_in in batch.column_names else None
+        also = [row.get(also_in) or [] for row in rows] if with_also else None
         engine_also = [] if also is not None and self.hf_model is None else None
         prompts, seeds, score, owner = [], [], [], []
         for position, row in enumerate(rows):
@@ -124,7 +137,7 @@ class GenerateStage:
                 if also is not None and engine_also is None:
                     self._score_also(done)
                 engine_seconds = time.perf_counter() - clock
-                yield self._finish(done, engine_seconds)
+                yield self._finish(done, engine_seconds, spec)
                 clock = time.perf_counter()
 
     def _score_also(self, rows: list[dict]) -> None:
@@ -138,23 +151,24 @@ class GenerateStage:
         for row in rows:
             row[also_out] = [next(scores) for _ in row.get(also_in) or []]
 
-    def _finish(self, rows: list[dict], engine_seconds: float) -> pa.Table:
+    def _finish(self, rows: list[dict], engine_seconds: float, spec: EngineSpec) -> pa.Table:
         startup, self.startup_seconds = self.startup_seconds, 0.0  # counted once, with this replica's first shard
+        sampling = sampling_description(spec.max_new_tokens, spec.temperature, spec.top_p, spec.num_samples, spec.seed)
         for row in rows:
             row["generated_tokens"] = [len(t) for t in row["generated_token_ids"]]
-            row["engine"] = self.spec.engine
-            row["model"] = self.spec.model
-            row["sampling"] = self.sampling
+            row["engine"] = spec.engine
+            row["model"] = spec.model
+            row["sampling"] = sampling
             row["_engine_seconds"] = engine_seconds
             row["_reference_seconds"] = 0.0
             row["_startup_seconds"] = startup
-        if not self.spec.score_reference:
+        if not spec.score_reference:
             for row in rows:  # nothing is scored here: a separate reference pool fills these, or nobody needs them
                 row["ref_logp_real"], row["ref_logp_generated"] = None, None
         elif any(row["ref_logp_real"] is None or None in row["ref_logp_generated"] for row in rows):
             # the HF engine's static fallback (sliding-window models) returns no log-probs: one forward scores them
             started = time.perf_counter()
-            score_rows(self.hf_model, rows, self.pad_id, self.spec.reference_batch_size)
+            score_rows(self.hf_model, rows, self.pad_id, spec.reference_batch_size)
             for row in rows:
                 row["_reference_seconds"] = time.perf_counter() - started
         return pa.Table.from_pylist(rows)

@@ -44,6 +44,13 @@ def test_warm_start_mix_previous_then_converged_stop_on_forced_rerun(ray_session
     assert len(ids) == 16 and len(set(ids)) == 16
     assert sum(pid.startswith("iter0/") for pid in ids) == 8
     assert manifest["iterations"][1]["phases"]["train"]["metrics"]["pairs"] == 16
+    # one engine start per model: p0's pass evaluates it and answers iteration 0's prompts, p1's the same for
+    # iteration 1, p2's only evaluates; no generation phase starts engines of its own
+    assert manifest["phases"]["baseline_eval"]["metrics"]["engine_starts"] == 1
+    for t in (0, 1):
+        phases = manifest["iterations"][t]["phases"]
+        assert phases["generate"]["metrics"]["engine_starts"] == 0 and "answered_in" in phases["generate"]["metrics"]
+        assert phases["evaluate"]["metrics"]["engine_starts"] == 1
     for t in (0, 1):
         ev = manifest["iterations"][t]["phases"]["evaluate"]["metrics"]
         assert ev["reward_pairs"] == 4 and 0.0 <= ev["reward_accuracy"] <= 1.0

@@ -90,8 +90,10 @@ def test_a_job_log_reads_as_a_story(tmp_path, tiny_model_dir):
                   "iteration 0: evaluate: done"):
         assert any(phase in line for line in story), phase
     assert any(line.startswith("train:") and "1/2" in line for line in story)  # a step line per step
-    progress = [line for line in story if "story/iter_0/generation" in line and "answer" in line]
-    assert len(progress) > 1 and "8/8" in progress[-1] and "2/2 shards committed" in progress[-1]  # periodic lines
+    # p0's one engine pass: its 4 held-out prompts and iteration 0's 8 training prompts, in periodic lines
+    progress = [line for line in story if "answers + iter_0/generation" in line and "answer" in line]
+    assert len(progress) > 1 and "12/12" in progress[-1] and "3/3 shards committed" in progress[-1], \
+        [line for line in story if "answer" in line]
     assert progress[-1].endswith(", done]")  # the phase's last line
     assert Path(tmp_path / "story" / "report.md").is_file()
 

@@ -209,3 +209,44 @@ def test_bad_input_is_refused(ray_session, tmp_path, tiny_model_dir):
     assert result.summary["prompts"] == 12 - result.summary["overlong_dropped"]
     with pytest.raises(Exception, match="generation.engine"):
         load_config(overrides=["generation.engine=tgi"])
+
+
+def test_one_engine_pass_answers_several_prompt_sets_as_separate_passes_would(ray_session, tmp_path, varied_model_dir):
+    """An evaluation's greedy prompts and the next iteration's sampled ones in one pass: the same rows as two passes,
+    each set in its own folder, and a pass cut short resumes only the missing shards of either set."""
+    from spin_ray.evaluation import eval_config
+    from spin_ray.generation.shards import read_shards
+
+    config = _config(tmp_path, varied_model_dir, **{"generation.temperature": 1.0, "generation.num_samples": 2,
+                                                     "generation.replicas": "[1,1]", "training.beta": 0.1})
+    source = config.data.train
+    greedy = eval_config(config)
+
+    def tasks(root):
+        return [pipeline.PassTask(greedy, str(root / "eval"), source, score_reference=True),
+                pipeline.PassTask(config, str(root / "gen"), source, score_reference=True)]
+
+    apart = [pipeline.run_pass(config, varied_model_dir, [task])[0] for task in tasks(tmp_path / "apart")]
+    together = pipeline.run_pass(config, varied_model_dir, tasks(tmp_path / "together"))
+    assert together[0].summary["engine_starts"] == 1 == together[1].summary["engine_starts"]
+    columns = ["prompt_id", "generated_token_ids", "ref_logp_real", "ref_logp_generated", "sampling"]
+    for one, other in zip(apart, together, strict=True):
+        a = read_shards(committed_shards(one.output_dir), columns).sort_by("prompt_id").to_pydict()
+        b = read_shards(committed_shards(other.output_dir), columns).sort_by("prompt_id").to_pydict()
+        assert len(a["prompt_id"]) == 12 and a["prompt_id"] == b["prompt_id"]
+        assert a["generated_token_ids"] == b["generated_token_ids"] and a["sampling"] == b["sampling"]
+        assert a["ref_logp_real"] == pytest.approx(b["ref_logp_real"], abs=1e-4)
+        for x, y in zip(a["ref_logp_generated"], b["ref_logp_generated"], strict=True):
+            assert x == pytest.approx(y, abs=1e-4)
+    assert {len(ids) for ids in b["generated_token_ids"]} == {2}  # the sampled set kept its 2 answers per prompt
+    assert len({tuple(answers[0]) for answers in b["generated_token_ids"]}) > 3  # answers that differ per prompt
+
+    # a pass that stopped with some shards of each set committed: a restart answers only the missing ones
+    for result in together:
+        os.remove(os.path.join(result.output_dir, COMPLETE_MARKER))
+        os.remove(sorted(committed_shards(result.output_dir))[0])
+    again = pipeline.run_pass(config, varied_model_dir, tasks(tmp_path / "together"))
+    for before, after in zip(together, again, strict=True):
+        assert after.summary["prompts_generated_this_run"] == 4 and after.summary["prompts"] == 12
+        ids = read_shards(committed_shards(after.output_dir), ["prompt_id"]).column("prompt_id").to_pylist()
+        assert sorted(ids) == sorted(before.dataset.unique("prompt_id")) and len(ids) == len(set(ids)) == 12
