@@ -115,8 +115,9 @@ class GenerationConfig(_Section):
     )
     fuse_reference: bool = Field(
         True,
-        description="Score reference log-probs in the engine pass (the opponent is the reference model), saving a "
-        "second model copy and pass; false runs a separate forward-only reference pool.",
+        description="Score reference log-probs in the engine pass (the opponent is the reference model), and in an "
+        "evaluation the opponent's answers under the new model, saving a second model copy and pass; false runs a "
+        "separate forward-only pool for each.",
     )
     reference_batch_size: int = Field(8, ge=1, description="Sequences per forward pass when scoring reference log-probs.")
     cpus_per_replica: float = Field(1.0, gt=0.0, description="CPUs Ray reserves for each engine or reference actor.")
