@@ -38,3 +38,23 @@ def test_the_validation_split_decides_when_both_models_have_it():
     # the held-out (test) numbers say nothing happened; the validation split says the model collapsed
     assert set(collapse_signals({**P1, **on_validation}, {**P1, **collapsed})) == {"nll", "length", "format"}
     assert collapse_signals({**P1, **on_validation}, {**P2, **on_validation}) == {}
+
+
+def _validation(nll: float, share: float, formatted: float) -> dict:
+    return {"validation_prompts": 60, "validation_nll_per_token": nll, "validation_share_hit_max_new_tokens": share,
+            "validation_answer_format_rate": formatted}
+
+
+# bench/results/quality-grid.json: SPIN at lr 2e-6 on 60 validation prompts, the same start p0
+GRID_P0 = _validation(1.007738, 0.2, 0.733333)
+
+
+def test_grid_histories_fire_where_answers_ran_long_and_stay_quiet_where_they_did_not():
+    # nll_weight 0.2 alone: p1's answers run to the limit (20% -> 75%) and lose their format; p2's NLL rises
+    nll_only = [GRID_P0, _validation(1.001665, 0.75, 0.233333), _validation(1.043548, 0.5, 0.366667)]
+    assert set(collapse_signals(nll_only[0], nll_only[1])) == {"length", "format"}
+    assert set(collapse_signals(nll_only[1], nll_only[2])) == {"nll"}
+    # length_normalize + nll_weight 0.2: two iterations of lower NLL at p0's length and format
+    normalized = [GRID_P0, _validation(0.965877, 0.216667, 0.783333), _validation(0.94753, 0.2, 0.8)]
+    assert collapse_signals(normalized[0], normalized[1]) == {}
+    assert collapse_signals(normalized[1], normalized[2]) == {}
