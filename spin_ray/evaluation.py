@@ -227,9 +227,9 @@ def _fused_rewards(dataset, opponent: dict, beta: float) -> pa.Table | None:
     """reward_columns from the evaluation pass's own scores: the model's log-prob of the human answer (ref_logp_real
     of its rows) and of the opponent's answer (also_scored_logps). None when a row lacks them (answers committed
     by a version that did not score them in the pass)."""
-    from spin_ray.generation.shards import ALSO_SCORE_COLUMNS
-
     import ray
+
+    from spin_ray.generation.shards import ALSO_SCORE_COLUMNS
 
     also = ALSO_SCORE_COLUMNS[1]
     if also not in dataset.columns():
