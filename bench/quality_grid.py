@@ -6,6 +6,7 @@ evaluated on the validation split only (carved from the training data), so the t
 the final table. Per point: each model's validation NLL per token, exact match, format rate and share of answers at
 max_new_tokens, the collapse watch's signals, and the model the run selects. The winner is the point whose selected
 model has the lowest validation NLL among the points with no collapse signal (ties: the higher exact match).
+Continued SFT from the same start (`sft-lr2e-6`) is the yardstick on the same prompts, never a winner.
 Each point is a resumable run.
 
     python bench/quality_grid.py [--config jobs/gsm8k_smollm2_quality.yaml] [--out bench/results/quality-grid.json]
@@ -44,6 +45,8 @@ def grid() -> dict[str, list[str]]:
                                                 "training.nll_weight=0.2", *extra]
     for alpha in NLL_WEIGHTS:
         points[f"tspin-lr2e-6-nll{alpha}"] = ["algorithm=tspin", "training.learning_rate=2e-6", f"training.nll_weight={alpha}"]
+    # the yardstick, not a candidate: continued SFT from the same start, on the same validation prompts
+    points["sft-lr2e-6"] = ["training.objective=sft", "training.learning_rate=2e-6"]
     return points
 
 
