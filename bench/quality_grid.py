@@ -94,9 +94,11 @@ def main() -> None:
     points = grid()
     if args.only:
         points = {name: points[name] for name in args.only.split(",")}
+    # points measured by earlier invocations (another session: the runs are gone, their results are not) are kept
+    earlier = json.loads(Path(args.out).read_text()).get("points", {}) if Path(args.out).is_file() else {}
     results = {"benchmark": "quality-grid", "command": "python bench/quality_grid.py " + " ".join(sys.argv[1:]),
                "start_model": start_model, "iterations": args.iterations, "split": "validation only (data.eval null)",
-               "points": {}}
+               "points": {name: info for name, info in earlier.items() if name not in points}}
     for name, overrides in points.items():
         config = load_config(args.config, [*args.overrides, f"run.name=grid-{name}", f"model.name={start_model}",
                                            "data.eval=null", f"iterations.count={args.iterations}", *overrides])
