@@ -276,12 +276,6 @@ def validation_config(config: Config) -> Config:
         update={"prompts": config.evaluation.validation_prompts})})
 
 
-def evaluate_validation(config: Config, model: str, output_dir: str, source: str) -> dict:
-    """`model` on the validation split (evaluation.validation_prompts of it): validation_<key> for VALIDATION_KEYS."""
-    metrics = evaluate_model(validation_config(config), model, output_dir, data=source)
-    return {f"validation_{key}": metrics.get(key) for key in VALIDATION_KEYS}
-
-
 def start_evaluation_cache(config: Config, model: str, validation: str | None) -> str | None:
     """Where the evaluation of the start model `model` is kept for every run that starts from the same content with
     the same evaluation data and settings ({storage_path}/_cache/start_eval/<key>); None when the model's content

@@ -121,25 +121,24 @@ def committed_prompt_ids(output_dir: str) -> set[str]:
     return set(read_shards(committed_shards(output_dir), ["prompt_id"]).column("prompt_id").to_pylist())
 
 
+def shard_timing(file: str) -> dict:
+    """The seconds each stage recorded in one shard's metadata (engine, reference, start-up)."""
+    fs, path = filesystem(file)
+    with fs.open(path, "rb") as handle:
+        meta = pq.read_schema(handle).metadata or {}
+    return json.loads(meta.get(b"spin_ray", b"{}"))
+
+
 def engine_starts(files: list[str]) -> int:
     """How many engine replicas started to write these shards: each reports its start-up with its first shard."""
-    starts = 0
-    for file in files:
-        fs, path = filesystem(file)
-        with fs.open(path, "rb") as handle:
-            meta = pq.read_schema(handle).metadata or {}
-        starts += float(json.loads(meta.get(b"spin_ray", b"{}")).get("startup_seconds", 0.0)) > 0
-    return starts
+    return sum(float(shard_timing(file).get("startup_seconds", 0.0)) > 0 for file in files)
 
 
 def shard_timings(files: list[str]) -> dict:
     """Sums of the per-shard seconds each stage recorded in its shard's metadata (engine, reference, start-up)."""
     totals = {"engine_seconds": 0.0, "reference_seconds": 0.0, "startup_seconds": 0.0}
     for file in files:
-        fs, path = filesystem(file)
-        with fs.open(path, "rb") as handle:
-            meta = pq.read_schema(handle).metadata or {}
-        timing = json.loads(meta.get(b"spin_ray", b"{}"))
+        timing = shard_timing(file)
         for key in totals:
             totals[key] += float(timing.get(key, 0.0))
     return {key: round(value, 2) for key, value in totals.items()}
