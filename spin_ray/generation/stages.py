@@ -51,12 +51,13 @@ class GenerateStage:
     """
 
     def __init__(self, spec: EngineSpec, tally=None, tasks: tuple[EngineSpec, ...] = ()):
-        from spin_ray.models import local_model_path, load_tokenizer
-        from spin_ray.tokenization import ChatFormat
         from spin_ray.workers import prepare_compute_process
 
         started = time.perf_counter()
         prepare_compute_process(spec.threads)
+        from spin_ray.models import local_model_path, load_tokenizer
+        from spin_ray.tokenization import ChatFormat
+
         self.spec = spec
         path = local_model_path(spec.model, spec.cache_dir)
         tokenizer = load_tokenizer(path, spec.trust_remote_code)
@@ -182,11 +183,12 @@ class ReferenceStage:
 
     def __init__(self, model: str, dtype: str, trust_remote_code: bool, batch_size: int, threads: int,
                  use_gpu: bool = False, cache_dir: str | None = None, columns: tuple[str, str] = REFERENCE_COLUMNS):
-        from spin_ray.models import load_model, load_tokenizer
         from spin_ray.workers import prepare_compute_process
 
         started = time.perf_counter()
         prepare_compute_process(threads)
+        from spin_ray.models import load_model, load_tokenizer
+
         self.model = load_model(model, dtype, trust_remote_code, cache_dir).eval().to("cuda" if use_gpu else "cpu")
         self.pad_id = load_tokenizer(model, trust_remote_code, cache_dir).pad_token_id
         self.batch_size, self.columns = batch_size, tuple(columns)

@@ -28,15 +28,16 @@ def _quiet_per_report_lines() -> None:
 
 
 def _worker_entry(loop_config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-
-    from spin_ray.training.loop import EarlyStop, WorkerContext, train
     from spin_ray.workers import prepare_compute_process
 
     config = build_config(loop_config["config"])
     # One torch thread per reserved CPU, set explicitly: the worker process does not get it from Ray.
     prepare_compute_process(max(1, int(config.training.cpus_per_worker)))
+    import ray.train
+    import ray.train.torch
+
+    from spin_ray.training.loop import EarlyStop, WorkerContext, train
+
     _quiet_per_report_lines()
     quiet_library_logs()  # `spin-ray run`'s job hook did this; a training started otherwise (a benchmark) needs it here
     context = ray.train.get_context()

@@ -111,10 +111,12 @@ def _overrides(tmp_path, model, run, *extra):
             "generation.engine=hf", *extra]
 
 
-# Enough generation (about 90 s on one replica here) to outlast the 10-25 s a fake node takes to join and Ray
-# Data's pool to notice it: with 72 prompts the phase ended before the grown pool's second replica started. The
-# training that follows only has to land on its node: 5 steps of 48 pairs, not 30 of 8.
-FLEET_WORK = ["data.limit=240", "training.global_batch_size=48"]
+# Enough generation (about 90 s on one replica here) to outlast the 10-25 s a fake node takes to join, Ray Data's
+# pool to notice it, and the new replicas to start: every fake node shares this box's two cores with the busy
+# first replica, so a replica that starts in 4 s alone took 41-46 s here and over 70 s on a slower CI machine,
+# where 240 prompts ended before any grown replica came up. The training that follows only has to land on its
+# node: 7 steps of 48 pairs, not 42 of 8.
+FLEET_WORK = ["data.limit=336", "training.global_batch_size=48"]
 
 
 class Hog:
@@ -148,12 +150,13 @@ def test_the_fleet_grows_with_the_work_and_shrinks_after_it(autoscaling_head, tm
     def observe():
         while not stop.is_set():
             nodes = [n for n in ray.nodes() if n["Alive"]]
-            replicas = sum(1 for a in state.actors().values()
-                           if "GenerateStage" in a["ActorClassName"] and a["State"] == "ALIVE")
+            engine_states = [a["State"] for a in state.actors().values() if "GenerateStage" in a["ActorClassName"]]
             manifest = read_json(f"{tmp_path}/scaling/manifest.json") or {}
             phases = (manifest.get("iterations") or [{}])[0].get("phases", {})
             samples.append({"t": time.monotonic(), "gen_nodes": sum(GEN in n["Resources"] for n in nodes),
-                            "train_nodes": sum(TRAIN in n["Resources"] for n in nodes), "replicas": replicas,
+                            "train_nodes": sum(TRAIN in n["Resources"] for n in nodes),
+                            "replicas": engine_states.count("ALIVE"),
+                            "starting": sum(s not in ("ALIVE", "DEAD") for s in engine_states),
                             "phase": next((k for k, v in phases.items() if v["status"] == "running"), None),
                             "active": _autoscaler_report().get("active_nodes", {})})
             if samples[-1]["phase"] == "train" and samples[-1]["gen_nodes"] == 1 and not held:
@@ -164,7 +167,7 @@ def test_the_fleet_grows_with_the_work_and_shrinks_after_it(autoscaling_head, tm
                 held.extend(sorted({a["ActorClassName"] for a in state.actors().values()
                                     if a["State"] == "ALIVE" and a["Address"]["NodeID"] in gen_ids}))
                 held.extend(n.node_activity for n in status.active_nodes if n.node_id in gen_ids)
-            time.sleep(0.5)
+            time.sleep(1.0)  # the observer shares the two cores with the fleet it watches
 
     watcher = threading.Thread(target=observe, daemon=True)
     watcher.start()
@@ -177,7 +180,7 @@ def test_the_fleet_grows_with_the_work_and_shrinks_after_it(autoscaling_head, tm
         watcher.join(timeout=10)
     assert manifest["status"] == "done"
     timeline = "; ".join(f"{s['t'] - samples[0]['t']:.0f}s {s['phase']} gen={s['gen_nodes']} train={s['train_nodes']} "
-                         f"replicas={s['replicas']}" for s in samples[::4])
+                         f"replicas={s['replicas']}+{s['starting']}" for s in samples[::2])
     print(timeline, held)  # shown when an assertion below fails
     generating = [s for s in samples if s["phase"] == "generate"]
     training = [s for s in samples if s["phase"] == "train"]
@@ -194,7 +197,7 @@ def test_the_fleet_grows_with_the_work_and_shrinks_after_it(autoscaling_head, tm
     assert samples[-1]["gen_nodes"] == 0
     assert any(s["train_nodes"] == 1 for s in samples if s["t"] >= first_train)  # training got its node
     prompts = manifest["iterations"][0]["phases"]["generate"]["metrics"]["prompts"]
-    assert prompts == 240 and manifest["iterations"][0]["phases"]["train"]["metrics"]["steps"] == prompts // 48
+    assert prompts == 336 and manifest["iterations"][0]["phases"]["train"]["metrics"]["steps"] == prompts // 48
 
 
 def test_requests_no_node_type_can_hold_fail_at_once(autoscaling_head, tmp_path, tiny_model_dir):
