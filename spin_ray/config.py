@@ -145,6 +145,11 @@ class GenerationConfig(_Section):
         None, gt=0.0, description="Memory Ray reserves for each engine or scorer actor, so no more replicas share a "
         "node than fit in its memory; null reserves none."
     )
+    cpu_preload: list[str] | None = Field(
+        None, description="vLLM on CPU only: shared libraries preloaded (LD_PRELOAD) into each engine replica's "
+        "process, as vLLM's CPU guide advises; null preloads tcmalloc when the driver's node has it (Debian/Ubuntu "
+        "libtcmalloc-minimal4, RHEL gperftools-libs), [] nothing."
+    )
     vllm_engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="vLLM only: extra vllm.LLM engine arguments, applied over spin_ray's "
         "(e.g. {enforce_eager: true} to skip compilation)."
@@ -444,6 +449,7 @@ OPERATIONAL_KEYS = frozenset(
         "generation.accelerator_type",
         "training.accelerator_type",
         "generation.vllm_engine_kwargs",
+        "generation.cpu_preload",
         "generation.max_restarts",
         "generation.memory_per_replica_gb",
         "tracking.backends",

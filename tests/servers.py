@@ -73,20 +73,12 @@ class RayHead:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
-        self._end_leftovers()
-        self.log.close()
-
-    def _end_leftovers(self) -> None:
-        """Nodes an autoscaler started do not die with the head: end what still runs under this head's temp dir."""
+        """SIGTERM to the head and, at the same time, to every process under its temp dir: nodes an autoscaler
+        started do not die with the head, and ending the head's own processes one after another took 30-50 s."""
         import psutil
 
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
         mine = [p for p in psutil.process_iter(["cmdline"]) if any(self.temp_dir in a for a in p.info["cmdline"] or [])]
         for process in mine:
             try:
@@ -96,6 +88,12 @@ class RayHead:
         _, alive = psutil.wait_procs(mine, timeout=20)
         for process in alive:
             process.kill()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self.log.close()
 
 
 class MotoS3:

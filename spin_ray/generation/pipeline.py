@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from spin_ray.config import Config, GenerationConfig
-from spin_ray.generation.engine import EngineSpec, replica_threads
+from spin_ray.generation.engine import EngineSpec, cpu_preload, replica_threads
 from spin_ray.generation.progress import progress_lines
 from spin_ray.generation.shards import (
     ALSO_SCORE_COLUMNS,
@@ -30,8 +30,8 @@ from spin_ray.generation.shards import (
     GenerationError,
     commit_shard,
     committed_prompt_ids,
-    engine_starts,
     committed_shards,
+    engine_starts,
     read_completion,
     read_shards,
     shard_timings,
@@ -145,12 +145,13 @@ def run_pass(config: Config, model: str, tasks: list[PassTask],
 
     verified = [(index, task, split, _verify(task.output_dir, set(expected)), todo)
                 for index, task, split, expected, todo in open_tasks]
-    # the engines this pass started, whichever set's shard each reported its start-up with
-    starts = engine_starts([shard for *_, shards, _ in verified for shard in shards if shard not in before])
+    # the engines this pass started and their start-up seconds, whichever set's shard each reported them with
+    new_shards = [shard for *_, shards, _ in verified for shard in shards if shard not in before]
+    starts, startup = engine_starts(new_shards), shard_timings(new_shards)["startup_seconds"]
     for index, task, split, shards, todo in verified:
         expected = split.records.num_rows
         summary = {**_summarise(task.config, shards, split, model, seconds, len(todo), preference_stage is not None),
-                   "engine_starts": starts, "pass_prompt_sets": len(tasks)}
+                   "engine_starts": starts, "pass_startup_seconds": startup, "pass_prompt_sets": len(tasks)}
         write_completion(task.output_dir, shards, summary)
         # Rows generated now are already in the object store (one set answered whole); else they are read back once.
         whole = len(tasks) == 1 and len(todo) == expected
@@ -230,6 +231,13 @@ def placement(gen: GenerationConfig, gpus: int) -> dict:
     return options
 
 
+def engine_environment(gen: GenerationConfig) -> dict:
+    """The engine replicas' runtime_env: the libraries vLLM on CPU wants preloaded, set when Ray starts the process
+    (Ray merges these env_vars with those the replicas inherit from the driver)."""
+    preload = cpu_preload(gen)
+    return {"runtime_env": {"env_vars": {"LD_PRELOAD": ":".join(preload)}}} if preload else {}
+
+
 _NODE_MEMORY = re.compile(r"was (\d+(?:\.\d+)?GB / \d+(?:\.\d+)?GB)")
 
 
@@ -277,6 +285,7 @@ def _plan(config: Config, blocks: list[pa.Table], model: str, tasks: list[PassTa
         batch_size=rows_per_call(gen, rows),
         compute=ray.data.ActorPoolStrategy(min_size=gen.replicas[0], max_size=gen.replicas[1]),
         **placement(gen, gen.tensor_parallel_size),
+        **engine_environment(gen),
     )
     if any(task.score_reference for task in tasks) and not gen.fuse_reference:
         dataset = score_under(dataset, config, model)

@@ -250,3 +250,32 @@ def test_one_engine_pass_answers_several_prompt_sets_as_separate_passes_would(ra
         assert after.summary["prompts_generated_this_run"] == 4 and after.summary["prompts"] == 12
         ids = read_shards(committed_shards(after.output_dir), ["prompt_id"]).column("prompt_id").to_pylist()
         assert sorted(ids) == sorted(before.dataset.unique("prompt_id")) and len(ids) == len(set(ids)) == 12
+
+
+def test_cpu_engine_replicas_start_with_the_preloaded_libraries_and_keep_the_drivers_environment(ray_session, tmp_path,
+                                                                                                 tiny_model_dir):
+    """`generation.cpu_preload` reaches the engine replica's process at its start (LD_PRELOAD only works then), and
+    Ray merges it with the env_vars the replica inherits from the driver actor instead of replacing them."""
+    import glob
+
+    import ray
+
+    config = load_config(None, [f"model.name={tiny_model_dir}", "generation.engine=vllm"])
+    assert pipeline.engine_environment(config.generation.model_copy(update={"cpu_preload": []})) == {}
+    assert pipeline.engine_environment(config.generation.model_copy(update={"engine": "hf", "cpu_preload": ["/x.so"]})) == {}
+    library = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")))[0]
+    options = pipeline.engine_environment(config.generation.model_copy(update={"cpu_preload": [library]}))
+    assert options == {"runtime_env": {"env_vars": {"LD_PRELOAD": library}}}
+
+    @ray.remote(num_cpus=0)
+    class Replica:  # a process started the way Ray Data starts an engine replica, with its options
+        def seen(self) -> dict:
+            with open("/proc/self/maps") as maps:
+                return {"mapped": library in maps.read(), "inherited": os.environ.get("SPIN_RAY_TEST_PARENT")}
+
+    @ray.remote(num_cpus=0, runtime_env={"env_vars": {"SPIN_RAY_TEST_PARENT": "driver"}})
+    class Driver:
+        def start_replica(self) -> dict:
+            return ray.get(Replica.options(**options).remote().seen.remote(), timeout=120)
+
+    assert ray.get(Driver.remote().start_replica.remote(), timeout=180) == {"mapped": True, "inherited": "driver"}

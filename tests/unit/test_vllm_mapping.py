@@ -75,3 +75,20 @@ def test_engine_spec_from_the_config():
     assert spec.engine_kwargs == {"enforce_eager": True} and spec.score_reference
     with pytest.raises(Exception, match="generation.engine hf runs on CPU only"):
         load_config(overrides=["generation.engine=hf", "generation.use_gpu=true"])
+
+
+def test_cpu_preload_finds_tcmalloc_for_cpu_vllm_only_and_obeys_the_config(tmp_path, monkeypatch):
+    from spin_ray.config import load_config
+    from spin_ray.generation import engine
+
+    found = tmp_path / "libtcmalloc_minimal.so.4"
+    found.write_bytes(b"")
+    monkeypatch.setattr(engine, "TCMALLOC_PATHS", (str(tmp_path / "missing.so"), str(found)))
+    gen = load_config(None, ["generation.engine=vllm"]).generation
+    assert engine.cpu_preload(gen) == [str(found)]
+    assert engine.cpu_preload(gen.model_copy(update={"cpu_preload": []})) == []
+    assert engine.cpu_preload(gen.model_copy(update={"cpu_preload": ["/opt/a.so", "/opt/b.so"]})) == ["/opt/a.so", "/opt/b.so"]
+    assert engine.cpu_preload(gen.model_copy(update={"engine": "hf"})) == []
+    assert engine.cpu_preload(gen.model_copy(update={"use_gpu": True})) == []
+    found.unlink()
+    assert engine.cpu_preload(gen) == []  # a node without it runs as before
