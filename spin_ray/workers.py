@@ -31,8 +31,9 @@ def claim_normal_priority() -> bool:
 def prepare_compute_process(threads: int) -> None:
     """What every compute actor and training worker does first: normal CPU priority, `threads` torch threads (Ray
     does not pass its CPU reservation on to torch), no library progress bars. Processes it starts later (vLLM's)
-    inherit the first two. Call it before any heavy import: a replica that starts while another computes spent
-    41-77 s importing torch and transformers at Ray's niceness 15 on the 2-core box, 4 s at niceness 0."""
+    inherit the first two. Call it before any heavy import: on the 2-core box an HF replica that started beside a
+    busy one took 41-77 s to construct when it imported torch and transformers at Ray's niceness 15, 28-36 s when
+    it claimed its priority first (4 s with the box idle)."""
     claim_normal_priority()
     import torch
 
