@@ -45,6 +45,9 @@ def grid() -> dict[str, list[str]]:
                                                 "training.nll_weight=0.2", *extra]
     for alpha in NLL_WEIGHTS:
         points[f"tspin-lr2e-6-nll{alpha}"] = ["algorithm=tspin", "training.learning_rate=2e-6", f"training.nll_weight={alpha}"]
+    # T-SPIN's own per-token reward (tspin.length_normalize) with SPIN's best nll_weight: RPO alone let both run long
+    points["tspin-lr2e-6-length_normalize-nll0.2"] = ["algorithm=tspin", "training.learning_rate=2e-6",
+                                                      "training.nll_weight=0.2", "tspin.length_normalize=true"]
     # the yardstick, not a candidate: continued SFT from the same start, on the same validation prompts
     points["sft-lr2e-6"] = ["training.objective=sft", "training.learning_rate=2e-6"]
     return points
