@@ -113,9 +113,9 @@ def _overrides(tmp_path, model, run, *extra):
 
 # Enough generation (about 90 s on one replica here) to outlast the 10-25 s a fake node takes to join, Ray Data's
 # pool to notice it, and the new replicas to start: every fake node shares this box's two cores with the busy
-# first replica, so a replica that starts in 4 s alone took 41-46 s here and over 70 s on a slower CI machine,
-# where 240 prompts ended before any grown replica came up. The training that follows only has to land on its
-# node: 7 steps of 48 pairs, not 42 of 8.
+# first replica, so a replica that starts in 4 s alone took 28-36 s here (41-46 s, and over 70 s on a slower CI
+# machine where 240 prompts ended before any grown replica came up, while replicas imported torch at Ray's
+# niceness 15). The training that follows only has to land on its node: 7 steps of 48 pairs, not 42 of 8.
 FLEET_WORK = ["data.limit=336", "training.global_batch_size=48"]
 
 
