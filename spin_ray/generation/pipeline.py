@@ -31,7 +31,7 @@ from spin_ray.generation.shards import (
     commit_shard,
     committed_prompt_ids,
     committed_shards,
-    engine_starts,
+    engine_startups,
     read_completion,
     read_shards,
     shard_timings,
@@ -147,7 +147,7 @@ def run_pass(config: Config, model: str, tasks: list[PassTask],
                 for index, task, split, expected, todo in open_tasks]
     # the engines this pass started and their start-up seconds, whichever set's shard each reported them with
     new_shards = [shard for *_, shards, _ in verified for shard in shards if shard not in before]
-    starts, startup = engine_starts(new_shards), shard_timings(new_shards)["startup_seconds"]
+    starts, startup = engine_startups(new_shards)
     for index, task, split, shards, todo in verified:
         expected = split.records.num_rows
         summary = {**_summarise(task.config, shards, split, model, seconds, len(todo), preference_stage is not None),

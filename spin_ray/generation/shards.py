@@ -129,9 +129,11 @@ def shard_timing(file: str) -> dict:
     return json.loads(meta.get(b"spin_ray", b"{}"))
 
 
-def engine_starts(files: list[str]) -> int:
-    """How many engine replicas started to write these shards: each reports its start-up with its first shard."""
-    return sum(float(shard_timing(file).get("startup_seconds", 0.0)) > 0 for file in files)
+def engine_startups(files: list[str]) -> tuple[int, float]:
+    """How many engine replicas started to write these shards, and their summed start-up seconds: each reports its
+    start-up with its first shard (one metadata read per shard)."""
+    seconds = [float(shard_timing(file).get("startup_seconds", 0.0)) for file in files]
+    return sum(s > 0 for s in seconds), round(sum(seconds), 2)
 
 
 def shard_timings(files: list[str]) -> dict:
