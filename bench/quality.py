@@ -31,7 +31,9 @@ sys.path.insert(0, str(ROOT))
 PAPER = ["training.nll_weight=0", "training.dpop_lambda=0", "training.length_normalize=false"]
 ARMS = {"sft": ["training.objective=sft"], "spin_paper": ["algorithm=spin", *PAPER],
         "spin_recommended": ["algorithm=spin"], "tspin_recommended": ["algorithm=tspin"]}
-START = ["run.name=quality-start", "iterations.sft_warm_start=true", "iterations.sft_epochs=auto", "iterations.count=0"]
+# the warm start trains no self-play; its loss settings are pinned so that its stored config holds whatever the defaults
+START = ["run.name=quality-start", "iterations.sft_warm_start=true", "iterations.sft_epochs=auto", "iterations.count=0",
+         *PAPER]
 METRICS = ("accuracy", "accuracy_lm_eval_strict", "accuracy_lm_eval_flexible", "answer_format_rate", "nll_per_token",
            "share_hit_max_new_tokens", "mean_answer_tokens", "reward_accuracy", "reward_margin",
            "validation_nll_per_token", "validation_accuracy", "validation_share_hit_max_new_tokens")

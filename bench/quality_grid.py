@@ -26,7 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.quality import START, run  # noqa: E402  (the same start and the same way of running a phase chain)
+from bench.quality import PAPER, START, run  # noqa: E402  (the same start, the same way of running a phase chain)
+
+# every point states the paper's loss first, so a point means the same whatever the algorithms' defaults are
+SPIN_PAPER = ["algorithm=spin", *PAPER]
+TSPIN_PAPER = ["algorithm=tspin", "training.nll_weight=0", "tspin.length_normalize=false", "tspin.reference_free=true"]
 
 # learning rate x RPO's nll_weight, plus the length-robust options at the paper's loss and at one nll_weight
 LEARNING_RATES = ("5e-7", "2e-6")
@@ -37,21 +41,21 @@ LENGTH_ROBUST = (["training.length_normalize=true"], ["training.dpop_lambda=5"])
 def grid() -> dict[str, list[str]]:
     points = {}
     for lr, alpha in itertools.product(LEARNING_RATES, NLL_WEIGHTS):
-        points[f"spin-lr{lr}-nll{alpha}"] = ["algorithm=spin", f"training.learning_rate={lr}", f"training.nll_weight={alpha}"]
+        points[f"spin-lr{lr}-nll{alpha}"] = [*SPIN_PAPER, f"training.learning_rate={lr}", f"training.nll_weight={alpha}"]
     for extra in LENGTH_ROBUST:
         name = extra[0].split(".")[1].split("=")[0]
-        points[f"spin-lr2e-6-{name}"] = ["algorithm=spin", "training.learning_rate=2e-6", *extra]
-        points[f"spin-lr2e-6-{name}-nll0.2"] = ["algorithm=spin", "training.learning_rate=2e-6",
+        points[f"spin-lr2e-6-{name}"] = [*SPIN_PAPER, "training.learning_rate=2e-6", *extra]
+        points[f"spin-lr2e-6-{name}-nll0.2"] = [*SPIN_PAPER, "training.learning_rate=2e-6",
                                                 "training.nll_weight=0.2", *extra]
     for alpha in NLL_WEIGHTS:
-        points[f"tspin-lr2e-6-nll{alpha}"] = ["algorithm=tspin", "training.learning_rate=2e-6", f"training.nll_weight={alpha}"]
+        points[f"tspin-lr2e-6-nll{alpha}"] = [*TSPIN_PAPER, "training.learning_rate=2e-6", f"training.nll_weight={alpha}"]
     # T-SPIN's own per-token reward (tspin.length_normalize) with SPIN's best nll_weight: RPO alone let both run long
-    points["tspin-lr2e-6-length_normalize-nll0.2"] = ["algorithm=tspin", "training.learning_rate=2e-6",
+    points["tspin-lr2e-6-length_normalize-nll0.2"] = [*TSPIN_PAPER, "training.learning_rate=2e-6",
                                                       "training.nll_weight=0.2", "tspin.length_normalize=true"]
     # ...and with log-ratios against p_t as SPIN's (the paper's ablation): the reference-free per-token reward
     # ranked the model's own answers above the human ones (-0.47 vs -0.91 nats/token) and its answers ran long
     points["tspin-lr2e-6-length_normalize-nll0.2-reference"] = [
-        "algorithm=tspin", "training.learning_rate=2e-6", "training.nll_weight=0.2", "tspin.length_normalize=true",
+        *TSPIN_PAPER, "training.learning_rate=2e-6", "training.nll_weight=0.2", "tspin.length_normalize=true",
         "tspin.reference_free=false"]
     # the yardstick, not a candidate: continued SFT from the same start, on the same validation prompts
     points["sft-lr2e-6"] = ["training.objective=sft", "training.learning_rate=2e-6"]

@@ -206,6 +206,12 @@ class Algorithm:
     check: Callable[[Any], str | None] = field(default=lambda config: None)
     # training.* stabilisers the loss honours (docs/algorithms.md); the config refuses the others when set
     options: tuple[str, ...] = ()
+    # the values a stabiliser left null takes: chosen on the validation split by bench/quality_grid.py
+    recommended: dict[str, Any] = field(default_factory=dict)
+
+    def stabiliser(self, name: str) -> Any:
+        """The value of training.<name> when a config leaves it null: recommended, else off."""
+        return self.recommended.get(name, STABILISERS[name])
 
     def unsupported_options(self, training) -> list[str]:
         """The stabilisers set away from their off value that this objective would silently ignore."""
@@ -219,8 +225,8 @@ class Algorithm:
         return self.build(RowReader(row, source, number), self.uses_reference(config), with_tokens)
 
 
-# The loss stabilisers of training.*: off is 0 (or false) for each.
-STABILISERS = ("nll_weight", "dpop_lambda", "length_normalize")
+# The loss stabilisers of training.* and their off values (the paper's loss).
+STABILISERS: dict[str, Any] = {"nll_weight": 0.0, "dpop_lambda": 0.0, "length_normalize": False}
 
 _REWARD_METRICS = ("rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies", "logps/real",
                    "logps/generated")
@@ -228,7 +234,9 @@ _REWARD_METRICS = ("rewards/real", "rewards/generated", "rewards/margins", "rewa
 SPIN = Algorithm(
     name="spin", answers="(human, generated)",
     columns=("generated_token_ids", "ref_logp_real", "ref_logp_generated"),
-    build=_spin_example, loss=_spin_loss, metrics=(*_REWARD_METRICS, "nll/real", "dpop/penalty"), options=STABILISERS,
+    build=_spin_example, loss=_spin_loss, metrics=(*_REWARD_METRICS, "nll/real", "dpop/penalty"), options=tuple(STABILISERS),
+    # the grid's winner (docs/performance.md): the only point with no collapse signal in 2 iterations
+    recommended={"nll_weight": 0.2, "length_normalize": True},
     margin_caption="reward of the human answer minus the opponent's answer (beta x log-ratio)",
 )
 SPPO = Algorithm(

@@ -261,7 +261,7 @@ def holder_job_status(holder: dict | None, address: str | None, timeout_s: float
 def cmd_export(args: argparse.Namespace) -> int:
     from spin_ray.manifest import Manifest
     from spin_ray.model_card import model_card
-    from spin_ray.models import folder_complete
+    from spin_ray.models import MODEL_CARD, folder_complete
     from spin_ray.storage import download_folder
 
     folder = _run_folder(args.run)
@@ -291,7 +291,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if os.path.exists(args.dir) and os.listdir(args.dir):
         raise ConfigError(f"{args.dir}: exists and is not empty; export into a new folder")
     download_folder(source, args.dir)
-    with open(os.path.join(args.dir, "README.md"), "w") as handle:
+    with open(os.path.join(args.dir, MODEL_CARD), "w") as handle:
         handle.write(str(model_card(manifest.data, iteration)))
     print(f"exported {why}: {source} -> {args.dir} (with its model card)")
     return 0

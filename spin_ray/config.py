@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from spin_ray.algorithms import ALGORITHMS, objective
+from spin_ray.algorithms import ALGORITHMS, STABILISERS, objective
 
 
 class ConfigError(ValueError):
@@ -163,6 +163,13 @@ class GenerationConfig(_Section):
 
 
 
+def _recommended(stabiliser: str) -> str:
+    """'spin: 0.2, tspin: 0, ...' for a field's description: what a null stabiliser becomes per algorithm."""
+    values = {name: algorithm.stabiliser(stabiliser) for name, algorithm in ALGORITHMS.items()
+              if stabiliser in algorithm.options}
+    return ", ".join(f"{name}: {str(value).lower()}" for name, value in values.items()) + "; off for the others"
+
+
 class TrainingConfig(_Section):
     objective: Literal["spin", "sft"] = Field(
         "spin", description="spin: the run's self-play algorithm; sft: continued SFT on the human answers, each "
@@ -170,15 +177,17 @@ class TrainingConfig(_Section):
     )
     loss_type: Literal["sigmoid", "hinge", "ipo"] = Field("sigmoid", description="SPIN loss shape.")
     beta: float = Field(0.1, gt=0.0, description="Inverse temperature of the SPIN reward (paper: 0.1).")
-    nll_weight: float = Field(
-        0.0, ge=0.0, description="RPO's alpha (SPIN, T-SPIN): adds alpha x the human answer's per-token NLL to each "
-        "example's loss, so self-play cannot lower the human answers' likelihood for free. 0 is the paper's loss.")
+    nll_weight: float | None = Field(
+        None, ge=0.0, description="RPO's alpha (SPIN, T-SPIN): adds alpha x the human answer's per-token NLL to each "
+        "example's loss, so self-play cannot lower the human answers' likelihood for free. 0 is the paper's loss; "
+        f"null takes the algorithm's recommended value ({_recommended('nll_weight')}).")
     dpop_lambda: float = Field(
         0.0, ge=0.0, description="DPOP's lambda (SPIN): lambda x max(0, log p_t(y) - log p(y)) inside the sigmoid, a "
         "penalty for the human answer's log-ratio falling below zero. 0 is off.")
-    length_normalize: bool = Field(
-        False, description="SPIN: log-ratios divided by their answer's token count (LN-DPO), so a longer answer earns "
-        "no reward for its length. The ipo loss always normalises.")
+    length_normalize: bool | None = Field(
+        None, description="SPIN: log-ratios divided by their answer's token count (LN-DPO), so a longer answer earns "
+        "no reward for its length. The ipo loss always normalises. false is the paper's loss; null takes the "
+        f"algorithm's recommended value ({_recommended('length_normalize')}).")
     learning_rate: float = Field(5e-7, gt=0.0, description="Peak learning rate (paper: 5e-7, 1e-7 later).")
     optimizer: Literal["rmsprop", "adamw"] = Field("rmsprop", description="RMSprop as in the paper, or AdamW.")
     weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (AdamW) or L2 penalty (RMSprop).")
@@ -396,6 +405,9 @@ class Config(_Section):
             raise ValueError("iterations.sft_epochs auto stops on the validation NLL: set data.validation_fraction "
                              "(e.g. 0.05) or data.validation")
         trained = objective(self)
+        for name in STABILISERS:  # a null stabiliser takes the trained objective's recommended value
+            if getattr(self.training, name) is None:
+                self.training.__dict__[name] = trained.stabiliser(name)  # not an explicit setting: resumes adopt theirs
         ignored = trained.unsupported_options(self.training)
         if ignored:
             what = "training.objective sft" if trained.name == "sft" else f"algorithm {trained.name}"

@@ -14,6 +14,7 @@ import os
 import subprocess
 from typing import Any
 
+from spin_ray.algorithms import STABILISERS
 from spin_ray import __version__
 from spin_ray.config import (
     Config,
@@ -66,7 +67,9 @@ def stored_config(existing: dict) -> dict:
     known = set(config_keys())
     stored = {RENAMED_KEYS.get(k, k): v for k, v in flatten(existing["config"]).items()}
     stored = {k: v for k, v in stored.items() if k in known or k.rsplit(".", 1)[0] in known}  # dict-valued keys too
-    return deep_merge(Config().to_dict(), _unflatten(stored))
+    defaults = Config().to_dict()
+    defaults["training"].update(STABILISERS)  # a run stored before a stabiliser existed trained without it
+    return deep_merge(defaults, _unflatten(stored))
 
 
 def resume_config(config: Config, existing: dict | None) -> Config:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from spin_ray.layout import RunLayout
+from spin_ray.models import MODEL_CARD
 from spin_ray.storage import atomic_write_bytes, join
 
 # Hub ids of the built-in aliases and datasets, for the card's base_model and datasets fields.
@@ -65,6 +66,6 @@ def model_card(manifest: dict, iteration: int | None):
 
 def write_model_card(layout: RunLayout, manifest: dict, iteration: int | None) -> str:
     """Write README.md into the model folder of `iteration`; returns its URL."""
-    url = join(layout.model(iteration), "README.md")
+    url = join(layout.model(iteration), MODEL_CARD)
     atomic_write_bytes(url, str(model_card(manifest, iteration)).encode())
     return url

@@ -28,6 +28,8 @@ from filelock import FileLock
 _COMPLETE_MARKER = "spin_ray_converted.json"
 # Marker written last into a model folder published to storage (an export, an uploaded base model).
 FOLDER_MARKER = "spin_ray_export.json"
+# The Hugging Face model card of a model folder.
+MODEL_CARD = "README.md"
 
 
 @dataclass(frozen=True)
@@ -218,14 +220,23 @@ def publish_folder(folder: str, url: str) -> str:
 
 
 def content_fingerprint(path: str) -> str | None:
-    """The content hash of a model folder (local, or published to storage with its marker); None for a hub id or a
-    folder whose content cannot be known without downloading it."""
+    """The content hash of a model folder (local, or published to storage with its marker) without its model card;
+    None for a hub id or a folder whose content cannot be known without downloading it. A run rewrites the card of
+    its models with its latest report, which changes no answer the model gives."""
     from spin_ray.storage import join, read_json
 
     if _is_storage_url(path):
-        return (read_json(join(path, FOLDER_MARKER)) or {}).get("content_hash")
-    local = path.removeprefix("file://")
-    return folder_digest(local)["content_hash"] if os.path.isdir(local) else None
+        marker = read_json(join(path, FOLDER_MARKER)) or {}
+        files = marker.get("files")
+        if files is None:
+            return marker.get("content_hash")
+    else:
+        local = path.removeprefix("file://")
+        if not os.path.isdir(local):
+            return None
+        files = folder_digest(local)["files"]
+    answering = {name: entry for name, entry in files.items() if name != MODEL_CARD}
+    return hashlib.sha256(json.dumps(answering, sort_keys=True).encode()).hexdigest()
 
 
 def folder_complete(url: str) -> bool:

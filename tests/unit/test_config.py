@@ -95,6 +95,26 @@ def test_the_configuration_reference_is_generated_from_the_schema():
     assert documented == module.reference(), "docs/configuration.md is stale: run python scripts/config_reference.py"
 
 
+def test_a_null_stabiliser_takes_the_trained_objectives_recommended_value():
+    from spin_ray.algorithms import ALGORITHMS
+
+    spin = load_config()
+    assert (spin.training.nll_weight, spin.training.length_normalize, spin.training.dpop_lambda) == (0.2, True, 0.0)
+    assert spin.training.nll_weight == ALGORITHMS["spin"].recommended["nll_weight"]
+    paper = load_config(overrides=["training.nll_weight=0", "training.length_normalize=false"])
+    assert (paper.training.nll_weight, paper.training.length_normalize) == (0.0, False)
+    # continued SFT and SPPO take none: their losses have no stabilisers, so they are off, not refused
+    for overrides in (["training.objective=sft"], ["algorithm=sppo", "generation.num_samples=2",
+                                                   "generation.temperature=0.7"]):
+        trained = load_config(overrides=overrides).training
+        assert (trained.nll_weight, trained.length_normalize) == (0.0, False)
+    # a resolved value is not an explicit setting (a resumed run adopts its stored one), and survives a round trip
+    assert "nll_weight" not in spin.training.model_fields_set
+    assert load_config(overrides=[f"training.nll_weight={spin.to_dict()['training']['nll_weight']}"]) \
+        .training.nll_weight == 0.2
+    assert "spin: 0.2" in type(spin.training).model_fields["nll_weight"].description
+
+
 def test_a_stabiliser_is_refused_where_the_algorithm_table_says_it_does_not_apply():
     from spin_ray.algorithms import ALGORITHMS
 

@@ -70,6 +70,21 @@ def test_a_run_started_before_a_key_existed_continues_under_its_default(tmp_path
         check_config(_config(tmp_path, "algorithm=tspin"))
 
 
+def test_a_run_stored_before_the_recommended_stabilisers_resumes_on_its_own_loss(tmp_path):
+    # stored by a version whose defaults were the paper's loss, or before the stabilisers existed
+    manifest = Manifest.open(_config(tmp_path, "training.nll_weight=0", "training.length_normalize=false"))
+    assert manifest.data["config"]["training"]["nll_weight"] == 0.0
+    resumed = resume_config(_config(tmp_path), manifest.data)  # resubmitted with today's defaults (null)
+    assert (resumed.training.nll_weight, resumed.training.length_normalize) == (0.0, False)
+    check_config(resumed)
+    for key in ("nll_weight", "length_normalize", "dpop_lambda"):
+        del manifest.data["config"]["training"][key]
+    manifest.save()
+    assert resume_config(_config(tmp_path), manifest.data).training.nll_weight == 0.0
+    with pytest.raises(ConfigError, match="training.nll_weight: 0.0 -> 0.2"):
+        check_config(_config(tmp_path))  # without resume_config, today's recommended value is a change
+
+
 def test_cli_run_refuses_a_changed_config_before_starting_ray(tmp_path, capsys):
     config = _config(tmp_path)
     Manifest.open(config)

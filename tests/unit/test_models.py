@@ -65,3 +65,20 @@ def test_remote_code_is_off_by_default():
     from spin_ray.config import ModelConfig
 
     assert ModelConfig().trust_remote_code is False
+
+
+def test_a_models_content_fingerprint_leaves_its_card_out(tmp_path):
+    # a run rewrites its models' cards with its latest report; the start evaluation's cache must still hit
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden_size": 8}')
+    (folder / models.MODEL_CARD).write_text("# card, first report")
+    first = models.content_fingerprint(str(folder))
+    (folder / models.MODEL_CARD).write_text("# card, a later report")
+    assert models.content_fingerprint(str(folder)) == first
+    published = "memory://fingerprint-test/model"
+    models.publish_folder(str(folder), published)
+    assert models.content_fingerprint(published) == first  # the same hash from the published marker
+    (folder / "config.json").write_text('{"hidden_size": 16}')
+    assert models.content_fingerprint(str(folder)) != first
+    assert models.content_fingerprint(str(tmp_path / "absent")) is None
