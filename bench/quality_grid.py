@@ -30,7 +30,8 @@ from bench.quality import PAPER, START, run  # noqa: E402  (the same start, the 
 
 # every point states the paper's loss first, so a point means the same whatever the algorithms' defaults are
 SPIN_PAPER = ["algorithm=spin", *PAPER]
-TSPIN_PAPER = ["algorithm=tspin", "training.nll_weight=0", "tspin.length_normalize=false", "tspin.reference_free=true"]
+TSPIN_PAPER = ["algorithm=tspin", "training.nll_weight=0", "tspin.length_normalize=false", "tspin.reference_free=true",
+               "tspin.reward_scale=1.0"]
 
 # learning rate x RPO's nll_weight, plus the length-robust options at the paper's loss and at one nll_weight
 LEARNING_RATES = ("5e-7", "2e-6")
@@ -57,6 +58,11 @@ def grid() -> dict[str, list[str]]:
     points["tspin-lr2e-6-length_normalize-nll0.2-reference"] = [
         *TSPIN_PAPER, "training.learning_rate=2e-6", "training.nll_weight=0.2", "tspin.length_normalize=true",
         "tspin.reference_free=false"]
+    # ...and with alpha = SPIN's beta: alpha scales the reward's gradient as beta does, so alpha 1.0 (the paper's,
+    # for summed log-probs of a 7B model) on per-token log-ratios pushes 10x harder than SPIN's calm point
+    points["tspin-lr2e-6-alpha0.1-length_normalize-nll0.2-reference"] = [
+        *TSPIN_PAPER, "training.learning_rate=2e-6", "training.nll_weight=0.2", "tspin.length_normalize=true",
+        "tspin.reference_free=false", "tspin.reward_scale=0.1"]
     # the yardstick, not a candidate: continued SFT from the same start, on the same validation prompts
     points["sft-lr2e-6"] = ["training.objective=sft", "training.learning_rate=2e-6"]
     return points

@@ -1,4 +1,5 @@
-"""Benchmark: vLLM on CPU with and without the preloaded allocator and OpenMP runtime its docs recommend; prints JSON.
+"""Benchmark: vLLM on CPU with and without the preloaded allocator and OpenMP runtime its docs recommend, and with
+and without its compiled model (`enforce_eager`); prints JSON.
 
 vLLM's CPU install guide asks for `LD_PRELOAD` of tcmalloc and, on x86, Intel OpenMP (libiomp5). Our
 engine runs in the replica's own process (vllm_engine.CPU_ENVIRONMENT), so a preload has to be in that
@@ -9,7 +10,12 @@ threads) and answers the same GSM8K prompts greedily, human answers scored. Vari
 timings (weights, compile, KV cache and warm-up), decode seconds and tokens/s; ratios against
 `default` of the same round.
 
-    python bench/vllm_cpu.py [--prompts 64] [--rounds 2] [--out bench/results/vllm-cpu.json]
+On CPU vLLM traces the model with Dynamo and compiles it with Inductor at every engine start (the
+compiled code is cached on disk, the tracing is not); `eager` and `tcmalloc+eager` run the model
+uncompiled (`generation.vllm_engine_kwargs: {enforce_eager: true}`): a shorter start against a
+possibly slower decode.
+
+    python bench/vllm_cpu.py [--prompts 64] [--rounds 2] [--variants default,eager,...] [--out bench/results/vllm-cpu.json]
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ STARTUP_PARTS = {
 }
 
 
-def child(prompts: int, config_path: str) -> None:
+def child(prompts: int, config_path: str, engine_kwargs: dict) -> None:
     """One variant's run, in the process whose LD_PRELOAD it measures: prints one JSON line."""
     started = time.perf_counter()
     preloaded = os.environ.get("LD_PRELOAD", "")  # vLLM appends its own choice to the variable later
@@ -62,7 +68,8 @@ def child(prompts: int, config_path: str) -> None:
 
     vllm_imported = time.perf_counter()
     engine = VLLMEngine(spec.model, chat, spec.max_new_tokens, spec.temperature, spec.top_p, spec.batch_size,
-                        spec.dtype, spec.max_model_len, spec.trust_remote_code, with_logprobs=True)
+                        spec.dtype, spec.max_model_len, spec.trust_remote_code, engine_kwargs=engine_kwargs,
+                        with_logprobs=True)
     built = time.perf_counter()
     answers = engine.generate(split.prompt_ids, score=split.response_ids)
     done = time.perf_counter()
@@ -92,19 +99,20 @@ def find_libraries() -> dict[str, str | None]:
     return {"tcmalloc": tcmalloc, "iomp": str(iomp) if iomp.exists() else None}
 
 
-def run_variant(preload: list[str], prompts: int, config_path: str, timeout: int = 900) -> dict:
+def run_variant(preload: list[str], engine_kwargs: dict, prompts: int, config_path: str, timeout: int = 900) -> dict:
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "INFO", "PYTHONPATH": str(ROOT)}
     env.pop("LD_PRELOAD", None)
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--child", "--prompts", str(prompts), "--config", config_path],
+    out = subprocess.run([sys.executable, __file__, "--child", "--prompts", str(prompts), "--config", config_path,
+                          "--engine-kwargs", json.dumps(engine_kwargs)],
                          capture_output=True, text=True, timeout=timeout, env=env)
     wall = time.perf_counter() - started
     lines = (out.stdout + out.stderr).splitlines()
     result = next((json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")), None)
     if out.returncode != 0 or result is None:
-        raise RuntimeError(f"variant {preload or 'default'} failed (exit {out.returncode}):\n" + "\n".join(lines[-30:]))
+        raise RuntimeError(f"variant {preload or 'default'} {engine_kwargs or ''} failed (exit {out.returncode}):\n" + "\n".join(lines[-30:]))
     text = "\n".join(lines)
     result["vllm_startup_parts"] = {name: float(m.group(1)) for name, pattern in STARTUP_PARTS.items()
                                     if (m := re.search(pattern, text))}
@@ -120,11 +128,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--config", default=str(ROOT / "jobs" / "gsm8k_smollm2_cpu.yaml"))
+    parser.add_argument("--variants", default=None, help="comma-separated subset (default: every one this machine has)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--engine-kwargs", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.prompts, args.config)
+        child(args.prompts, args.config, json.loads(args.engine_kwargs))
         return
 
     libs = find_libraries()
@@ -135,26 +145,33 @@ def main() -> None:
         variants["iomp"] = [libs["iomp"]]
     if libs["tcmalloc"] and libs["iomp"]:
         variants["tcmalloc+iomp"] = [libs["tcmalloc"], libs["iomp"]]
+    variants["eager"] = []
+    if libs["tcmalloc"]:
+        variants["tcmalloc+eager"] = [libs["tcmalloc"]]
+    if args.variants:
+        variants = {name: variants[name] for name in args.variants.split(",")}
     runs = []
     for round_number in range(1, args.rounds + 1):
         for name, preload in variants.items():
-            result = run_variant(preload, args.prompts, args.config)
+            engine_kwargs = {"enforce_eager": True} if name.endswith("eager") else {}
+            result = run_variant(preload, engine_kwargs, args.prompts, args.config)
             runs.append({"variant": name, "round": round_number, **result})
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "answers"}), file=sys.stderr, flush=True)
 
-    reference = next(r["answers"] for r in runs if r["variant"] == "default")
+    baseline = next(iter(variants))  # default, unless --variants names another first
+    reference = next(r["answers"] for r in runs if r["variant"] == baseline)
     ratios = {}
     for name in variants:
-        if name == "default":
+        if name == baseline:
             continue
-        pairs = [(r, next(d for d in runs if d["variant"] == "default" and d["round"] == r["round"]))
+        pairs = [(r, next(d for d in runs if d["variant"] == baseline and d["round"] == r["round"]))
                  for r in runs if r["variant"] == name]
         ratios[name] = {
-            "decode_tokens_per_second_vs_default": [round(r["tokens_per_second"] / d["tokens_per_second"], 3) for r, d in pairs],
-            "startup_s_vs_default": [round(r["startup_s"] / d["startup_s"], 3) for r, d in pairs],
+            f"decode_tokens_per_second_vs_{baseline}": [round(r["tokens_per_second"] / d["tokens_per_second"], 3) for r, d in pairs],
+            f"startup_s_vs_{baseline}": [round(r["startup_s"] / d["startup_s"], 3) for r, d in pairs],
         }
     for run in runs:
-        run["answers_identical_to_default"] = f"{sum(a == b for a, b in zip(run.pop('answers'), reference))}/{len(reference)}"
+        run[f"answers_identical_to_{baseline}"] = f"{sum(a == b for a, b in zip(run.pop('answers'), reference))}/{len(reference)}"
     report = json.dumps({
         "benchmark": "vllm_cpu_preload", "prompts": args.prompts, "rounds": args.rounds, "libraries": libs,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},

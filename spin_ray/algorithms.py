@@ -206,12 +206,12 @@ class Algorithm:
     check: Callable[[Any], str | None] = field(default=lambda config: None)
     # training.* stabilisers the loss honours (docs/algorithms.md); the config refuses the others when set
     options: tuple[str, ...] = ()
-    # the values a stabiliser left null takes: chosen on the validation split by bench/quality_grid.py
+    # what a RECOMMENDABLE key left null takes: chosen on the validation split by bench/quality_grid.py
     recommended: dict[str, Any] = field(default_factory=dict)
 
-    def stabiliser(self, name: str) -> Any:
-        """The value of training.<name> when a config leaves it null: recommended, else off."""
-        return self.recommended.get(name, STABILISERS[name])
+    def setting(self, key: str) -> Any:
+        """The value of a RECOMMENDABLE key a config leaves null: this objective's recommended, else the paper's."""
+        return self.recommended.get(key, RECOMMENDABLE[key])
 
     def unsupported_options(self, training) -> list[str]:
         """The stabilisers set away from their off value that this objective would silently ignore."""
@@ -227,6 +227,10 @@ class Algorithm:
 
 # The loss stabilisers of training.* and their off values (the paper's loss).
 STABILISERS: dict[str, Any] = {"nll_weight": 0.0, "dpop_lambda": 0.0, "length_normalize": False}
+# Config keys whose default is null: each takes the trained objective's recommended value, else the paper's (here).
+RECOMMENDABLE: dict[str, Any] = {"training.nll_weight": 0.0, "training.length_normalize": False,
+                                 "tspin.reward_scale": 1.0, "tspin.length_normalize": False,
+                                 "tspin.reference_free": True}
 
 _REWARD_METRICS = ("rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies", "logps/real",
                    "logps/generated")
@@ -236,7 +240,7 @@ SPIN = Algorithm(
     columns=("generated_token_ids", "ref_logp_real", "ref_logp_generated"),
     build=_spin_example, loss=_spin_loss, metrics=(*_REWARD_METRICS, "nll/real", "dpop/penalty"), options=tuple(STABILISERS),
     # the grid's winner (docs/performance.md): the only point with no collapse signal in 2 iterations
-    recommended={"nll_weight": 0.2, "length_normalize": True},
+    recommended={"training.nll_weight": 0.2, "training.length_normalize": True},
     margin_caption="reward of the human answer minus the opponent's answer (beta x log-ratio)",
 )
 SPPO = Algorithm(

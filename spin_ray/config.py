@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from spin_ray.algorithms import ALGORITHMS, STABILISERS, objective
+from spin_ray.algorithms import ALGORITHMS, RECOMMENDABLE, objective
 
 
 class ConfigError(ValueError):
@@ -163,11 +163,12 @@ class GenerationConfig(_Section):
 
 
 
-def _recommended(stabiliser: str) -> str:
-    """'spin: 0.2, tspin: 0, ...' for a field's description: what a null stabiliser becomes per algorithm."""
-    values = {name: algorithm.stabiliser(stabiliser) for name, algorithm in ALGORITHMS.items()
-              if stabiliser in algorithm.options}
-    return ", ".join(f"{name}: {str(value).lower()}" for name, value in values.items()) + "; off for the others"
+def _recommended(key: str) -> str:
+    """'the recommended value (spin 0.2), else the paper's 0.0' for a field's description: what null becomes."""
+    paper = str(RECOMMENDABLE[key]).lower()
+    shown = ", ".join(f"{algorithm.name} {str(algorithm.setting(key)).lower()}" for algorithm in ALGORITHMS.values()
+                      if algorithm.setting(key) != RECOMMENDABLE[key])
+    return f"the recommended value ({shown}), else the paper's {paper}" if shown else f"the paper's {paper}"
 
 
 class TrainingConfig(_Section):
@@ -179,15 +180,15 @@ class TrainingConfig(_Section):
     beta: float = Field(0.1, gt=0.0, description="Inverse temperature of the SPIN reward (paper: 0.1).")
     nll_weight: float | None = Field(
         None, ge=0.0, description="RPO's alpha (SPIN, T-SPIN): adds alpha x the human answer's per-token NLL to each "
-        "example's loss, so self-play cannot lower the human answers' likelihood for free. 0 is the paper's loss; "
-        f"null takes the algorithm's recommended value ({_recommended('nll_weight')}).")
+        "example's loss, so self-play cannot lower the human answers' likelihood for free. 0 is the paper's loss. "
+        f"Null takes {_recommended('training.nll_weight')}.")
     dpop_lambda: float = Field(
         0.0, ge=0.0, description="DPOP's lambda (SPIN): lambda x max(0, log p_t(y) - log p(y)) inside the sigmoid, a "
         "penalty for the human answer's log-ratio falling below zero. 0 is off.")
     length_normalize: bool | None = Field(
         None, description="SPIN: log-ratios divided by their answer's token count (LN-DPO), so a longer answer earns "
-        "no reward for its length. The ipo loss always normalises. false is the paper's loss; null takes the "
-        f"algorithm's recommended value ({_recommended('length_normalize')}).")
+        "no reward for its length. The ipo loss always normalises. false is the paper's loss. "
+        f"Null takes {_recommended('training.length_normalize')}.")
     learning_rate: float = Field(5e-7, gt=0.0, description="Peak learning rate (paper: 5e-7, 1e-7 later).")
     optimizer: Literal["rmsprop", "adamw"] = Field("rmsprop", description="RMSprop as in the paper, or AdamW.")
     weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (AdamW) or L2 penalty (RMSprop).")
@@ -258,19 +259,22 @@ class SPPOConfig(_Section):
 class TSPINConfig(_Section):
     """T-SPIN (arXiv 2601.08198): triplets (human, current synthetic, proto-synthetic y_0 of the initial model)."""
 
-    reward_scale: float = Field(
-        1.0, gt=0.0, description="The paper's alpha (1.0 there): r(y) = alpha * log p(y) (or alpha times the log-ratio)."
+    reward_scale: float | None = Field(
+        None, gt=0.0, description="The paper's alpha (1.0 there): r(y) = alpha * log p(y) (or alpha times the "
+        f"log-ratio). Null takes {_recommended('tspin.reward_scale')}."
     )
     historical_weight: float = Field(
         0.1, ge=0.0, description="The paper's beta (0.1 there): weight of the historical advantage r(y_t) - r(y_0)."
     )
-    length_normalize: bool = Field(
-        False, description="Use per-token mean log-probs in the reward instead of sums (the paper uses sums)."
+    length_normalize: bool | None = Field(
+        None, description="Use per-token mean log-probs in the reward instead of sums (the paper uses sums). "
+        f"Null takes {_recommended('tspin.length_normalize')}."
     )
-    reference_free: bool = Field(
-        True,
+    reference_free: bool | None = Field(
+        None,
         description="r(y) = alpha * log p_theta(y), as in the paper: no reference log-probs, so generation skips the "
-        "reference scoring; false uses alpha * (log p_theta(y) - log p_t(y)) as SPIN does (the paper's ablation).",
+        "reference scoring; false uses alpha * (log p_theta(y) - log p_t(y)) as SPIN does (the paper's ablation). "
+        f"Null takes {_recommended('tspin.reference_free')}.",
     )
 
 
@@ -405,9 +409,11 @@ class Config(_Section):
             raise ValueError("iterations.sft_epochs auto stops on the validation NLL: set data.validation_fraction "
                              "(e.g. 0.05) or data.validation")
         trained = objective(self)
-        for name in STABILISERS:  # a null stabiliser takes the trained objective's recommended value
-            if getattr(self.training, name) is None:
-                self.training.__dict__[name] = trained.stabiliser(name)  # not an explicit setting: resumes adopt theirs
+        for key in RECOMMENDABLE:  # a null key takes the trained objective's recommended value
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) is None:
+                # not an explicit setting, so a resumed run adopts its stored value (manifest.resume_config)
+                getattr(self, section).__dict__[name] = trained.setting(key)
         ignored = trained.unsupported_options(self.training)
         if ignored:
             what = "training.objective sft" if trained.name == "sft" else f"algorithm {trained.name}"

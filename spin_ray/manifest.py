@@ -14,7 +14,7 @@ import os
 import subprocess
 from typing import Any
 
-from spin_ray.algorithms import STABILISERS
+from spin_ray.algorithms import RECOMMENDABLE
 from spin_ray import __version__
 from spin_ray.config import (
     Config,
@@ -68,7 +68,9 @@ def stored_config(existing: dict) -> dict:
     stored = {RENAMED_KEYS.get(k, k): v for k, v in flatten(existing["config"]).items()}
     stored = {k: v for k, v in stored.items() if k in known or k.rsplit(".", 1)[0] in known}  # dict-valued keys too
     defaults = Config().to_dict()
-    defaults["training"].update(STABILISERS)  # a run stored before a stabiliser existed trained without it
+    for key, paper in RECOMMENDABLE.items():  # a run stored before a key existed ran the paper's value
+        section, name = key.split(".")
+        defaults[section][name] = paper
     return deep_merge(defaults, _unflatten(stored))
 
 

@@ -100,7 +100,7 @@ def test_a_null_stabiliser_takes_the_trained_objectives_recommended_value():
 
     spin = load_config()
     assert (spin.training.nll_weight, spin.training.length_normalize, spin.training.dpop_lambda) == (0.2, True, 0.0)
-    assert spin.training.nll_weight == ALGORITHMS["spin"].recommended["nll_weight"]
+    assert spin.training.nll_weight == ALGORITHMS["spin"].recommended["training.nll_weight"]
     paper = load_config(overrides=["training.nll_weight=0", "training.length_normalize=false"])
     assert (paper.training.nll_weight, paper.training.length_normalize) == (0.0, False)
     # continued SFT and SPPO take none: their losses have no stabilisers, so they are off, not refused
@@ -112,7 +112,7 @@ def test_a_null_stabiliser_takes_the_trained_objectives_recommended_value():
     assert "nll_weight" not in spin.training.model_fields_set
     assert load_config(overrides=[f"training.nll_weight={spin.to_dict()['training']['nll_weight']}"]) \
         .training.nll_weight == 0.2
-    assert "spin: 0.2" in type(spin.training).model_fields["nll_weight"].description
+    assert "(spin 0.2)" in type(spin.training).model_fields["nll_weight"].description
 
 
 def test_a_stabiliser_is_refused_where_the_algorithm_table_says_it_does_not_apply():
