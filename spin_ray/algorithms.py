@@ -257,6 +257,10 @@ TSPIN = Algorithm(
     reference_columns=("ref_logp_real", "ref_logp_generated", "ref_logp_proto"),
     uses_reference=lambda config: not config.tspin.reference_free,
     build=_tspin_example, loss=_tspin_loss, needs_proto=True, options=("nll_weight",),
+    # the grid's only calm T-SPIN point: SPIN's calm loss (per-token log-ratios against p_t, RPO 0.2, alpha = SPIN's
+    # beta) plus the historical term; every point at the paper's alpha 1.0 collapsed
+    recommended={"training.nll_weight": 0.2, "tspin.reward_scale": 0.1, "tspin.length_normalize": True,
+                 "tspin.reference_free": False},
     metrics=(*_REWARD_METRICS, "loss/current", "loss/historical", "rewards/proto", "rewards/historical_margins",
              "logps/proto", "nll/real"),
     margin_caption="reward of the human answer minus the current synthetic answer y_t (alpha x log-prob)",

@@ -63,7 +63,7 @@ def test_sppo_with_a_reward_model_oracle(ray_session, tmp_path, tiny_model_dir, 
 def test_tspin_reuses_the_initial_models_answers(ray_session, tmp_path, tiny_model_dir):
     config = load_config(None, [
         *COMMON, f"model.name={tiny_model_dir}", f"run.storage_path={tmp_path}", "run.name=tspin",
-        "algorithm=tspin", "tspin.historical_weight=0.5", "evaluation.prompts=4"])
+        "algorithm=tspin", "tspin.historical_weight=0.5", "tspin.reference_free=true", "evaluation.prompts=4"])
     assert config.tspin.reference_free
     manifest = run_iterations(config, echo=lambda line: None)
     run = Path(tmp_path) / "tspin"

@@ -101,6 +101,11 @@ def test_a_null_stabiliser_takes_the_trained_objectives_recommended_value():
     spin = load_config()
     assert (spin.training.nll_weight, spin.training.length_normalize, spin.training.dpop_lambda) == (0.2, True, 0.0)
     assert spin.training.nll_weight == ALGORITHMS["spin"].recommended["training.nll_weight"]
+    tspin = load_config(overrides=["algorithm=tspin"])
+    assert (tspin.training.nll_weight, tspin.tspin.reward_scale, tspin.tspin.length_normalize,
+            tspin.tspin.reference_free) == (0.2, 0.1, True, False)
+    assert tspin.needs_reference and not load_config(overrides=["algorithm=tspin", "tspin.reference_free=true"]) \
+        .needs_reference
     paper = load_config(overrides=["training.nll_weight=0", "training.length_normalize=false"])
     assert (paper.training.nll_weight, paper.training.length_normalize) == (0.0, False)
     # continued SFT and SPPO take none: their losses have no stabilisers, so they are off, not refused

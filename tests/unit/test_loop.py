@@ -56,7 +56,8 @@ def test_sft_step_lowers_the_nll(tiny_model, pairs, tokenizer):
     assert nlls[-1] < nlls[0]
 
 
-@pytest.mark.parametrize("overrides", [["algorithm=spin"], ["algorithm=tspin", "tspin.length_normalize=true"],
+@pytest.mark.parametrize("overrides", [["algorithm=spin"], ["algorithm=tspin", "tspin.length_normalize=true",
+                                        "tspin.reference_free=true"],
                                        ["algorithm=sppo", "generation.num_samples=2", "generation.temperature=1"],
                                        ["training.objective=sft"]])
 def test_micro_step_is_the_same_packed_or_padded_chunked_or_not(tiny_model, pairs, tokenizer, overrides):

@@ -11,7 +11,7 @@ from spin_ray.training.data import Schedule, TrainingDataError, examples_from_ro
 SPIN = load_config()
 SFT = load_config(overrides=["training.objective=sft"])
 SPPO = load_config(overrides=["algorithm=sppo", "generation.num_samples=4", "generation.temperature=1"])
-TSPIN_FREE = load_config(overrides=["algorithm=tspin"])
+TSPIN_FREE = load_config(overrides=["algorithm=tspin", "tspin.reference_free=true"])
 TSPIN_REF = load_config(overrides=["algorithm=tspin", "tspin.reference_free=false"])
 
 
