@@ -31,9 +31,11 @@ sys.path.insert(0, str(ROOT))
 PAPER = ["training.nll_weight=0", "training.dpop_lambda=0", "training.length_normalize=false"]
 ARMS = {"sft": ["training.objective=sft"], "spin_paper": ["algorithm=spin", *PAPER],
         "spin_recommended": ["algorithm=spin"], "tspin_recommended": ["algorithm=tspin"]}
-# the warm start trains no self-play; its loss settings are pinned so that its stored config holds whatever the defaults
+# The warm start trains no self-play: its loss settings are pinned so that its stored config holds whatever the
+# defaults. It stops on the validation split and never sees the test split; p0's test evaluation is each arm's
+# first, made once and shared through the start-evaluation cache (keyed by the model's content).
 START = ["run.name=quality-start", "iterations.sft_warm_start=true", "iterations.sft_epochs=auto", "iterations.count=0",
-         *PAPER]
+         "data.eval=null", *PAPER]
 METRICS = ("accuracy", "accuracy_lm_eval_strict", "accuracy_lm_eval_flexible", "answer_format_rate", "nll_per_token",
            "share_hit_max_new_tokens", "mean_answer_tokens", "reward_accuracy", "reward_margin",
            "validation_nll_per_token", "validation_accuracy", "validation_share_hit_max_new_tokens")
@@ -153,14 +155,12 @@ def main() -> None:
     results = {"benchmark": "quality-v2", "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
                "config": args.config, "overrides": args.overrides, "start_model": start_model,
                "sizes": {"train_prompts": sft_phase["pairs"],
-                         "held_out_prompts": start_manifest["phases"]["baseline_eval"]["metrics"]["prompts"],
                          "validation_prompts": start_manifest["phases"]["baseline_eval"]["metrics"].get(
                              "validation_prompts"),
                          "start_sft_epochs": sft_phase.get("best_epoch"),
                          "start_validation_nll_by_epoch": sft_phase.get("validation_nll_by_epoch"),
                          "iterations": base.iterations.count, "epochs_per_iteration": base.training.epochs},
-               "start": {"seconds": phase_seconds(start_manifest), "metrics": models_of(start_manifest)[0][1]},
-               "arms": {}, "versus_continued_sft": {}}
+               "start": {"seconds": phase_seconds(start_manifest)}, "arms": {}, "versus_continued_sft": {}}
     per_prompt, roles = {}, {}
     for arm, overrides in arms.items():
         config = load_config(args.config, [*args.overrides, f"run.name=quality-{arm}", f"model.name={start_model}",
@@ -176,6 +176,9 @@ def main() -> None:
             "train": [r["phases"]["train"]["metrics"] for r in manifest["iterations"]],
             "models": [{"model": label, "metrics": {k: m.get(k) for k in METRICS}} for label, m, _ in models]}
         per_prompt[arm] = {label: scores(folder) for label, _, folder in models}
+        if arm == "sft":  # p0 on the test split: the first arm's evaluation, which the others reuse from the cache
+            results["start"]["metrics"] = models[0][1]
+            results["sizes"]["held_out_prompts"] = manifest["phases"]["baseline_eval"]["metrics"]["prompts"]
     for arm in arms:
         if arm == "sft":
             continue

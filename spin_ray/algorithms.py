@@ -239,7 +239,7 @@ SPIN = Algorithm(
     name="spin", answers="(human, generated)",
     columns=("generated_token_ids", "ref_logp_real", "ref_logp_generated"),
     build=_spin_example, loss=_spin_loss, metrics=(*_REWARD_METRICS, "nll/real", "dpop/penalty"), options=tuple(STABILISERS),
-    # the grid's winner (docs/performance.md): the only point with no collapse signal in 2 iterations
+    # the grid's winner (docs/performance.md): SPIN's only point with no collapse signal in 2 iterations
     recommended={"training.nll_weight": 0.2, "training.length_normalize": True},
     margin_caption="reward of the human answer minus the opponent's answer (beta x log-ratio)",
 )

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from spin_ray.algorithms import objective
+from spin_ray.algorithms import STABILISERS, objective
 from spin_ray.cluster import ensure_resources
 from spin_ray.collapse import collapse_signals
 from spin_ray.config import Config, build_config
@@ -251,8 +251,8 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
         if config.iterations.sft_warm_start:
             it = config.iterations
             auto = it.sft_epochs == "auto"
-            sft_config = config.model_copy(update={"training": config.training.model_copy(
-                update={"objective": "sft", "epochs": it.sft_max_epochs if auto else it.sft_epochs})})
+            sft_config = config.model_copy(update={"training": config.training.model_copy(  # SFT takes no stabiliser
+                update={"objective": "sft", "epochs": it.sft_max_epochs if auto else it.sft_epochs, **STABILISERS})})
 
             def sft() -> Produced:
                 held_out = sft_rows(config, opponent, validation_source(config, layout.validation_data)) if auto else None

@@ -14,8 +14,8 @@ import os
 import subprocess
 from typing import Any
 
-from spin_ray.algorithms import RECOMMENDABLE
 from spin_ray import __version__
+from spin_ray.algorithms import RECOMMENDABLE
 from spin_ray.config import (
     Config,
     ConfigError,

@@ -117,7 +117,7 @@ def test_a_null_stabiliser_takes_the_trained_objectives_recommended_value():
     assert "nll_weight" not in spin.training.model_fields_set
     assert load_config(overrides=[f"training.nll_weight={spin.to_dict()['training']['nll_weight']}"]) \
         .training.nll_weight == 0.2
-    assert "(spin 0.2)" in type(spin.training).model_fields["nll_weight"].description
+    assert "(spin 0.2, tspin 0.2)" in type(spin.training).model_fields["nll_weight"].description
 
 
 def test_a_stabiliser_is_refused_where_the_algorithm_table_says_it_does_not_apply():
