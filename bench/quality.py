@@ -27,8 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from spin_ray.algorithms import STABILISERS  # noqa: E402
+
 # the paper's loss: every stabiliser off, whatever the defaults are
-PAPER = ["training.nll_weight=0", "training.dpop_lambda=0", "training.length_normalize=false"]
+PAPER = [f"training.{name}={json.dumps(off)}" for name, off in STABILISERS.items()]
 ARMS = {"sft": ["training.objective=sft"], "spin_paper": ["algorithm=spin", *PAPER],
         "spin_recommended": ["algorithm=spin"], "tspin_recommended": ["algorithm=tspin"]}
 # The warm start trains no self-play: its loss settings are pinned so that its stored config holds whatever the

@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.quality import PAPER, START, run  # noqa: E402  (the same start, the same way of running a phase chain)
+from spin_ray.algorithms import RECOMMENDABLE  # noqa: E402
 
 # every point states the paper's loss first, so a point means the same whatever the algorithms' defaults are
 SPIN_PAPER = ["algorithm=spin", *PAPER]
-TSPIN_PAPER = ["algorithm=tspin", "training.nll_weight=0", "tspin.length_normalize=false", "tspin.reference_free=true",
-               "tspin.reward_scale=1.0"]
+TSPIN_PAPER = ["algorithm=tspin", *(f"{key}={json.dumps(paper)}" for key, paper in RECOMMENDABLE.items())]
 
 # learning rate x RPO's nll_weight, plus the length-robust options at the paper's loss and at one nll_weight
 LEARNING_RATES = ("5e-7", "2e-6")

@@ -228,7 +228,7 @@ class Algorithm:
 # The loss stabilisers of training.* and their off values (the paper's loss).
 STABILISERS: dict[str, Any] = {"nll_weight": 0.0, "dpop_lambda": 0.0, "length_normalize": False}
 # Config keys whose default is null: each takes the trained objective's recommended value, else the paper's (here).
-RECOMMENDABLE: dict[str, Any] = {"training.nll_weight": 0.0, "training.length_normalize": False,
+RECOMMENDABLE: dict[str, Any] = {**{f"training.{name}": STABILISERS[name] for name in ("nll_weight", "length_normalize")},
                                  "tspin.reward_scale": 1.0, "tspin.length_normalize": False,
                                  "tspin.reference_free": True}
 
