@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from tests.cli_output import own_lines
 from tests.servers import RayHead, free_port, wait_for
 
 pytestmark = pytest.mark.ray
@@ -214,7 +215,7 @@ def test_requests_no_node_type_can_hold_fail_at_once(autoscaling_head, tmp_path,
             [sys.executable, "-m", "spin_ray.cli", "run", "--address", autoscaling_head.address,
              *base, f"run.name=preflight-{name}", *extra],
             capture_output=True, text=True, timeout=300, env=dict(os.environ))
-        lines = result.stderr.strip().splitlines()
+        lines = own_lines(result.stderr)
         assert result.returncode == 2, result.stderr[-2000:]
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
         for fragment in fragments:

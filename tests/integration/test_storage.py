@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_output import own_lines
 from tests.conftest import BUCKET
 from tests.servers import MotoS3, free_port, wait_for
 
@@ -113,7 +114,7 @@ def _cli(args: list[str], env: dict, preamble: str = "") -> subprocess.Completed
 
 
 def _refused(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    lines = result.stderr.strip().splitlines()
+    lines = own_lines(result.stderr)
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     for fragment in fragments:

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from spin_ray.cli import main
+from tests.cli_output import own_lines
 
 
 @pytest.fixture
@@ -95,3 +96,14 @@ def test_run_refuses_bad_inputs_in_seconds_before_ray_starts(case, tmp_path, tin
     assert expected in result.stderr
     assert seconds < 30, f"the refusal took {seconds:.0f}s"
     assert not list(ray_tmp.iterdir()), "Ray started before the inputs were checked"
+
+
+def test_ray_s_forwarded_lines_are_not_taken_for_the_command_s_output():
+    stderr = ("(raylet) [2026-11-29 13:40:07,711 E 31770 31781] (raylet) file_system_monitor.cc:116: /tmp/ray is over"
+              " 95% full, available space: 1.70103 GB\n"
+              "spin-ray run: error: no node type can hold a generation engine replica (pid=12 stays in the line)\n"
+              "(autoscaler +3s) Adding 1 node(s) of type gen.\n"
+              "(TrainWorker pid=4711, ip=10.0.0.2) step 1\n"
+              "(pid=99) warming up\n")
+    assert own_lines(stderr) == ["spin-ray run: error: no node type can hold a generation engine replica "
+                                 "(pid=12 stays in the line)"]
