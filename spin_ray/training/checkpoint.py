@@ -63,6 +63,15 @@ def save_checkpoint(train_dir: str, step: int, model, optimizer, state: dict, ra
     return target
 
 
+def drop_checkpoints(train_dir: str, rank: int) -> None:
+    """Rank 0 removes every checkpoint of a stage whose export is complete. The export supersedes them: the next
+    iteration starts a fresh optimizer from the exported weights, and a finished stage is never resumed. A
+    checkpoint holds the weights plus the optimizer's state (3x the export with RMSprop, 4x with AdamW), which a
+    bucket would otherwise keep for every iteration."""
+    if rank == 0:
+        remove(join(train_dir, "checkpoints"))
+
+
 def load_checkpoint(train_dir: str, step: int, model, optimizer) -> dict:
     """Collective: load the sharded model and optimizer (any world size) and return the trainer state."""
     target = checkpoint_dir(train_dir, step)

@@ -22,7 +22,8 @@ from spin_ray.algorithms import Algorithm, Example, objective
 from spin_ray.config import Config
 from spin_ray.logprobs import answer_logps
 from spin_ray.storage import JsonLines, join, read_json_lines
-from spin_ray.training.checkpoint import committed_steps, copy_export, export_hf, load_checkpoint, save_checkpoint
+from spin_ray.training.checkpoint import (committed_steps, copy_export, drop_checkpoints, export_hf, load_checkpoint,
+                                         save_checkpoint)
 from spin_ray.training.data import Schedule, examples_from_rows
 from spin_ray.training.parallel import apply_fsdp, set_accumulating
 
@@ -239,6 +240,7 @@ def train(
         copy_export(best_dir, export_dir, context.rank)  # a later epoch was worse on validation
     else:
         export_hf(model, tokenizer, export_dir, context.rank)
+    drop_checkpoints(train_dir, context.rank)
     return {
         **summary,
         **stopped,

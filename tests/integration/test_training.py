@@ -11,6 +11,7 @@ from spin_ray.config import load_config
 from spin_ray.generation.pipeline import run_generation
 from spin_ray.layout import RunLayout
 from spin_ray.models import load_model
+from spin_ray.training.checkpoint import committed_steps
 from spin_ray.training.loop import read_metrics_log
 from spin_ray.training.trainer import run_training
 
@@ -76,6 +77,7 @@ def test_killed_worker_resumes_to_the_same_weights(ray_session, tmp_path, tiny_m
         seen = [pid for line in log if line["epoch"] == epoch for pid in line["prompt_ids"]]
         assert sorted(seen) == sorted(r["prompt_id"] for r in pairs.take_all())  # each pair once per epoch
     assert torch.allclose(_weights(_dir(faulty, "model")), _weights(_dir(clean, "model")), atol=1e-5)
+    assert committed_steps(_dir(faulty, "train")) == []  # the export superseded the checkpoint it resumed from
     # policy == reference at the start: the preference term is log 2, plus RPO's alpha x the human answers' NLL
     assert faulty.training.nll_weight == 0.2  # SPIN's recommended default
     assert log[0]["loss"] == pytest.approx(0.6931 + 0.2 * log[0]["nll/real"], abs=1e-3)

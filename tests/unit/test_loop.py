@@ -140,3 +140,22 @@ def test_early_stop_keeps_the_best_epoch_and_stops_when_validation_nll_rises(tin
     else:  # worse after every epoch: epoch 1 is the best, epoch 2 is the one without a new best, then it stops
         assert summary["epochs_run"] == 2 and summary["best_epoch"] == 1 and history[1] > history[0]
         assert summary["steps"] == 2 and summary["validation_nll"] == pytest.approx(history[0], abs=1e-6)
+
+
+def test_checkpoints_are_taken_while_training_and_dropped_once_the_model_is_exported(tiny_model_dir, chat, tmp_path):
+    from spin_ray.config import load_config
+    from spin_ray.training.checkpoint import committed_steps, export_complete
+    from spin_ray.training.loop import WorkerContext, train
+
+    config = load_config(None, [f"model.name={tiny_model_dir}", "training.objective=sft", "training.epochs=3",
+                                "training.global_batch_size=2", "training.micro_batch_size=2",
+                                "training.checkpoint_every=1", "training.keep_checkpoints=2"])
+    train_dir = str(tmp_path / "train")
+    seen = []
+    context = WorkerContext(on_step=lambda step, _, where: seen.append(committed_steps(where)))
+    summary = train(config, _sft_rows(chat, ["one", "two"], "t"), tiny_model_dir, train_dir, str(tmp_path / "model"),
+                    context)
+    assert summary["steps"] == 3
+    assert seen == [[], [1], [1, 2]]  # one per step before the last, the newest two kept
+    assert export_complete(str(tmp_path / "model"))
+    assert committed_steps(train_dir) == [] and not (tmp_path / "train" / "checkpoints").exists()
