@@ -76,7 +76,7 @@ def _init_ray(address: str | None) -> None:
     job_env = (json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {})
     hook = {} if job_env.get("worker_process_setup_hook") else {"worker_process_setup_hook": "spin_ray.logs.quiet_library_logs"}
     # Ray's own INFO lines go to stderr, where a refusal must stand alone as one line; say where we are instead
-    context = ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+    context = ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True,
                        logging_level=logging.WARNING, runtime_env=hook)
     quiet_library_logs()
     where = f", dashboard {context.dashboard_url}" if getattr(context, "dashboard_url", None) else ""

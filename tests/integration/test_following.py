@@ -3,6 +3,7 @@ jobs, model cards that parse, and a non-terminal log that reads as a story (no r
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -77,7 +78,8 @@ def test_a_job_log_reads_as_a_story(tmp_path, tiny_model_dir):
         [sys.executable, "-m", "spin_ray.cli", "run", *COMMON, f"model.name={tiny_model_dir}",
          f"run.storage_path={tmp_path}", "run.name=story", "iterations.count=1", "generation.max_new_tokens=48",
          "generation.batch_size=1", "tracking.backends=[]", "generation.engine=vllm"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)  # a pipe: not a terminal
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,  # a pipe: not a terminal
+        env={**os.environ, "RAY_ADDRESS": ""})  # set but empty, as a shell's `export RAY_ADDRESS=` leaves it: local
     log = result.stdout
     assert result.returncode == 0, log[-3000:]
     assert "\r" not in log and "\x1b[" not in log, "a redrawn progress bar or escape codes in a non-terminal log"
