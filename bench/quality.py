@@ -103,6 +103,62 @@ def versus(arm_scores: dict, sft_scores: dict) -> dict:
     return out
 
 
+def collapse_checks(results: dict) -> dict:
+    """The quality issue's "no collapse" bars per arm, on the test split against p0: every model's share of answers
+    at max_new_tokens at most p0's + 5 points, every model's format rate at least p0's, the selected model's NLL
+    per token at most p0's."""
+    start = results["start"]["metrics"]
+    checks = {}
+    for arm, info in results["arms"].items():
+        later = [m for m in info["models"] if m["model"] != "p0"]
+        selected = next(m for m in info["models"] if m["model"] == info["selected"])["metrics"]
+        checks[arm] = {
+            "at_limit_within_p0_plus_5_points": all(
+                m["metrics"]["share_hit_max_new_tokens"] <= start["share_hit_max_new_tokens"] + 0.05 for m in later),
+            "format_rate_at_least_p0": all(m["metrics"]["answer_format_rate"] >= start["answer_format_rate"]
+                                           for m in later),
+            "selected_nll_at_most_p0": selected["nll_per_token"] <= start["nll_per_token"]}
+    return checks
+
+
+def markdown(results: dict) -> str:
+    """The tables docs/performance.md shows, from a results JSON: every model, the paired differences, the checks."""
+    def share(value):
+        return "" if value is None else f"{100 * value:.1f}%"
+
+    def number(value, digits=4):
+        return "" if value is None else f"{value:.{digits}f}"
+
+    lines = ["| arm | model | strict EM | flexible EM | format '#### n' | NLL/tok | at limit | mean tokens | val NLL/tok |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arm, info in results["arms"].items():
+        for m in info["models"]:
+            x = m["metrics"]
+            mark = " (selected)" if m["model"] == info["selected"] else ""
+            lines.append(f"| {arm} | {m['model']}{mark} | {share(x['accuracy_lm_eval_strict'])} | "
+                         f"{share(x['accuracy_lm_eval_flexible'])} | {share(x['answer_format_rate'])} | "
+                         f"{number(x['nll_per_token'])} | {share(x['share_hit_max_new_tokens'])} | "
+                         f"{number(x['mean_answer_tokens'], 0)} | {number(x.get('validation_nll_per_token'))} |")
+    lines += ["", "| arm, model | strict EM (arm - SFT) | flexible EM (arm - SFT) | NLL/tok (SFT - arm; > 0: arm better) |",
+              "|---|---|---|---|"]
+    for arm, roles in results["versus_continued_sft"].items():
+        for role, metrics in roles.items():
+            info = results["arms"][arm]
+            cells = []
+            for metric, scale, unit in (("accuracy_lm_eval_strict", 100, " pts"), ("accuracy_lm_eval_flexible", 100, " pts"),
+                                        ("nll_per_token", 1, "")):
+                d = metrics[metric]
+                star = " *" if d["excludes_zero"] else ""
+                cells.append(f"{scale * d['mean']:+.{1 if scale == 100 else 4}f}{unit} "
+                             f"[{scale * d['ci95'][0]:+.{1 if scale == 100 else 4}f}, "
+                             f"{scale * d['ci95'][1]:+.{1 if scale == 100 else 4}f}]{star}")
+            lines.append(f"| {arm} {role} ({info[role]} vs SFT's {results['arms']['sft'][role]}) | " + " | ".join(cells) + " |")
+    lines += ["", "| arm | at limit <= p0 + 5 pts | format >= p0 | selected NLL <= p0 |", "|---|---|---|---|"]
+    for arm, check in collapse_checks(results).items():
+        lines.append(f"| {arm} | " + " | ".join("yes" if v else "**no**" for v in check.values()) + " |")
+    return "\n".join(lines)
+
+
 def plot(results: dict) -> bytes:
     import matplotlib
 
@@ -136,8 +192,12 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "jobs" / "gsm8k_smollm2_quality.yaml"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality-v2.json"))
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
+    parser.add_argument("--table", metavar="JSON", help="print the markdown tables of a results file and exit")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads(Path(args.table).read_text())))
+        return
 
     import ray
 
@@ -187,6 +247,7 @@ def main() -> None:
         results["versus_continued_sft"][arm] = {
             role: versus(per_prompt[arm][roles[arm][role]], per_prompt["sft"][roles["sft"][role]])
             for role in ("selected", "last")}
+    results["collapse_checks"] = collapse_checks(results)
     results["seconds_this_invocation"] = round(time.perf_counter() - started, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
