@@ -164,6 +164,7 @@ def plot(results: dict) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = (("accuracy_lm_eval_strict", "GSM8K exact match (strict)"), ("answer_format_rate", "answers ending '#### n'"),
               ("nll_per_token", "NLL/token, human answers"), ("validation_nll_per_token", "validation NLL/token"),
@@ -175,6 +176,7 @@ def plot(results: dict) -> bytes:
             axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arm)
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("model (p0 = SFT-converged start)", fontsize=8)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     sizes = results["sizes"]

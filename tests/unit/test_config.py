@@ -130,3 +130,25 @@ def test_a_stabiliser_is_refused_where_the_algorithm_table_says_it_does_not_appl
         load_config(overrides=["algorithm=tspin", "training.dpop_lambda=1"])
     with pytest.raises(ConfigError, match="training.nll_weight does not apply to training.objective sft"):
         load_config(overrides=["training.objective=sft", "training.nll_weight=0.5"])
+
+
+def test_the_quality_jobs_recommended_arms_get_the_recommended_loss_and_its_paper_arm_the_papers():
+    import importlib.util
+
+    from spin_ray.algorithms import ALGORITHMS, RECOMMENDABLE
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "bench" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    job = ROOT / "jobs" / "gsm8k_smollm2_quality.yaml"
+
+    def loss(config) -> dict:
+        return {key: config.to_dict()[key.split(".")[0]][key.split(".")[1]] for key in RECOMMENDABLE}
+
+    # a key the job pinned would override the recommended value in the "recommended" arms (alpha 1.0 once did)
+    for arm, algorithm in (("spin_recommended", "spin"), ("tspin_recommended", "tspin")):
+        config = load_config(job, quality.ARMS[arm])
+        assert loss(config) == {key: ALGORITHMS[algorithm].setting(key) for key in RECOMMENDABLE}, arm
+    paper = load_config(job, quality.ARMS["spin_paper"])
+    assert {k: v for k, v in loss(paper).items() if k.startswith("training.")} == \
+        {k: v for k, v in RECOMMENDABLE.items() if k.startswith("training.")}
