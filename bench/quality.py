@@ -11,7 +11,9 @@ selected and the last model of each arm against continued SFT's, the paired diff
 flexible) and of NLL per token comes with a bootstrap 95% interval over prompts (positive: the arm is better).
 Each arm is a resumable run: an interrupted benchmark continues where it stopped when started again.
 
-    python bench/quality.py [--config jobs/gsm8k_smollm2_quality.yaml] [--out bench/results/quality-v2.json] [key=value ...]
+    python bench/quality.py [--config jobs/gsm8k_smollm2_quality.yaml] [--out bench/results/quality-v2.json]
+                            [--arms sft,spin_recommended,...] [key=value ...]
+    python bench/quality.py --table bench/results/quality-v2.json   # the markdown tables of docs/performance.md
 """
 
 from __future__ import annotations
@@ -139,20 +141,20 @@ def markdown(results: dict) -> str:
                          f"{share(x['accuracy_lm_eval_flexible'])} | {share(x['answer_format_rate'])} | "
                          f"{number(x['nll_per_token'])} | {share(x['share_hit_max_new_tokens'])} | "
                          f"{number(x['mean_answer_tokens'], 0)} | {number(x.get('validation_nll_per_token'))} |")
+    def interval(d: dict, points: bool) -> str:  # exact match in points, NLL in nats/token; * when 0 is outside
+        scale, digits, unit = (100, 1, " pts") if points else (1, 4, "")
+        low, high = (scale * bound for bound in d["ci95"])
+        return f"{scale * d['mean']:+.{digits}f}{unit} [{low:+.{digits}f}, {high:+.{digits}f}]" + (
+            " *" if d["excludes_zero"] else "")
+
     lines += ["", "| arm, model | strict EM (arm - SFT) | flexible EM (arm - SFT) | NLL/tok (SFT - arm; > 0: arm better) |",
               "|---|---|---|---|"]
     for arm, roles in results["versus_continued_sft"].items():
-        for role, metrics in roles.items():
-            info = results["arms"][arm]
-            cells = []
-            for metric, scale, unit in (("accuracy_lm_eval_strict", 100, " pts"), ("accuracy_lm_eval_flexible", 100, " pts"),
-                                        ("nll_per_token", 1, "")):
-                d = metrics[metric]
-                star = " *" if d["excludes_zero"] else ""
-                cells.append(f"{scale * d['mean']:+.{1 if scale == 100 else 4}f}{unit} "
-                             f"[{scale * d['ci95'][0]:+.{1 if scale == 100 else 4}f}, "
-                             f"{scale * d['ci95'][1]:+.{1 if scale == 100 else 4}f}]{star}")
-            lines.append(f"| {arm} {role} ({info[role]} vs SFT's {results['arms']['sft'][role]}) | " + " | ".join(cells) + " |")
+        for role, m in roles.items():
+            cells = [interval(m["accuracy_lm_eval_strict"], True), interval(m["accuracy_lm_eval_flexible"], True),
+                     interval(m["nll_per_token"], False)]
+            models = f"{results['arms'][arm][role]} vs SFT's {results['arms']['sft'][role]}"
+            lines.append(f"| {arm} {role} ({models}) | " + " | ".join(cells) + " |")
     lines += ["", "| arm | at limit <= p0 + 5 pts | format >= p0 | selected NLL <= p0 |", "|---|---|---|---|"]
     for arm, check in collapse_checks(results).items():
         lines.append(f"| {arm} | " + " | ".join("yes" if v else "**no**" for v in check.values()) + " |")

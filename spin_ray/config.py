@@ -223,8 +223,8 @@ class TrainingConfig(_Section):
         "training node type the cluster intends."
     )
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between distributed checkpoints.")
-    keep_checkpoints: int = Field(2, ge=1, description="Committed checkpoints to keep while an iteration trains (the newest); all are "
-                                  "removed once its model is exported.")
+    keep_checkpoints: int = Field(2, ge=1, description="Committed checkpoints to keep while an iteration trains "
+                                  "(the newest); all are removed once its model is exported.")
     max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before the run fails.")
 
 

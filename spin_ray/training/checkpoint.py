@@ -66,7 +66,7 @@ def save_checkpoint(train_dir: str, step: int, model, optimizer, state: dict, ra
 def drop_checkpoints(train_dir: str, rank: int) -> None:
     """Rank 0 removes every checkpoint of a stage whose export is complete. The export supersedes them: the next
     iteration starts a fresh optimizer from the exported weights, and a finished stage is never resumed. A
-    checkpoint holds the weights plus the optimizer's state (3x the export with RMSprop, 4x with AdamW), which a
+    checkpoint holds the weights plus the optimizer's state (2x the export with RMSprop, 3x with AdamW), which a
     bucket would otherwise keep for every iteration."""
     if rank == 0:
         remove(join(train_dir, "checkpoints"))
