@@ -138,6 +138,7 @@ def train(
     it stops improving."""
     from spin_ray.models import load_model, load_tokenizer
 
+    setup_started = time.perf_counter()
     context = context or WorkerContext()
     t = config.training
     algorithm = objective(config)
@@ -170,6 +171,7 @@ def train(
     per_example_scale = 1.0 / per_rank  # FSDP averages over ranks: (1/W) * sum / (G/W) = sum / G
 
     started = time.perf_counter()
+    setup_seconds = started - setup_started  # examples, model and tokenizer load, FSDP, optimizer, checkpoint load
     summary = {}
     tokens_this_run = 0.0
     validation = examples_from_rows(early_stop.rows, "validation", config) if early_stop else []
@@ -245,6 +247,7 @@ def train(
         **summary,
         **stopped,
         "training_tokens_per_second": round(tokens_this_run / train_seconds, 1) if tokens_this_run else None,
+        "setup_seconds": round(setup_seconds, 2),
         "training_seconds": round(train_seconds, 2),
         "export_seconds": round(time.perf_counter() - export_started, 2),
         "steps": summary.get("step", schedule.total_steps) if stopped else schedule.total_steps,
