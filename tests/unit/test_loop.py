@@ -149,13 +149,13 @@ def test_checkpoints_are_taken_while_training_and_dropped_once_the_model_is_expo
 
     config = load_config(None, [f"model.name={tiny_model_dir}", "training.objective=sft", "training.epochs=3",
                                 "training.global_batch_size=2", "training.micro_batch_size=2",
-                                "training.checkpoint_every=1", "training.keep_checkpoints=2"])
+                                "training.checkpoint_every=1", "training.keep_checkpoints=1"])
     train_dir = str(tmp_path / "train")
     seen = []
     context = WorkerContext(on_step=lambda step, _, where: seen.append(committed_steps(where)))
     summary = train(config, _sft_rows(chat, ["one", "two"], "t"), tiny_model_dir, train_dir, str(tmp_path / "model"),
                     context)
     assert summary["steps"] == 3 and summary["setup_seconds"] > 0  # the load before step 1, reported apart
-    assert seen == [[], [1], [1, 2]]  # one per step before the last, the newest two kept
+    assert seen == [[], [1], [2]]  # one per step before the last, only the newest kept
     assert export_complete(str(tmp_path / "model"))
     assert committed_steps(train_dir) == [] and not (tmp_path / "train" / "checkpoints").exists()
