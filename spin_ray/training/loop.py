@@ -170,11 +170,11 @@ def train(
     per_rank = t.global_batch_size // context.world_size
     per_example_scale = 1.0 / per_rank  # FSDP averages over ranks: (1/W) * sum / (G/W) = sum / G
 
+    validation = examples_from_rows(early_stop.rows, "validation", config) if early_stop else []
     started = time.perf_counter()
     setup_seconds = started - setup_started  # examples, model and tokenizer load, FSDP, optimizer, checkpoint load
     summary = {}
     tokens_this_run = 0.0
-    validation = examples_from_rows(early_stop.rows, "validation", config) if early_stop else []
     history = [r["validation_nll"] for r in earlier if "validation_nll" in r and r["step"] <= start_step]
     best_dir = join(train_dir, "best_model")
     stopping = False
