@@ -42,18 +42,21 @@ def _port_open(port: int) -> bool:
         return False
 
 
+HEAD_MARKER = "SPIN_RAY_TEST_HEAD"
+
+
 class RayHead:
     """`ray start --head --block` on loopback as a child process, with a temp dir of its own; `stop()` ends it and
-    every process that runs under that temp dir (nodes an autoscaler launched included), and nothing else."""
+    every process it started (nodes an autoscaler launched and their workers included), and nothing else."""
 
     def __init__(self, log: Path, num_cpus: int = 2, env: dict | None = None, extra: list[str] | None = None,
                  port: int | None = None):
         import tempfile
 
         self.port, self.dashboard_port = port or free_port(), free_port()
-        self.env = {**os.environ, **(env or {})}
         # short: Ray's unix sockets live under it, and their paths may not exceed 107 characters
         self.temp_dir = tempfile.mkdtemp(prefix="h", dir=os.environ.get("RAY_TMPDIR"))
+        self.env = {**os.environ, **(env or {}), HEAD_MARKER: self.temp_dir}  # inherited by every node and worker
         self.log = open(log, "w")
         command = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
                    f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
@@ -73,27 +76,54 @@ class RayHead:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def stop(self) -> None:
-        """SIGTERM to the head and, at the same time, to every process under its temp dir: nodes an autoscaler
-        started do not die with the head, and ending the head's own processes one after another took 30-50 s."""
+        """SIGTERM to the head and, at the same time, to every process it started (`_started_by`), then SIGKILL to
+        what is left: nodes an autoscaler started do not die with the head, and ending the head's own processes one
+        after another took 30-50 s."""
         import psutil
 
+        mine = [p for p in psutil.process_iter(["cmdline", "environ"]) if _started_by(p.info, self.temp_dir)]
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        mine = [p for p in psutil.process_iter(["cmdline"]) if any(self.temp_dir in a for a in p.info["cmdline"] or [])]
         for process in mine:
             try:
                 process.terminate()
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(mine, timeout=20)
-        for process in alive:
-            process.kill()
+        # A process that has exited but is not reaped yet (its parent is on the list too) counts as gone. The head's
+        # gcs_server, raylet and monitor were all still up 24 s after SIGTERM here, so the grace is short: the
+        # temp dir and everything in it are this test's own.
+        deadline = time.monotonic() + 5
+        while any(map(_running, mine)) and time.monotonic() < deadline:
+            self.process.poll()
+            time.sleep(0.2)
+        for process in filter(_running, mine):
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=30)
         self.log.close()
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _started_by(info: dict, temp_dir: str) -> bool:
+    """Whether a process belongs to the head with this temp dir: named in its command line (the head, its nodes'
+    raylets), or carrying the head's marker in its environment (a worker renames itself "ray::MapWorker(...)", and
+    one on a node the autoscaler removed outlived its raylet by hours as a child of init)."""
+    return (any(temp_dir in arg for arg in info["cmdline"] or [])
+            or (info["environ"] or {}).get(HEAD_MARKER) == temp_dir)
 
 
 class MotoS3:
