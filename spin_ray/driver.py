@@ -93,7 +93,7 @@ GENERATION_KEYS = ("prompts", "prompts_generated_this_run", "generated_tokens", 
                    "engine_seconds", "reference_seconds", "startup_seconds", "engine_tokens_per_second",
                    "mean_response_tokens", "share_hit_max_new_tokens", "answers_per_prompt", "oracle_mean_score",
                    "oracle_all_tied_share")
-TRAINING_KEYS = ("steps", "resumed_from_step", "pairs", "loss", "setup_seconds", "training_seconds",
+TRAINING_KEYS = ("steps", "resumed_from_step", "pairs", "loss", "ingest_seconds", "setup_seconds", "training_seconds",
                  "training_tokens_per_second", "export_seconds")
 EARLY_STOP_KEYS = ("epochs_run", "best_epoch", "validation_nll", "validation_nll_by_epoch")
 

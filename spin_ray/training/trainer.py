@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable
 
 from spin_ray.algorithms import TrainingDataError, objective
@@ -44,11 +45,13 @@ def _worker_entry(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     # Every worker reads the whole pairs set (datasets_to_split=[]): the (seed, epoch) schedule then
     # picks each rank's slice, so any worker count resumes the same data order.
+    ingest_started = time.perf_counter()
     rows = list(ray.train.get_dataset_shard("train").iter_rows())
     early_stop = None
     if loop_config.get("early_stop_patience"):
         early_stop = EarlyStop(list(ray.train.get_dataset_shard("validation").iter_rows()),
                                loop_config["early_stop_patience"])
+    ingest_seconds = time.perf_counter() - ingest_started
     summary = train(
         config, rows, loop_config["model_path"], loop_config["train_dir"], loop_config["export_dir"],
         WorkerContext(rank, world, ray.train.torch.get_device(), report=lambda metrics: ray.train.report(metrics),
@@ -56,6 +59,9 @@ def _worker_entry(loop_config: dict) -> None:
         source=loop_config["source"], early_stop=early_stop,
     )
     if rank == 0:
+        # Ray Data's streaming read of the pairs into this worker: with the model load (`setup_seconds`) and Ray
+        # Train's worker-group start, part of a training phase's fixed cost
+        summary["ingest_seconds"] = round(ingest_seconds, 2)
         atomic_write_json(join(loop_config["train_dir"], "summary.json"), summary)
 
 

@@ -43,7 +43,10 @@ def test_warm_start_mix_previous_then_converged_stop_on_forced_rerun(ray_session
     ids = [pid for step in read_metrics_log(str(run / "iter_1" / "train")) for pid in step["prompt_ids"]]
     assert len(ids) == 16 and len(set(ids)) == 16
     assert sum(pid.startswith("iter0/") for pid in ids) == 8
-    assert manifest["iterations"][1]["phases"]["train"]["metrics"]["pairs"] == 16
+    trained = manifest["iterations"][1]["phases"]["train"]["metrics"]
+    assert trained["pairs"] == 16
+    # a training phase's fixed cost, reported apart from its steps: the pairs' ingest and the model load
+    assert trained["ingest_seconds"] > 0 and trained["setup_seconds"] > 0 and trained["training_seconds"] > 0
     # one engine start per model: p0's pass evaluates it and answers iteration 0's prompts, p1's the same for
     # iteration 1, p2's only evaluates; no generation phase starts engines of its own
     assert manifest["phases"]["baseline_eval"]["metrics"]["engine_starts"] == 1
