@@ -321,7 +321,8 @@ class IterationsConfig(_Section):
     count: int = Field(3, ge=0, description="Self-play iterations to run (0: only the SFT warm start and the baseline "
                        "evaluation).")
     mix_previous: bool = Field(
-        False, description="Also train on the previous iteration's pairs, as the official recipe does."
+        False, description="Also train on the previous iteration's pairs, as the official recipe does; their "
+        "log-probs under the new reference are scored by the engine pass that answers the iteration's prompts."
     )
     stop_on_collapse: bool = Field(
         False, description="End the run when the collapse watch fires (a new model's held-out NLL, length-limit share "

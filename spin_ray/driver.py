@@ -119,6 +119,7 @@ def _generate(config: Config, layout: RunLayout, t: int, opponent: str) -> Produ
     """p_t's answers to the training prompts: done already when the engine pass that evaluated p_t generated them."""
     from spin_ray.generation.pipeline import run_generation
     from spin_ray.generation.shards import read_completion
+    from spin_ray.trainset import rescore_requests
 
     stage = None
     if objective(config).needs_oracle:
@@ -126,7 +127,8 @@ def _generate(config: Config, layout: RunLayout, t: int, opponent: str) -> Produ
 
         stage = preference_stage(config)
     in_evaluation_pass = read_completion(layout.generation(t)) is not None
-    result = run_generation(config, opponent, layout.generation(t), preference_stage=stage)
+    also_score = None if in_evaluation_pass else rescore_requests(config, layout, t)
+    result = run_generation(config, opponent, layout.generation(t), preference_stage=stage, also_score=also_score)
     metrics = _pick(result.summary, GENERATION_KEYS)
     # the engines that answered them started in the evaluation phase's pass, and are counted there
     metrics["engine_starts"] = 0 if in_evaluation_pass else result.summary.get("engine_starts", 0)
@@ -136,15 +138,17 @@ def _generate(config: Config, layout: RunLayout, t: int, opponent: str) -> Produ
 
 
 def _next_generation(config: Config, layout: RunLayout, t: int):
-    """The generation of iteration t (p_t's answers to the training prompts) as a prompt set of the engine pass that
-    evaluates p_t, or None where it cannot join it: beyond the last iteration, continued SFT (no answers), SPPO
-    (its oracle scores the answers before they commit)."""
+    """The generation of iteration t (p_t's answers to the training prompts, and the log-probs under p_t of what
+    iteration t mixes in) as a prompt set of the engine pass that evaluates p_t, or None where it cannot join it:
+    beyond the last iteration, continued SFT (no answers), SPPO (its oracle scores the answers before they commit)."""
     from spin_ray.generation.pipeline import PassTask
+    from spin_ray.trainset import rescore_requests
 
     chosen = objective(config)
     if t >= config.iterations.count or not chosen.columns or chosen.needs_oracle:
         return None
-    return PassTask(config, layout.generation(t), config.data.train, config.needs_reference)
+    return PassTask(config, layout.generation(t), config.data.train, config.needs_reference,
+                    also_score=rescore_requests(config, layout, t))
 
 
 def _train(config: Config, layout: RunLayout, t: int | None, dataset, opponent: str, source: str,

@@ -2,7 +2,13 @@
 
 Everything here is a Ray Dataset in the object store, materialized before training reserves the
 CPUs: run lazily inside the trainer, a rescoring actor pool would wait forever for CPUs the training
-workers hold. Only references pass through the driver, never rows.
+workers hold. Only references and a few floats per prompt pass through the driver, never token rows.
+
+What iteration t mixes in needs log-probs under p_t: iteration t-1's generated answers and T-SPIN's y_0.
+p_t's engine pass scores them while it answers iteration t's prompts (`rescore_requests`, the pass's
+also-scored column); the human answers' log-probs under p_t are that pass's reference column already. A pass
+that did not score them (committed by an older version, or a reference scored outside the engines) leaves
+the rescoring to a scoring pool here, as before.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from dataclasses import dataclass, field
 from spin_ray.algorithms import objective
 from spin_ray.config import Config
 from spin_ray.generation.pipeline import score_under
-from spin_ray.generation.shards import PAIRS_SCHEMA, committed_shards, shards_dataset
+from spin_ray.generation.shards import ALSO_SCORE_COLUMNS, PAIRS_SCHEMA, committed_shards, read_shards, shards_dataset
 from spin_ray.layout import RunLayout
 
 
@@ -58,13 +64,94 @@ def iteration_set(config: Config, layout: RunLayout, t: int, pairs, opponent: st
         return TrainingSet(rows, f"{config.data.train} (human answers)")
     source = layout.generation(t)
     dataset = pairs
+    scores = pass_scores(config, layout, t)
+    if scores is not None:
+        import ray
+
+        scores = ray.put(scores)  # one copy in the object store for every stage that reads it
     if config.iterations.mix_previous and t > 0:
-        dataset = dataset.union(previous_pairs(config, layout, t, opponent)).materialize()
+        dataset = dataset.union(previous_pairs(config, layout, t, opponent, scores)).materialize()
         source += f" + iteration {t - 1} pairs"
     result = TrainingSet(dataset, source)
     if objective(config).needs_proto:
-        attach_proto(result, config, layout, t, opponent)
+        attach_proto(result, config, layout, t, opponent, scores)
+    if _rescores(config, t):
+        result.metrics["rescored_in_engine_pass"] = scores is not None
     return result
+
+
+def _rescores(config: Config, t: int) -> bool:
+    """Whether iteration t's training set needs log-probs under p_t beyond its own pairs' (see the module doc)."""
+    chosen = objective(config)
+    return (t > 0 and config.needs_reference and not chosen.needs_oracle
+            and (config.iterations.mix_previous or chosen.needs_proto))
+
+
+def rescore_requests(config: Config, layout: RunLayout, t: int) -> dict[str, list[list[int]]] | None:
+    """What p_t's engine pass scores besides iteration t's own pairs, per prompt_id: iteration t-1's generated
+    answers (mix_previous), then y_0 (T-SPIN). None when nothing needs it, or when the reference is scored outside
+    the engines (`generation.fuse_reference: false`), which then scores these too."""
+    if not _rescores(config, t) or not config.generation.fuse_reference:
+        return None
+    requests: dict[str, list[list[int]]] = {}
+    if config.iterations.mix_previous:
+        for pid, answers in _by_prompt(layout.generation(t - 1), "generated_token_ids"):
+            requests[pid] = list(answers)
+    if objective(config).needs_proto:
+        for pid, answers in _by_prompt(layout.generation(0), "generated_token_ids"):
+            requests.setdefault(pid, []).append(answers[0])
+    return requests
+
+
+def _by_prompt(folder: str, column: str):
+    """(prompt_id, value) of one column of a generation folder's committed rows."""
+    table = read_shards(committed_shards(folder), ["prompt_id", column])
+    return zip(table.column("prompt_id").to_pylist(), table.column(column).to_pylist(), strict=True)
+
+
+def pass_scores(config: Config, layout: RunLayout, t: int):
+    """The log-probs under p_t that p_t's engine pass scored for iteration t's training set, by prompt_id
+    (`ref_logp_real`: the human answer; `also_scored_logps`: `rescore_requests`' answers, in order); None when
+    the pass did not score every one of them, so a scoring pool does."""
+    if not _rescores(config, t) or not config.generation.fuse_reference:
+        return None
+    scored = ALSO_SCORE_COLUMNS[1]
+    table = read_shards(committed_shards(layout.generation(t)), ["prompt_id", "ref_logp_real", scored])
+    counts = {pid: len(answers) for pid, answers in _by_prompt(layout.generation(t - 1), "generated_tokens")} \
+        if config.iterations.mix_previous else {}
+    if objective(config).needs_proto:
+        for pid, _ in _by_prompt(layout.generation(0), "generated_tokens"):
+            counts[pid] = counts.get(pid, 0) + 1
+    have = dict(zip(table.column("prompt_id").to_pylist(), zip(table.column("ref_logp_real").to_pylist(),
+                                                                table.column(scored).to_pylist(), strict=True)))
+    for pid, count in counts.items():
+        real, logps = have.get(pid, (None, None))
+        if real is None or logps is None or len(logps) != count or None in logps:
+            return None
+    return table.combine_chunks()
+
+
+def take_pass_scores(batch, scores, proto: bool = False):
+    """Ray Data stage: iteration t-1's pairs (or, with `proto`, y_0's rows) get their log-probs under p_t from
+    `pass_scores`: the human answer's from its prompt's reference, each generated answer's (with `proto`, y_0's
+    alone, the last one scored) from the pass's also-scored log-probs."""
+    import pyarrow as pa
+    import ray
+
+    if isinstance(scores, ray.ObjectRef):
+        scores = ray.get(scores)
+    index = {pid: i for i, pid in enumerate(scores.column("prompt_id").to_pylist())}
+    reals, also = scores.column("ref_logp_real").to_pylist(), scores.column(ALSO_SCORE_COLUMNS[1]).to_pylist()
+    real_column, generated_column = [], []
+    for pid, answers in zip(batch.column("prompt_id").to_pylist(), batch.column("generated_token_ids").to_pylist(),
+                            strict=True):
+        i = index[pid]
+        real_column.append(reals[i])
+        generated_column.append([also[i][-1]] if proto else also[i][:len(answers)])
+    for name, values, kind in (("ref_logp_real", real_column, pa.float64()),
+                               ("ref_logp_generated", generated_column, pa.list_(pa.float64()))):
+        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, kind))
+    return batch
 
 
 def tag_prompt_ids(batch, prefix: str):
@@ -75,12 +162,17 @@ def tag_prompt_ids(batch, prefix: str):
     return batch.set_column(batch.schema.get_field_index("prompt_id"), "prompt_id", ids)
 
 
-def previous_pairs(config: Config, layout: RunLayout, t: int, opponent: str):
-    """Iteration t-1's pairs with reference log-probs recomputed under p_t (the reference of iteration t),
-    prompt_ids tagged `iter{t-1}/`."""
+def previous_pairs(config: Config, layout: RunLayout, t: int, opponent: str, scores=None):
+    """Iteration t-1's pairs with reference log-probs under p_t (the reference of iteration t): from p_t's engine
+    pass (`scores`, see `pass_scores`), else recomputed by a scoring pool; prompt_ids tagged `iter{t-1}/`."""
     previous = shards_dataset(committed_shards(layout.generation(t - 1)))
+    if scores is None:
+        rescored = score_under(previous, config, opponent)
+    else:
+        rescored = previous.map_batches(take_pass_scores, fn_kwargs={"scores": scores}, batch_format="pyarrow",
+                                        batch_size=None, num_cpus=0)
     return (
-        score_under(previous, config, opponent)
+        rescored
         .map_batches(tag_prompt_ids, fn_kwargs={"prefix": f"iter{t - 1}/"}, batch_format="pyarrow",
                      batch_size=None, num_cpus=0)
         .select_columns(PAIRS_SCHEMA.names)
@@ -93,13 +185,14 @@ def proto_digest(ids: list[str], tokens: list[list[int]]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
-def attach_proto(training: TrainingSet, config: Config, layout: RunLayout, t: int, opponent: str) -> None:
+def attach_proto(training: TrainingSet, config: Config, layout: RunLayout, t: int, opponent: str,
+                 scores=None) -> None:
     """T-SPIN: attach to every row its proto-synthetic answer y_0 (proto_token_ids, ref_logp_proto).
 
     y_0 is iteration 0's first answer to the same prompt, drawn by the initial model p_0 and stored with the
-    run: generated once, reused in every iteration. With a reference, its log-prob is rescored under this
-    iteration's opponent p_t (at t = 0 the opponent is p_0, whose scores are stored). The hash of the y_0
-    rows used is recorded with the train phase.
+    run: generated once, reused in every iteration. With a reference, its log-prob under this iteration's
+    opponent p_t comes from p_t's engine pass (`scores`) or is rescored by a scoring pool (at t = 0 the opponent
+    is p_0, whose scores are stored). The hash of the y_0 rows used is recorded with the train phase.
     """
     import pyarrow as pa
     import ray
@@ -107,7 +200,9 @@ def attach_proto(training: TrainingSet, config: Config, layout: RunLayout, t: in
     proto_dir = layout.generation(0)
     rows = shards_dataset(committed_shards(proto_dir))
     if config.needs_reference and t > 0:
-        rows = score_under(rows, config, opponent)
+        rows = (score_under(rows, config, opponent) if scores is None else
+                rows.map_batches(take_pass_scores, fn_kwargs={"scores": scores, "proto": True},
+                                 batch_format="pyarrow", batch_size=None, num_cpus=0))
     table = pa.concat_tables(ray.get(rows.select_columns(["prompt_id", "generated_token_ids", "ref_logp_generated"])
                                      .to_arrow_refs())).sort_by("prompt_id")
     ids = table.column("prompt_id").to_pylist()

@@ -41,13 +41,15 @@ PAIRS_SCHEMA = pa.schema(
         # SPPO only (null otherwise): the oracle's score of each generated answer and its win rate
         ("oracle_scores", pa.list_(pa.float64())),
         ("win_rates", pa.list_(pa.float64())),
-        # evaluation only (null otherwise): the log-probs of the opponent's answers under this row's model
+        # log-probs under this row's model of responses a pass was asked to score besides its own (null otherwise):
+        # in evaluation the opponent's answers, in self-play what the next training set mixes in (spin_ray.trainset)
         ("also_scored_logps", pa.list_(pa.float64())),
     ]
 )
 OPTIONAL_COLUMNS = ("oracle_scores", "win_rates", "ref_logp_real", "ref_logp_generated", "also_scored_logps")
 # A prompt row may bring responses to score under the engine's model in the same pass (an evaluation: the opponent's
-# held-out answers, for the reward accuracy): their token ids in (not stored), their summed log-probs out.
+# held-out answers, for the reward accuracy; a generation: the previous iteration's answers and y_0 for the training
+# set that mixes them in): their token ids in (not stored), their summed log-probs out.
 ALSO_SCORE_COLUMNS = ("also_score_token_ids", "also_scored_logps")
 
 # Columns that travel with a batch between stages but are not part of a stored row: the shard a row

@@ -99,6 +99,8 @@ def test_tspin_with_reference_rescores_y0_under_each_opponent(ray_session, tmp_p
     manifest = run_iterations(config, echo=lambda line: None)
     assert manifest["status"] == "done"
     assert all(row["ref_logp_real"] is not None for row in _rows(tmp_path / "tspin-ref" / "iter_1" / "generation"))
+    # y_0 was scored under p_1 by p_1's own generation pass, not by a scoring pool after it
+    assert manifest["iterations"][1]["phases"]["train"]["metrics"]["rescored_in_engine_pass"] is True
     (first,) = read_metrics_log(str(tmp_path / "tspin-ref" / "iter_1" / "train"))
     for key in ("rewards/real", "rewards/generated", "rewards/proto"):
         assert first[key] == pytest.approx(0.0, abs=1e-3), key

@@ -45,6 +45,12 @@ def test_warm_start_mix_previous_then_converged_stop_on_forced_rerun(ray_session
     assert sum(pid.startswith("iter0/") for pid in ids) == 8
     trained = manifest["iterations"][1]["phases"]["train"]["metrics"]
     assert trained["pairs"] == 16
+    # iteration 0's pairs took their log-probs under p_1 from p_1's engine pass, no scoring pool: at iteration 1's
+    # first step the policy IS p_1, so every reward is 0, the mixed-in pairs' included
+    assert trained["rescored_in_engine_pass"] is True
+    first = read_metrics_log(str(run / "iter_1" / "train"))[0]
+    assert any(pid.startswith("iter0/") for pid in first["prompt_ids"])
+    assert first["rewards/real"] == pytest.approx(0.0, abs=1e-3) and first["rewards/generated"] == pytest.approx(0.0, abs=1e-3)
     # a training phase's fixed cost, reported apart from its steps: the pairs' ingest and the model load
     assert trained["ingest_seconds"] > 0 and trained["setup_seconds"] > 0 and trained["training_seconds"] > 0
     # one engine start per model: p0's pass evaluates it and answers iteration 0's prompts, p1's the same for

@@ -139,7 +139,10 @@ def test_progress_lines_count_every_answer_and_token_of_a_non_terminal_log(ray_s
 def test_vllm_engine_answers_as_the_hf_engine_with_exact_reference_logps(ray_session, tmp_path, varied_model_dir):
     one = {"generation.replicas": "[1,1]"}
     hf = {r["prompt_id"]: r for r in run_generation(_config(tmp_path, varied_model_dir, run="hf-twin", **one)).dataset.take_all()}
-    result = run_generation(_config(tmp_path, varied_model_dir, run="vllm", **one, **{"generation.engine": "vllm"}))
+    config = _config(tmp_path, varied_model_dir, run="vllm", **one, **{"generation.engine": "vllm"})
+    # the pass also scores two more responses a prompt (as it does for the pairs the next training set mixes in)
+    also = {pid: [row["real_token_ids"][::-1], row["real_token_ids"][:3]] for pid, row in hf.items()}
+    result = pipeline.run_generation(config, config.model.name, RunLayout.of(config).generation(0), also_score=also)
     rows = result.dataset.take_all()
     ids = [r["prompt_id"] for r in rows]
     assert len(ids) == 12 and set(ids) == set(hf)  # every prompt exactly once
@@ -155,6 +158,10 @@ def test_vllm_engine_answers_as_the_hf_engine_with_exact_reference_logps(ray_ses
     generated = score_responses(model, prompts, [r["generated_token_ids"][0] for r in rows], pad_id=2)
     assert torch.allclose(torch.tensor([r["ref_logp_real"] for r in rows], dtype=torch.float32), real, atol=1e-4)
     assert torch.allclose(torch.tensor([r["ref_logp_generated"][0] for r in rows], dtype=torch.float32), generated, atol=1e-4)
+    for k in (0, 1):
+        expected = score_responses(model, prompts, [also[r["prompt_id"]][k] for r in rows], pad_id=2)
+        assert torch.allclose(torch.tensor([r["also_scored_logps"][k] for r in rows], dtype=torch.float32), expected,
+                              atol=1e-4)
     summary = result.summary
     assert summary["engine"] == "vllm" and summary["startup_seconds"] > 0 and summary["engine_seconds"] > 0
     assert summary["engine_tokens_per_second"] > 0 and summary["prompts"] == 12
