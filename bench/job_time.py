@@ -1,0 +1,92 @@
+"""Benchmark: wall time of one `spin-ray run` job at two commits, alternating, each run in a fresh storage folder.
+
+Each commit is checked out once into a git worktree under .tmp/ and imported from there (PYTHONPATH, which Ray's
+worker processes inherit); both use this checkout's virtual environment. Rounds alternate old, new, old, new... so
+a drift of the machine hits both sides. Prints JSON with every run's wall and phase seconds, the medians and
+new/old; `--out` also writes it.
+
+    python bench/job_time.py --old 8b5cee8 --new HEAD [--rounds 2] [--out bench/results/x.json] JOB [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def checkout(commit: str) -> Path:
+    """A worktree of `commit` under .tmp/ (reused when it is there)."""
+    sha = subprocess.run(["git", "rev-parse", "--short", commit], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    tree = ROOT / ".tmp" / f"bench-tree-{sha}"
+    if not tree.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), sha], cwd=ROOT, check=True,
+                       capture_output=True)
+    return tree
+
+
+def run_once(tree: Path, job: str, overrides: list[str], log: Path) -> dict:
+    """One job from a fresh storage folder; its wall seconds and the manifest's phase seconds."""
+    storage = Path(tempfile.mkdtemp(prefix="job-time-", dir=ROOT / ".tmp"))
+    env = {**os.environ, "PYTHONPATH": str(tree), "RAY_ADDRESS": ""}  # a local Ray instance of its own
+    command = [sys.executable, "-m", "spin_ray.cli", "run", str(tree / job), f"run.storage_path={storage}",
+               *overrides]
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        rc = subprocess.run(command, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=3600).returncode
+    wall = round(time.perf_counter() - started, 1)
+    manifests = list(storage.glob("*/manifest.json"))
+    phases = {}
+    if manifests:
+        manifest = json.loads(manifests[0].read_text())
+        phases = {name: record.get("seconds") for name, record in manifest.get("phases", {}).items()}
+        for t, iteration in enumerate(manifest.get("iterations", [])):
+            phases.update({f"iter_{t}/{name}": record.get("seconds") for name, record in iteration["phases"].items()})
+    shutil.rmtree(storage, ignore_errors=True)  # checkpoints and exports: hundreds of MB a run
+    return {"rc": rc, "wall_s": wall, "phase_seconds": phases, "log": str(log)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--old", required=True)
+    parser.add_argument("--new", default="HEAD")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out")
+    parser.add_argument("job", help="a job YAML, relative to the repository root")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    trees = {"old": checkout(args.old), "new": checkout(args.new)}
+    runs = []
+    for round_number in range(1, args.rounds + 1):
+        for variant, tree in trees.items():
+            log = ROOT / ".tmp" / f"job-time-{variant}-{round_number}.log"
+            result = run_once(tree, args.job, args.overrides, log)
+            runs.append({"variant": variant, "round": round_number, **result})
+            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+            if result["rc"] != 0:
+                raise SystemExit(f"bench/job_time.py: the {variant} run failed (rc {result['rc']}); see {log}")
+    medians = {v: statistics.median(r["wall_s"] for r in runs if r["variant"] == v) for v in trees}
+    results = {"benchmark": "spin-ray run wall time, two commits alternating", "date": str(date.today()),
+               "machine": {"cpus": os.cpu_count()},
+               "commits": {v: tree.name.removeprefix("bench-tree-") for v, tree in trees.items()},
+               "command": f"spin-ray run {args.job} {' '.join(args.overrides)} run.storage_path=<fresh folder>",
+               "runs": runs, "median_wall_s": medians, "ratio_new_vs_old": round(medians["new"] / medians["old"], 3)}
+    text = json.dumps(results, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
