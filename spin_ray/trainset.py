@@ -2,7 +2,8 @@
 
 Everything here is a Ray Dataset in the object store, materialized before training reserves the
 CPUs: run lazily inside the trainer, a rescoring actor pool would wait forever for CPUs the training
-workers hold. Only references and a few floats per prompt pass through the driver, never token rows.
+workers hold. Only references and a few floats per prompt pass through the driver, never training rows;
+the answers p_t's pass is asked to score reach it as token ids, as an evaluation's opponent answers do.
 
 What iteration t mixes in needs log-probs under p_t: iteration t-1's generated answers and T-SPIN's y_0.
 p_t's engine pass scores them while it answers iteration t's prompts (`rescore_requests`, the pass's
@@ -16,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+
+import pyarrow as pa
 
 from spin_ray.algorithms import objective
 from spin_ray.config import Config
@@ -34,7 +37,6 @@ class TrainingSet:
 
 def sft_rows(config: Config, model: str, source: str | None = None):
     """The SFT data (data.train, or `source`) as token-id rows (no generated answer) for the warm start."""
-    import pyarrow as pa
     import ray
 
     from spin_ray.models import load_tokenizer
@@ -109,7 +111,7 @@ def _by_prompt(folder: str, column: str):
     return zip(table.column("prompt_id").to_pylist(), table.column(column).to_pylist(), strict=True)
 
 
-def pass_scores(config: Config, layout: RunLayout, t: int):
+def pass_scores(config: Config, layout: RunLayout, t: int) -> pa.Table | None:
     """The log-probs under p_t that p_t's engine pass scored for iteration t's training set, by prompt_id
     (`ref_logp_real`: the human answer; `also_scored_logps`: `rescore_requests`' answers, in order); None when
     the pass did not score every one of them, so a scoring pool does."""
@@ -135,7 +137,6 @@ def take_pass_scores(batch, scores, proto: bool = False):
     """Ray Data stage: iteration t-1's pairs (or, with `proto`, y_0's rows) get their log-probs under p_t from
     `pass_scores`: the human answer's from its prompt's reference, each generated answer's (with `proto`, y_0's
     alone, the last one scored) from the pass's also-scored log-probs."""
-    import pyarrow as pa
     import ray
 
     if isinstance(scores, ray.ObjectRef):
@@ -156,8 +157,6 @@ def take_pass_scores(batch, scores, proto: bool = False):
 
 def tag_prompt_ids(batch, prefix: str):
     """Ray Data stage: prefix every prompt_id, so mixed-in rows stay distinct from this iteration's of the same prompt."""
-    import pyarrow as pa
-
     ids = pa.array([f"{prefix}{pid}" for pid in batch.column("prompt_id").to_pylist()], pa.string())
     return batch.set_column(batch.schema.get_field_index("prompt_id"), "prompt_id", ids)
 
@@ -194,7 +193,6 @@ def attach_proto(training: TrainingSet, config: Config, layout: RunLayout, t: in
     opponent p_t comes from p_t's engine pass (`scores`) or is rescored by a scoring pool (at t = 0 the opponent
     is p_0, whose scores are stored). The hash of the y_0 rows used is recorded with the train phase.
     """
-    import pyarrow as pa
     import ray
 
     proto_dir = layout.generation(0)
@@ -220,7 +218,6 @@ def attach_proto(training: TrainingSet, config: Config, layout: RunLayout, t: in
 
 def join_proto(batch, proto, source: str):
     """Ray Data stage: look up each row's y_0 by prompt_id (an `iterN/` tag from mixing is stripped)."""
-    import pyarrow as pa
     import ray
 
     if isinstance(proto, ray.ObjectRef):

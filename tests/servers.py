@@ -110,6 +110,7 @@ class RayHead:
 
 
 def _running(process) -> bool:
+    """Whether a process still runs: exited and not yet reaped counts as gone."""
     import psutil
 
     try:
