@@ -14,6 +14,7 @@ the rescoring to a scoring pool here, as before.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -89,20 +90,29 @@ def _rescores(config: Config, t: int) -> bool:
             and (config.iterations.mix_previous or chosen.needs_proto))
 
 
+def _scored_in_pass(config: Config, t: int) -> bool:
+    """Whether p_t's engine pass scores what iteration t mixes in; with `generation.fuse_reference: false` the
+    reference pool scores these too."""
+    return _rescores(config, t) and config.generation.fuse_reference
+
+
 def rescore_requests(config: Config, layout: RunLayout, t: int) -> dict[str, list[list[int]]] | None:
     """What p_t's engine pass scores besides iteration t's own pairs, per prompt_id: iteration t-1's generated
-    answers (mix_previous), then y_0 (T-SPIN). None when nothing needs it, or when the reference is scored outside
-    the engines (`generation.fuse_reference: false`), which then scores these too."""
-    if not _rescores(config, t) or not config.generation.fuse_reference:
-        return None
-    requests: dict[str, list[list[int]]] = {}
+    answers (mix_previous), then y_0 (T-SPIN). None when the pass scores nothing of the kind (`_scored_in_pass`)."""
+    return _requested(config, layout, t, "generated_token_ids") if _scored_in_pass(config, t) else None
+
+
+def _requested(config: Config, layout: RunLayout, t: int, column: str) -> dict[str, list]:
+    """Per prompt_id, one value of `column` for each response `rescore_requests` asks to score, in its order."""
+    read = functools.cache(lambda folder: list(_by_prompt(folder, column)))  # at t = 1 both folders are iteration 0's
+    requested: dict[str, list] = {}
     if config.iterations.mix_previous:
-        for pid, answers in _by_prompt(layout.generation(t - 1), "generated_token_ids"):
-            requests[pid] = list(answers)
+        for pid, values in read(layout.generation(t - 1)):
+            requested[pid] = list(values)
     if objective(config).needs_proto:
-        for pid, answers in _by_prompt(layout.generation(0), "generated_token_ids"):
-            requests.setdefault(pid, []).append(answers[0])
-    return requests
+        for pid, values in read(layout.generation(0)):
+            requested.setdefault(pid, []).append(values[0])
+    return requested
 
 
 def _by_prompt(folder: str, column: str):
@@ -115,15 +125,11 @@ def pass_scores(config: Config, layout: RunLayout, t: int) -> pa.Table | None:
     """The log-probs under p_t that p_t's engine pass scored for iteration t's training set, by prompt_id
     (`ref_logp_real`: the human answer; `also_scored_logps`: `rescore_requests`' answers, in order); None when
     the pass did not score every one of them, so a scoring pool does."""
-    if not _rescores(config, t) or not config.generation.fuse_reference:
+    if not _scored_in_pass(config, t):
         return None
     scored = ALSO_SCORE_COLUMNS[1]
     table = read_shards(committed_shards(layout.generation(t)), ["prompt_id", "ref_logp_real", scored])
-    counts = {pid: len(answers) for pid, answers in _by_prompt(layout.generation(t - 1), "generated_tokens")} \
-        if config.iterations.mix_previous else {}
-    if objective(config).needs_proto:
-        for pid, _ in _by_prompt(layout.generation(0), "generated_tokens"):
-            counts[pid] = counts.get(pid, 0) + 1
+    counts = {pid: len(lengths) for pid, lengths in _requested(config, layout, t, "generated_tokens").items()}
     have = dict(zip(table.column("prompt_id").to_pylist(), zip(table.column("ref_logp_real").to_pylist(),
                                                                 table.column(scored).to_pylist(), strict=True)))
     for pid, count in counts.items():
