@@ -5,7 +5,13 @@ worker processes inherit); both use this checkout's virtual environment. Rounds 
 a drift of the machine hits both sides. Prints JSON with every run's wall and phase seconds, the medians and
 new/old; `--out` also writes it.
 
-    python bench/job_time.py --old 8b5cee8 --new HEAD [--rounds 2] [--out bench/results/x.json] JOB [key=value ...]
+Each commit reads JOB from its own tree, so a job file that changed between them keeps each side's settings;
+`--old-set` / `--new-set` add overrides for one side only (a key the other commit does not know). `--seed-cache DIR`
+copies DIR/_cache (the start-model evaluations, keyed by content) into each fresh storage folder, so a run that
+starts from a model the benchmark arms share reuses its evaluation, as those arms do.
+
+    python bench/job_time.py --old 8b5cee8 --new HEAD [--rounds 2] [--out bench/results/x.json]
+        [--old-set key=value ...] [--new-set key=value ...] [--seed-cache runs] JOB [key=value ...]
 """
 
 from __future__ import annotations
@@ -36,15 +42,18 @@ def checkout(commit: str) -> Path:
     return tree
 
 
-def run_once(tree: Path, job: str, overrides: list[str], log: Path) -> dict:
+def run_once(tree: Path, job: str, overrides: list[str], log: Path, seed_cache: str | None = None,
+             timeout_s: float = 3600) -> dict:
     """One job from a fresh storage folder; its wall seconds and the manifest's phase seconds."""
     storage = Path(tempfile.mkdtemp(prefix="job-time-", dir=ROOT / ".tmp"))
+    if seed_cache:
+        shutil.copytree(Path(seed_cache) / "_cache", storage / "_cache")
     env = {**os.environ, "PYTHONPATH": str(tree), "RAY_ADDRESS": ""}  # a local Ray instance of its own
     command = [sys.executable, "-m", "spin_ray.cli", "run", str(tree / job), f"run.storage_path={storage}",
                *overrides]
     started = time.perf_counter()
     with open(log, "w") as out:
-        rc = subprocess.run(command, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=3600).returncode
+        rc = subprocess.run(command, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
     wall = round(time.perf_counter() - started, 1)
     manifests = list(storage.glob("*/manifest.json"))
     phases = {}
@@ -63,15 +72,20 @@ def main() -> None:
     parser.add_argument("--new", default="HEAD")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out")
+    parser.add_argument("--old-set", action="append", default=[], metavar="KEY=VALUE", help="an override for old only")
+    parser.add_argument("--new-set", action="append", default=[], metavar="KEY=VALUE", help="an override for new only")
+    parser.add_argument("--seed-cache", metavar="DIR", help="copy DIR/_cache into every run's storage folder")
+    parser.add_argument("--timeout-s", type=float, default=3600, help="one run's limit")
     parser.add_argument("job", help="a job YAML, relative to the repository root")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     trees = {"old": checkout(args.old), "new": checkout(args.new)}
+    own = {"old": args.old_set, "new": args.new_set}
     runs = []
     for round_number in range(1, args.rounds + 1):
         for variant, tree in trees.items():
             log = ROOT / ".tmp" / f"job-time-{variant}-{round_number}.log"
-            result = run_once(tree, args.job, args.overrides, log)
+            result = run_once(tree, args.job, [*args.overrides, *own[variant]], log, args.seed_cache, args.timeout_s)
             runs.append({"variant": variant, "round": round_number, **result})
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
             if result["rc"] != 0:
@@ -81,6 +95,7 @@ def main() -> None:
                "machine": {"cpus": os.cpu_count()},
                "commits": {v: tree.name.removeprefix("bench-tree-") for v, tree in trees.items()},
                "command": f"spin-ray run {args.job} {' '.join(args.overrides)} run.storage_path=<fresh folder>",
+               "overrides_of": own, "seeded_cache_from": args.seed_cache,
                "runs": runs, "median_wall_s": medians, "ratio_new_vs_old": round(medians["new"] / medians["old"], 3)}
     text = json.dumps(results, indent=2)
     if args.out:

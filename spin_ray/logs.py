@@ -21,6 +21,8 @@ VLLM_CPU_STARTUP_NOTES: dict[str, str] = {
     r"Enforce eager set, disabling torch.compile": "CPU engines run eager on purpose (vllm_engine.py: a compiled "
     "start costs what ~40k decoded tokens gain)",
     r"Inductor compilation was disabled by user settings": "the same choice, said a second way",
+    r"OMP_NUM_THREADS=\d+ is set; leaving Torch threads": "Ray sets it to the replica's reserved CPUs, and a CPU "
+    "engine's model runs on those threads (prepare_compute_process sizes torch's pool the same)",
 }
 
 
@@ -81,6 +83,11 @@ def quiet_library_logs() -> None:
         if type(handler).__name__ == "PlainRayHandler":
             handler.setLevel(logging.WARNING)
 
+    # Ray Data warns "the Ray cluster currently does not have any available CPUs. The Dataset job will hang" whenever
+    # a dataset runs while actors hold every CPU: after each engine pass (its replicas are still stopping) and while
+    # training runs. Every dataset spin-ray runs outside its actor pools is zero-CPU tasks (reads, commits, scoring
+    # columns), so none waits on a CPU; the pools themselves wait within run.resource_wait_s and say so.
+    logging.getLogger("ray.data.dataset").addFilter(DropMatching([r"does not have any available CPUs"]))
     # We turn Ray Data's progress bars off on purpose (spin-ray prints its own progress lines); Ray Data then warns
     # once per process how to turn them back on.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

@@ -116,6 +116,8 @@ def test_a_job_log_reads_as_a_story(tmp_path, tiny_model_dir):
     # below (once per actor pool) and vLLM's NUMA binding line (once per engine start); and Ray's token-auth note.
     assert len(ours) >= 0.8 * len(shown), f"{len(ours)} of {len(shown)} lines are spin-ray's; others: {others[:20]}"
     assert not [line for line in shown if "vllm" in line.lower() and "WARNING" in line], "a vLLM start-up note"
+    assert not [line for line in shown if "does not have any available CPUs" in line], \
+        "Ray Data's no-free-CPU warning: spin-ray's datasets outside the actor pools are zero-CPU tasks (logs.py)"
     deprecated = [line for line in shown if "deprecat" in line.lower()]
     assert not deprecated, f"a deprecation warning in the job log: {deprecated[:3]}"
     # Ray Data's actor pools pass their constructor arguments through the object store and restart actors, and Ray
