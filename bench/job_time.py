@@ -48,7 +48,8 @@ def run_once(tree: Path, job: str, overrides: list[str], log: Path, seed_cache: 
     storage = Path(tempfile.mkdtemp(prefix="job-time-", dir=ROOT / ".tmp"))
     if seed_cache:
         shutil.copytree(Path(seed_cache) / "_cache", storage / "_cache")
-    env = {**os.environ, "PYTHONPATH": str(tree), "RAY_ADDRESS": ""}  # a local Ray instance of its own
+    # a local Ray instance of its own: no RAY_ADDRESS (older commits refuse an empty one)
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(tree)}
     command = [sys.executable, "-m", "spin_ray.cli", "run", str(tree / job), f"run.storage_path={storage}",
                *overrides]
     started = time.perf_counter()

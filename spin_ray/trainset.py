@@ -51,7 +51,7 @@ def sft_rows(config: Config, model: str, source: str | None = None):
     table = pa.table({"prompt_id": split.records.column("prompt_id"),
                       "prompt_token_ids": pa.array(split.prompt_ids, pa.list_(pa.int32())),
                       "real_token_ids": pa.array(split.response_ids, pa.list_(pa.int32()))})
-    return ray.data.from_blocks([table])  # already materialized, metadata taken here (pipeline._plan says why)
+    return ray.data.from_blocks([table])  # metadata taken here, no remote task (generation/pipeline.py says why)
 
 
 def iteration_set(config: Config, layout: RunLayout, t: int, pairs, opponent: str) -> TrainingSet:
