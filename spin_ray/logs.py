@@ -44,6 +44,10 @@ class VllmStartupNotes(DropMatching):
         super().__init__(list(VLLM_CPU_STARTUP_NOTES))
 
 
+# Ray Data's "no available CPUs, the Dataset job will hang" note (quiet_library_logs says why it is dropped)
+RAY_DATA_NO_FREE_CPU_NOTE = DropMatching([r"does not have any available CPUs"])
+
+
 def vllm_logging_config(level: str = "WARNING") -> str:
     """A logging config file for vLLM (its VLLM_LOGGING_CONFIG_PATH): vLLM's own handler and line format, plus the
     start-up note filter. vLLM applies it when it is imported and again when an engine starts (it re-runs its
@@ -87,7 +91,7 @@ def quiet_library_logs() -> None:
     # a dataset runs while actors hold every CPU: after each engine pass (its replicas are still stopping) and while
     # training runs. Every dataset spin-ray runs outside its actor pools is zero-CPU tasks (reads, commits, scoring
     # columns), so none waits on a CPU; the pools themselves wait within run.resource_wait_s and say so.
-    logging.getLogger("ray.data.dataset").addFilter(DropMatching([r"does not have any available CPUs"]))
+    logging.getLogger("ray.data.dataset").addFilter(RAY_DATA_NO_FREE_CPU_NOTE)  # one instance: added once per process
     # We turn Ray Data's progress bars off on purpose (spin-ray prints its own progress lines); Ray Data then warns
     # once per process how to turn them back on.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
