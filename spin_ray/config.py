@@ -45,7 +45,9 @@ class ModelConfig(_Section):
         description="Where aliases are converted to safetensors once. Default: $SPIN_RAY_CACHE or ~/.cache/spin_ray.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Parameter dtype. float32 on CPU (bf16 is 2x slower there), bfloat16 on GPU."
+        "float32", description="dtype the models are stored and served in: each iteration's export and the generation "
+        "and scoring engines. Training keeps float32 master weights whatever it is and computes in "
+        "training.compute_dtype. float32 on CPU (bf16 is 2x slower there), bfloat16 on GPU."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint folder. Off by default.")
 
@@ -217,6 +219,31 @@ class TrainingConfig(_Section):
         "recomputed in backward), so a micro-batch's [tokens, vocab] logits never exist whole; 0 materialises "
         "them. Used for Llama-style heads (a bias-free linear output layer); other models fall back to 0.",
     )
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the training forward and backward. The master weights, the reduced "
+        "gradients and the optimizer state are float32 whatever it is (weights held in bfloat16 lose steps of 5e-7 to "
+        "rounding); model.dtype is what exports and engines hold. bfloat16 on GPUs (FSDP2's MixedPrecisionPolicy "
+        "with float32 reduction; autocast in one process); float16 adds a dynamic loss scale; float32 on CPU, where "
+        "bfloat16 is 2x slower.")
+    activation_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="Recompute each decoder layer in backward instead of keeping its activations: they "
+        "shrink to each layer's input, a step costs about one more forward. auto: on when training on GPUs and "
+        "`spin-ray plan` finds the step does not fit the GPU without it; off on CPU.")
+    gradient_accumulation: Literal["auto", "unsharded", "sharded"] = Field(
+        "auto", description="Between the micro-batches of a step (FSDP2): unsharded keeps the whole model's "
+        "parameters and float32 gradients on every rank (2 collectives per step), sharded reduce-scatters each "
+        "micro-batch's gradients (2 per micro-batch, only a shard kept). auto: sharded when the full copy would "
+        "take over a quarter of the GPU's memory, else unsharded (always on CPU).")
+    cpu_offload: bool = Field(
+        False, description="Keep the float32 parameter shards, gradients and optimizer state in host memory and step "
+        "on the CPU (FSDP2's CPUOffloadPolicy): for 40 GB GPUs; slower. Needs 2+ workers.")
+    load_on_rank0: bool = Field(
+        True, description="With 2+ workers, rank 0 alone reads the weights; the others build the model on the meta "
+        "device and receive their shards by broadcast. false: every rank loads the whole model, then shards it.")
+    reference_check_tolerance: float | None = Field(
+        0.05, gt=0.0, description="At an iteration's first step the policy is the reference, so policy minus reference "
+        "log-probs should be ~0: beyond this mean difference per answer token (nats) on any answer, training stops "
+        "and names the likely cause (dtype, kernel, tokenization). null turns the check off.")
     use_gpu: bool = Field(False, description="One GPU per worker and NCCL; false trains on CPU with gloo.")
     accelerator_type: str | None = Field(
         None, description="Ray accelerator type the training workers require (e.g. H100), so they land on the "
@@ -234,6 +261,8 @@ class TrainingConfig(_Section):
             raise ValueError(
                 f"micro_batch_size ({self.micro_batch_size}) exceeds global_batch_size ({self.global_batch_size})"
             )
+        if self.cpu_offload and self.num_workers[0] < 2:
+            raise ValueError("training.cpu_offload offloads FSDP2 shards and needs training.num_workers of 2 or more")
         return self
 
 
@@ -459,6 +488,11 @@ OPERATIONAL_KEYS = frozenset(
         "training.cpus_per_worker",
         "training.max_failures",
         "training.keep_checkpoints",
+        "training.activation_checkpointing",
+        "training.gradient_accumulation",
+        "training.cpu_offload",
+        "training.load_on_rank0",
+        "training.reference_check_tolerance",
         "model.cache_dir",
         "sppo.reward_replicas",
         "sppo.reward_cpus_per_replica",

@@ -27,38 +27,53 @@ def gathered_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 class _LinearTokenLogps(torch.autograd.Function):
-    """log softmax(hidden @ weight.T)[token] per row, in row chunks; backward recomputes each chunk's logits."""
+    """log softmax(hidden @ weight.T)[token] per row, in row chunks; backward recomputes each chunk's logits.
+
+    The matmuls run in the forward's dtype (hidden's under FSDP mixed precision, autocast's in one process; autocast
+    does not reach a custom backward, so the dtype is kept for it), the log-softmax in float32, and the head's
+    gradient sums its chunks in float32."""
 
     @staticmethod
     def forward(ctx, hidden, weight, tokens, chunk_rows):
-        accumulate = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for bf16/fp32 models
+        compute = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+            else hidden.dtype
+        accumulate = torch.promote_types(compute, torch.float32)
+        w = weight.to(compute)
         out = torch.empty(hidden.shape[0], dtype=accumulate, device=hidden.device)
         lse = torch.empty_like(out)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = (hidden[rows] @ weight.T).to(accumulate)
+            logits = (hidden[rows].to(compute) @ w.T).to(accumulate)
             lse[rows] = torch.logsumexp(logits, dim=-1)
             out[rows] = torch.gather(logits, -1, tokens[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]
         ctx.save_for_backward(hidden, weight, tokens, lse)
-        ctx.chunk_rows = chunk_rows
+        ctx.chunk_rows, ctx.compute = chunk_rows, compute
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, tokens, lse = ctx.saved_tensors
+        compute = ctx.compute
+        w = weight.to(compute)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.zeros_like(weight, dtype=lse.dtype) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
+            h = hidden[rows].to(compute)
             g = grad_out[rows].to(lse.dtype).unsqueeze(-1)
             # d logp[token] / d logits = onehot(token) - softmax(logits)
-            grad_logits = (hidden[rows] @ weight.T).to(lse.dtype).sub_(lse[rows].unsqueeze(-1)).exp_().mul_(-g)
+            grad_logits = (h @ w.T).to(lse.dtype).sub_(lse[rows].unsqueeze(-1)).exp_().mul_(-g)
             grad_logits.scatter_add_(-1, tokens[rows].unsqueeze(-1), g)
-            grad_logits = grad_logits.to(weight.dtype)
+            grad_logits = grad_logits.to(compute)
             if grad_hidden is not None:
-                grad_hidden[rows] = grad_logits @ weight
+                grad_hidden[rows] = grad_logits @ w
             if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, hidden[rows])
+                if compute == grad_weight.dtype:
+                    grad_weight.addmm_(grad_logits.T, h)
+                else:
+                    grad_weight += grad_logits.T @ h
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
 
 

@@ -19,6 +19,7 @@ class TokenizedSplit:
     response_ids: list[list[int]]
     load: LoadReport
     lengths: LengthReport
+    responses_tokenized_alone: int = 0  # where the prompt's ids were not a prefix of prompt + response's
 
 
 def carved_part(config: Config, source: str) -> str | None:
@@ -32,8 +33,9 @@ def tokenize_split(source: str, config: Config, chat: ChatFormat, part: str | No
     """Load and validate `source` (its training part when the run carves a validation split out of it, or the given
     `part`), render prompts with the chat template, apply the length policy."""
     records, load_report = load_records(source, config.data, part or carved_part(config, source))
-    prompt_ids = chat.batch_prompt_ids(records.column("prompt").to_pylist())
-    response_ids = chat.batch_response_ids(records.column("response").to_pylist())
+    # human answers get the ids an engine's answer has: the text's, as it follows the templated prompt
+    prompt_ids, response_ids, alone = chat.in_context_response_ids(records.column("prompt").to_pylist(),
+                                                                   records.column("response").to_pylist())
     kept, prompt_ids, response_ids, lengths = apply_length_policy(
         prompt_ids,
         response_ids,
@@ -43,7 +45,7 @@ def tokenize_split(source: str, config: Config, chat: ChatFormat, part: str | No
     )
     if len(kept) != records.num_rows:
         records = records.take(pa.array(kept, pa.int64()))
-    return TokenizedSplit(records, prompt_ids, response_ids, load_report, lengths)
+    return TokenizedSplit(records, prompt_ids, response_ids, load_report, lengths, alone)
 
 
 def check_inputs(config: Config, model: str | None = None, train: bool = True, evaluation: bool | None = None) -> str:
@@ -103,6 +105,7 @@ def validate(config: Config) -> dict:
             "overlong_policy": config.data.overlong,
             "overlong_dropped": tokenized.lengths.dropped,
             "overlong_truncated": tokenized.lengths.truncated,
+            "responses_tokenized_alone": tokenized.responses_tokenized_alone,
             "prompt_tokens": tokenized.lengths.prompt_tokens,
             "response_tokens": tokenized.lengths.response_tokens,
         }
@@ -132,6 +135,9 @@ def format_summary(summary: dict) -> str:
             f"  over-length policy {info['overlong_policy']!r}: {info['overlong_dropped']} dropped, "
             f"{info['overlong_truncated']} truncated; {info['pairs']:,} pairs ready"
         )
+        if info["responses_tokenized_alone"]:
+            lines.append(f"  {info['responses_tokenized_alone']:,} responses tokenized alone (their first token merges "
+                         "with the prompt's last)")
         for example in info["skip_examples"]:
             lines.append(f"  skipped: {example}")
     lines.append(f"run: {summary['run']['storage_path'].rstrip('/')}/{summary['run']['name']}")

@@ -55,9 +55,37 @@ class ChatFormat:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def batch_response_ids(self, responses: Sequence[str]) -> list[list[int]]:
-        """Response tokens followed by the end-of-turn token(s): the model learns to stop."""
+        """Response tokens, tokenized alone, followed by the end-of-turn token(s): the model learns to stop. Training
+        data goes through `in_context_response_ids` instead."""
         encoded = self.tokenizer(list(responses), add_special_tokens=False)["input_ids"]
         return [ids + self.end_of_turn_ids for ids in encoded]
+
+    def in_context_response_ids(self, prompts: Sequence[Sequence[dict]],
+                                responses: Sequence[str]) -> tuple[list[list[int]], list[list[int]], int]:
+        """(prompt ids, response ids, responses tokenized alone): each response tokenized as it follows its templated
+        prompt, then the end-of-turn token(s).
+
+        An engine's answer is ids produced after the prompt's; a human answer tokenized alone can start otherwise.
+        SentencePiece-style tokenizers (Llama-2, Mistral, Zephyr) add a word-start marker to a text's first word:
+        "There" alone is '▁There', after "<|assistant|>\n" it is 'T', 'he', 're', and self-play could learn to tell
+        the human answers by their first token. So prompt + response is tokenized as one text and split where the
+        prompt's own ids end. Where the prompt's ids are not a prefix of the joint ones (the two merge across the
+        boundary) the response is tokenized alone, and counted.
+        """
+        texts = [self.prompt_text(m) for m in prompts]
+        prompt_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        joint = self.tokenizer([t + r for t, r in zip(texts, responses, strict=True)], add_special_tokens=False)["input_ids"]
+        response_ids, alone = [], []
+        for index, (prompt, both) in enumerate(zip(prompt_ids, joint, strict=True)):
+            if both[:len(prompt)] == prompt:
+                response_ids.append(both[len(prompt):] + self.end_of_turn_ids)
+            else:
+                response_ids.append(None)
+                alone.append(index)
+        if alone:
+            for index, ids in zip(alone, self.batch_response_ids([responses[i] for i in alone]), strict=True):
+                response_ids[index] = ids
+        return prompt_ids, response_ids, len(alone)
 
 
 @dataclass

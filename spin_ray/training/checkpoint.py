@@ -82,14 +82,19 @@ def load_checkpoint(train_dir: str, step: int, model, optimizer) -> dict:
     return read_json(join(target, COMMITTED))
 
 
-def export_hf(model, tokenizer, target_url: str, rank: int) -> str | None:
+def export_hf(model, tokenizer, target_url: str, rank: int, dtype: str = "float32") -> str | None:
     """Collective: gather the full weights; rank 0 writes a Hugging Face folder (safetensors, tokenizer,
-    chat template) that appears complete at `target_url`, with its content hash in the marker. It is the
-    next opponent, which every node stages from there."""
+    chat template) in `dtype` (model.dtype: what engines serve; training's master weights are float32) that appears
+    complete at `target_url`, with its content hash in the marker. It is the next opponent, which every node stages
+    from there."""
+    import torch
+
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         _barrier()
         return None
+    served = getattr(torch, dtype)
+    full = {name: value.to(served) if value.is_floating_point() else value for name, value in full.items()}
     local = is_local(target_url)
     path = filesystem(target_url)[1]
     # Local: stage beside the target, so the final move is a rename and no reader sees half a folder.
@@ -99,6 +104,7 @@ def export_hf(model, tokenizer, target_url: str, rank: int) -> str | None:
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         model.save_pretrained(staging, state_dict=full, safe_serialization=True)
+        _name_dtype(staging, dtype)
         tokenizer.save_pretrained(staging)
         if local:
             import json
@@ -115,6 +121,18 @@ def export_hf(model, tokenizer, target_url: str, rank: int) -> str | None:
             shutil.rmtree(staging, ignore_errors=True)
     _barrier()
     return target_url
+
+
+def _name_dtype(folder: str, dtype: str) -> None:
+    """config.json names the dtype of the weights beside it (save_pretrained writes the training model's, float32)."""
+    import json
+
+    path = os.path.join(folder, "config.json")
+    with open(path) as handle:
+        config = json.load(handle)
+    config["dtype"] = dtype
+    with open(path, "w") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
 
 
 def copy_export(source_url: str, target_url: str, rank: int) -> str | None:

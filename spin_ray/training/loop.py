@@ -9,6 +9,7 @@ exports a Hugging Face folder: the next opponent.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -18,14 +19,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from spin_ray.algorithms import Algorithm, Example, objective
+from spin_ray.algorithms import Algorithm, Example, TrainingDataError, objective
 from spin_ray.config import Config
 from spin_ray.logprobs import answer_logps
-from spin_ray.storage import JsonLines, join, read_json_lines
+from spin_ray.storage import JsonLines, atomic_write_json, join, read_json, read_json_lines
 from spin_ray.training.checkpoint import (committed_steps, copy_export, drop_checkpoints, export_hf, load_checkpoint,
                                          save_checkpoint)
 from spin_ray.training.data import Schedule, examples_from_rows
-from spin_ray.training.parallel import apply_fsdp, set_accumulating
+from spin_ray.training.parallel import DTYPES, compute_context, load_for_training, set_accumulating
 
 
 @dataclass
@@ -59,22 +60,34 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
 
 
 def micro_step(model, examples: list[Example], algorithm: Algorithm, config: Config, pad_id: int, scale: float,
-               device) -> dict[str, float]:
+               device, precision=None, scaler=None, check_reference: bool = False) -> dict[str, float]:
     """Forward + backward of one micro-batch; returns metric SUMS over its examples (for exact averaging), the
-    sum of its per-example losses, its forward tokens and its first answers' tokens."""
+    sum of its per-example losses, its forward tokens and its first answers' tokens. `precision` is the forward's
+    context (`parallel.compute_context`), `scaler` a float16 loss scale. With `check_reference` the largest
+    |policy - reference| log-prob per answer token comes back too (`reference_gap`), with where it is
+    (`reference_gap_at`: prompt_id, answer index)."""
     t = config.training
-    # one concatenated forward over every answer of every example (pairs, triplets, or SFT's single answer)
-    policy = answer_logps(model, [e.prompt for e in examples], [e.answers for e in examples], pad_id,
-                          pack=t.pack_sequences, logits_chunk_rows=t.logits_chunk_rows)
+    with precision or contextlib.nullcontext():
+        # one concatenated forward over every answer of every example (pairs, triplets, or SFT's single answer)
+        policy = answer_logps(model, [e.prompt for e in examples], [e.answers for e in examples], pad_id,
+                              pack=t.pack_sequences, logits_chunk_rows=t.logits_chunk_rows)
+    policy = policy.float()
     lengths = torch.tensor([[len(a) for a in e.answers] for e in examples], dtype=torch.float32, device=device)
     refs = torch.tensor([e.ref_logps for e in examples], dtype=torch.float32, device=device) if examples[0].ref_logps else None
     rates = torch.tensor([e.win_rates for e in examples], device=device) if examples[0].win_rates else None
     losses, metrics = algorithm.loss(policy, refs, rates, lengths, config)
-    (losses.sum() * scale).backward()
+    loss = losses.sum() * scale
+    (scaler.scale(loss) if scaler is not None else loss).backward()
     # the loss returns batch means; sums (mean x n) average exactly over ranks and micro-batches
-    return {**{key: float(value) * len(examples) for key, value in metrics.items()},
+    sums = {**{key: float(value) * len(examples) for key, value in metrics.items()},
             "loss_sum": float(losses.detach().sum()), "tokens": float(sum(e.tokens for e in examples)),
             "answer_tokens": float(lengths[:, 0].sum())}
+    if check_reference and refs is not None:
+        gaps = ((policy.detach() - refs).abs() / lengths.clamp(min=1)).flatten()
+        worst = int(gaps.argmax())
+        sums["reference_gap"] = float(gaps[worst])
+        sums["reference_gap_at"] = examples[worst // refs.shape[1]].prompt_id, worst % refs.shape[1]
+    return sums
 
 
 def _all_reduce_sums(sums: dict[str, float], device) -> dict[str, float]:
@@ -136,7 +149,7 @@ def train(
     checkpoint is committed under `train_dir`. Returns the final summary (on every rank). With `early_stop`, the
     validation NLL is measured at each epoch's end (`validation_nll` in that step's record) and training ends once
     it stops improving."""
-    from spin_ray.models import load_model, load_tokenizer
+    from spin_ray.models import load_tokenizer
 
     setup_started = time.perf_counter()
     context = context or WorkerContext()
@@ -147,13 +160,19 @@ def train(
     schedule.check_world(context.world_size)
     torch.manual_seed(t.seed)
 
+    refused = read_refusal(train_dir)
+    if refused:  # an earlier attempt of this stage was refused; Ray Train's restart must not load the model again
+        raise TrainingDataError(refused)
     tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id
-    model = load_model(model_path, config.model.dtype, config.model.trust_remote_code).to(context.device)
-    model.config.use_cache = False
-    model = apply_fsdp(model)
+    layout = training_layout(config, model_path, context.world_size, context.device)
+    compute_dtype = DTYPES[t.compute_dtype]
+    model = load_for_training(model_path, config.model.trust_remote_code, context.device, context.rank,
+                              t.load_on_rank0, compute_dtype, t.cpu_offload, layout.activation_checkpointing)
     model.train()
+    precision = lambda: compute_context(model, compute_dtype, context.device)  # noqa: E731 (a fresh context per use)
     optimizer = build_optimizer(model, config)
+    scaler = loss_scaler(model, context.device) if t.compute_dtype == "float16" else None
     scheduler = build_scheduler(optimizer, schedule.total_steps, t.warmup_ratio)
 
     start_step = 0
@@ -188,16 +207,32 @@ def train(
         else:
             scale = per_example_scale
         sums: dict[str, float] = {}
+        reference_gap = None
+        # the step-0 canary: over every micro-batch of the iteration's first step, the largest gap and where it is
+        canary = step == 0 and start_step == 0 and t.reference_check_tolerance is not None
+        worst = (-1.0, None)  # no reference log-probs yet (none at all for reference-free T-SPIN and SFT)
         micros = list(schedule.micro_batches(step, context.rank, context.world_size))
         for number, micro in enumerate(micros, start=1):
-            set_accumulating(model, number < len(micros))  # sync gradients on the last micro-batch only
-            part = micro_step(model, [examples[i] for i in micro], algorithm, config, pad_id, scale, context.device)
+            # gradients sync on the last micro-batch only, or after each one when accumulation is sharded
+            set_accumulating(model, number < len(micros), layout.sharded_accumulation)
+            part = micro_step(model, [examples[i] for i in micro], algorithm, config, pad_id, scale, context.device,
+                              precision(), scaler, check_reference=canary)
+            if "reference_gap" in part:
+                worst = max(worst, (part.pop("reference_gap"), part.pop("reference_gap_at")), key=lambda g: g[0])
             for key, value in part.items():
                 sums[key] = sums.get(key, 0.0) + value
+        if canary:  # before the first optimizer step: the policy is still the reference
+            reference_gap = check_reference(worst[0] if worst[1] else None, worst[1], config, context, train_dir)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)  # skipped when the scaled gradients overflowed; the scale then halves
+            scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -205,11 +240,13 @@ def train(
         tokens_this_run += totals["tokens"]
         seconds = time.perf_counter() - step_started
         metrics = _step_metrics(totals, algorithm, t.global_batch_size, step, schedule, lr, float(grad_norm), seconds)
+        if reference_gap is not None:
+            metrics["reference_gap"] = reference_gap
         if validation and (step + 1) % schedule.steps_per_epoch == 0:
             metrics["validation_nll"] = validation_nll(model, validation, pad_id, config, context)
             history.append(metrics["validation_nll"])
             if history[-1] == min(history):  # the best epoch so far: its weights are kept until a better one
-                export_hf(model, tokenizer, best_dir, context.rank)
+                export_hf(model, tokenizer, best_dir, context.rank, config.model.dtype)
             stopping = len(history) - 1 - history.index(min(history)) >= early_stop.patience
         summary = metrics
         if context.rank == 0:
@@ -241,13 +278,16 @@ def train(
     if history and stopped["best_epoch"] < len(history):
         copy_export(best_dir, export_dir, context.rank)  # a later epoch was worse on validation
     else:
-        export_hf(model, tokenizer, export_dir, context.rank)
+        export_hf(model, tokenizer, export_dir, context.rank, config.model.dtype)
     drop_checkpoints(train_dir, context.rank)
     return {
         **summary,
         **stopped,
         "training_tokens_per_second": round(tokens_this_run / train_seconds, 1) if tokens_this_run else None,
         "setup_seconds": round(setup_seconds, 2),
+        "compute_dtype": t.compute_dtype,
+        "activation_checkpointing": layout.activation_checkpointing,
+        "sharded_accumulation": layout.sharded_accumulation,
         "training_seconds": round(train_seconds, 2),
         "export_seconds": round(time.perf_counter() - export_started, 2),
         "steps": summary.get("step", schedule.total_steps) if stopped else schedule.total_steps,
@@ -282,6 +322,80 @@ def _progress_line(metrics: dict, total: int, elapsed: float, first_step: int = 
     parts += [f"lr {metrics['lr']:.2e}", f"{metrics['tokens_per_second']} tok/s"]
     return tqdm.format_meter(metrics["step"], total, elapsed, ncols=140, prefix="train", unit="step",
                              initial=first_step, postfix=", ".join(parts))
+
+
+# Written by rank 0 when a stage is refused for a reason a restart cannot fix; Ray Train's restarts then stop at once,
+# and the driver raises its message (training/trainer.py).
+REFUSAL = "refused.json"
+
+
+def read_refusal(train_dir: str) -> str | None:
+    return (read_json(join(train_dir, REFUSAL)) or {}).get("error")
+
+
+def training_layout(config: Config, model_path: str, world: int, device: torch.device):
+    """training.activation_checkpointing and training.gradient_accumulation with auto decided by the memory plan
+    against this worker's GPU (on CPU auto means off and unsharded)."""
+    from spin_ray.models import local_model_path
+    from spin_ray.plan import GPU_RUNTIME_BYTES, ModelShape, PlanError, choose_layout
+
+    t = config.training
+    device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    shape = None
+    if device_bytes and "auto" in (t.activation_checkpointing, t.gradient_accumulation):
+        raw = read_json(join(local_model_path(model_path, weights=False), "config.json")) or {}
+        try:
+            shape = ModelShape.from_config(raw, model_path)
+        except (PlanError, KeyError):
+            shape = None
+    return choose_layout(config, shape, world, device_bytes, GPU_RUNTIME_BYTES)
+
+
+def loss_scaler(model, device: torch.device):
+    """float16's dynamic loss scale (bfloat16 has float32's range and needs none); FSDP's scaler agrees on overflow
+    over all ranks."""
+    from spin_ray.training.parallel import is_sharded
+
+    if is_sharded(model):
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device=device.type)
+    return torch.amp.GradScaler(device.type)
+
+
+def check_reference(gap: float | None, where: tuple | None, config: Config, context: WorkerContext,
+                    train_dir: str) -> float | None:
+    """The step-0 canary. Until an iteration's first optimizer step the policy IS the reference p_t, so every answer's
+    policy-minus-reference log-prob should be ~0; a reference scored in another dtype, by another kernel or on other
+    token ids shows here first. Collective: the largest gap per answer token over every rank's micro-batches of that
+    step (the whole global batch); past training.reference_check_tolerance every rank raises, rank 0 having recorded
+    the refusal. Returns the gap, logged as the step's `reference_gap`."""
+    gathered = [(-1.0 if gap is None else gap, where)]
+    if context.world_size > 1 and dist.is_available() and dist.is_initialized():
+        gathered = [None] * context.world_size
+        dist.all_gather_object(gathered, (-1.0 if gap is None else gap, where))
+    worst, at = max(gathered, key=lambda entry: entry[0])
+    tolerance = config.training.reference_check_tolerance
+    if worst < 0:  # no reference log-probs (reference-free T-SPIN, SFT)
+        return None
+    if worst <= tolerance:
+        return worst
+    prompt_id, answer = at
+    names = objective(config).answers.strip("()").split(", ")
+    t = config.training
+    if config.model.dtype != t.compute_dtype:
+        cause = (f"the reference was scored in model.dtype {config.model.dtype} and training computes in "
+                 f"training.compute_dtype {t.compute_dtype}; score and train in the same dtype, or raise the tolerance")
+    else:
+        cause = ("the reference came from another kernel or model than the one training starts from, or from other "
+                 "token ids than training reads (a tokenizer or chat template that differs between the engines and "
+                 "training)")
+    message = (f"reference check failed: at the iteration's first step the policy is its own reference p_t, yet its "
+               f"log-prob of the {names[answer]} answer of prompt_id {prompt_id} differs from the stored reference by "
+               f"{worst:.3f} nats per token (training.reference_check_tolerance {tolerance}); likely cause: {cause}")
+    if context.rank == 0:
+        atomic_write_json(join(train_dir, REFUSAL), {"error": message})
+    raise TrainingDataError(message)
 
 
 def read_metrics_log(train_dir: str) -> list[dict]:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from spin_ray.algorithms import TrainingDataError, objective
 from spin_ray.config import Config, build_config
 from spin_ray.logs import quiet_library_logs
-from spin_ray.storage import atomic_write_json, is_local, join, read_json
+from spin_ray.storage import atomic_write_json, is_local, join, read_json, remove
 from spin_ray.training.checkpoint import export_complete
 
 
@@ -140,7 +140,16 @@ def run_training(config: Config, dataset, model_path: str, train_dir: str, expor
         datasets={"train": dataset, **({"validation": validation} if validation is not None else {})},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    trainer.fit()
+    from spin_ray.training.loop import REFUSAL, read_refusal
+
+    remove(join(train_dir, REFUSAL))  # a refusal of an earlier job is for its config; this one checks again
+    try:
+        trainer.fit()
+    except Exception:
+        refused = read_refusal(train_dir)
+        if refused:  # a worker refused the stage for a reason no restart fixes: one line, not Ray's traceback
+            raise TrainingDataError(refused) from None
+        raise
     summary = read_json(join(train_dir, "summary.json"))
     if summary is None or not export_complete(export_dir):
         raise RuntimeError(f"training into {export_dir} ended without an export")

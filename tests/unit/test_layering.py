@@ -11,7 +11,7 @@ LAYERS = [
     {"spin_ray", "spin_ray.algorithms", "spin_ray.gsm8k", "spin_ray.stats", "spin_ray.losses", "spin_ray.packed_attention",
      "spin_ray.tokenization", "spin_ray.logprobs", "spin_ray.storage", "spin_ray.layout", "spin_ray.lease",
      "spin_ray.workers", "spin_ray.logs", "spin_ray.collapse", "spin_ray.selection"},
-    {"spin_ray.config", "spin_ray.data", "spin_ray.models", "spin_ray.prepare"},
+    {"spin_ray.config", "spin_ray.data", "spin_ray.models", "spin_ray.prepare", "spin_ray.plan"},
     {"spin_ray.generation", "spin_ray.generation.engine", "spin_ray.generation.hf_engine",
      "spin_ray.generation.vllm_engine", "spin_ray.generation.shards", "spin_ray.generation.progress",
      "spin_ray.generation.stages", "spin_ray.generation.pipeline", "spin_ray.oracle"},
@@ -22,7 +22,8 @@ LAYERS = [
     {"spin_ray.driver", "spin_ray.cli"},
 ]
 WITHOUT_RAY = {"spin_ray.stats", "spin_ray.losses", "spin_ray.logprobs", "spin_ray.tokenization", "spin_ray.packed_attention",
-               "spin_ray.algorithms", "spin_ray.gsm8k", "spin_ray.training.loop", "spin_ray.collapse", "spin_ray.selection"}
+               "spin_ray.algorithms", "spin_ray.gsm8k", "spin_ray.training.loop", "spin_ray.collapse", "spin_ray.selection",
+               "spin_ray.plan", "spin_ray.training.parallel"}
 
 
 def _modules() -> dict[str, ast.Module]:
