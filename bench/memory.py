@@ -4,7 +4,9 @@ Each setting trains a few steps of `spin_ray.training.loop.train` (the loop jobs
 sequence has exactly the config's longest prompt and answer, so the plan's worst case is the case measured. Workers are
 fresh processes (1 or 2 gloo ranks, one core each), as torchrun would start them; no Ray. Per rank:
 
-  rss_start      resident memory after the imports, before any model (the plan's `runtime` line is this number)
+  rss_start      resident memory after the imports, before any model
+  rss_loaded     resident memory with the model loaded and sharded; less the loaded weights, it is the plan's
+                 `runtime` line (the interpreter and libraries, as the CUDA context is on a GPU)
   load_peak      peak resident memory up to the first step (the model load and sharding)
   train_peak     peak resident memory over the steps (VmHWM, reset after the load through /proc/self/clear_refs)
   tokens/s       training tokens over the steps' wall time, from the loop's summary
@@ -170,7 +172,10 @@ def run_setting(name: str, model: str, steps: int, scratch: str) -> dict:
     shape = ModelShape.from_config(read_model_config(model))
     run = training_shape(config, workers, checkpointing=config.training.activation_checkpointing is True,
                          sharded_accumulation=config.training.gradient_accumulation == "sharded")
-    runtime = int(statistics.median(r["rss_start"] for r in ranks))
+    # the process's own memory: interpreter, torch, transformers, gloo, tokenizer, Python objects; what it held with the
+    # model loaded, less the loaded weights (the plan's runtime line, as the CUDA context is on a GPU)
+    weights = training_memory(shape, run).device["master weights (fp32)"]
+    runtime = int(statistics.median(r["rss_loaded"] for r in ranks)) - weights
     plan = training_memory(shape, run, runtime_bytes=runtime)
     return {"setting": name, "model": os.path.basename(model.rstrip("/")), "workers": workers, "objective": objective,
             "micro_batch": micro, "prompt_tokens": prompt, "answer_tokens": answer,

@@ -17,11 +17,17 @@ from spin_ray.driver import RunAlreadyActive
 from spin_ray.generation.shards import GenerationError
 from spin_ray.layout import RunLayout
 from spin_ray.models import ModelResolutionError
+from spin_ray.plan import PlanError
 from spin_ray.storage import StorageError, preflight
+
+
+class PlanRefused(PlanError):
+    """A config whose memory plan does not fit the GPUs its phases ask for."""
+
 
 # Errors that are the user's input or environment, not our bug: print the message, no traceback, exit 2.
 USER_ERRORS = (ConfigError, DataError, ModelResolutionError, GenerationError, TrainingDataError, StorageError,
-               RunAlreadyActive, ResourceError)
+               RunAlreadyActive, ResourceError, PlanError)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +137,26 @@ def _unwrap_remote(error: Exception) -> Exception:
     return cause if isinstance(cause, USER_ERRORS) else error
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from spin_ray.plan import Assumptions, format_plan, make_plan
+
+    config = _config(args)
+    plan = make_plan(config, Assumptions.parse(args.assume or []))
+    print(format_plan(plan, config))
+    return 0 if plan.fits else 1
+
+
+def _check_plan(config) -> None:
+    """Refuse, before any model loads or any GPU is paid for, a config whose plan does not fit its node types."""
+    from spin_ray.plan import make_plan
+
+    if not (config.training.use_gpu or config.generation.use_gpu):
+        return  # CPU runs: host memory is the node's, not checked here
+    plan = make_plan(config)
+    if not plan.fits:
+        raise PlanRefused(f"{plan.problems[0]} (spin-ray plan shows the whole plan)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import ray
 
@@ -144,6 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     layout = RunLayout.of(config)
     preflight(layout.root)  # a bucket that is missing, unreachable or read-only stops here, before any work
     _check_inputs(config)
+    _check_plan(config)
     holder = live_holder(layout.lease)
     ended = None
     if holder is not None:
@@ -355,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iteration", type=int, default=None, help="the model trained in iteration T")
     p.add_argument("--last", action="store_true", help="the last trained model, whatever the selection")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plan", help="memory per training worker and engine replica, time and bytes per iteration, and "
+                       "whether the run fits its GPUs (no Ray; reads the model's config.json only)")
+    _add_config_args(p)
+    p.add_argument("--assume", action="append", metavar="name=value",
+                   help="override an assumption (training_mfu, engine_mfu, prompts, answer_share, ...); repeatable")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("status", help="print where a run stands (phases, attempts, timings)")
     p.add_argument("run", help="run folder ({storage_path}/{run.name}) or the run's config YAML")

@@ -142,31 +142,93 @@ def check_feasible(requests: list[Request], source: str, types: list[NodeType]) 
                                 f"{source} can ever hold ({capacity}); lower {request.key}")
 
 
+def _placement_groups() -> dict[str, "gcs_pb2.PlacementGroupTableData"]:  # noqa: F821
+    """Every placement group of the cluster by id (hex), as the GCS holds it: with its creator actor and job and
+    whether they died. Private: ray.util.placement_group_table() has no creator, which tells an orphan apart."""
+    import ray
+    from ray.core.generated import gcs_pb2
+
+    groups = {}
+    for raw in ray._private.state.state._connect_and_get_accessor().get_placement_group_table():
+        group = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        groups[group.placement_group_id.hex()] = group
+    return groups
+
+
+def _remove_group(group_id: str) -> None:
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+
+
 def release_orphaned_groups(echo=print) -> int:
     """Remove this job's placement groups whose creating actor has died; return how many.
 
     Ray frees a placement group only once both its creator actor and its job are gone. A driver actor that
     Ray restarts lives on in the same job, so the groups of what it had started (Ray Train's worker group,
     Ray Data's pools) would hold their nodes until the job ends, and the restarted driver would wait on
-    them for `run.resource_wait_s` and fail (seen with Ray 2.60's Ray Train). Ray has no public listing of
-    a group's creator, so this reads the GCS table directly.
+    them for `run.resource_wait_s` and fail (seen with Ray 2.60's Ray Train).
     """
     import ray
     from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     job = ray.get_runtime_context().get_job_id()
     removed = 0
-    # Private: ray.util.placement_group_table() returns no creator actor/job liveness, which tells an orphan apart.
-    for raw in ray._private.state.state._connect_and_get_accessor().get_placement_group_table():
-        group = gcs_pb2.PlacementGroupTableData.FromString(raw)
+    for group_id, group in _placement_groups().items():
         orphaned = group.creator_actor_dead and not group.creator_job_dead and not group.is_detached
         if orphaned and group.creator_job_id.hex() == job and group.state != gcs_pb2.PlacementGroupTableData.REMOVED:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+            _remove_group(group_id)
             removed += 1
     if removed:
         echo(f"[spin-ray] released {removed} placement group(s) left by actors that died (a restarted driver's)")
     return removed
+
+
+def end_earlier_worker_group(train_dir: str, limit_s: float, echo=print) -> dict | None:
+    """Before a training phase asks for workers: end the worker group an earlier attempt of this phase (this run's
+    train folder) left alive, and wait up to `limit_s` until its resources are back. Its controller, which would
+    start the workers again, is fate-shared with the driver that died; it is waited for, then the group removed,
+    which ends the workers in it. Returns what was ended and how long it took, or None when nothing was left."""
+    from ray.core.generated import gcs_pb2
+
+    from spin_ray.storage import join, read_json, remove
+    from spin_ray.training.trainer import WORKER_GROUP
+
+    record = read_json(join(train_dir, WORKER_GROUP))
+    if not record:
+        return None
+    group_id = record["placement_group"]
+    started = time.monotonic()
+    deadline = started + limit_s
+    removed_state = gcs_pb2.PlacementGroupTableData.REMOVED
+    group = _placement_groups().get(group_id)
+    if group is None or group.state == removed_state:
+        remove(join(train_dir, WORKER_GROUP))
+        return None
+    controller = group.creator_actor_id.hex()
+    while not group.creator_actor_dead and time.monotonic() < deadline:  # its controller dies with its dead driver
+        time.sleep(0.5)
+        group = _placement_groups().get(group_id, group)
+    controller_ended = group.creator_actor_dead
+    _remove_group(group_id)
+    while time.monotonic() < deadline:
+        current = _placement_groups().get(group_id)
+        if current is None or current.state == removed_state:
+            break
+        time.sleep(0.5)
+    else:
+        raise ResourceError(f"train: the worker group an earlier attempt left (placement group {group_id}) was not "
+                            f"removed within {limit_s:.0f}s (run.resource_wait_s)")
+    seconds = time.monotonic() - started
+    remove(join(train_dir, WORKER_GROUP))
+    ended = {"placement_group": group_id, "bundles": len(group.bundles), "controller": controller,
+             "controller_was_alive": not controller_ended, "seconds": round(seconds, 2)}
+    echo(f"[spin-ray] train: ended the worker group an earlier attempt left (placement group {group_id[:12]}, "
+         f"{len(group.bundles)} worker bundle(s), its Ray Train controller "
+         f"{'dead' if controller_ended else 'still alive after ' + format(limit_s, '.0f') + 's'}); "
+         f"its resources came back in {seconds:.1f}s")
+    return ended
 
 
 def ensure_resources(config, phase: str, echo=print) -> None:
@@ -189,7 +251,10 @@ def ensure_resources(config, phase: str, echo=print) -> None:
                  + ", ".join(f"{r.count} x {r.what} {_show(r.bundle)}" for r in requests))
         # PlacementGroup.wait may return a little before its timeout: wait out the whole limit
         while not ready and time.monotonic() < deadline:
-            ready = group.wait(timeout_seconds=max(1, math.ceil(deadline - time.monotonic())))
+            # a group whose creator died after the first look (a dead driver's Ray Train controller dies some time
+            # after its driver) is released as soon as it is orphaned, not after the whole wait
+            release_orphaned_groups(echo)
+            ready = group.wait(timeout_seconds=max(1, min(10, math.ceil(deadline - time.monotonic()))))
         if not ready:
             available = ray.available_resources()
             raise ResourceError(

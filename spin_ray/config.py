@@ -135,6 +135,9 @@ class GenerationConfig(_Section):
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM only: GPUs per engine replica.")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vLLM only: share of GPU memory.")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0.0, description="Memory of each generation GPU, for `spin-ray plan` and the preflight; null takes it "
+        "from generation.accelerator_type (A100-80G, H100, L4, ...).")
     accelerator_type: str | None = Field(
         None, description="Ray accelerator type the engine replicas require (e.g. L4, H100): they land only on nodes "
         "that declare it (the cluster files label their node types)."
@@ -245,6 +248,10 @@ class TrainingConfig(_Section):
         "log-probs should be ~0: beyond this mean difference per answer token (nats) on any answer, training stops "
         "and names the likely cause (dtype, kernel, tokenization). null turns the check off.")
     use_gpu: bool = Field(False, description="One GPU per worker and NCCL; false trains on CPU with gloo.")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0.0, description="Memory of each training GPU, for `spin-ray plan` and the preflight that refuses a "
+        "config that cannot fit; null takes it from training.accelerator_type (A100 is taken as 40 GB: name A100-80G "
+        "for the 80 GB card).")
     accelerator_type: str | None = Field(
         None, description="Ray accelerator type the training workers require (e.g. H100), so they land on the "
         "training node type the cluster intends."
@@ -349,6 +356,10 @@ class RunConfig(_Section):
 class IterationsConfig(_Section):
     count: int = Field(3, ge=0, description="Self-play iterations to run (0: only the SFT warm start and the baseline "
                        "evaluation).")
+    learning_rates: list[Annotated[float, Field(gt=0.0)]] | None = Field(
+        None, min_length=1, description="Peak learning rate of each iteration, the last one repeating (the paper: "
+        "[5.0e-7, 1.0e-7]: 5e-7 in iteration 0, 1e-7 after); null: training.learning_rate in every iteration (the SFT "
+        "warm start always takes training.learning_rate).")
     mix_previous: bool = Field(
         False, description="Also train on the previous iteration's pairs, as the official recipe does; their "
         "log-probs under the new reference are scored by the engine pass that answers the iteration's prompts."
@@ -492,6 +503,8 @@ OPERATIONAL_KEYS = frozenset(
         "training.gradient_accumulation",
         "training.cpu_offload",
         "training.load_on_rank0",
+        "training.gpu_memory_gb",
+        "generation.gpu_memory_gb",
         "training.reference_check_tolerance",
         "model.cache_dir",
         "sppo.reward_replicas",

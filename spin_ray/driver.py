@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from spin_ray.algorithms import STABILISERS, objective
-from spin_ray.cluster import ensure_resources
+from spin_ray.cluster import end_earlier_worker_group, ensure_resources
 from spin_ray.collapse import collapse_signals
 from spin_ray.config import Config, build_config
 from spin_ray.layout import RunLayout
@@ -69,6 +69,9 @@ class Phases:
         self.manifest.start(name, iteration)
         started = time.perf_counter()
         try:
+            if PHASE_KIND[name] == "train":  # what an earlier attempt's workers still hold is ended first
+                layout = RunLayout.of(self.config)
+                end_earlier_worker_group(layout.train(iteration), self.config.run.resource_wait_s, self.echo)
             ensure_resources(self.config, PHASE_KIND[name], self.echo)
             out = body()
         except BaseException as error:
@@ -286,8 +289,8 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
             def train() -> Produced:
                 training = iteration_set(config, layout, t, pairs, opponent)
                 with tracker.following(layout.train(t), f"iter_{t}", steps_before(manifest.data, t)):
-                    return _train(config, layout, t, training.dataset, opponent, training.source, training.metrics,
-                                  training.artifacts)
+                    return _train(iteration_config(config, t), layout, t, training.dataset, opponent, training.source,
+                                  training.metrics, training.artifacts)
 
             record, _ = phases.run("train", t, train)
             next_model = record["artifacts"]["model"]
@@ -322,6 +325,15 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
         if tracker is not None:  # the run failed: what was logged stays, the tracking run ends as failed
             tracker.close(failed=True)
         lease.release()
+
+
+def iteration_config(config: Config, t: int) -> Config:
+    """The config iteration t trains with: its learning rate from iterations.learning_rates, when set."""
+    rates = config.iterations.learning_rates
+    if not rates:
+        return config
+    rate = rates[min(t, len(rates) - 1)]
+    return config.model_copy(update={"training": config.training.model_copy(update={"learning_rate": rate})})
 
 
 def steps_before(manifest: dict, t: int) -> int:

@@ -94,13 +94,15 @@ class ModelShape:
 
 
 def read_model_config(model: str, cache_dir: str | None = None, trust_remote_code: bool = False) -> dict:
-    """The config.json of a model spec: an alias (its converted folder), a local folder, a storage URL, the local hub
-    cache or the hub (only that file), else a copy shipped with spin_ray for a few public models."""
+    """The config.json of a model spec: a copy shipped with spin_ray for a few public models (the paper's), an alias
+    (its converted folder), a local folder, a storage URL, or the hub (only that file)."""
     from importlib import resources
 
     from spin_ray.models import resolve_model
 
     shipped = resources.files("spin_ray") / "builtin_data" / "model_configs" / (model.replace("/", "--") + ".json")
+    if shipped.is_file():  # a copy of a public model's config.json: no hub round trip (and none offline)
+        return json.loads(shipped.read_text())
     try:
         resolved = resolve_model(model, cache_dir)
     except Exception:
@@ -119,8 +121,6 @@ def read_model_config(model: str, cache_dir: str | None = None, trust_remote_cod
                 return json.load(handle)
         except Exception:  # offline, gated or unknown: the shipped copy, if any
             pass
-    if shipped.is_file():
-        return json.loads(shipped.read_text())
     raise PlanError(f"model {model!r}: cannot read its config.json (not local, not in the hub cache, hub unreachable)")
 
 
@@ -160,9 +160,7 @@ def training_shape(config, workers: int | None = None, checkpointing: bool | Non
     choices left to auto are taken as given here (None: off, unsharded)."""
     t, d = config.training, config.data
     chosen = objective(config)
-    answers = len(chosen.answers.strip("()").split(","))
-    if chosen.name == "sppo":
-        answers = 2  # its winner and loser
+    answers = len([name for name in chosen.answers.strip("()").split(",") if name.strip()])  # SPPO: winner, loser
     answer = max(d.max_response_tokens, config.generation.max_new_tokens + 1) if chosen.columns else d.max_response_tokens
     world = workers or t.num_workers[1]
     per_rank = t.global_batch_size // max(1, world)
@@ -232,6 +230,9 @@ def training_memory(shape: ModelShape, run: TrainingShape, runtime_bytes: int = 
     if run.checkpointing:  # one layer's full activations exist while it is recomputed in backward
         activations += run.tokens * shape.activation_bytes_per_token(e, False)
     memory.device["activations"] = activations
+    # the optimizer step's temporaries (torch's foreach RMSprop and AdamW: sqrt of the squared averages, one shard
+    # size) come after the activations are freed; the larger of the two is the peak
+    memory.device["activations"] = max(activations, 4 * shard)
     rows = run.logits_chunk_rows or run.answer_token_count
     # a chunk's logits in the compute dtype, their float32 copy and float32 gradient
     memory.device["logits"] = min(rows, run.answer_token_count) * shape.vocab * (e + 8)
@@ -277,7 +278,7 @@ def choose_layout(config, shape: ModelShape | None, workers: int, device_bytes: 
             full_copy = (DTYPE_BYTES[t.compute_dtype] + 4) * shape.parameters
             sharded = full_copy > UNSHARDED_ACCUMULATION_SHARE * device_bytes
             reasons.append(f"accumulation {'sharded' if sharded else 'unsharded'}: the full copy is "
-                           f"{full_copy / GB:.1f} GB of {device_bytes / GB:.0f} GB")
+                           f"{full_copy / GB:.1f} GiB of {device_bytes / GB:.0f} GiB")
     else:
         sharded = accumulation == "sharded"
     if checkpointing == "auto":
@@ -286,5 +287,329 @@ def choose_layout(config, shape: ModelShape | None, workers: int, device_bytes: 
             run = training_shape(config, workers, checkpointing=False, sharded_accumulation=sharded)
             peak = training_memory(shape, run, runtime_bytes).device_total
             checkpointing = peak > FIT_SHARE * device_bytes
-            reasons.append(f"checkpointing {'on' if checkpointing else 'off'}: {peak / GB:.1f} GB without it")
+            reasons.append(f"checkpointing {'on' if checkpointing else 'off'}: {peak / GB:.1f} GiB without it")
     return TrainingLayout(bool(checkpointing), sharded, "; ".join(reasons))
+
+
+# ---- the whole run: node types, engines, time and bytes ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Accelerator:
+    """A GPU as Ray names it (the accelerator_type the cluster files declare): memory, dense bf16 peak, bandwidth."""
+
+    memory_gb: float
+    peak_tflops: float  # dense bf16 (fp16 for V100 and T4)
+    bandwidth_gbs: float
+
+
+# Datasheet figures (dense, no sparsity). A100 alone is ambiguous (40 or 80 GB): the smaller is assumed; name
+# A100-80G (what Ray reports for an 80 GB card) or set training.gpu_memory_gb.
+ACCELERATORS = {
+    "A100": Accelerator(40, 312, 1555), "A100-40G": Accelerator(40, 312, 1555), "A100-80G": Accelerator(80, 312, 2039),
+    "H100": Accelerator(80, 989, 3350), "H200": Accelerator(141, 989, 4800), "B200": Accelerator(180, 2250, 8000),
+    "L4": Accelerator(24, 121, 300), "L40S": Accelerator(48, 362, 864), "A10G": Accelerator(24, 70, 600),
+    "V100": Accelerator(16, 125, 900), "T4": Accelerator(16, 65, 320),
+}
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """What the plan cannot read from a config; each can be set with `spin-ray plan --assume name=value`."""
+
+    training_mfu: float = 0.40  # GPU training (FSDP2, bf16); the CPU's measured share is cpu_training_mfu
+    cpu_training_mfu: float = 0.45  # this loop on 2 CPU cores: 37-51% measured (docs/performance.md)
+    engine_mfu: float = 0.30  # decoding's share of the peak when compute-bound (large batches)
+    cpu_engine_gflops: float = 0.0  # a CPU engine's matmul rate; 0 measures this machine's
+    cpu_training_gflops: float = 0.0  # a CPU worker's matmul rate (per core); 0 measures this machine's
+    prompt_share: float = 0.5  # mean prompt length / data.max_prompt_tokens
+    answer_share: float = 0.5  # mean answer length / its limit (generated and human alike)
+    prompts: int = 0  # prompts per iteration; 0 takes data.limit, else counts the local data file's rows
+    engine_overhead_gb: float = 2.0  # vLLM's activations and CUDA graphs per GPU, beside weights and KV cache
+    engine_step_ms: float = 5.0  # vLLM's shortest decoding step (scheduling, sampling): small models' bound
+
+    @classmethod
+    def parse(cls, pairs: list[str]) -> "Assumptions":
+        values = {}
+        for pair in pairs:
+            name, _, raw = pair.partition("=")
+            if name not in cls.__dataclass_fields__ or not raw:
+                known = ", ".join(cls.__dataclass_fields__)
+                raise PlanError(f"--assume {pair!r}: expected name=value with name one of {known}")
+            kind = type(getattr(cls(), name))
+            values[name] = kind(float(raw)) if kind is int else kind(raw)
+        return cls(**values)
+
+
+def accelerator(name: str | None, memory_gb: float | None) -> tuple[str, Accelerator | None]:
+    """(a label for it, the GPU) of a phase's accelerator_type and gpu_memory_gb keys; memory_gb overrides the
+    table's memory (and names a GPU the table does not know, with the A100's rates)."""
+    known = ACCELERATORS.get(name) if name else None
+    if memory_gb:
+        base = known or ACCELERATORS["A100"]
+        return f"{name or 'GPU'} {memory_gb:g} GB", Accelerator(memory_gb, base.peak_tflops, base.bandwidth_gbs)
+    if known is None:
+        return name or "GPU (unknown type)", None
+    return name if name.endswith("G") and name[-3:-1].isdigit() else f"{name} {known.memory_gb:g} GB", known
+
+
+@dataclass
+class EnginePlan:
+    """One engine replica of size tensor_parallel_size, per GPU."""
+
+    weights: int
+    kv_cache: int
+    kv_per_sequence: int
+    sequences: int  # sequences of the config's lengths whose KV cache fits at once
+    tokens_per_second: float
+    fits: bool
+    why: str = ""
+
+
+def engine_plan(config, shape: ModelShape, gpu: Accelerator | None, assumptions: Assumptions,
+                cpu_gflops: float) -> EnginePlan:
+    """Weights and KV cache per GPU of one replica, how many sequences run at once, and its decoding rate: each step
+    reads the weights once (bandwidth-bound) or computes 2 N FLOPs per sequence (compute-bound), whichever is
+    slower."""
+    gen = config.generation
+    tp = gen.tensor_parallel_size
+    element = DTYPE_BYTES[config.model.dtype]
+    weights = math.ceil(shape.parameters * element / tp)
+    kv_per_token = 2 * shape.layers * shape.kv_width * element // tp
+    length = config.data.max_prompt_tokens + gen.max_new_tokens
+    kv_per_sequence = kv_per_token * length
+    if gpu is None:  # CPU: vLLM's KV cache space is its own setting (VLLM_CPU_KVCACHE_SPACE); batch as configured
+        sequences = gen.batch_size
+        rate = cpu_gflops * 1e9 * assumptions.engine_mfu / (2 * shape.parameters)  # compute-bound on a CPU
+        return EnginePlan(weights, kv_per_sequence * sequences, kv_per_sequence, sequences, rate, True)
+    budget = gpu.memory_gb * GB * gen.gpu_memory_utilization - weights - assumptions.engine_overhead_gb * GB
+    sequences = max(0, int(budget // kv_per_sequence))
+    fits = sequences >= 1
+    batch = max(1, min(sequences, gen.batch_size))
+    step = max(shape.parameters * element / tp / (gpu.bandwidth_gbs * 1e9),
+               2 * shape.parameters * batch / tp / (gpu.peak_tflops * 1e12 * assumptions.engine_mfu),
+               assumptions.engine_step_ms / 1e3)
+    why = "" if fits else (f"the weights ({weights / GB:.1f} GB per GPU) leave no room for one sequence's KV cache at "
+                           f"generation.gpu_memory_utilization {gen.gpu_memory_utilization}; raise "
+                           "generation.tensor_parallel_size or use a larger GPU")
+    return EnginePlan(weights, max(0, int(budget)), kv_per_sequence, sequences, batch / step, fits, why)
+
+
+def count_prompts(config, assumptions: Assumptions) -> tuple[int, str]:
+    """Prompts per iteration and where the number comes from."""
+    if assumptions.prompts:
+        return assumptions.prompts, "--assume prompts"
+    if config.data.limit:
+        return config.data.limit, "data.limit"
+    from spin_ray.data import BUILTIN_DATASETS, resolve_source
+
+    source, _ = resolve_source(config.data.train, config.data)
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(source)
+        if config.data.train.lower() in BUILTIN_DATASETS or (fs.protocol in ("file", ("file", "local"))
+                                                              and path.endswith((".jsonl", ".ndjson"))):
+            with fs.open(path, "rb") as handle:
+                return sum(1 for line in handle if line.strip()), f"rows of {config.data.train}"
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            with fs.open(path, "rb") as handle:
+                return pq.ParquetFile(handle).metadata.num_rows, f"rows of {config.data.train}"
+    except (OSError, ValueError):
+        pass
+    raise PlanError(f"cannot count the prompts of {config.data.train} without reading it: set data.limit or "
+                    "--assume prompts=N")
+
+
+@dataclass
+class Plan:
+    """Everything `spin-ray plan` prints, and what `spin-ray run` refuses on."""
+
+    shape: ModelShape
+    assumptions: Assumptions
+    training_gpu: str
+    generation_gpu: str
+    workers: int
+    layout: TrainingLayout
+    memory: Memory
+    memory_without_checkpointing: Memory
+    engine: EnginePlan
+    prompts: int
+    prompts_source: str
+    seconds: dict[str, float]
+    bytes: dict[str, int]
+    problems: list[str]  # why it does not fit, each naming the key to change
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+
+def make_plan(config, assumptions: Assumptions | None = None, model_config: dict | None = None) -> Plan:
+    """The plan of a run: training memory per worker on its node type, each engine replica, time and bytes per
+    iteration, and whether it fits."""
+    assumptions = assumptions or Assumptions()
+    raw = model_config or read_model_config(config.model.name, config.model.cache_dir, config.model.trust_remote_code)
+    shape = ModelShape.from_config(raw, config.model.name)
+    t, gen = config.training, config.generation
+    workers = t.num_workers[1]
+    train_label, train_gpu = accelerator(t.accelerator_type, t.gpu_memory_gb) if t.use_gpu else ("CPU", None)
+    gen_label, gen_gpu = accelerator(gen.accelerator_type, gen.gpu_memory_gb) if gen.use_gpu else ("CPU", None)
+    problems = []
+    if t.use_gpu and train_gpu is None:
+        problems.append(f"training.accelerator_type {t.accelerator_type!r}: its GPU memory is unknown; set "
+                        f"training.gpu_memory_gb (known types: {', '.join(ACCELERATORS)})")
+    if gen.use_gpu and gen_gpu is None:
+        problems.append(f"generation.accelerator_type {gen.accelerator_type!r}: its GPU memory is unknown; set "
+                        f"generation.gpu_memory_gb (known types: {', '.join(ACCELERATORS)})")
+    device_bytes = int(train_gpu.memory_gb * GB) if train_gpu else None
+    runtime = GPU_RUNTIME_BYTES if t.use_gpu else 0
+    layout = choose_layout(config, shape, workers, device_bytes, runtime)
+    run = training_shape(config, workers, layout.activation_checkpointing, layout.sharded_accumulation)
+    memory = training_memory(shape, run, runtime)
+    without = training_memory(shape, training_shape(config, workers, False, layout.sharded_accumulation), runtime)
+    if device_bytes and memory.device_total > FIT_SHARE * device_bytes:
+        problems.append(_training_refusal(config, memory, device_bytes, train_label, layout))
+    cpu_rate = assumptions.cpu_engine_gflops or (measured_cpu_gflops(gen.threads_per_replica or
+                                                                     int(gen.cpus_per_replica) or 1)
+                                                if not gen.use_gpu else 0.0)
+    engine = engine_plan(config, shape, gen_gpu, assumptions, cpu_rate)
+    if not engine.fits:
+        problems.append(f"generation: a {gen_label} engine replica does not fit: {engine.why}")
+    prompts, source = count_prompts(config, assumptions)
+    seconds = iteration_seconds(config, shape, train_gpu, engine, prompts, layout, assumptions)
+    return Plan(shape, assumptions, train_label, gen_label, workers, layout, memory, without, engine, prompts, source,
+                seconds, iteration_bytes(config, shape, prompts, assumptions), problems)
+
+
+def _training_refusal(config, memory: Memory, device_bytes: int, label: str, layout: TrainingLayout) -> str:
+    t = config.training
+    biggest = max(memory.device, key=memory.device.get)
+    keys = []
+    if biggest == "activations":
+        keys += ["training.micro_batch_size", "data.max_prompt_tokens / data.max_response_tokens"]
+        if not layout.activation_checkpointing:
+            keys.append("training.activation_checkpointing=true")
+    if not t.cpu_offload and t.num_workers[0] > 1:
+        keys.append("training.cpu_offload=true")
+    if not layout.sharded_accumulation and t.num_workers[0] > 1:
+        keys.append("training.gradient_accumulation=sharded")
+    keys += ["more training.num_workers", "a GPU with more memory (training.accelerator_type)"]
+    return (f"training: a worker needs {memory.device_total / GB:.1f} GiB of its {label} GPU, over the "
+            f"{FIT_SHARE:.0%} planned ({FIT_SHARE * device_bytes / GB:.1f} GiB), {biggest} "
+            f"{memory.device[biggest] / GB:.1f} GiB of it; change {', '.join(keys)}")
+
+
+def measured_cpu_gflops(threads: int) -> float:
+    """This machine's fp32 matmul rate at `threads` threads (half a second of torch.mm)."""
+    import time
+
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        torch.mm(a, b)
+        best = 0.0
+        for _ in range(3):
+            started = time.perf_counter()
+            for _ in range(4):
+                torch.mm(a, b)
+            best = max(best, 4 * 2 * 1024**3 / (time.perf_counter() - started))
+        return best / 1e9
+    finally:
+        torch.set_num_threads(previous)
+
+
+def iteration_seconds(config, shape: ModelShape, gpu: Accelerator | None, engine: EnginePlan, prompts: int,
+                      layout: TrainingLayout, assumptions: Assumptions) -> dict[str, float]:
+    """One iteration's phases: generation (its answer tokens over the fleet's decoding rate), training (its FLOPs over
+    the workers' peak x MFU), evaluation (the held-out and validation answers)."""
+    t, gen, d = config.training, config.generation, config.data
+    answer = gen.max_new_tokens * assumptions.answer_share
+    fleet = engine.tokens_per_second * gen.replicas[1]
+    seconds = {"generation": prompts * gen.num_samples * answer / fleet if objective(config).columns else 0.0}
+    pairs = prompts * (2 if config.iterations.mix_previous else 1)
+    mean = TrainingShape(1, 1, training_shape(config, 1).answers, int(d.max_prompt_tokens * assumptions.prompt_share),
+                         int(max(d.max_response_tokens, gen.max_new_tokens) * assumptions.answer_share),
+                         DTYPE_BYTES[t.compute_dtype], layout.activation_checkpointing, False, False, False, 1,
+                         t.logits_chunk_rows)
+    flops = micro_batch_flops(shape, mean) * pairs * t.epochs
+    if gpu is not None:
+        rate = t.num_workers[1] * gpu.peak_tflops * 1e12 * assumptions.training_mfu
+    else:
+        per_core = assumptions.cpu_training_gflops or measured_cpu_gflops(1)
+        rate = t.num_workers[1] * max(1, int(t.cpus_per_worker)) * per_core * 1e9 * assumptions.cpu_training_mfu
+    seconds["training"] = flops / rate
+    evaluated = (config.evaluation.prompts or 0) + (config.evaluation.validation_prompts or 0)
+    eval_answer = (config.evaluation.max_new_tokens or gen.max_new_tokens) * assumptions.answer_share
+    seconds["evaluation"] = evaluated * eval_answer / fleet if config.evaluation.enabled else 0.0
+    seconds["total"] = sum(seconds.values())
+    return seconds
+
+
+def iteration_bytes(config, shape: ModelShape, prompts: int, assumptions: Assumptions) -> dict[str, int]:
+    """What one iteration writes to run.storage_path: the export, the checkpoints while it trains (removed once the
+    export is complete), the generation shards (int32 token ids and float log-probs, before parquet's compression)."""
+    t, gen, d = config.training, config.generation, config.data
+    n = shape.parameters
+    checkpoint = n * 4 * (1 + OPTIMIZER_STATES[t.optimizer])
+    row = 4 * (d.max_prompt_tokens * assumptions.prompt_share + d.max_response_tokens * assumptions.answer_share
+               + gen.num_samples * gen.max_new_tokens * assumptions.answer_share) + 8 * (gen.num_samples + 2)
+    return {"export": n * DTYPE_BYTES[config.model.dtype],
+            "checkpoints (while training)": checkpoint * t.keep_checkpoints,
+            "generation shards": int(row * prompts)}
+
+
+def format_plan(plan: Plan, config) -> str:
+    """The table `spin-ray plan` prints."""
+    t, gen = config.training, config.generation
+    gb = lambda value: f"{value / GB:8.2f} GiB"  # noqa: E731
+    s = plan.shape
+    lines = [f"model {config.model.name}: {s.model_type}, {s.parameters:,} parameters ({s.layers} layers, hidden "
+             f"{s.hidden}, {s.heads} heads / {s.kv_heads} kv, vocab {s.vocab}{', tied' if s.tied else ''})",
+             "",
+             f"training, per worker ({plan.workers} x {plan.training_gpu}; compute {t.compute_dtype}, master weights "
+             f"float32, micro-batch {t.micro_batch_size} x {training_shape(config).answers} answers x "
+             f"{config.data.max_prompt_tokens}+{training_shape(config).answer_tokens} tokens)"]
+    for name, value in plan.memory.device.items():
+        lines.append(f"  {name:<40}{gb(value)}")
+    for name, value in plan.memory.host.items():
+        lines.append(f"  {name + ' (host, offloaded)':<40}{gb(value)}")
+    lines.append(f"  {'total per GPU' if t.use_gpu else 'total per worker':<40}{gb(plan.memory.device_total)}"
+                 + (f"  (+ {plan.memory.host_total / GB:.2f} GiB of host memory)" if plan.memory.host else ""))
+    checkpointing = "on" if plan.layout.activation_checkpointing else "off"
+    lines.append(f"  activation checkpointing {checkpointing} (training.activation_checkpointing "
+                 f"{t.activation_checkpointing}); without it the activations are "
+                 f"{plan.memory_without_checkpointing.device['activations'] / GB:.2f} GiB, total "
+                 f"{plan.memory_without_checkpointing.device_total / GB:.2f} GiB")
+    lines.append(f"  gradient accumulation {'sharded' if plan.layout.sharded_accumulation else 'unsharded'} "
+                 f"(training.gradient_accumulation {t.gradient_accumulation})"
+                 + (f"; {plan.layout.reason}" if plan.layout.reason else ""))
+    e = plan.engine
+    lines += ["", f"generation, each engine replica ({gen.replicas[1]} at most, {plan.generation_gpu}, "
+                  f"tensor_parallel_size {gen.tensor_parallel_size}, {config.model.dtype})",
+              f"  {'weights' + (' per GPU' if gen.use_gpu else ''):<40}{gb(e.weights)}",
+              f"  {'KV cache' + (' per GPU' if gen.use_gpu else ''):<40}{gb(e.kv_cache)}"
+              + (f"  (gpu_memory_utilization {gen.gpu_memory_utilization})" if gen.use_gpu else ""),
+              f"  sequences of {config.data.max_prompt_tokens}+{gen.max_new_tokens} tokens at once: {e.sequences}"
+              f" ({e.kv_per_sequence / 2**20:.1f} MB of KV cache each)",
+              f"  decoding: ~{e.tokens_per_second:,.0f} tokens/s per replica",
+              "",
+              f"time per iteration ({plan.prompts:,} prompts, from {plan.prompts_source}; an estimate)"]
+    for name, value in plan.seconds.items():
+        lines.append(f"  {name:<40}{value / 3600:8.2f} h ({value:,.0f} s)")
+    lines += ["", "bytes per iteration in run.storage_path"]
+    for name, value in plan.bytes.items():
+        lines.append(f"  {name:<40}{gb(value)}")
+    a = plan.assumptions
+    lines += ["", "assumptions (--assume name=value): " + ", ".join(f"{k}={getattr(a, k)}"
+                                                                      for k in a.__dataclass_fields__)]
+    lines.append("")
+    if plan.fits:
+        lines.append(f"verdict: fits ({plan.training_gpu} for training, {plan.generation_gpu} for generation)")
+    else:
+        lines += ["verdict: does NOT fit", *(f"  - {problem}" for problem in plan.problems)]
+    return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 from spin_ray.algorithms import ALGORITHMS, SFT
 from spin_ray.layout import RunLayout
@@ -181,13 +182,33 @@ PHASE_ORDER = ("sft", "baseline_eval", "generate", "train", "evaluate")
 ENDED_JOB_STATES = ("STOPPED", "FAILED", "SUCCEEDED")
 
 
+def holder_process_alive(holder: dict) -> bool | None:
+    """Whether the lease holder's process still runs, when it ran on this host (a local run, or status asked on the
+    head node); None when it ran elsewhere."""
+    import socket
+
+    import psutil
+
+    if holder.get("host") != socket.gethostname() or not holder.get("pid"):
+        return None
+    return psutil.pid_exists(int(holder["pid"]))
+
+
 def run_state(manifest: dict, holder: dict | None, holder_job: str | None = None) -> str:
     """running (a live driver holds the run's lease), interrupted (the manifest says running but nobody holds the
-    lease, or Ray says the holder's job has ended: stopped, failed, its node lost), or the manifest's final status.
+    lease, or the holder's job or process has ended: stopped, failed, its node lost), leased (a fresh lease, but
+    neither Ray nor this host could say whether its job still runs), or the manifest's final status.
     `holder_job`: Ray's status of the lease holder's job, when the cluster could be asked."""
     if manifest["status"] != "running":
         return manifest["status"]
-    return "running" if holder is not None and holder_job not in ENDED_JOB_STATES else "interrupted"
+    if holder is None or holder_job in ENDED_JOB_STATES:
+        return "interrupted"
+    if holder_job is not None:
+        return "running"
+    alive = holder_process_alive(holder)
+    if alive is None:
+        return "leased"
+    return "running" if alive else "interrupted"
 
 
 def next_step(manifest: dict) -> str | None:
@@ -212,10 +233,16 @@ def format_status(manifest: dict, holder: dict | None = None, holder_job: str | 
              f"config {manifest['config_hash']}, updated {manifest.get('updated')}"]
     if state == "running":
         lines.append(f"  driven by {holder.get('owner')}")
+    elif state == "leased":
+        left = max(0, round(holder.get("expires_at", 0) - time.time()))
+        lines.append(f"  leased to {holder.get('owner')} on host {holder.get('host')}; whether its job still runs is "
+                     f"unknown here: ask Ray with --address http://<head>:8265 (or set RAY_ADDRESS). If it has ended, "
+                     f"the lease expires in {left}s and the run reads as interrupted")
     elif state == "interrupted":
         step = next_step(manifest)
-        why = (f"its driver's Ray job is {holder_job}" if holder is not None
-               else "no live driver holds the run (stopped job or lost node)")
+        why = ("no live driver holds the run (stopped job or lost node)" if holder is None
+               else f"its driver's Ray job is {holder_job}" if holder_job is not None
+               else f"its driver's process ({holder.get('pid')} on this host) has ended")
         lines.append(f"  {why}; submitting the same config again continues it" + (f" with {step}" if step else ""))
 
     def describe(label: str, phase: dict) -> str:

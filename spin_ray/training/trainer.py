@@ -28,6 +28,23 @@ def _quiet_per_report_lines() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+# Written by a training phase's rank 0 under its train folder: the placement group of its worker group, so a driver
+# that starts the phase over (restarted by Ray, or a resubmitted job) can end what an earlier attempt left
+# (cluster.end_earlier_worker_group).
+WORKER_GROUP = "worker_group.json"
+
+
+def record_worker_group(train_dir: str) -> None:
+    """In a training worker: record its worker group's placement group (and the job) under `train_dir`."""
+    import ray
+    from ray.util import get_current_placement_group
+
+    group = get_current_placement_group()
+    if group is not None:
+        atomic_write_json(join(train_dir, WORKER_GROUP), {"placement_group": group.id.hex(), "recorded": time.time(),
+                                                          "job_id": ray.get_runtime_context().get_job_id()})
+
+
 def _worker_entry(loop_config: dict) -> None:
     from spin_ray.workers import prepare_compute_process
 
@@ -43,6 +60,8 @@ def _worker_entry(loop_config: dict) -> None:
     quiet_library_logs()  # `spin-ray run`'s job hook did this; a training started otherwise (a benchmark) needs it here
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    if rank == 0:
+        record_worker_group(loop_config["train_dir"])
     # Every worker reads the whole pairs set (datasets_to_split=[]): the (seed, epoch) schedule then
     # picks each rank's slice, so any worker count resumes the same data order.
     ingest_started = time.perf_counter()
@@ -150,6 +169,7 @@ def run_training(config: Config, dataset, model_path: str, train_dir: str, expor
         if refused:  # a worker refused the stage for a reason no restart fixes: one line, not Ray's traceback
             raise TrainingDataError(refused) from None
         raise
+    remove(join(train_dir, WORKER_GROUP))  # Ray Train removed the group with the finished fit
     summary = read_json(join(train_dir, "summary.json"))
     if summary is None or not export_complete(export_dir):
         raise RuntimeError(f"training into {export_dir} ended without an export")

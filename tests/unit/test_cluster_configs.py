@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LAUNCHERS = [ROOT / "cluster" / "aws.yaml", ROOT / "cluster" / "gcp.yaml"]
 RAYJOB = ROOT / "cluster" / "kuberay-rayjob.yaml"
 GPU_JOB = ROOT / "jobs" / "gsm8k_smollm2_gpu.yaml"
+RECIPE = ROOT / "jobs" / "spin_zephyr7b_ultrachat.yaml"
 CRD = ROOT / "tests" / "schemas" / "kuberay-v1.7.0" / "ray.io_rayjobs.yaml.gz"
 PHASES = ("generate", "train", "evaluate")
 
@@ -46,13 +47,13 @@ def test_launcher_yaml_passes_rays_validator_and_holds_the_gpu_job(path):
     head = cluster["head_node_type"]
     assert types[head]["resources"].get("GPU", 0) == 0, "the head is a CPU node"
     nodes = [NodeType(name, spec["resources"], 1 if name == head else spec["max_workers"]) for name, spec in types.items()]
-    job = load_config(GPU_JOB)
-    for phase in PHASES:  # the driver's own preflight, on this file's node types
-        check_feasible(phase_requests(job, phase), path.name, nodes)
-    engines = [n for n in nodes if n.resources.get(f"accelerator_type:{job.generation.accelerator_type}")]
-    trainers = [n for n in nodes if n.resources.get(f"accelerator_type:{job.training.accelerator_type}")]
-    assert engines and trainers and {n.name for n in engines}.isdisjoint(n.name for n in trainers)
-    assert all(types[n.name]["min_workers"] == 0 for n in engines), "the generation fleet scales to zero"
+    for job in (load_config(GPU_JOB), load_config(RECIPE)):  # the recipe trains on the 80 GB node type
+        for phase in PHASES:  # the driver's own preflight, on this file's node types
+            check_feasible(phase_requests(job, phase), path.name, nodes)
+        engines = [n for n in nodes if n.resources.get(f"accelerator_type:{job.generation.accelerator_type}")]
+        trainers = [n for n in nodes if n.resources.get(f"accelerator_type:{job.training.accelerator_type}")]
+        assert engines and trainers and {n.name for n in engines}.isdisjoint(n.name for n in trainers)
+        assert all(types[n.name]["min_workers"] == 0 for n in engines), "the generation fleet scales to zero"
 
 
 @pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)

@@ -175,3 +175,33 @@ def test_unreadable_parquet_is_named(tmp_path):
     with pytest.raises(DataError, match="unreadable parquet") as err:
         load_records(str(path))
     assert str(path) in str(err.value)
+
+
+def test_multi_turn_conversations_load_as_ultrachat_has_them(tmp_path, chat):
+    """A row's prompt is every turn before its last assistant turn, which is the human answer; a templated prompt over
+    data.max_prompt_tokens is dropped and counted (overlong: drop), or keeps its end (truncate)."""
+    from spin_ray.config import load_config
+    from spin_ray.prepare import tokenize_split
+
+    turns = [{"role": "user", "content": "What is a prime number?"},
+             {"role": "assistant", "content": "A number with exactly two divisors."},
+             {"role": "user", "content": "Is 9 one?"},
+             {"role": "assistant", "content": "No: 9 = 3 x 3."}]
+    long_turns = [{"role": "user", "content": "Tell me about rivers. " * 60},
+                  {"role": "assistant", "content": "Rivers flow."}, {"role": "user", "content": "And lakes?"},
+                  {"role": "assistant", "content": "Lakes stay."}]
+    path = tmp_path / "ultrachat.jsonl"
+    path.write_text("".join(json.dumps({"prompt": t[0]["content"], "prompt_id": str(i), "messages": t}) + "\n"
+                            for i, t in enumerate([turns, long_turns])))
+    config = load_config(None, [f"data.train={path}", "data.max_prompt_tokens=128"])
+    split = tokenize_split(str(path), config, chat)
+    assert split.lengths.pairs == 2 and split.lengths.dropped == 1 and split.lengths.kept == 1
+    assert split.records.column("prompt").to_pylist()[0] == turns[:3]
+    assert split.records.column("response").to_pylist()[0] == turns[3]["content"]
+    rendered = chat.tokenizer.decode(split.prompt_ids[0] + split.response_ids[0])
+    assert rendered.count("<|im_start|>user") == 2 and rendered.count("<|im_start|>assistant") == 2
+    assert rendered.endswith("No: 9 = 3 x 3.<|im_end|>")
+    truncated = tokenize_split(str(path), load_config(None, [f"data.train={path}", "data.max_prompt_tokens=128",
+                                                            "data.overlong=truncate"]), chat)
+    assert truncated.lengths.truncated == 1 and len(truncated.prompt_ids[1]) == 128
+    assert chat.tokenizer.decode(truncated.prompt_ids[1]).endswith("And lakes?<|im_end|>\n<|im_start|>assistant\n")

@@ -150,9 +150,26 @@ def test_status_tells_a_live_run_from_an_interrupted_one(tmp_path, capsys):
     assert format_status(manifest.data, holder, "RUNNING").startswith(f"run {config.run.name} ({layout.root}): running,")
     stopped = format_status(manifest.data, holder, "STOPPED")
     assert ": interrupted," in stopped and "its driver's Ray job is STOPPED; submitting the same config" in stopped
-    assert main(["status", layout.root, "--address", "http://127.0.0.1:1"]) == 0  # nobody answers: the lease decides
+    assert main(["status", layout.root, "--address", "http://127.0.0.1:1"]) == 0  # nobody answers: this host's pid does
     assert ": running," in capsys.readouterr().out
+    # a holder on another host, and no answer from Ray: the lease alone does not say running
+    elsewhere = {**holder, "host": "gpu-head-7"}
+    leased = format_status(manifest.data, elsewhere)
+    assert ": leased," in leased and "whether its job still runs is unknown here: ask Ray with --address" in leased
+    assert "If it has ended, the lease expires in" in leased
+    # on this host, a holder whose process has ended (a stopped job's driver) is interrupted without asking Ray
+    gone = {**holder, "pid": _dead_pid()}
+    assert "its driver's process" in format_status(manifest.data, gone) and ": interrupted," in format_status(
+        manifest.data, gone)
     lease.release()
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 def test_a_lease_whose_job_has_ended_is_waited_out_not_refused(tmp_path):

@@ -1,0 +1,183 @@
+"""`spin-ray plan`: the arithmetic for known models, the activation formula against what autograd keeps, the paper's
+recipe as a job, and the refusal `spin-ray run` gives before anything starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spin_ray.config import load_config
+from spin_ray.plan import GB, ModelShape, make_plan, read_model_config, training_memory, training_shape
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "jobs" / "spin_zephyr7b_ultrachat.yaml"
+ZEPHYR = "alignment-handbook/zephyr-7b-sft-full"
+
+
+def test_parameter_counts_are_exact(smollm2_path, tiny_model_dir):
+    from spin_ray.models import load_model
+
+    for folder in (smollm2_path, tiny_model_dir):
+        model = load_model(folder)
+        shape = ModelShape.from_config(json.loads((Path(folder) / "config.json").read_text()))
+        assert shape.parameters == sum(p.numel() for p in model.parameters())  # tied head counted once
+    assert ModelShape.from_config(read_model_config(ZEPHYR)).parameters == 7_241_732_096  # Mistral-7B's count
+
+
+def test_the_recipe_workers_states_are_sixteen_bytes_a_parameter_over_eight_ranks_and_its_activations_per_formula():
+    config = load_config(RECIPE)
+    plan = make_plan(config)
+    n = 7_241_732_096
+    shard = -(-n // 8)
+    memory = plan.memory.device
+    assert memory["master weights (fp32)"] == memory["gradients (fp32)"] == memory["optimizer state (fp32)"] == 4 * shard
+    shape = plan.shape
+    layer = 218_112_000  # q, k, v, o, gate, up, down and two norms of a Mistral layer
+    assert shape.layer_parameters == layer
+    assert memory["gathered parameters"] == 2 * (2 * layer + 2 * 32000 * 4096 + 4096)  # bf16: 2 layers and the root
+    assert memory["communication buffers"] == (2 + 4) * layer
+    tokens = 8 * 2 * 1024  # micro-batch 8 pairs, each sequence 512 + 512
+    per_token_layer = 2 * (4 + 4) * 4096 + 2 * (3 * 4096 + 2 * 1024 + 4 * 14336) + 4 * 32  # no checkpointing
+    outside = (4 + 2) * 4096 + 8 * 128
+    expected = tokens * (32 * 2 * 4096 + outside) + 8 * 2 * 512 * 2 * 4096 + tokens * per_token_layer
+    assert memory["activations"] == expected and plan.layout.activation_checkpointing
+    without = plan.memory_without_checkpointing.device["activations"]
+    assert without == tokens * (32 * per_token_layer + outside) + 8 * 2 * 512 * 2 * 4096
+    assert plan.fits and plan.memory.device_total < 0.9 * 80 * GB
+
+
+def test_the_recipe_plan_on_80_and_40_gb_cards():
+    """On 8 x 80 GB it fits (about 21 GiB a GPU: no reference model is held, the states are sharded, layers are
+    recomputed); without checkpointing it is refused even there (~116 GiB). On 40 GB cards the same plan fits with
+    checkpointing; offload moves the 10 GiB of float32 states to the host."""
+    recipe = load_config(RECIPE)
+    plan = make_plan(recipe)
+    assert plan.fits and plan.seconds["training"] > plan.seconds["generation"] > 0
+    assert plan.bytes["export"] == 7_241_732_096 * 2
+    no_checkpointing = make_plan(load_config(RECIPE, ["training.activation_checkpointing=false"]))
+    assert not no_checkpointing.fits and "training.activation_checkpointing=true" in no_checkpointing.problems[0]
+    forty = make_plan(load_config(RECIPE, ["training.accelerator_type=A100"]))
+    assert forty.fits and forty.training_gpu == "A100 40 GB"
+    offload = make_plan(load_config(RECIPE, ["training.accelerator_type=A100", "training.cpu_offload=true"]))
+    assert offload.memory.host_total == 3 * 4 * -(-7_241_732_096 // 8)
+    assert offload.memory.device_total < forty.memory.device_total - 9 * GB
+
+
+def test_auto_checkpointing_turns_on_where_the_step_does_not_fit():
+    from spin_ray.plan import choose_layout
+
+    recipe = load_config(RECIPE, ["training.activation_checkpointing=auto"])
+    shape = ModelShape.from_config(read_model_config(ZEPHYR))
+    assert choose_layout(recipe, shape, 8, 80 * 1024**3).activation_checkpointing
+    assert not choose_layout(recipe, shape, 8, None).activation_checkpointing  # CPU: off
+    small = load_config(RECIPE, ["training.activation_checkpointing=auto", "training.micro_batch_size=1",
+                                 "data.max_prompt_tokens=64", "data.max_response_tokens=64",
+                                 "generation.max_new_tokens=32"])
+    assert not choose_layout(small, shape, 8, 80 * 1024**3).activation_checkpointing
+    assert choose_layout(recipe, shape, 8, 80 * 1024**3).sharded_accumulation  # 40 GiB full copy > a quarter
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_activation_formula_is_what_autograd_keeps(smollm2_path, checkpointing):
+    """Bytes of the tensors autograd saves for backward (storages counted once) on SmolLM2 in fp32, per token: the
+    plan's per-layer formula times the layers plus what it counts outside them, within 2%."""
+    from spin_ray.logprobs import answer_logps
+    from spin_ray.models import load_model
+    from spin_ray.training.parallel import enable_activation_checkpointing
+
+    model = load_model(smollm2_path)
+    model.config.use_cache = False
+    model.train()
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes(length: int) -> int:
+        seen = {}
+
+        def pack(tensor):
+            pointer = tensor.untyped_storage().data_ptr()
+            if pointer not in parameters:
+                seen[pointer] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            answer_logps(model, [[1] * 64], [[[2] * (length - 64)]], 0, pack=True, logits_chunk_rows=128)
+        return sum(seen.values())
+
+    per_token = (saved_bytes(512) - saved_bytes(256)) / 256
+    shape = ModelShape.from_config(json.loads((Path(smollm2_path) / "config.json").read_text()))
+    # saved across the whole model per token: the layers, the final norm's input and scaled copy, rotary tables,
+    # the head's input row (every token here is an answer token but the prompt's)
+    planned = (shape.layers * shape.activation_bytes_per_token(4, checkpointing) + (4 + 4) * shape.hidden
+               + 8 * shape.head_dim + 4 * shape.hidden)
+    assert per_token == pytest.approx(planned, rel=0.02)
+
+
+def test_the_recipe_job_loads_its_keys():
+    config = load_config(RECIPE)
+    t = config.training
+    assert (t.compute_dtype, t.activation_checkpointing, config.model.dtype) == ("bfloat16", True, "bfloat16")
+    assert (t.learning_rate, t.global_batch_size, t.epochs, t.optimizer, t.beta) == (5e-7, 64, 2, "rmsprop", 0.1)
+    assert config.iterations.mix_previous and config.iterations.learning_rates == [5e-7, 1e-7]
+    assert (config.data.max_prompt_tokens, config.data.limit, config.generation.max_new_tokens) == (512, 50000, 256)
+
+
+def test_iterations_take_their_learning_rate():
+    from spin_ray.driver import iteration_config
+
+    config = load_config(RECIPE)
+    assert [iteration_config(config, t).training.learning_rate for t in range(4)] == [5e-7, 1e-7, 1e-7, 1e-7]
+    plain = load_config(None, ["training.learning_rate=3e-6"])
+    assert iteration_config(plain, 2).training.learning_rate == 3e-6
+
+
+def test_run_refuses_a_config_that_cannot_fit_in_one_line_before_ray(tmp_path):
+    """The recipe without checkpointing on 40 GB cards: exit 2, one line naming the keys, no Ray started, in
+    seconds. The model is a folder holding only zephyr's config.json, the data a small multi-turn file."""
+    model = tmp_path / "zephyr-config-only"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(read_model_config(ZEPHYR)))
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Hello!"}]}) + "\n")
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "spin_ray.cli", "run", str(RECIPE), f"model.name={model}", f"data.train={data}",
+         "data.eval=null", f"run.storage_path={tmp_path / 'runs'}", "training.accelerator_type=A100",
+         "training.activation_checkpointing=false"], capture_output=True, text=True, env=env, timeout=120)
+    assert time.monotonic() - started < 30
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("spin-ray run: error: training: a worker needs 116.2 GiB of its A100 40 GB GPU")
+    assert "training.activation_checkpointing=true" in lines[0] and "training.micro_batch_size" in lines[0]
+    assert not list(ray_tmp.iterdir())  # no Ray session was started
+    assert "Traceback" not in result.stderr
+
+
+def test_plan_prints_the_table_and_says_whether_it_fits():
+    result = subprocess.run([sys.executable, "-m", "spin_ray.cli", "plan", str(RECIPE)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for line in ("7,241,732,096 parameters", "master weights (fp32)", "activations", "KV cache per GPU",
+                 "sequences of 512+256 tokens at once", "time per iteration (50,000 prompts, from data.limit",
+                 "checkpoints (while training)", "verdict: fits (A100-80G for training, L4 24 GB for generation)"):
+        assert line in out, line
+    refused = subprocess.run([sys.executable, "-m", "spin_ray.cli", "plan", str(RECIPE),
+                              "training.activation_checkpointing=false"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "verdict: does NOT fit" in refused.stdout
+    bad = subprocess.run([sys.executable, "-m", "spin_ray.cli", "plan", str(RECIPE), "--assume", "speed=3"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--assume 'speed=3': expected name=value" in bad.stderr
