@@ -50,13 +50,18 @@ SETTINGS = {
     "smol_w2_load_full": ("smollm2", 2, "sft", 2, 128, 128, 1, ["training.load_on_rank0=false"]),
     "smol_w2_load_rank0": ("smollm2", 2, "sft", 2, 128, 128, 1, []),
     "smol_w2_bf16": ("smollm2", 2, "sft", 2, 128, 128, 1, ["training.compute_dtype=bfloat16"]),
-    # issue 34's prediction check: one and two workers, micro-batch, length, checkpointing, SPIN pairs
-    "smol_w1_spin_mb2_len256": ("smollm2", 1, "spin", 2, 128, 128, 1, []),
-    "smol_w1_spin_mb2_len256_ac": ("smollm2", 1, "spin", 2, 128, 128, 1, ["training.activation_checkpointing=true"]),
+    # issue 34's prediction check: one and two workers, micro-batch, length, checkpointing, SPIN pairs (separate
+    # sequences and prefix-shared)
+    "smol_w1_spin_mb2_len256": ("smollm2", 1, "spin", 2, 128, 128, 1, ["training.prefix_sharing=false"]),
+    "smol_w1_spin_mb2_len256_ac": ("smollm2", 1, "spin", 2, 128, 128, 1, ["training.prefix_sharing=false",
+                                                                         "training.activation_checkpointing=true"]),
+    "smol_w1_spin_mb2_len256_shared": ("smollm2", 1, "spin", 2, 128, 128, 1, []),
     "smol_w1_sft_mb4_len512": ("smollm2", 1, "sft", 4, 256, 256, 1, []),
-    "tiny_w1_spin_mb8_len512": ("tiny", 1, "spin", 8, 256, 256, 1, []),
-    "tiny_w2_spin_mb4_len1024": ("tiny", 2, "spin", 4, 512, 512, 2, []),
-    "tiny_w2_spin_mb4_len1024_ac": ("tiny", 2, "spin", 4, 512, 512, 2, ["training.activation_checkpointing=true"]),
+    "tiny_w1_spin_mb8_len512": ("tiny", 1, "spin", 8, 256, 256, 1, ["training.prefix_sharing=false"]),
+    "tiny_w2_spin_mb4_len1024": ("tiny", 2, "spin", 4, 512, 512, 2, ["training.prefix_sharing=false"]),
+    "tiny_w2_spin_mb4_len1024_ac": ("tiny", 2, "spin", 4, 512, 512, 2, ["training.prefix_sharing=false",
+                                                                       "training.activation_checkpointing=true"]),
+    "tiny_w2_spin_mb4_len1024_shared": ("tiny", 2, "spin", 4, 512, 512, 2, []),
 }
 
 
@@ -137,20 +142,51 @@ def _worker(rank: int, world: int, port: int, job: dict, results) -> None:
         dist.destroy_process_group()
 
 
+def _link_rank(rank: int, world: int, port: int, size: int, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    shard = torch.randn(size // 4 // world)
+    full = torch.empty(shard.numel() * world)
+    dist.all_gather_into_tensor(full, shard)  # warm-up
+    started = time.perf_counter()
+    for _ in range(3):
+        dist.all_gather_into_tensor(full, shard)
+    dist.barrier()
+    results[rank] = 3 * size * (world - 1) / world / (time.perf_counter() - started)
+    dist.destroy_process_group()
+
+
+def measure_link(size: int = 256 * MIB, world: int = 2) -> float:
+    """Bytes per second a gloo rank receives in an all-gather between `world` processes on this machine (the plan's
+    cpu_link_gbs)."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    with context.Manager() as manager, socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        results = manager.dict()
+        processes = [context.Process(target=_link_rank, args=(r, world, port, size, results)) for r in range(world)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join()
+        return min(results.values())
+
+
 def run_setting(name: str, model: str, steps: int, scratch: str) -> dict:
     import torch.multiprocessing as mp
 
-    from spin_ray.config import load_config
-    from spin_ray.plan import ModelShape, read_model_config, training_memory, training_shape
-
     _, workers, objective, micro, prompt, answer, accumulation, extra = SETTINGS[name]
     global_batch = workers * micro * accumulation
-    overrides = [f"model.name={model}", f"training.objective={'sft' if objective == 'sft' else 'spin'}",
-                 f"training.global_batch_size={global_batch}", f"training.micro_batch_size={micro}",
-                 f"training.num_workers=[{workers},{workers}]", "training.epochs=1", "training.warmup_ratio=0",
-                 f"data.max_prompt_tokens={prompt}", f"data.max_response_tokens={answer}",
-                 f"generation.max_new_tokens={answer - 1}", "training.reference_check_tolerance=null",
-                 "training.checkpoint_every=1000", *extra]
+    overrides = setting_overrides(name, model) + ["training.epochs=1", "training.warmup_ratio=0",
+                                                  "training.reference_check_tolerance=null",
+                                                  "training.checkpoint_every=1000"]
     job = {"rows": synthetic_rows(objective, global_batch * steps, prompt, answer), "model": model,
            "overrides": overrides, "train_dir": os.path.join(scratch, name, "train"),
            "export_dir": os.path.join(scratch, name, "model")}
@@ -168,40 +204,94 @@ def run_setting(name: str, model: str, steps: int, scratch: str) -> dict:
         if any(p.exitcode for p in processes):
             raise RuntimeError(f"{name}: a rank exited with {[p.exitcode for p in processes]}")
         ranks = [dict(results[r]) for r in range(workers)]
-    config = load_config(None, overrides)
+    result = {"setting": name, "model": os.path.basename(model.rstrip("/")), "workers": workers,
+              "objective": objective, "micro_batch": micro, "prompt_tokens": prompt, "answer_tokens": answer,
+              "micro_batches_per_step": accumulation, "overrides": extra, "ranks": ranks,
+              "measured_train_peak_mib": round(max(r["train_peak"] for r in ranks) / MIB),
+              "measured_load_peak_mib": round(max(r["load_peak"] for r in ranks) / MIB),
+              "tokens_per_second": round(sum(r["tokens_per_second"] for r in ranks), 1),
+              "seconds_per_step": round(statistics.median(r["training_seconds"] / r["steps"] for r in ranks), 2)}
+    return result
+
+
+def setting_overrides(name: str, model: str) -> list[str]:
+    """The config of a setting: its model, objective, batch, lengths, workers and layout keys."""
+    _, workers, objective, micro, prompt, answer, accumulation, extra = SETTINGS[name]
+    return [f"model.name={model}", f"training.objective={'sft' if objective == 'sft' else 'spin'}",
+            f"training.global_batch_size={workers * micro * accumulation}", f"training.micro_batch_size={micro}",
+            f"training.num_workers=[{workers},{workers}]", f"data.max_prompt_tokens={prompt}",
+            f"data.max_response_tokens={answer}", f"generation.max_new_tokens={answer - 1}", *extra]
+
+
+def predict(result: dict, model: str, rates: dict, link: float) -> dict:
+    """The plan's peak memory and step time for a measured setting (with the runtime measured in that run)."""
+    from spin_ray.plan import ModelShape, read_model_config, step_seconds, training_memory, training_shape
+
+    name = result["setting"]
+    workers, accumulation = SETTINGS[name][1], SETTINGS[name][6]
+    from spin_ray.config import load_config
+
+    config = load_config(None, setting_overrides(name, model))
+    t = config.training
     shape = ModelShape.from_config(read_model_config(model))
-    run = training_shape(config, workers, checkpointing=config.training.activation_checkpointing is True,
-                         sharded_accumulation=config.training.gradient_accumulation == "sharded")
-    # the process's own memory: interpreter, torch, transformers, gloo, tokenizer, Python objects; what it held with the
-    # model loaded, less the loaded weights (the plan's runtime line, as the CUDA context is on a GPU)
+    run = training_shape(config, workers, checkpointing=t.activation_checkpointing is True,
+                         sharded_accumulation=t.gradient_accumulation == "sharded")
+    # the process's own memory: interpreter, torch, transformers, gloo, tokenizer, Python objects; what it held with
+    # the model loaded, less the loaded weights (the plan's runtime line, as the CUDA context is on a GPU)
     weights = training_memory(shape, run).device["master weights (fp32)"]
-    runtime = int(statistics.median(r["rss_loaded"] for r in ranks)) - weights
+    runtime = int(statistics.median(r["rss_loaded"] for r in result["ranks"])) - weights
     plan = training_memory(shape, run, runtime_bytes=runtime)
-    return {"setting": name, "model": os.path.basename(model.rstrip("/")), "workers": workers, "objective": objective,
-            "micro_batch": micro, "prompt_tokens": prompt, "answer_tokens": answer,
-            "micro_batches_per_step": accumulation, "overrides": extra, "ranks": ranks,
-            "measured_train_peak_mib": round(max(r["train_peak"] for r in ranks) / MIB),
-            "measured_load_peak_mib": round(max(r["load_peak"] for r in ranks) / MIB),
-            "predicted_train_peak_mib": round((plan.device_total + plan.host_total) / MIB),
+    predicted = round((plan.device_total + plan.host_total) / MIB)
+    seconds = step_seconds(shape, run, accumulation, rates[t.compute_dtype] * CPU_MFU, link)
+    return {"predicted_train_peak_mib": predicted,
             "predicted_components_mib": {k: round(v / MIB, 1) for k, v in {**plan.device, **plan.host}.items()},
-            "tokens_per_second": round(sum(r["tokens_per_second"] for r in ranks), 1),
-            "seconds_per_step": round(statistics.median(r["training_seconds"] / r["steps"] for r in ranks), 2),
+            "memory_error": round(predicted / result["measured_train_peak_mib"] - 1, 3),
+            "predicted_seconds_per_step": round(seconds, 2),
+            "time_error": round(seconds / result["seconds_per_step"] - 1, 3),
+            "time_predicted": t.compute_dtype == "float32",  # the plan's CPU time model is fp32 matmuls
             "shape": {"parameters": shape.parameters, "tokens_per_micro_batch": run.tokens}}
 
 
-def predicted_step_seconds(result: dict, model: str, rates: dict) -> float:
-    from spin_ray.config import load_config
-    from spin_ray.plan import ModelShape, micro_batch_flops, read_model_config, training_shape
+def _ratio(results: dict, numerator: str, denominator: str, key: str) -> float | None:
+    if numerator in results and denominator in results:
+        return round(results[numerator][key] / results[denominator][key], 3)
+    return None
 
-    _, workers, objective, micro, prompt, answer, accumulation, extra = SETTINGS[result["setting"]]
-    config = load_config(None, [f"training.objective={'sft' if objective == 'sft' else 'spin'}",
-                                f"training.micro_batch_size={micro}", f"data.max_prompt_tokens={prompt}",
-                                f"data.max_response_tokens={answer}", f"generation.max_new_tokens={answer - 1}",
-                                f"training.global_batch_size={workers * micro * accumulation}", *extra])
-    run = training_shape(config, workers, checkpointing=config.training.activation_checkpointing is True)
-    flops = micro_batch_flops(ModelShape.from_config(read_model_config(model)), run) * accumulation
-    rate = rates[config.training.compute_dtype]
-    return flops / (rate * CPU_MFU)
+
+def summarize(results: list[dict]) -> dict:
+    """The issues' checks: every prediction within 20% (memory) and 30% (fp32 step time); the layouts' ratios."""
+    by_name = {r["setting"]: r for r in results}
+    timed = [r for r in results if r.get("time_predicted")]
+    return {
+        "memory_within_20pct": all(abs(r["memory_error"]) <= 0.20 for r in results),
+        "worst_memory_error": max((r["memory_error"] for r in results), key=abs, default=None),
+        "time_within_30pct_fp32": all(abs(r["time_error"]) <= 0.30 for r in timed),
+        "worst_time_error_fp32": max((r["time_error"] for r in timed), key=abs, default=None),
+        "checkpointing_peak_ratio": _ratio(by_name, "smol_w2_ac_on", "smol_w2_ac_off", "measured_train_peak_mib"),
+        "checkpointing_speed_ratio": _ratio(by_name, "smol_w2_ac_on", "smol_w2_ac_off", "tokens_per_second"),
+        "sharded_accumulation_peak_ratio": _ratio(by_name, "smol_w2_accum_sharded", "smol_w2_accum_unsharded",
+                                                  "measured_train_peak_mib"),
+        "sharded_accumulation_speed_ratio": _ratio(by_name, "smol_w2_accum_sharded", "smol_w2_accum_unsharded",
+                                                   "tokens_per_second"),
+        "rank0_loading_load_peak_ratio": _ratio(by_name, "smol_w2_load_rank0", "smol_w2_load_full",
+                                                "measured_load_peak_mib"),
+        "bf16_compute_speed_ratio": _ratio(by_name, "smol_w2_bf16", "smol_w2_load_rank0", "tokens_per_second"),
+    }
+
+
+def table(report: dict) -> str:
+    """The docs' table: each setting's measured and predicted peak, its load peak, speed and step time."""
+    lines = ["| setting | workers | objective, micro-batch x tokens | layout | peak RSS measured / planned (MiB) | "
+             "error | load peak (MiB) | tokens/s | s/step measured / planned |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        layout = ", ".join(o.removeprefix("training.") for o in SETTINGS[r["setting"]][7]) or "defaults"
+        planned = f"{r['predicted_seconds_per_step']}" if r.get("time_predicted") else "(bf16: not planned on CPU)"
+        lines.append(f"| {r['setting']} | {r['workers']} | {r['objective']}, {r['micro_batch']} x "
+                     f"{r['prompt_tokens']}+{r['answer_tokens']} ({r['micro_batches_per_step']}/step) | {layout} | "
+                     f"{r['measured_train_peak_mib']} / {r['predicted_train_peak_mib']} | {r['memory_error']:+.1%} | "
+                     f"{r['measured_load_peak_mib']} | {r['tokens_per_second']} | {r['seconds_per_step']} / {planned} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -209,17 +299,40 @@ def main() -> int:
     parser.add_argument("--only", default=None, help="comma-separated setting names")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / f"memory-{datetime.date.today()}.json"))
+    parser.add_argument("--repredict", default=None, metavar="JSON",
+                        help="recompute the predictions of a results file with today's plan (no training)")
+    parser.add_argument("--table", default=None, metavar="JSON", help="print a results file as docs' markdown table")
+    parser.add_argument("--merge", default=None, metavar="JSON",
+                        help="with --only: take the other settings' results from this file")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return 0
+    from spin_ray.models import resolve_model
+
+    smollm2 = resolve_model("smollm2-135m-instruct").path
+    models = {"smollm2": smollm2, "tiny": tiny_model_dir(smollm2, os.path.join(ROOT, ".tmp", "bench-tiny-256"))}
+    if args.repredict:
+        report = json.loads(Path(args.repredict).read_text())
+        rates = {k: v * 1e9 for k, v in report["machine"]["matmul_gflops_per_core"].items()}
+        if "gloo_allgather_gbs" not in report["machine"]:
+            report["machine"]["gloo_allgather_gbs"] = round(measure_link() / 1e9, 3)
+        link = report["machine"]["gloo_allgather_gbs"] * 1e9
+        for result in report["results"]:
+            result["overrides"] = SETTINGS[result["setting"]][7]
+            result.update(predict(result, models[SETTINGS[result["setting"]][0]], rates, link))
+        report["summary"] = summarize(report["results"])
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report["summary"], indent=2))
+        return 0
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 * MIB))
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     import torch
 
     from bench.training import matmul_peak_flops
-    from spin_ray.models import resolve_model
 
-    smollm2 = resolve_model("smollm2-135m-instruct").path
     scratch = tempfile.mkdtemp(prefix="spin-ray-memory-", dir=str(ROOT / ".tmp"))
-    models = {"smollm2": smollm2, "tiny": tiny_model_dir(smollm2, os.path.join(ROOT, ".tmp", "bench-tiny-256"))}
+    link = measure_link()
     rates = {"float32": matmul_peak_flops(1)}
     torch.set_default_dtype(torch.bfloat16)
     rates["bfloat16"] = matmul_peak_flops(1)
@@ -229,19 +342,22 @@ def main() -> int:
     for name in names:
         started = time.perf_counter()
         result = run_setting(name, models[SETTINGS[name][0]], args.steps, scratch)
-        result["predicted_seconds_per_step"] = round(predicted_step_seconds(result, models[SETTINGS[name][0]], rates), 2)
-        result["memory_error"] = round(result["predicted_train_peak_mib"] / result["measured_train_peak_mib"] - 1, 3)
-        result["time_error"] = round(result["predicted_seconds_per_step"] / result["seconds_per_step"] - 1, 3)
+        result.update(predict(result, models[SETTINGS[name][0]], rates, link))
         result["wall_seconds"] = round(time.perf_counter() - started, 1)
         results.append(result)
         print(json.dumps({k: result[k] for k in ("setting", "measured_train_peak_mib", "predicted_train_peak_mib",
                                                  "memory_error", "seconds_per_step", "predicted_seconds_per_step",
                                                  "time_error", "tokens_per_second")}), flush=True)
+    if args.merge:
+        measured = {r["setting"] for r in results}
+        results += [r for r in json.loads(Path(args.merge).read_text())["results"] if r["setting"] not in measured]
+        results.sort(key=lambda r: list(SETTINGS).index(r["setting"]))
     report = {"benchmark": "memory", "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                          "matmul_gflops_per_core": {k: round(v / 1e9, 1) for k, v in rates.items()}},
+                          "matmul_gflops_per_core": {k: round(v / 1e9, 1) for k, v in rates.items()},
+                          "gloo_allgather_gbs": round(link / 1e9, 3)},
               "assumptions": {"cpu_mfu": CPU_MFU, "MALLOC_MMAP_THRESHOLD_": os.environ["MALLOC_MMAP_THRESHOLD_"]},
-              "steps": args.steps, "results": results}
+              "steps": args.steps, "results": results, "summary": summarize(results)}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

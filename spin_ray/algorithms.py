@@ -39,7 +39,8 @@ class Example:
 
     @property
     def tokens(self) -> int:
-        """Tokens in this example's forward pass (the prompt once per answer)."""
+        """Tokens of this example as separate sequences (the prompt once per answer): what tokens/s counts, whichever
+        layout computes them (prefix sharing computes the prompt once)."""
         return len(self.prompt) * len(self.answers) + sum(len(a) for a in self.answers)
 
 

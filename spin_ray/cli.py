@@ -152,9 +152,17 @@ def _check_plan(config) -> None:
 
     if not (config.training.use_gpu or config.generation.use_gpu):
         return  # CPU runs: host memory is the node's, not checked here
-    plan = make_plan(config)
+    try:
+        plan = make_plan(config)
+    except PlanError as error:  # a model the plan cannot describe: the run goes on unchecked, and says so
+        print(f"[spin-ray] plan: not checked ({error})", flush=True)
+        return
     if not plan.fits:
         raise PlanRefused(f"{plan.problems[0]} (spin-ray plan shows the whole plan)")
+    summary = f"a training worker needs {plan.memory.device_total / 2**30:.1f} GiB of its {plan.training_gpu} GPU" \
+        if config.training.use_gpu else "training on CPU"
+    print(f"[spin-ray] plan: fits: {summary}; an engine replica holds {plan.engine.sequences} sequences at once"
+          + "".join(f"; not checked: {note}" for note in plan.notes), flush=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -175,8 +175,10 @@ def release_orphaned_groups(echo=print) -> int:
 
     job = ray.get_runtime_context().get_job_id()
     removed = 0
+    nil = "f" * 32  # created by the job's driver process, not by an actor: the job's own, never an orphan
     for group_id, group in _placement_groups().items():
-        orphaned = group.creator_actor_dead and not group.creator_job_dead and not group.is_detached
+        orphaned = (group.creator_actor_dead and not group.creator_job_dead and not group.is_detached
+                    and group.creator_actor_id.hex() != nil)
         if orphaned and group.creator_job_id.hex() == job and group.state != gcs_pb2.PlacementGroupTableData.REMOVED:
             _remove_group(group_id)
             removed += 1
@@ -207,7 +209,8 @@ def end_earlier_worker_group(train_dir: str, limit_s: float, echo=print) -> dict
         remove(join(train_dir, WORKER_GROUP))
         return None
     controller = group.creator_actor_id.hex()
-    while not group.creator_actor_dead and time.monotonic() < deadline:  # its controller dies with its dead driver
+    controller_deadline = started + min(limit_s, 60)
+    while not group.creator_actor_dead and time.monotonic() < controller_deadline:  # it dies with its dead driver
         time.sleep(0.5)
         group = _placement_groups().get(group_id, group)
     controller_ended = group.creator_actor_dead
@@ -226,7 +229,7 @@ def end_earlier_worker_group(train_dir: str, limit_s: float, echo=print) -> dict
              "controller_was_alive": not controller_ended, "seconds": round(seconds, 2)}
     echo(f"[spin-ray] train: ended the worker group an earlier attempt left (placement group {group_id[:12]}, "
          f"{len(group.bundles)} worker bundle(s), its Ray Train controller "
-         f"{'dead' if controller_ended else 'still alive after ' + format(limit_s, '.0f') + 's'}); "
+         f"{'dead' if controller_ended else 'still alive after ' + format(min(limit_s, 60), '.0f') + 's'}); "
          f"its resources came back in {seconds:.1f}s")
     return ended
 

@@ -216,6 +216,11 @@ class TrainingConfig(_Section):
         "then run attention sequence by sequence, so neither padding nor cross-sequence blocks cost FLOPs; false "
         "pads each micro-batch to its longest sequence.",
     )
+    prefix_sharing: bool = Field(
+        True, description="Compute each prompt once for all its answers: one packed row [prompt][answer 1][answer 2] "
+        "per example, each answer attending to the prompt and itself only (same losses and gradients as separate "
+        "sequences; arXiv 2410.20305). Needs training.pack_sequences and an SDPA model (llama, mistral, qwen2, qwen3); "
+        "otherwise, and for SFT's single answer, the sequences are separate.")
     logits_chunk_rows: int = Field(
         128, ge=0,
         description="Response positions that go through the LM head at a time (log-probs computed chunk by chunk, "

@@ -70,8 +70,11 @@ class Phases:
         started = time.perf_counter()
         try:
             if PHASE_KIND[name] == "train":  # what an earlier attempt's workers still hold is ended first
-                layout = RunLayout.of(self.config)
-                end_earlier_worker_group(layout.train(iteration), self.config.run.resource_wait_s, self.echo)
+                ended = end_earlier_worker_group(RunLayout.of(self.config).train(iteration),
+                                                 self.config.run.resource_wait_s, self.echo)
+                if ended:
+                    self.manifest.phase(name, iteration).setdefault("ended_earlier_worker_groups", []).append(ended)
+                    self.manifest.save()
             ensure_resources(self.config, PHASE_KIND[name], self.echo)
             out = body()
         except BaseException as error:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from spin_ray.packed_attention import packed_attention
+from spin_ray.packed_attention import packed_attention, packed_sdpa_supported
 from spin_ray.tokenization import collate_sequences
 
 
@@ -125,16 +125,21 @@ def answer_logps(
     pad_id: int,
     pack: bool = False,
     logits_chunk_rows: int = 0,
+    share_prefix: bool = False,
 ) -> torch.Tensor:
     """Summed log-probs [B, n] of each prompt's n answers (a pair, T-SPIN's triplet, SFT's one) from ONE forward pass.
 
     One pass instead of n halves the kernel launches and, under FSDP, the all-gathers. With `pack`
     the sequences are concatenated into one row without padding (see `packed_response_logps`); with
+    `share_prefix` too, each prompt is computed once for all its answers (see `shared_prefix_logps`); with
     `logits_chunk_rows` > 0 the LM head runs chunk by chunk (see `linear_token_logps`).
     """
     n = len(answers[0])
     if any(len(group) != n for group in answers):
         raise ValueError("every example of a micro-batch must have the same number of answers")
+    longest = max(len(p) + len(a) for p, group in zip(prompts, answers, strict=True) for a in group)
+    if pack and share_prefix and n > 1 and packed_sdpa_supported(model, longest):
+        return shared_prefix_logps(model, prompts, answers, logits_chunk_rows)
     # answer-major order: all first answers, then all second answers, ...
     flat_prompts = [p for _ in range(n) for p in prompts]
     flat_answers = [group[k] for k in range(n) for group in answers]
@@ -183,6 +188,40 @@ def packed_response_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int
                                       logits_chunk_rows)
     owner = packed["sequence"].to(device)[targets]
     return torch.zeros(len(prompts), dtype=token_lps.dtype, device=device).index_add(0, owner, token_lps)
+
+
+def shared_prefix_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
+                        answers: Sequence[Sequence[Sequence[int]]], logits_chunk_rows: int = 0) -> torch.Tensor:
+    """Summed log-probs [B, n] with each prompt computed once: one packed row of [prompt][answer 1]...[answer n] per
+    example, each answer's positions continuing from its prompt's end, attending to its prompt and itself and never to
+    the answers before it (`packed_sdpa_attention`'s prefix segments); an answer's first token is predicted from the
+    prompt's last position. The values equal the unshared layout's (arXiv 2410.20305's prefix sharing); the prompt's
+    forward and backward run once instead of n times."""
+    ids, positions, bounds, targets, predictors, owners = [], [], [], [], [], []
+    n = len(answers[0])
+    for example, (prompt, group) in enumerate(zip(prompts, answers, strict=True)):
+        start = len(ids)
+        ids += prompt
+        positions += range(len(prompt))
+        prompt_end = len(ids)
+        for number, answer in enumerate(group):
+            answer_start = len(ids)
+            ids += answer
+            positions += range(len(prompt), len(prompt) + len(answer))
+            targets += range(answer_start, len(ids))
+            predictors += [prompt_end - 1, *range(answer_start, len(ids) - 1)]
+            owners += [example * n + number] * len(answer)
+            bounds.append((start, len(ids)) if number == 0 else (answer_start, len(ids), start, prompt_end))
+    device = next(model.parameters()).device
+    row = torch.tensor(ids, device=device)
+    inputs = {"input_ids": row[None], "position_ids": torch.tensor([positions], device=device),
+              "attention_mask": None, "use_cache": False, "logits_to_keep": torch.tensor(predictors, device=device)}
+    longest = max(len(p) + len(a) for p, group in zip(prompts, answers, strict=True) for a in group)
+    with packed_attention(model, [longest], bounds) as extra:
+        token_lps = _kept_token_logps(model, {**inputs, **extra}, torch.arange(len(targets), device=device),
+                                      row[torch.tensor(targets, device=device)], logits_chunk_rows)
+    owner = torch.tensor(owners, device=device)
+    return torch.zeros(len(prompts) * n, dtype=token_lps.dtype, device=device).index_add(0, owner, token_lps).view(-1, n)
 
 
 def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], logits_chunk_rows: int = 0) -> torch.Tensor:

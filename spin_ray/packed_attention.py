@@ -14,10 +14,15 @@ PACKED_SDPA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, sequence_bounds: Sequence[tuple[int, int]] | None = None,
+                          attention_mask: torch.Tensor | None, sequence_bounds: Sequence[tuple[int, ...]] | None = None,
                           **kwargs) -> tuple[torch.Tensor, None]:
-    """SDPA run sequence by sequence over a packed row: query/key/value [1, heads, T, head_dim], one causal
-    call per [start, end) of `sequence_bounds`, outputs concatenated to [1, T, heads, head_dim].
+    """SDPA run segment by segment over a packed row: query/key/value [1, heads, T, head_dim], outputs concatenated to
+    [1, T, heads, head_dim]. The segments of `sequence_bounds` tile the row in order:
+
+      (start, end)                        a sequence: rows [start, end) attend causally among themselves
+      (start, end, prefix_start, prefix_end)  an answer sharing a prompt: rows [start, end) attend to all of the
+                                          prompt's rows [prefix_start, prefix_end) and causally among themselves,
+                                          never to the answers between (prefix-shared pairs)
 
     transformers' own SDPA path over a packed row builds a block-diagonal T x T mask and computes all
     of it, so packing paid for the padding it removed with attention across sequences (T^2 instead of
@@ -29,8 +34,20 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if sequence_bounds is None:  # not a packed forward: plain SDPA with whatever mask came
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
-    outputs = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                                      None, is_causal=True, **kwargs)[0] for start, end in sequence_bounds]
+    outputs = []
+    for start, end, *prefix in sequence_bounds:
+        if not prefix:
+            outputs.append(sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
+                                                  value[:, :, start:end], None, is_causal=True, **kwargs)[0])
+            continue
+        first, last = prefix
+        keys = torch.cat([key[:, :, first:last], key[:, :, start:end]], dim=2)
+        values = torch.cat([value[:, :, first:last], value[:, :, start:end]], dim=2)
+        # row i of the answer sees every prompt column and answer columns <= i
+        allowed = torch.ones(end - start, last - first + end - start, dtype=torch.bool, device=query.device)
+        allowed = allowed.tril(diagonal=last - first)
+        outputs.append(sdpa_attention_forward(module, query[:, :, start:end], keys, values, allowed[None, None],
+                                              is_causal=False, **kwargs)[0])
     return torch.cat(outputs, dim=1), None
 
 
@@ -47,21 +64,29 @@ def packed_sdpa_supported(model: torch.nn.Module, longest: int) -> bool:
     return not (windowed and window is not None and longest > window)
 
 
+def sequence_bounds(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """The (start, end) segments of sequences of `lengths` packed one after another."""
+    bounds, start = [], 0
+    for length in lengths:
+        bounds.append((start, start + length))
+        start += length
+    return bounds
+
+
 @contextlib.contextmanager
-def packed_attention(model: torch.nn.Module, lengths: Sequence[int]) -> Iterator[dict]:
-    """During one forward over a row packing sequences of `lengths`, route the model's attention through
-    `packed_sdpa_attention`. Yields the extra forward kwargs (the sequence bounds; empty when the model
-    keeps its own attention). The model's implementation is restored afterwards."""
+def packed_attention(model: torch.nn.Module, lengths: Sequence[int],
+                     bounds: Sequence[tuple[int, ...]] | None = None) -> Iterator[dict]:
+    """During one forward over a row packing sequences of `lengths` (or the segments `bounds`, see
+    `packed_sdpa_attention`; `lengths` then the longest context a query sees), route the model's attention through
+    `packed_sdpa_attention`. Yields the extra forward kwargs (the segments; empty when the model keeps its own
+    attention). The model's implementation is restored afterwards."""
     if not packed_sdpa_supported(model, max(lengths, default=0)):
         yield {}
         return
     from transformers import AttentionInterface
 
     AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)  # idempotent: a dict entry
-    bounds, start = [], 0
-    for length in lengths:
-        bounds.append((start, start + length))
-        start += length
+    bounds = list(bounds) if bounds is not None else sequence_bounds(lengths)
     config = model.config
     previous = config._attn_implementation
     # An implementation with no registered mask function gets no mask built: no T x T tensor either.

@@ -1,9 +1,9 @@
 """What a run needs before it runs: parameters, memory per training worker and engine replica, time and bytes per
-iteration, from the config and the model's config.json alone (no Ray, no torch, no weights).
+iteration, from the config and the model's config.json alone (no Ray, no weights; torch only to time a CPU's matmul).
 
 Activation memory is counted tensor by tensor from what autograd saves in a Llama-style decoder layer (RMSNorm,
-rotary attention through SDPA, gated MLP), checked against torch's saved-tensor hooks on SmolLM2 (within 1% in fp32)
-and against the measured peak RSS of training workers (bench/memory.py). Per token and layer, with e the compute
+rotary attention through SDPA, gated MLP), checked against torch's saved-tensor hooks on SmolLM2 (within 2% in fp32,
+tests/unit/test_plan.py) and against the measured peak RSS of training workers (within 9%, bench/memory.py). Per token and layer, with e the compute
 dtype's bytes, h hidden, q and kv the query and key/value widths, i the MLP width:
 
     no checkpointing:   2 * (4 + 2e) * h  +  e * (3q + 2kv + 4i)  +  4 * heads
@@ -140,6 +140,7 @@ class TrainingShape:
     cpu_offload: bool
     optimizer_states: int
     logits_chunk_rows: int
+    shared_prefix: bool = False  # each prompt computed once for its answers (training.prefix_sharing)
 
     @property
     def sequences(self) -> int:
@@ -147,6 +148,9 @@ class TrainingShape:
 
     @property
     def tokens(self) -> int:
+        """Tokens the forward computes: with a shared prefix each prompt once."""
+        if self.shared_prefix:
+            return self.micro_batch * (self.prompt_tokens + self.answers * self.answer_tokens)
         return self.sequences * (self.prompt_tokens + self.answer_tokens)
 
     @property
@@ -171,7 +175,8 @@ def training_shape(config, workers: int | None = None, checkpointing: bool | Non
         sharded_accumulation=bool(sharded_accumulation if sharded_accumulation is not None
                                   else t.gradient_accumulation == "sharded"),
         accumulating=per_rank > t.micro_batch_size, cpu_offload=t.cpu_offload,
-        optimizer_states=OPTIMIZER_STATES[t.optimizer], logits_chunk_rows=t.logits_chunk_rows)
+        optimizer_states=OPTIMIZER_STATES[t.optimizer], logits_chunk_rows=t.logits_chunk_rows,
+        shared_prefix=t.prefix_sharing and t.pack_sequences and answers > 1)
 
 
 def micro_batch_flops(shape: ModelShape, run: TrainingShape) -> float:
@@ -180,10 +185,37 @@ def micro_batch_flops(shape: ModelShape, run: TrainingShape) -> float:
     triangle), and the LM head on answer tokens only (chunked: its logits recomputed in backward)."""
     passes = 4 if run.checkpointing else 3  # forward, backward (2x), and the recompute
     dense = 2 * shape.layers * shape.layer_parameters * run.tokens * passes
-    length = run.prompt_tokens + run.answer_tokens
-    attention = 2 * shape.layers * run.sequences * length * length * shape.q_width * passes  # QK^T and AV, causal half
+    p, a = run.prompt_tokens, run.answer_tokens
+    # query-key pairs: a causal sequence of length s has s^2 / 2; a shared answer sees its prompt and itself
+    pairs = run.sequences * (p + a) ** 2 / 2
+    if run.shared_prefix:
+        pairs = run.micro_batch * ((p + a) ** 2 / 2 + (run.answers - 1) * (a * p + a * a / 2))
+    attention = 2 * 2 * shape.layers * pairs * shape.q_width * passes  # QK^T and AV
     head = 2 * shape.hidden * shape.vocab * run.answer_token_count * (4 if run.logits_chunk_rows else 3)
     return float(dense + attention + head)
+
+
+def step_communication_bytes(shape: ModelShape, run: TrainingShape, micro_batches: int) -> float:
+    """Bytes each rank receives per optimizer step under FSDP2 (ring collectives: (W-1)/W of the whole): parameters
+    all-gathered in the compute dtype before each forward and again before each backward (they are resharded after
+    forward), gradients reduce-scattered in float32; unsharded accumulation keeps them gathered between micro-batches
+    (k + 1 gathers, one reduce-scatter), sharded accumulation does both every micro-batch (2k and k)."""
+    if run.workers == 1:
+        return 0.0
+    share = (run.workers - 1) / run.workers * shape.parameters
+    if run.sharded_accumulation or micro_batches == 1:
+        gathers, reductions = 2 * micro_batches, micro_batches
+    else:
+        gathers, reductions = micro_batches + 1, 1
+    return share * (gathers * run.compute_bytes + reductions * 4)
+
+
+def step_seconds(shape: ModelShape, run: TrainingShape, micro_batches: int, flops_per_second: float,
+                 link_bytes_per_second: float) -> float:
+    """One optimizer step: its FLOPs at the worker's effective rate, plus its collectives at the link's rate (not
+    overlapped with compute: an upper bound where they could be)."""
+    return (micro_batch_flops(shape, run) * micro_batches / flops_per_second
+            + step_communication_bytes(shape, run, micro_batches) / link_bytes_per_second)
 
 
 @dataclass
@@ -225,6 +257,10 @@ def training_memory(shape: ModelShape, run: TrainingShape, runtime_bytes: int = 
         memory.device["autocast weight copies"] = e * n  # one process: each weight's cast, kept for backward
     per_token = shape.activation_bytes_per_token(e, run.checkpointing)
     activations = run.tokens * per_token * shape.layers
+    if run.shared_prefix and not run.checkpointing:  # each later answer's attention keeps its own copy of the
+        # prompt's keys and values beside its own (the concatenated key/value rows SDPA saves)
+        extra = run.micro_batch * (run.answers - 1) * (run.prompt_tokens + run.answer_tokens)
+        activations += extra * 2 * shape.kv_width * e * shape.layers
     # outside the layers: the final norm's float32 input and cast, rotary tables, the head's input rows
     activations += run.tokens * ((4 + e) * shape.hidden + 8 * shape.head_dim) + run.answer_token_count * e * shape.hidden
     if run.checkpointing:  # one layer's full activations exist while it is recomputed in backward
@@ -326,6 +362,8 @@ class Assumptions:
     prompts: int = 0  # prompts per iteration; 0 takes data.limit, else counts the local data file's rows
     engine_overhead_gb: float = 2.0  # vLLM's activations and CUDA graphs per GPU, beside weights and KV cache
     engine_step_ms: float = 5.0  # vLLM's shortest decoding step (scheduling, sampling): small models' bound
+    gpu_link_gbs: float = 150.0  # NCCL's bus bandwidth between a node's GPUs (NVLink; PCIe cards far less)
+    cpu_link_gbs: float = 0.25  # gloo's between CPU workers on one machine (bench/results/memory-*.json measures it)
 
     @classmethod
     def parse(cls, pairs: list[str]) -> "Assumptions":
@@ -440,6 +478,7 @@ class Plan:
     seconds: dict[str, float]
     bytes: dict[str, int]
     problems: list[str]  # why it does not fit, each naming the key to change
+    notes: list[str] = field(default_factory=list)  # what the plan could not check
 
     @property
     def fits(self) -> bool:
@@ -456,14 +495,18 @@ def make_plan(config, assumptions: Assumptions | None = None, model_config: dict
     workers = t.num_workers[1]
     train_label, train_gpu = accelerator(t.accelerator_type, t.gpu_memory_gb) if t.use_gpu else ("CPU", None)
     gen_label, gen_gpu = accelerator(gen.accelerator_type, gen.gpu_memory_gb) if gen.use_gpu else ("CPU", None)
-    problems = []
+    problems, notes = [], []
     if t.use_gpu and train_gpu is None:
-        problems.append(f"training.accelerator_type {t.accelerator_type!r}: its GPU memory is unknown; set "
-                        f"training.gpu_memory_gb (known types: {', '.join(ACCELERATORS)})")
+        notes.append(f"training.accelerator_type {t.accelerator_type!r}: its GPU memory is unknown, training memory "
+                     f"not checked; set training.gpu_memory_gb (known types: {', '.join(ACCELERATORS)})")
+        train_gpu = ACCELERATORS["A100"]  # for the time estimate only
+        device_known = False
+    else:
+        device_known = True
     if gen.use_gpu and gen_gpu is None:
-        problems.append(f"generation.accelerator_type {gen.accelerator_type!r}: its GPU memory is unknown; set "
-                        f"generation.gpu_memory_gb (known types: {', '.join(ACCELERATORS)})")
-    device_bytes = int(train_gpu.memory_gb * GB) if train_gpu else None
+        notes.append(f"generation.accelerator_type {gen.accelerator_type!r}: its GPU memory is unknown, the engines "
+                     f"not checked; set generation.gpu_memory_gb (known types: {', '.join(ACCELERATORS)})")
+    device_bytes = int(train_gpu.memory_gb * GB) if train_gpu and device_known else None
     runtime = GPU_RUNTIME_BYTES if t.use_gpu else 0
     layout = choose_layout(config, shape, workers, device_bytes, runtime)
     run = training_shape(config, workers, layout.activation_checkpointing, layout.sharded_accumulation)
@@ -474,13 +517,18 @@ def make_plan(config, assumptions: Assumptions | None = None, model_config: dict
     cpu_rate = assumptions.cpu_engine_gflops or (measured_cpu_gflops(gen.threads_per_replica or
                                                                      int(gen.cpus_per_replica) or 1)
                                                 if not gen.use_gpu else 0.0)
-    engine = engine_plan(config, shape, gen_gpu, assumptions, cpu_rate)
-    if not engine.fits:
+    engine = engine_plan(config, shape, gen_gpu or (ACCELERATORS["A100"] if gen.use_gpu else None), assumptions,
+                         cpu_rate)
+    if gen_gpu is not None and not engine.fits:
         problems.append(f"generation: a {gen_label} engine replica does not fit: {engine.why}")
-    prompts, source = count_prompts(config, assumptions)
+    try:
+        prompts, source = count_prompts(config, assumptions)
+    except PlanError as error:
+        prompts, source = 0, "nowhere"
+        notes.append(f"the time and bytes per iteration: {error}")
     seconds = iteration_seconds(config, shape, train_gpu, engine, prompts, layout, assumptions)
     return Plan(shape, assumptions, train_label, gen_label, workers, layout, memory, without, engine, prompts, source,
-                seconds, iteration_bytes(config, shape, prompts, assumptions), problems)
+                seconds, iteration_bytes(config, shape, prompts, assumptions), problems, notes)
 
 
 def _training_refusal(config, memory: Memory, device_bytes: int, label: str, layout: TrainingLayout) -> str:
@@ -532,17 +580,23 @@ def iteration_seconds(config, shape: ModelShape, gpu: Accelerator | None, engine
     fleet = engine.tokens_per_second * gen.replicas[1]
     seconds = {"generation": prompts * gen.num_samples * answer / fleet if objective(config).columns else 0.0}
     pairs = prompts * (2 if config.iterations.mix_previous else 1)
-    mean = TrainingShape(1, 1, training_shape(config, 1).answers, int(d.max_prompt_tokens * assumptions.prompt_share),
+    workers = t.num_workers[1]
+    per_rank = max(1, t.global_batch_size // workers)  # examples a rank computes per step, at the mean lengths
+    micro_batches = max(1, per_rank // t.micro_batch_size)
+    step = TrainingShape(workers, per_rank, training_shape(config, 1).answers,
+                         int(d.max_prompt_tokens * assumptions.prompt_share),
                          int(max(d.max_response_tokens, gen.max_new_tokens) * assumptions.answer_share),
-                         DTYPE_BYTES[t.compute_dtype], layout.activation_checkpointing, False, False, False, 1,
-                         t.logits_chunk_rows)
-    flops = micro_batch_flops(shape, mean) * pairs * t.epochs
+                         DTYPE_BYTES[t.compute_dtype], layout.activation_checkpointing, layout.sharded_accumulation,
+                         micro_batches > 1, False, 1, t.logits_chunk_rows)
     if gpu is not None:
-        rate = t.num_workers[1] * gpu.peak_tflops * 1e12 * assumptions.training_mfu
+        rate, link = gpu.peak_tflops * 1e12 * assumptions.training_mfu, assumptions.gpu_link_gbs * 1e9
     else:
         per_core = assumptions.cpu_training_gflops or measured_cpu_gflops(1)
-        rate = t.num_workers[1] * max(1, int(t.cpus_per_worker)) * per_core * 1e9 * assumptions.cpu_training_mfu
-    seconds["training"] = flops / rate
+        rate = max(1, int(t.cpus_per_worker)) * per_core * 1e9 * assumptions.cpu_training_mfu
+        link = assumptions.cpu_link_gbs * 1e9
+    steps = pairs * t.epochs / t.global_batch_size
+    seconds["training"] = steps * (micro_batch_flops(shape, step) / rate
+                                   + step_communication_bytes(shape, step, micro_batches) / link)
     evaluated = (config.evaluation.prompts or 0) + (config.evaluation.validation_prompts or 0)
     eval_answer = (config.evaluation.max_new_tokens or gen.max_new_tokens) * assumptions.answer_share
     seconds["evaluation"] = evaluated * eval_answer / fleet if config.evaluation.enabled else 0.0
@@ -608,6 +662,7 @@ def format_plan(plan: Plan, config) -> str:
     lines += ["", "assumptions (--assume name=value): " + ", ".join(f"{k}={getattr(a, k)}"
                                                                       for k in a.__dataclass_fields__)]
     lines.append("")
+    lines += [f"not checked: {note}" for note in plan.notes]
     if plan.fits:
         lines.append(f"verdict: fits ({plan.training_gpu} for training, {plan.generation_gpu} for generation)")
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ os.environ.setdefault("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
 os.environ.setdefault("RAY_TMPDIR", str(ROOT / ".tmp" / "ray"))
 os.environ.setdefault("MALLOC_ARENA_MAX", "2")
 Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+# this session's mark on every process it starts (tests/servers.py SESSION_MARKER)
+SESSION = f"{os.getpid()}-{time.time():.0f}"
+os.environ["SPIN_RAY_TEST_SESSION"] = SESSION
+SESSION_STARTED = time.time()
 
 
 @pytest.fixture(scope="session")
@@ -122,13 +127,37 @@ def ray_session():
 
 
 def pytest_sessionfinish(session, exitstatus):
+    """Shut the shared Ray instance down, end whatever the session started and left (a Ray worker can outlive its
+    raylet as a child of init), then check that no process of this checkout's Ray temp folder is left running."""
     import sys
+
+    import psutil
+
+    from tests.servers import end_processes, marked, naming
 
     if "ray" in sys.modules:
         import ray
 
         if ray.is_initialized():
             ray.shutdown()
+    ended = end_processes(lambda info: marked(info, SESSION))
+    folder = os.environ["RAY_TMPDIR"]
+    ancestors = {p.pid for p in psutil.Process().parents()} | {os.getpid()}
+    left = []
+    for process in psutil.process_iter(["cmdline", "environ", "create_time"]):
+        try:
+            if (process.pid not in ancestors and process.info["create_time"] >= SESSION_STARTED
+                    and naming(process.info, folder) and process.status() != psutil.STATUS_ZOMBIE):
+                left.append(f"{process.pid} {' '.join(process.info['cmdline'] or [])[:120]}")
+        except psutil.NoSuchProcess:
+            continue
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if ended and reporter is not None:
+        reporter.write_line(f"session end: ended {len(ended)} process(es) the session had left running")
+    if left:
+        if reporter is not None:
+            reporter.write_line(f"session end: FAILED: processes of {folder} still running: {left}", red=True)
+        session.exitstatus = 1
 
 
 BUCKET = "spin-runs"

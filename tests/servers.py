@@ -75,38 +75,63 @@ class RayHead:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
+    def _signal_head(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self) -> None:
         """SIGTERM to the head and, at the same time, to every process it started (`_started_by`), then SIGKILL to
         what is left: nodes an autoscaler started do not die with the head, and ending the head's own processes one
         after another took 30-50 s."""
-        import psutil
-
-        mine = [p for p in psutil.process_iter(["cmdline", "environ"]) if _started_by(p.info, self.temp_dir)]
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        for process in mine:
-            try:
-                process.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        # A process that has exited but is not reaped yet (its parent is on the list too) counts as gone. The head's
-        # gcs_server, raylet and monitor were all still up 24 s after SIGTERM here, so the grace is short: the
-        # temp dir and everything in it are this test's own.
-        deadline = time.monotonic() + 5
-        while any(map(_running, mine)) and time.monotonic() < deadline:
-            self.process.poll()
-            time.sleep(0.2)
-        for process in filter(_running, mine):
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
+        end_processes(lambda info: _started_by(info, self.temp_dir), before=self._signal_head)
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=30)
         self.log.close()
+
+
+def end_processes(belongs, before=None, grace_s: float = 5.0) -> list[int]:
+    """SIGTERM to every process whose {cmdline, environ} `belongs` (never this process), then SIGKILL to what is left
+    after `grace_s`; returns their pids. A process that has exited but is not reaped yet counts as gone. The head's
+    gcs_server, raylet and monitor were all still up 24 s after SIGTERM here, so the grace is short: what `belongs`
+    selects is the caller's own."""
+    import psutil
+
+    mine = [p for p in psutil.process_iter(["cmdline", "environ"]) if p.pid != os.getpid() and belongs(p.info)]
+    if before is not None:
+        before()
+    for process in mine:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    deadline = time.monotonic() + grace_s
+    while any(map(_running, mine)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for process in filter(_running, mine):
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return [p.pid for p in mine]
+
+
+# Set in the test session's own environment before anything starts: every process the session starts (the shared Ray
+# instance's GCS, raylet and workers, test heads, `spin-ray` subprocesses) inherits it, so the session's end can find
+# what it left, and only that.
+SESSION_MARKER = "SPIN_RAY_TEST_SESSION"
+
+
+def marked(info: dict, value: str) -> bool:
+    return (info["environ"] or {}).get(SESSION_MARKER) == value
+
+
+def naming(info: dict, folder: str) -> bool:
+    """Whether a process's command line or environment names `folder` (a Ray temp folder)."""
+    return (any(folder in arg for arg in info["cmdline"] or [])
+            or any(folder in value for value in (info["environ"] or {}).values()))
 
 
 def _running(process) -> bool:

@@ -70,7 +70,8 @@ def micro_step(model, examples: list[Example], algorithm: Algorithm, config: Con
     with precision or contextlib.nullcontext():
         # one concatenated forward over every answer of every example (pairs, triplets, or SFT's single answer)
         policy = answer_logps(model, [e.prompt for e in examples], [e.answers for e in examples], pad_id,
-                              pack=t.pack_sequences, logits_chunk_rows=t.logits_chunk_rows)
+                              pack=t.pack_sequences, logits_chunk_rows=t.logits_chunk_rows,
+                              share_prefix=t.prefix_sharing)
     policy = policy.float()
     lengths = torch.tensor([[len(a) for a in e.answers] for e in examples], dtype=torch.float32, device=device)
     refs = torch.tensor([e.ref_logps for e in examples], dtype=torch.float32, device=device) if examples[0].ref_logps else None

@@ -264,12 +264,70 @@ def test_a_killed_driver_restarts_and_redoes_no_finished_phase(autoscaling_head,
         return training and list((tmp_path / "restart" / "iter_0" / "train" / "checkpoints").glob("*/_COMMITTED.json"))
 
     wait_for(training_with_a_checkpoint, 600, "iteration 0's training to commit a checkpoint")
+    worker_group = tmp_path / "restart" / "iter_0" / "train" / "worker_group.json"
+    first_group = json.loads(worker_group.read_text())["placement_group"]
     os.kill(pid, signal.SIGKILL)  # the driver's process dies, as on a crash
+    killed = time.time()
+
+    def restarted_workers():  # the restarted attempt's rank 0 records its own worker group when it starts
+        record = json.loads(worker_group.read_text()) if worker_group.exists() else {}
+        return record.get("placement_group") not in (None, first_group) and record
+
+    started = wait_for(restarted_workers, 300, "the restarted attempt's training workers to start")
+    # the dead attempt's workers held the training node's CPUs; they are ended, not waited out (run.resource_wait_s
+    # is 240 s): what remains is the driver's restart, its phase checks and Ray Train's worker-group start
+    assert started["recorded"] - killed < 90, f"workers started {started['recorded'] - killed:.0f}s after the kill"
     manifest = ray.get(run, timeout=900)  # Ray restarts the actor and retries run() on it
     assert ray.get(driver.pid.remote(), timeout=60) != pid
+    ended = manifest["iterations"][0]["phases"]["train"].get("ended_earlier_worker_groups") or []
+    assert [e["placement_group"] for e in ended] in ([], [first_group])  # only its own group, if it was still there
     assert manifest["status"] == "done"
     assert manifest["phases"]["baseline_eval"]["attempts"] == 1
     phases = manifest["iterations"][0]["phases"]
     assert phases["generate"]["attempts"] == 1 and phases["evaluate"]["attempts"] == 1
     assert phases["train"]["attempts"] == 2 and phases["train"]["metrics"]["resumed_from_step"] >= 1
     assert len(manifest["jobs"]) == 2  # the restarted driver opened the manifest again, as a resubmitted job does
+
+
+class Predecessor:
+    """Stands in for a dead attempt's Ray Train controller: it creates a worker group's placement group and dies."""
+
+    def hold(self, bundles: list[dict]) -> str:
+        from ray.util.placement_group import placement_group
+
+        group = placement_group(bundles, strategy="PACK")
+        group.wait(timeout_seconds=240)
+        return group.id.hex()
+
+
+def test_a_dead_attempts_worker_group_is_ended_not_waited_out(autoscaling_head, tmp_path, tiny_model_dir):
+    """Ray keeps a placement group whose creator actor died for as long as its job lives: the training node's CPUs stay
+    taken, and a restarted driver of the same job would wait for them until run.resource_wait_s. The group its worker
+    recorded is ended instead, and the phase's resources come back at once."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+
+    from spin_ray.cluster import end_earlier_worker_group, ensure_resources
+    from spin_ray.config import load_config
+    from spin_ray.training.trainer import WORKER_GROUP
+
+    config = load_config(None, _overrides(tmp_path, tiny_model_dir, "ended", "run.resource_wait_s=30"))
+    bundles = [{"CPU": 1.0, TRAIN: 0.001}] * 2  # what Ray Train's worker group of this config reserves
+    predecessor = ray.remote(num_cpus=0)(Predecessor).remote()
+    group_id = ray.get(predecessor.hold.remote(bundles), timeout=300)
+    group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id)))
+    train_dir = tmp_path / "ended" / "iter_0" / "train"
+    train_dir.mkdir(parents=True)
+    (train_dir / WORKER_GROUP).write_text(json.dumps({"placement_group": group_id, "recorded": time.time()}))
+    ray.kill(predecessor)
+    time.sleep(3)
+    assert placement_group_table(group)["state"] == "CREATED"  # its creator is dead, the group holds on
+    lines: list[str] = []
+    ended = end_earlier_worker_group(str(train_dir), 60, lines.append)
+    assert ended["placement_group"] == group_id and ended["bundles"] == 2 and not ended["controller_was_alive"]
+    assert ended["seconds"] < 20 and "ended the worker group an earlier attempt left" in lines[0]
+    assert placement_group_table(group)["state"] == "REMOVED" and not (train_dir / WORKER_GROUP).exists()
+    started = time.monotonic()
+    ensure_resources(config, "train", echo=lines.append)  # the training node's CPUs are free again
+    assert time.monotonic() - started < 20
+    assert end_earlier_worker_group(str(train_dir), 60, lines.append) is None  # nothing left: nothing to do

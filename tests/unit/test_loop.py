@@ -60,7 +60,7 @@ def test_sft_step_lowers_the_nll(tiny_model, pairs, tokenizer):
                                         "tspin.reference_free=true"],
                                        ["algorithm=sppo", "generation.num_samples=2", "generation.temperature=1"],
                                        ["training.objective=sft"]])
-def test_micro_step_is_the_same_packed_or_padded_chunked_or_not(tiny_model, pairs, tokenizer, overrides):
+def test_micro_step_is_the_same_packed_or_padded_chunked_or_not_prefix_shared_or_not(tiny_model, pairs, tokenizer, overrides):
     from spin_ray.algorithms import Example, objective
     from spin_ray.config import load_config
     from spin_ray.training.loop import micro_step
@@ -75,13 +75,14 @@ def test_micro_step_is_the_same_packed_or_padded_chunked_or_not(tiny_model, pair
         rates = (0.75, 0.25) if algorithm.name == "sppo" else ()
         examples.append(Example(f"p{i}", p, answers, refs, rates))
     results = {}
-    for pack, chunk_rows in ((False, 0), (True, 0), (False, 5), (True, 5)):
+    for pack, chunk_rows, shared in ((False, 0, False), (True, 0, False), (False, 5, False), (True, 5, False),
+                                     (True, 0, True), (True, 5, True)):
         tiny_model.zero_grad()
         variant = config.model_copy(update={"training": config.training.model_copy(
-            update={"pack_sequences": pack, "logits_chunk_rows": chunk_rows})})
+            update={"pack_sequences": pack, "logits_chunk_rows": chunk_rows, "prefix_sharing": shared})})
         sums = micro_step(tiny_model, examples, algorithm, variant, tokenizer.pad_token_id, 0.5, torch.device("cpu"))
-        results[pack, chunk_rows] = (sums, [p.grad.clone() for p in tiny_model.parameters()])
-    baseline_sums, baseline_grads = results[False, 0]
+        results[pack, chunk_rows, shared] = (sums, [p.grad.clone() for p in tiny_model.parameters()])
+    baseline_sums, baseline_grads = results[False, 0, False]
     for variant, (sums, grads) in results.items():
         assert sums.keys() == baseline_sums.keys()
         for key, value in baseline_sums.items():
@@ -159,3 +160,45 @@ def test_checkpoints_are_taken_while_training_and_dropped_once_the_model_is_expo
     assert seen == [[], [1], [2]]  # one per step before the last, only the newest kept
     assert export_complete(str(tmp_path / "model"))
     assert committed_steps(train_dir) == [] and not (tmp_path / "train" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["spin", "tspin", "sppo"])
+def test_prefix_shared_pairs_give_smollm2_the_losses_and_gradients_of_separate_sequences(smollm2_path, chat, algorithm):
+    """The real model (9 heads over 3 KV heads, tied head): each prompt computed once for its 2 or 3 answers, answers
+    blind to each other, equals the answers as separate packed sequences (fp32, 1e-5)."""
+    from spin_ray.algorithms import Example, objective
+    from spin_ray.config import load_config
+    from spin_ray.logprobs import answer_logps
+    from spin_ray.models import load_model
+    from spin_ray.training.loop import micro_step
+
+    overrides = {"spin": ["algorithm=spin"], "tspin": ["algorithm=tspin"],
+                 "sppo": ["algorithm=sppo", "generation.num_samples=2", "generation.temperature=1"]}[algorithm]
+    config = load_config(None, overrides)
+    model = load_model(smollm2_path)
+    prompts = chat.batch_prompt_ids([[{"role": "user", "content": q}] for q in
+                                     ("Tom has 3 apples and buys 4 more. How many?", "What is 12 x 11?")])
+    texts = ["He has 3 + 4 = 7 apples.\n#### 7", "It is 12, I think.", "Seven.", "12 x 11 = 132\n#### 132",
+             "About a hundred.", "132"]
+    tokens = chat.batch_response_ids(texts)
+    examples = []
+    for i, prompt in enumerate(prompts):
+        answers = tuple(tokens[3 * i:3 * i + 3]) if algorithm == "tspin" else tuple(tokens[3 * i:3 * i + 2])
+        refs = tuple(-1.0 * len(a) for a in answers)
+        examples.append(Example(f"p{i}", prompt, answers, refs, (0.75, 0.25) if algorithm == "sppo" else ()))
+    separate = answer_logps(model, prompts, [e.answers for e in examples], 0, pack=True)
+    shared = answer_logps(model, prompts, [e.answers for e in examples], 0, pack=True, share_prefix=True)
+    assert torch.allclose(shared, separate, rtol=1e-5, atol=1e-4)
+    results = {}
+    for flag in (False, True):
+        model.zero_grad()
+        variant = config.model_copy(update={"training": config.training.model_copy(update={"prefix_sharing": flag})})
+        sums = micro_step(model, examples, objective(config), variant, chat.tokenizer.pad_token_id, 0.5,
+                          torch.device("cpu"))
+        results[flag] = (sums, [p.grad.clone() for p in model.parameters()])
+    for key, value in results[False][0].items():
+        assert results[True][0][key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+    # SPPO's loss is ~1e5 here (targets of 250 nats, squared): fp32 rounds its gradients at 1.1e-5 of their scale
+    rtol = 2e-5 if algorithm == "sppo" else 1e-5
+    assert all(_close_to_scale(a, b, rtol=rtol, atol=0) for a, b in zip(results[True][1], results[False][1],
+                                                                        strict=True))

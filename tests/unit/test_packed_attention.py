@@ -92,3 +92,24 @@ def test_packed_kernel_stays_out_where_it_would_change_the_attention(tiny_model_
 
     Unknown.config.model_type = "gpt2"  # attention outside the AttentionInterface: never swapped
     assert not packed_sdpa_supported(Unknown(), 10)
+
+
+def test_prefix_segments_equal_the_tree_mask_an_answer_blind_to_the_one_before():
+    """[prompt 4][answer 1: 3][answer 2: 2]: answer 2 attends to the prompt and causally to itself, not to answer 1."""
+    torch.manual_seed(0)
+    query = torch.randn(1, 4, 9, 8, requires_grad=True)
+    key = torch.randn(1, 2, 9, 8, requires_grad=True)
+    value = torch.randn(1, 2, 9, 8, requires_grad=True)
+    allowed = torch.zeros(9, 9, dtype=torch.bool)
+    allowed[:7, :7] = torch.ones(7, 7, dtype=torch.bool).tril()
+    allowed[7:, :4] = True
+    allowed[7:, 7:] = torch.ones(2, 2, dtype=torch.bool).tril()
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1), attn_mask=allowed).transpose(1, 2)
+    got, _ = packed_sdpa_attention(_Heads(), query, key, value, None, sequence_bounds=[(0, 7), (7, 9, 0, 4)],
+                                   scaling=8 ** -0.5)
+    assert torch.allclose(got, expected, atol=1e-6)
+    upstream = torch.randn_like(got)
+    grads = torch.autograd.grad((got * upstream).sum(), (query, key, value))
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (query, key, value))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, expected_grads, strict=True))
