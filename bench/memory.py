@@ -320,7 +320,10 @@ def main() -> int:
         link = report["machine"]["gloo_allgather_gbs"] * 1e9
         for result in report["results"]:
             result["overrides"] = SETTINGS[result["setting"]][7]
-            result.update(predict(result, models[SETTINGS[result["setting"]][0]], rates, link))
+            own = result.get("rates") or {}
+            own_rates = {k: v * 1e9 for k, v in own.get("matmul_gflops_per_core", {}).items()} or rates
+            own_link = own.get("gloo_allgather_gbs", link / 1e9) * 1e9
+            result.update(predict(result, models[SETTINGS[result["setting"]][0]], own_rates, own_link))
         report["summary"] = summarize(report["results"])
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report["summary"], indent=2))
@@ -342,6 +345,9 @@ def main() -> int:
     for name in names:
         started = time.perf_counter()
         result = run_setting(name, models[SETTINGS[name][0]], args.steps, scratch)
+        # this run's rates go with its results: the machine's speed drifts between runs (81.6-92.3 GFLOP/s here)
+        result["rates"] = {"matmul_gflops_per_core": {k: round(v / 1e9, 1) for k, v in rates.items()},
+                           "gloo_allgather_gbs": round(link / 1e9, 3)}
         result.update(predict(result, models[SETTINGS[name][0]], rates, link))
         result["wall_seconds"] = round(time.perf_counter() - started, 1)
         results.append(result)

@@ -587,7 +587,8 @@ def iteration_seconds(config, shape: ModelShape, gpu: Accelerator | None, engine
                          int(d.max_prompt_tokens * assumptions.prompt_share),
                          int(max(d.max_response_tokens, gen.max_new_tokens) * assumptions.answer_share),
                          DTYPE_BYTES[t.compute_dtype], layout.activation_checkpointing, layout.sharded_accumulation,
-                         micro_batches > 1, False, 1, t.logits_chunk_rows)
+                         micro_batches > 1, False, 1, t.logits_chunk_rows,
+                         shared_prefix=training_shape(config, 1).shared_prefix)
     if gpu is not None:
         rate, link = gpu.peak_tflops * 1e12 * assumptions.training_mfu, assumptions.gpu_link_gbs * 1e9
     else:

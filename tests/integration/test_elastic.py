@@ -42,7 +42,8 @@ def test_losing_a_node_shrinks_the_worker_group_and_the_run_finishes(two_node_cl
         f"model.name={tiny_model_dir}", f"run.storage_path={tmp_path}", "run.name=elastic",
         "training.global_batch_size=2", "training.micro_batch_size=1", "training.epochs=2",
         "training.checkpoint_every=1", "training.num_workers=[1,2]", "training.max_failures=3",
-        "training.learning_rate=1e-3", "training.optimizer=adamw"])
+        "training.learning_rate=1e-3", "training.optimizer=adamw",
+        "training.reference_check_tolerance=null"])  # the rows' reference log-probs are made up, not the model's
     layout = RunLayout.of(config)
     train_dir = layout.train(0)
     removed = {}

@@ -43,19 +43,26 @@ def test_the_recipe_workers_states_are_sixteen_bytes_a_parameter_over_eight_rank
     assert shape.layer_parameters == layer
     assert memory["gathered parameters"] == 2 * (2 * layer + 2 * 32000 * 4096 + 4096)  # bf16: 2 layers and the root
     assert memory["communication buffers"] == (2 + 4) * layer
-    tokens = 8 * 2 * 1024  # micro-batch 8 pairs, each sequence 512 + 512
+    # micro-batch 8 pairs, prompt 512 and answers 512: the prompt computed once for both answers (prefix sharing)
+    tokens = 8 * (512 + 2 * 512)
     per_token_layer = 2 * (4 + 4) * 4096 + 2 * (3 * 4096 + 2 * 1024 + 4 * 14336) + 4 * 32  # no checkpointing
     outside = (4 + 2) * 4096 + 8 * 128
     expected = tokens * (32 * 2 * 4096 + outside) + 8 * 2 * 512 * 2 * 4096 + tokens * per_token_layer
     assert memory["activations"] == expected and plan.layout.activation_checkpointing
     without = plan.memory_without_checkpointing.device["activations"]
-    assert without == tokens * (32 * per_token_layer + outside) + 8 * 2 * 512 * 2 * 4096
+    # without checkpointing the second answer's attention also saves its own copy of the prompt's keys and values
+    second_answer_keys_values = 8 * (512 + 512) * 2 * 1024 * 2 * 32
+    assert without == tokens * (32 * per_token_layer + outside) + 8 * 2 * 512 * 2 * 4096 + second_answer_keys_values
+    unshared = make_plan(load_config(RECIPE, ["training.prefix_sharing=false"]))
+    assert unshared.memory.device["activations"] == (8 * 2 * 1024 * (32 * 2 * 4096 + outside + per_token_layer)
+                                                     + 8 * 2 * 512 * 2 * 4096)
+    assert unshared.seconds["training"] > 1.2 * plan.seconds["training"]  # the prompt's share of the FLOPs
     assert plan.fits and plan.memory.device_total < 0.9 * 80 * GB
 
 
 def test_the_recipe_plan_on_80_and_40_gb_cards():
     """On 8 x 80 GB it fits (about 21 GiB a GPU: no reference model is held, the states are sharded, layers are
-    recomputed); without checkpointing it is refused even there (~116 GiB). On 40 GB cards the same plan fits with
+    recomputed); without checkpointing it is refused even there (~92 GiB). On 40 GB cards the same plan fits with
     checkpointing; offload moves the 10 GiB of float32 states to the host."""
     recipe = load_config(RECIPE)
     plan = make_plan(recipe)
@@ -160,7 +167,7 @@ def test_run_refuses_a_config_that_cannot_fit_in_one_line_before_ray(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("spin-ray run: error: training: a worker needs 116.2 GiB of its A100 40 GB GPU")
+    assert lines[0].startswith("spin-ray run: error: training: a worker needs 91.6 GiB of its A100 40 GB GPU")
     assert "training.activation_checkpointing=true" in lines[0] and "training.micro_batch_size" in lines[0]
     assert not list(ray_tmp.iterdir())  # no Ray session was started
     assert "Traceback" not in result.stderr
