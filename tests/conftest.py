@@ -140,7 +140,15 @@ def pytest_sessionfinish(session, exitstatus):
 
         if ray.is_initialized():
             ray.shutdown()
-    ended = end_processes(lambda info: marked(info, SESSION))
+    leftover: list[str] = []  # named in the session-end line: which of the session's processes outlived it
+
+    def session_started(info) -> bool:
+        if marked(info, SESSION):
+            leftover.append(" ".join(info["cmdline"] or [])[:80])
+            return True
+        return False
+
+    ended = end_processes(session_started)
     folder = os.environ["RAY_TMPDIR"]
     ancestors = {p.pid for p in psutil.Process().parents()} | {os.getpid()}
     left = []
@@ -153,7 +161,8 @@ def pytest_sessionfinish(session, exitstatus):
             continue
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if ended and reporter is not None:
-        reporter.write_line(f"session end: ended {len(ended)} process(es) the session had left running")
+        reporter.write_line(f"session end: ended {len(ended)} process(es) the session had left running: "
+                            f"{sorted(leftover)}")
     if left:
         if reporter is not None:
             reporter.write_line(f"session end: FAILED: processes of {folder} still running: {left}", red=True)
