@@ -115,7 +115,8 @@ def run_variant(model: str, adapter: str | None, rank: int, prompts: int) -> dic
     lines = (out.stdout + out.stderr).splitlines()
     result = next((json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")), None)
     if out.returncode != 0 or result is None:
-        raise RuntimeError(f"variant {model} {adapter or ''} failed (exit {out.returncode}):\n" + "\n".join(lines[-30:]))
+        tail = "\n".join(lines[-30:])
+        raise RuntimeError(f"variant {model} {adapter or ''} failed (exit {out.returncode}):\n{tail}")
     return result
 
 
@@ -167,7 +168,8 @@ def main() -> int:
                                     "tokens_per_second": round(m["tokens_per_second"]
                                                                / median["merged"]["tokens_per_second"], 3)}
                              for name, m in median.items()},
-        "trials": {name: [{k: v for k, v in t.items() if k != "answers"} for t in runs] for name, runs in trials.items()},
+        "trials": {name: [{k: v for k, v in t.items() if k != "answers"} for t in runs]
+                   for name, runs in trials.items()},
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("handoff_bytes", "greedy_answers_equal", "median", "ratios_vs_merged")},
