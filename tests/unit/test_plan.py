@@ -61,7 +61,7 @@ def test_the_recipe_workers_states_are_sixteen_bytes_a_parameter_over_eight_rank
 
 
 def test_the_recipe_plan_on_80_and_40_gb_cards():
-    """On 8 x 80 GB it fits (about 21 GiB a GPU: no reference model is held, the states are sharded, layers are
+    """On 8 x 80 GB it fits (about 19 GiB a GPU: no reference model is held, the states are sharded, layers are
     recomputed); without checkpointing it is refused even there (~92 GiB). On 40 GB cards the same plan fits with
     checkpointing; offload moves the 10 GiB of float32 states to the host."""
     recipe = load_config(RECIPE)
