@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -107,17 +106,12 @@ def child(model: str, adapter: str | None, rank: int, prompts: int) -> None:
 
 
 def run_variant(model: str, adapter: str | None, rank: int, prompts: int) -> dict:
+    from bench.vllm_cpu import child_result
+
     command = [sys.executable, __file__, "--child", model, "--rank", str(rank), "--prompts", str(prompts)]
     if adapter:
         command += ["--adapter", adapter]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    lines = (out.stdout + out.stderr).splitlines()
-    result = next((json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")), None)
-    if out.returncode != 0 or result is None:
-        tail = "\n".join(lines[-30:])
-        raise RuntimeError(f"variant {model} {adapter or ''} failed (exit {out.returncode}):\n{tail}")
-    return result
+    return child_result(command, {**os.environ, "PYTHONPATH": str(ROOT)}, 900, f"variant {model} {adapter or ''}")[0]
 
 
 def main() -> int:

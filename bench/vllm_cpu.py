@@ -98,20 +98,27 @@ def find_libraries() -> dict[str, str | None]:
     return {"tcmalloc": tcmalloc, "iomp": str(iomp) if iomp.exists() else None}
 
 
+def child_result(command: list[str], env: dict, timeout: int, what: str) -> tuple[dict, list[str]]:
+    """Run a benchmark's child process; return the JSON of its `RESULT ` line and all its output lines."""
+    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    lines = (out.stdout + out.stderr).splitlines()
+    result = next((json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")), None)
+    if out.returncode != 0 or result is None:
+        tail = "\n".join(lines[-30:])
+        raise RuntimeError(f"{what} failed (exit {out.returncode}):\n{tail}")
+    return result, lines
+
+
 def run_variant(preload: list[str], engine_kwargs: dict, prompts: int, config_path: str, timeout: int = 900) -> dict:
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "INFO", "PYTHONPATH": str(ROOT)}
     env.pop("LD_PRELOAD", None)
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--child", "--prompts", str(prompts), "--config", config_path,
-                          "--engine-kwargs", json.dumps(engine_kwargs)],
-                         capture_output=True, text=True, timeout=timeout, env=env)
+    result, lines = child_result([sys.executable, __file__, "--child", "--prompts", str(prompts), "--config",
+                                  config_path, "--engine-kwargs", json.dumps(engine_kwargs)],
+                                 env, timeout, f"variant {preload or 'default'} {engine_kwargs or ''}")
     wall = time.perf_counter() - started
-    lines = (out.stdout + out.stderr).splitlines()
-    result = next((json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")), None)
-    if out.returncode != 0 or result is None:
-        raise RuntimeError(f"variant {preload or 'default'} {engine_kwargs or ''} failed (exit {out.returncode}):\n" + "\n".join(lines[-30:]))
     text = "\n".join(lines)
     result["vllm_startup_parts"] = {name: float(m.group(1)) for name, pattern in STARTUP_PARTS.items()
                                     if (m := re.search(pattern, text))}

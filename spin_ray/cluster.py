@@ -144,11 +144,13 @@ def check_feasible(requests: list[Request], source: str, types: list[NodeType]) 
 
 def _placement_groups() -> dict[str, "gcs_pb2.PlacementGroupTableData"]:  # noqa: F821
     """Every placement group of the cluster by id (hex), as the GCS holds it: with its creator actor and job and
-    whether they died. Private: ray.util.placement_group_table() has no creator, which tells an orphan apart."""
+    whether they died."""
     import ray
     from ray.core.generated import gcs_pb2
 
     groups = {}
+    # Private: neither ray.util.placement_group_table() nor ray.util.state.list_placement_groups() (Ray 2.60) gives a
+    # group's creator actor or whether it died, which is what tells an orphan apart
     for raw in ray._private.state.state._connect_and_get_accessor().get_placement_group_table():
         group = gcs_pb2.PlacementGroupTableData.FromString(raw)
         groups[group.placement_group_id.hex()] = group

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from spin_ray.algorithms import objective
 
@@ -583,12 +583,12 @@ def iteration_seconds(config, shape: ModelShape, gpu: Accelerator | None, engine
     workers = t.num_workers[1]
     per_rank = max(1, t.global_batch_size // workers)  # examples a rank computes per step, at the mean lengths
     micro_batches = max(1, per_rank // t.micro_batch_size)
-    step = TrainingShape(workers, per_rank, training_shape(config, 1).answers,
-                         int(d.max_prompt_tokens * assumptions.prompt_share),
-                         int(max(d.max_response_tokens, gen.max_new_tokens) * assumptions.answer_share),
-                         DTYPE_BYTES[t.compute_dtype], layout.activation_checkpointing, layout.sharded_accumulation,
-                         micro_batches > 1, False, 1, t.logits_chunk_rows,
-                         shared_prefix=training_shape(config, 1).shared_prefix)
+    # the worst-case shape at the mean lengths, with a rank's whole share of the step as one micro-batch
+    step = replace(training_shape(config, workers), micro_batch=per_rank,
+                   prompt_tokens=int(d.max_prompt_tokens * assumptions.prompt_share),
+                   answer_tokens=int(max(d.max_response_tokens, gen.max_new_tokens) * assumptions.answer_share),
+                   checkpointing=layout.activation_checkpointing, sharded_accumulation=layout.sharded_accumulation,
+                   accumulating=micro_batches > 1)
     if gpu is not None:
         rate, link = gpu.peak_tflops * 1e12 * assumptions.training_mfu, assumptions.gpu_link_gbs * 1e9
     else:
