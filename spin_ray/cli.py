@@ -9,6 +9,7 @@ import os
 import sys
 
 from spin_ray import __version__
+from spin_ray.adapters import AdapterError
 from spin_ray.algorithms import TrainingDataError
 from spin_ray.cluster import ResourceError
 from spin_ray.config import ConfigError, load_config
@@ -27,7 +28,7 @@ class PlanRefused(PlanError):
 
 # Errors that are the user's input or environment, not our bug: print the message, no traceback, exit 2.
 USER_ERRORS = (ConfigError, DataError, ModelResolutionError, GenerationError, TrainingDataError, StorageError,
-               RunAlreadyActive, ResourceError, PlanError)
+               RunAlreadyActive, ResourceError, PlanError, AdapterError)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -176,6 +176,27 @@ def _recommended(key: str) -> str:
     return f"the recommended value ({shown}), else the paper's {paper}" if shown else f"the paper's {paper}"
 
 
+class LoRAConfig(_Section):
+    """Low-rank adapters (PEFT's LoRA) instead of full fine-tuning: training.lora.rank > 0 turns it on."""
+
+    rank: int = Field(
+        0, ge=0, description="LoRA rank r; 0 trains every weight (full fine-tuning). With r > 0 only the adapters train "
+        "(fp32, whatever model.dtype), each iteration exports its adapter (a few MB) instead of the model, and the "
+        "engines apply it to the base they stage once (vLLM LoRA requests; the HF engine merges it through PEFT). "
+        "One adapter is trained on across iterations: p_t is the base plus iteration t-1's adapter.")
+    alpha: float | None = Field(None, gt=0.0, description="LoRA alpha (the update is scaled by alpha / rank); null "
+                                "takes the rank (scale 1).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input while training. Above 0 the "
+                           "policy at an iteration's first step is no longer exactly its reference, so the step-0 "
+                           "check (training.reference_check_tolerance) may need raising.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules that get adapters: all-linear (every linear layer but the LM head) or a "
+        "list of module names (Llama: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj). A name the "
+        "model does not have is refused before training, with the names it has.")
+    export_merged: bool = Field(False, description="Also export each iteration's merged model (base + adapter, in "
+                                "model.dtype) beside its adapter, as model_merged/: a whole model for serving elsewhere.")
+
+
 class TrainingConfig(_Section):
     objective: Literal["spin", "sft"] = Field(
         "spin", description="spin: the run's self-play algorithm; sft: continued SFT on the human answers, each "
@@ -265,6 +286,7 @@ class TrainingConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="Committed checkpoints to keep while an iteration trains "
                                   "(the newest); all are removed once its model is exported.")
     max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before the run fails.")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
 
 
     @model_validator(mode="after")

@@ -100,7 +100,7 @@ GENERATION_KEYS = ("prompts", "prompts_generated_this_run", "generated_tokens", 
                    "mean_response_tokens", "share_hit_max_new_tokens", "answers_per_prompt", "oracle_mean_score",
                    "oracle_all_tied_share")
 TRAINING_KEYS = ("steps", "resumed_from_step", "pairs", "loss", "ingest_seconds", "setup_seconds", "training_seconds",
-                 "training_tokens_per_second", "export_seconds")
+                 "training_tokens_per_second", "export_seconds", "lora_rank", "trainable_parameters")
 EARLY_STOP_KEYS = ("epochs_run", "best_epoch", "validation_nll", "validation_nll_by_epoch")
 
 
@@ -161,11 +161,12 @@ def _train(config: Config, layout: RunLayout, t: int | None, dataset, opponent: 
            extra_metrics: dict | None = None, extra_artifacts: dict | None = None, validation=None) -> Produced:
     from spin_ray.training.trainer import run_training
 
+    merged = layout.merged_model(t) if config.training.lora.export_merged else None
     summary = run_training(config, dataset, opponent, layout.train(t), layout.model(t), source=source,
-                           validation=validation, patience=config.iterations.sft_patience)
+                           validation=validation, patience=config.iterations.sft_patience, merged_dir=merged)
     keys = TRAINING_KEYS + objective(config).metrics + EARLY_STOP_KEYS
-    return Produced({**_pick(summary, keys), **(extra_metrics or {})},
-                    {"model": summary["export_dir"], "train": layout.train(t), **(extra_artifacts or {})})
+    artifacts = {"model": summary["export_dir"], "train": layout.train(t), **({"merged_model": merged} if merged else {})}
+    return Produced({**_pick(summary, keys), **(extra_metrics or {})}, {**artifacts, **(extra_artifacts or {})})
 
 
 def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str | None,

@@ -6,7 +6,8 @@
     sft/{train,model}/          the SFT warm start (train/: checkpoints, metrics.jsonl, summary.json)
     baseline/eval/              evaluation of p_0
     iter_{t}/generation/        opponent p_t's answers: committed parquet shards + _COMPLETE.json
-    iter_{t}/{train,model}/     training of p_{t+1}; model/ is its Hugging Face export
+    iter_{t}/{train,model}/     training of p_{t+1}; model/ is its Hugging Face export (a LoRA adapter with LoRA)
+    iter_{t}/model_merged/      with training.lora.export_merged: base + adapter as a whole model
     iter_{t}/eval/              evaluation of p_{t+1}
 """
 
@@ -60,6 +61,10 @@ class RunLayout:
 
     def model(self, t: int | None) -> str:
         return join(self.stage(t), "model")
+
+    def merged_model(self, t: int | None) -> str:
+        """The merged model (base + adapter) of a LoRA stage, with training.lora.export_merged."""
+        return join(self.stage(t), "model_merged")
 
     def evaluation(self, t: int | None) -> str:
         """Evaluation of the model trained in iteration t, or of p_0 (the baseline) when t is None."""

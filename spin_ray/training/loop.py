@@ -23,8 +23,9 @@ from spin_ray.algorithms import Algorithm, Example, TrainingDataError, objective
 from spin_ray.config import Config
 from spin_ray.logprobs import answer_logps
 from spin_ray.storage import JsonLines, atomic_write_json, join, read_json, read_json_lines
-from spin_ray.training.checkpoint import (committed_steps, copy_export, drop_checkpoints, export_hf, load_checkpoint,
-                                         save_checkpoint)
+from spin_ray.adapters import adapter_base, is_adapted
+from spin_ray.training.checkpoint import (committed_steps, copy_export, drop_checkpoints, export_hf, export_merged,
+                                         load_checkpoint, save_checkpoint)
 from spin_ray.training.data import Schedule, examples_from_rows
 from spin_ray.training.parallel import DTYPES, compute_context, load_for_training, set_accumulating
 
@@ -41,10 +42,12 @@ class WorkerContext:
 
 
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """Over the trainable parameters: all of them, or the adapters alone with LoRA (no state for the frozen base)."""
     t = config.training
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if t.optimizer == "rmsprop":
-        return torch.optim.RMSprop(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+        return torch.optim.RMSprop(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
@@ -145,11 +148,12 @@ def train(
     context: WorkerContext | None = None,
     source: str = "pairs",
     early_stop: EarlyStop | None = None,
+    merged_dir: str | None = None,
 ) -> dict:
     """Train one iteration on `rows` (generation-stage rows) starting from `model_path`; resume if a
     checkpoint is committed under `train_dir`. Returns the final summary (on every rank). With `early_stop`, the
     validation NLL is measured at each epoch's end (`validation_nll` in that step's record) and training ends once
-    it stops improving."""
+    it stops improving. With LoRA the export is an adapter; `merged_dir` gets the merged model too."""
     from spin_ray.models import load_tokenizer
 
     setup_started = time.perf_counter()
@@ -169,7 +173,7 @@ def train(
     layout = training_layout(config, model_path, context.world_size, context.device)
     compute_dtype = DTYPES[t.compute_dtype]
     model = load_for_training(model_path, config.model.trust_remote_code, context.device, context.rank,
-                              t.load_on_rank0, compute_dtype, t.cpu_offload, layout.activation_checkpointing)
+                              t.load_on_rank0, compute_dtype, t.cpu_offload, layout.activation_checkpointing, t.lora)
     model.train()
     precision = lambda: compute_context(model, compute_dtype, context.device)  # noqa: E731 (a fresh context per use)
     optimizer = build_optimizer(model, config)
@@ -280,6 +284,8 @@ def train(
         copy_export(best_dir, export_dir, context.rank)  # a later epoch was worse on validation
     else:
         export_hf(model, tokenizer, export_dir, context.rank, config.model.dtype)
+    if merged_dir and is_adapted(model):
+        export_merged(export_dir, merged_dir, config.model.dtype, config.model.trust_remote_code, context.rank)
     drop_checkpoints(train_dir, context.rank)
     return {
         **summary,
@@ -287,6 +293,8 @@ def train(
         "training_tokens_per_second": round(tokens_this_run / train_seconds, 1) if tokens_this_run else None,
         "setup_seconds": round(setup_seconds, 2),
         "compute_dtype": t.compute_dtype,
+        "lora_rank": model.peft_config["default"].r if is_adapted(model) else 0,
+        "trainable_parameters": trainable_parameters(model),
         "activation_checkpointing": layout.activation_checkpointing,
         "sharded_accumulation": layout.sharded_accumulation,
         "training_seconds": round(train_seconds, 2),
@@ -298,6 +306,11 @@ def train(
         "seconds": round(time.perf_counter() - started, 2),
         "export_dir": export_dir,
     }
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    """Trainable parameters of the whole model (FSDP2 shards count their global size)."""
+    return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
 
 
 def _step_metrics(totals, algorithm: Algorithm, global_batch, step, schedule, lr, grad_norm, seconds) -> dict:
@@ -344,7 +357,9 @@ def training_layout(config: Config, model_path: str, world: int, device: torch.d
     device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     shape = None
     if device_bytes and "auto" in (t.activation_checkpointing, t.gradient_accumulation):
-        raw = read_json(join(local_model_path(model_path, weights=False), "config.json")) or {}
+        folder = local_model_path(model_path, weights=False)
+        base = adapter_base(folder)  # an adapter's shape is its base's
+        raw = read_json(join(local_model_path(base, weights=False) if base else folder, "config.json")) or {}
         try:
             shape = ModelShape.from_config(raw, model_path)
         except (PlanError, KeyError):

@@ -117,31 +117,41 @@ def set_accumulating(model: torch.nn.Module, accumulating: bool, sharded: bool) 
 
 def load_for_training(model_path: str, trust_remote_code: bool, device: torch.device, rank: int,
                       on_rank0_only: bool, compute_dtype: torch.dtype, cpu_offload: bool,
-                      checkpointing: bool) -> torch.nn.Module:
+                      checkpointing: bool, lora=None) -> torch.nn.Module:
     """The model with float32 master weights, checkpointed and sharded as asked.
 
     With `on_rank0_only` and two or more ranks, rank 0 alone reads the weights (on the CPU); every rank builds the
     model on the meta device, shards it, allocates only its shards and receives them by broadcast
     (`set_model_state_dict(..., broadcast_from_rank0=True)`). Else every rank loads the whole model, then shards
     it: a full float32 copy per rank in host and device memory.
+
+    LoRA: a `model_path` holding an adapter (an earlier iteration's export) is its base with that adapter, trained
+    on; a whole model with `lora.rank` > 0 gets a fresh adapter (`training.lora`). Only the adapter is trainable.
     """
+    from spin_ray.adapters import adapter_base
     from spin_ray.models import load_model, local_model_path
 
+    path = local_model_path(model_path)
+    base = adapter_base(path)
+    weights = local_model_path(base) if base else path
+    adapter = path if base else None
     if not (on_rank0_only and distributed_world() > 1):
-        model = load_model(model_path, "float32", trust_remote_code).to(device)
+        model = _with_adapter(load_model(weights, "float32", trust_remote_code), adapter, lora, model_path).to(device)
         return _prepare(model, compute_dtype, cpu_offload, checkpointing)
     from accelerate import init_empty_weights
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = local_model_path(model_path)
-    full = load_model(path, "float32", trust_remote_code).state_dict() if rank == 0 else {}
-    model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    full = {}
+    if rank == 0:  # a fresh adapter's random A comes from here too, so every rank gets the same one
+        full = _with_adapter(load_model(weights, "float32", trust_remote_code), adapter, lora, model_path).state_dict()
+    model_config = AutoConfig.from_pretrained(weights, trust_remote_code=trust_remote_code)
     # parameters on the meta device, buffers real: the ones a checkpoint leaves out (rotary frequencies) are
     # computed at construction, and allocating the shards below would overwrite them
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.tie_weights()  # the meta-device hook made the tied head a parameter of its own
+    model = _with_adapter(model, adapter, lora, model_path, weights=False)
     buffers = {name: value.clone() for name, value in model.named_buffers()}
     model = _prepare(model, compute_dtype, cpu_offload, checkpointing)
     model.to_empty(device="cpu" if cpu_offload else device)  # offloaded shards live on the CPU
@@ -150,6 +160,18 @@ def load_for_training(model_path: str, trust_remote_code: bool, device: torch.de
         setattr(model.get_submodule(owner) if owner else model, leaf, value.to(device))
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
                                                                cpu_offload=cpu_offload))
+    return model
+
+
+def _with_adapter(model, adapter: str | None, lora, base: str, weights: bool = True):
+    """`model` with the adapter saved in `adapter` (its weights only when `weights`: a meta-device model receives
+    them by broadcast), or with a fresh one when `lora.rank` > 0, or as it is."""
+    from spin_ray.adapters import inject, load_adapter, lora_config, saved_config
+
+    if adapter:
+        return load_adapter(model, adapter) if weights else inject(model, saved_config(adapter))
+    if lora is not None and lora.rank > 0:
+        return inject(model, lora_config(lora, base))
     return model
 
 

@@ -75,7 +75,7 @@ def _worker_entry(loop_config: dict) -> None:
         config, rows, loop_config["model_path"], loop_config["train_dir"], loop_config["export_dir"],
         WorkerContext(rank, world, ray.train.torch.get_device(), report=lambda metrics: ray.train.report(metrics),
                       on_step=loop_config.get("on_step")),
-        source=loop_config["source"], early_stop=early_stop,
+        source=loop_config["source"], early_stop=early_stop, merged_dir=loop_config.get("merged_dir"),
     )
     if rank == 0:
         # Ray Data's streaming read of the pairs into this worker: with the model load (`setup_seconds`) and Ray
@@ -120,11 +120,13 @@ def _ray_train_storage(train_dir: str) -> str:
 
 
 def run_training(config: Config, dataset, model_path: str, train_dir: str, export_dir: str, source: str = "pairs",
-                 on_step: Callable | None = None, validation=None, patience: int = 1) -> dict:
+                 on_step: Callable | None = None, validation=None, patience: int = 1,
+                 merged_dir: str | None = None) -> dict:
     """Train the model at `model_path` (p_t) into `export_dir` (p_{t+1}) on a Ray Dataset of pairs; resumes from the
     last checkpoint committed under `train_dir` (also home of metrics.jsonl and summary.json), and returns at
     once if the export is already complete. `on_step(step, context, train_dir)` runs on every worker before
-    each optimizer step. `validation` (a Ray Dataset of SFT rows) turns on early stopping (loop.EarlyStop)."""
+    each optimizer step. `validation` (a Ray Dataset of SFT rows) turns on early stopping (loop.EarlyStop). With
+    LoRA, `merged_dir` receives the merged model beside the adapter export."""
     import ray.train
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -143,7 +145,7 @@ def run_training(config: Config, dataset, model_path: str, train_dir: str, expor
     trainer = TorchTrainer(
         train_loop_per_worker=_worker_entry,
         train_loop_config={"config": config.to_dict(), "model_path": model_path, "train_dir": train_dir,
-                           "export_dir": export_dir, "source": source, "on_step": on_step,
+                           "export_dir": export_dir, "source": source, "on_step": on_step, "merged_dir": merged_dir,
                            "early_stop_patience": patience if validation is not None else None},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=t.use_gpu,

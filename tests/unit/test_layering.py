@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "spin_ray"
 LAYERS = [
     {"spin_ray", "spin_ray.algorithms", "spin_ray.gsm8k", "spin_ray.stats", "spin_ray.losses", "spin_ray.packed_attention",
      "spin_ray.tokenization", "spin_ray.logprobs", "spin_ray.storage", "spin_ray.layout", "spin_ray.lease",
-     "spin_ray.workers", "spin_ray.logs", "spin_ray.collapse", "spin_ray.selection"},
+     "spin_ray.workers", "spin_ray.logs", "spin_ray.collapse", "spin_ray.selection", "spin_ray.adapters"},
     {"spin_ray.config", "spin_ray.data", "spin_ray.models", "spin_ray.prepare", "spin_ray.plan"},
     {"spin_ray.generation", "spin_ray.generation.engine", "spin_ray.generation.hf_engine",
      "spin_ray.generation.vllm_engine", "spin_ray.generation.shards", "spin_ray.generation.progress",
@@ -23,7 +23,7 @@ LAYERS = [
 ]
 WITHOUT_RAY = {"spin_ray.stats", "spin_ray.losses", "spin_ray.logprobs", "spin_ray.tokenization", "spin_ray.packed_attention",
                "spin_ray.algorithms", "spin_ray.gsm8k", "spin_ray.training.loop", "spin_ray.collapse", "spin_ray.selection",
-               "spin_ray.plan", "spin_ray.training.parallel"}
+               "spin_ray.plan", "spin_ray.training.parallel", "spin_ray.adapters"}
 
 
 def _modules() -> dict[str, ast.Module]:

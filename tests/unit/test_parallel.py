@@ -5,30 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from tests.training_runs import logged_losses, on_ranks, spin_rows
+
 LR = 5e-7  # the paper's learning rate: a weight of 0.02 has a bf16 spacing of 1.2e-4, far above one step
-
-
-def _rows(chat, tiny_model_dir, count=4):
-    """SPIN rows whose reference log-probs are the tiny model's own (fp32, padded), as an engine pass gives them."""
-    from spin_ray.logprobs import score_responses
-    from spin_ray.models import load_model
-
-    prompts = chat.batch_prompt_ids([[{"role": "user", "content": f"What is {i} + {i}?"}] for i in range(count)])
-    reals = chat.batch_response_ids([f"{i} + {i} = {2 * i}\n#### {2 * i}" for i in range(count)])
-    generated = chat.batch_response_ids([f"It is {i * 7}, I think." for i in range(count)])
-    model = load_model(tiny_model_dir)
-    ref_real = score_responses(model, prompts, reals, chat.tokenizer.pad_token_id)
-    ref_generated = score_responses(model, prompts, generated, chat.tokenizer.pad_token_id)
-    return [{"prompt_id": f"p{i}", "prompt_token_ids": prompts[i], "real_token_ids": reals[i],
-             "generated_token_ids": [generated[i]], "ref_logp_real": float(ref_real[i]),
-             "ref_logp_generated": [float(ref_generated[i])]} for i in range(count)]
 
 
 def _config(model_dir, *overrides):
@@ -44,11 +28,6 @@ def _moved(before: dict, after: dict) -> float:
     return changed / sum(v.numel() for v in before.values())
 
 
-def _losses(train_dir) -> list[float]:
-    with open(os.path.join(train_dir, "metrics.jsonl")) as handle:
-        return [json.loads(line)["loss"] for line in handle]
-
-
 # ---- one process ---------------------------------------------------------------------------------------------------
 
 
@@ -60,7 +39,7 @@ def test_bf16_compute_steps_float32_master_weights_where_bf16_weights_round_ever
     from spin_ray.models import load_model
     from spin_ray.training.loop import train
 
-    rows = _rows(chat, tiny_model_dir)
+    rows = spin_rows(chat, tiny_model_dir)
     before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     losses = {}
     for dtype in ("float32", "bfloat16", "float16"):
@@ -72,7 +51,7 @@ def test_bf16_compute_steps_float32_master_weights_where_bf16_weights_round_ever
         after = load_file(str(out / "model" / "model.safetensors"))
         assert all(v.dtype == torch.float32 for v in after.values())
         assert _moved(before, after) >= 0.99, dtype
-        losses[dtype] = _losses(out / "train")
+        losses[dtype] = logged_losses(out / "train")
     assert losses["bfloat16"][0] == pytest.approx(losses["float32"][0], abs=1e-4)
     assert losses["float16"][0] == pytest.approx(losses["float32"][0], abs=1e-4)  # with its dynamic loss scale
 
@@ -92,7 +71,7 @@ def test_the_export_is_stored_in_model_dtype(tiny_model_dir, chat, tmp_path):
 
     config = _config(tiny_model_dir, "model.dtype=bfloat16", "training.compute_dtype=bfloat16",
                      "training.global_batch_size=1")
-    train(config, _rows(chat, tiny_model_dir)[:1], tiny_model_dir, str(tmp_path / "train"), str(tmp_path / "model"))
+    train(config, spin_rows(chat, tiny_model_dir)[:1], tiny_model_dir, str(tmp_path / "train"), str(tmp_path / "model"))
     exported = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert {v.dtype for v in exported.values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "model" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -109,7 +88,7 @@ def test_activation_checkpointing_gives_the_same_fp32_gradients(tiny_model_dir, 
     from spin_ray.training.parallel import enable_activation_checkpointing
 
     config = _config(tiny_model_dir, f"training.pack_sequences={pack}", f"training.logits_chunk_rows={chunk_rows}")
-    examples = examples_from_rows(_rows(chat, tiny_model_dir), "test", config)
+    examples = examples_from_rows(spin_rows(chat, tiny_model_dir), "test", config)
     grads = {}
     for checkpointing in (False, True):
         model = load_model(tiny_model_dir)
@@ -129,7 +108,7 @@ def test_the_reference_check_is_silent_on_a_true_reference_and_refuses_a_perturb
     from spin_ray.algorithms import TrainingDataError
     from spin_ray.training.loop import REFUSAL, train
 
-    rows = _rows(chat, tiny_model_dir)
+    rows = spin_rows(chat, tiny_model_dir)
     config = _config(tiny_model_dir)
     summary = train(config, rows, tiny_model_dir, str(tmp_path / "ok" / "train"), str(tmp_path / "ok" / "model"))
     first = json.loads((tmp_path / "ok" / "train" / "metrics.jsonl").read_text().splitlines()[0])
@@ -155,7 +134,7 @@ def test_the_dtype_is_named_as_the_likely_cause_when_it_differs(tiny_model_dir, 
     from spin_ray.algorithms import TrainingDataError
     from spin_ray.training.loop import train
 
-    rows = _rows(chat, tiny_model_dir)
+    rows = spin_rows(chat, tiny_model_dir)
     rows[0]["ref_logp_real"] -= 10.0
     config = _config(tiny_model_dir, "training.compute_dtype=bfloat16")
     with pytest.raises(TrainingDataError, match="scored in model.dtype float32 and training computes in "
@@ -166,42 +145,7 @@ def test_the_dtype_is_named_as_the_likely_cause_when_it_differs(tiny_model_dir, 
 # ---- two ranks ------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, task: str, kwargs: dict, results) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results[rank] = globals()[task](rank, world, **kwargs)
-    finally:
-        dist.destroy_process_group()
-
-
-def _on_ranks(task: str, world: int = 2, **kwargs) -> list:
-    """Run `task(rank, world, **kwargs)` on `world` gloo ranks; their return values, by rank."""
-    context = mp.get_context("spawn")
-    with context.Manager() as manager:
-        results = manager.dict()
-        port = _free_port()
-        processes = [context.Process(target=_rank_main, args=(r, world, port, task, kwargs, results))
-                     for r in range(world)]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join(timeout=300)
-        codes = [p.exitcode for p in processes]
-        assert codes == [0] * world, f"ranks exited with {codes}"
-        return [results[r] for r in range(world)]
-
-
-def _loaded_weights(rank, world, model_dir, on_rank0_only):
+def loaded_weights(rank, world, model_dir, on_rank0_only):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from spin_ray.training.parallel import load_for_training
@@ -219,7 +163,7 @@ def test_rank0_loading_gives_every_rank_the_checkpoints_weights_and_only_its_sha
 
     reference = load_model(tiny_model_dir)
     expected = reference.state_dict()
-    for result in _on_ranks("_loaded_weights", model_dir=tiny_model_dir, on_rank0_only=True):
+    for result in on_ranks("tests.unit.test_parallel.loaded_weights", model_dir=tiny_model_dir, on_rank0_only=True):
         assert set(result["weights"]) == set(expected)
         for name, value in expected.items():
             assert torch.equal(result["weights"][name], value), name
@@ -229,7 +173,7 @@ def test_rank0_loading_gives_every_rank_the_checkpoints_weights_and_only_its_sha
         assert result["shard_rows"] == expected["model.embed_tokens.weight"].shape[0] // 2
 
 
-def _train_on_ranks(rank, world, model_dir, rows, train_dir, export_dir, overrides):
+def train_on_ranks(rank, world, model_dir, rows, train_dir, export_dir, overrides):
     from spin_ray.config import load_config
     from spin_ray.training.loop import WorkerContext, train
 
@@ -246,7 +190,7 @@ def test_sharded_accumulation_checkpointing_and_bf16_on_two_ranks_train_like_the
     offload (FSDP2's CPUOffloadPolicy; on this CPU-only machine it exercises the path, not the copies) give the
     default layout's losses and weights; bf16 compute (FSDP2's MixedPrecisionPolicy, float32 reduction) the same
     losses to bf16's precision and float32 master weights that moved."""
-    rows = _rows(chat, tiny_model_dir)
+    rows = spin_rows(chat, tiny_model_dir)
     variants = {"default": ["training.load_on_rank0=false"],
                 "sharded": ["training.gradient_accumulation=sharded", "training.activation_checkpointing=true"],
                 "offload": ["training.cpu_offload=true"],
@@ -254,10 +198,10 @@ def test_sharded_accumulation_checkpointing_and_bf16_on_two_ranks_train_like_the
     losses, weights = {}, {}
     for name, overrides in variants.items():
         out = tmp_path / name
-        summaries = _on_ranks("_train_on_ranks", model_dir=tiny_model_dir, rows=rows, train_dir=str(out / "train"),
+        summaries = on_ranks("tests.unit.test_parallel.train_on_ranks", model_dir=tiny_model_dir, rows=rows, train_dir=str(out / "train"),
                               export_dir=str(out / "model"), overrides=overrides)
         assert summaries[0]["steps"] == 2
-        losses[name] = _losses(out / "train")
+        losses[name] = logged_losses(out / "train")
         weights[name] = load_file(str(out / "model" / "model.safetensors"))
     assert summaries[0]["compute_dtype"] == "bfloat16"
     for same in ("sharded", "offload"):

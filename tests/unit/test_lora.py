@@ -1,0 +1,154 @@
+"""LoRA training without Ray: only the adapters train, the export is PEFT's adapter layout, an iteration trains on from
+the last one's adapter, two FSDP2 ranks (rank-0 loading) train as one process does, a resumed stage ends where an
+uninterrupted one does, and a target module the model lacks is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.training_runs import logged_losses, on_ranks, spin_rows
+
+LR = 1e-3  # LoRA's B starts at zero: at the paper's 5e-7 the adapter would barely move in two steps
+LORA = ["training.lora.rank=4", "training.lora.alpha=8"]
+
+
+def _config(model_dir, *overrides):
+    from spin_ray.config import load_config
+
+    return load_config(None, [f"model.name={model_dir}", f"training.learning_rate={LR}", "training.warmup_ratio=0",
+                              "training.global_batch_size=4", "training.micro_batch_size=1", "training.epochs=2",
+                              "training.optimizer=adamw", *LORA, *overrides])
+
+
+def _logits(model, ids=(1, 2, 3, 4, 5, 6)) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits
+
+
+def test_lora_trains_the_adapter_alone_exports_it_for_peft_and_trains_on_from_it(tiny_model_dir, chat, tmp_path):
+    """Two layers x 7 projections of rank 4 on the tiny Llama (hidden 64, MLP 128): 2 x (4 x (64+64) + 4 x (64+32) x 2
+    + 4 x (64+64) + 4 x (64+128) x 3) = 8,192 trainable parameters. The export holds the adapter (no model weights),
+    PEFT's PeftModel on the untouched base answers as the trained model and as the merged export; the base is not
+    changed; the next iteration loads the adapter (its step-0 reference check passes on references the adapted model
+    scored) and its adapter's base is still the original one."""
+    from peft import PeftModel
+
+    from spin_ray.adapters import adapter_base
+    from spin_ray.models import load_model
+    from spin_ray.training.loop import train
+
+    config = _config(tiny_model_dir, "training.lora.export_merged=true")
+    rows = spin_rows(chat, tiny_model_dir)
+    summary = train(config, rows, tiny_model_dir, str(tmp_path / "train"), str(tmp_path / "model"),
+                    merged_dir=str(tmp_path / "merged"))
+    assert summary["lora_rank"] == 4 and summary["trainable_parameters"] == 8192 and summary["steps"] == 2
+    exported = sorted(os.listdir(tmp_path / "model"))
+    assert "adapter_model.safetensors" in exported and "adapter_config.json" in exported
+    assert not any(name.startswith("model") for name in exported)  # no whole-model weights
+    assert "tokenizer.json" in exported  # every stage reads the tokenizer from the model it is given
+    weights = load_file(str(tmp_path / "model" / "adapter_model.safetensors"))
+    assert len(weights) == 28 and all(k.startswith("base_model.model.model.layers.") for k in weights)
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    assert any(float(v.abs().max()) > 0 for k, v in weights.items() if "lora_B" in k)  # B left zero: it trained
+    assert adapter_base(str(tmp_path / "model")) == tiny_model_dir
+
+    base = load_model(tiny_model_dir)
+    through_peft = PeftModel.from_pretrained(load_model(tiny_model_dir), str(tmp_path / "model"))
+    ours, merged = load_model(str(tmp_path / "model")), load_model(str(tmp_path / "merged"))
+    assert torch.allclose(_logits(through_peft), _logits(ours), atol=1e-5)
+    assert torch.allclose(_logits(merged), _logits(ours), atol=1e-5)
+    assert (_logits(ours) - _logits(base)).abs().max() > 1e-3  # the adapter changes the answers
+    assert json.load(open(tmp_path / "merged" / "config.json"))["dtype"] == "float32"
+
+    # iteration 1: p_1 (base + adapter) scores its own references; training goes on from the adapter
+    rows_1 = spin_rows(chat, str(tmp_path / "model"))
+    next_summary = train(config, rows_1, str(tmp_path / "model"), str(tmp_path / "train_1"), str(tmp_path / "model_1"))
+    assert next_summary["steps"] == 2
+    first = json.loads((tmp_path / "train_1" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["reference_gap"] < 1e-5 and abs(first["rewards/margins"]) < 1e-5  # p_1 is its own reference
+    assert adapter_base(str(tmp_path / "model_1")) == tiny_model_dir
+    moved = load_file(str(tmp_path / "model_1" / "adapter_model.safetensors"))
+    assert any(not torch.equal(moved[k], weights[k]) for k in weights)
+
+
+def lora_on_ranks(rank, world, model_dir, rows, train_dir, export_dir, overrides):
+    from spin_ray.training.loop import WorkerContext, train
+
+    summary = train(_config(model_dir, *overrides), rows, model_dir, train_dir, export_dir, WorkerContext(rank, world))
+    return {key: summary[key] for key in ("steps", "trainable_parameters")}
+
+
+def test_lora_on_two_fsdp2_ranks_loaded_by_rank0_trains_as_one_process(tiny_model_dir, chat, tmp_path):
+    """Rank 0 reads the base and draws the fresh adapter's A; the other rank builds both on the meta device and
+    receives its shards. With sharded accumulation and activation checkpointing, the losses and the exported adapter
+    equal one process's."""
+    from spin_ray.training.loop import train
+
+    rows = spin_rows(chat, tiny_model_dir)
+    one = train(_config(tiny_model_dir), rows, tiny_model_dir, str(tmp_path / "one" / "train"),
+                str(tmp_path / "one" / "model"))
+    summaries = on_ranks("tests.unit.test_lora.lora_on_ranks", model_dir=tiny_model_dir, rows=rows,
+                         train_dir=str(tmp_path / "two" / "train"), export_dir=str(tmp_path / "two" / "model"),
+                          overrides=["training.load_on_rank0=true", "training.gradient_accumulation=sharded",
+                                     "training.activation_checkpointing=true"])
+    assert summaries[0]["steps"] == one["steps"] == 2
+    assert summaries[0]["trainable_parameters"] == one["trainable_parameters"] == 8192  # global, not per shard
+    assert logged_losses(tmp_path / "two" / "train") == pytest.approx(logged_losses(tmp_path / "one" / "train"), abs=1e-5)
+    alone = load_file(str(tmp_path / "one" / "model" / "adapter_model.safetensors"))
+    sharded = load_file(str(tmp_path / "two" / "model" / "adapter_model.safetensors"))
+    assert set(alone) == set(sharded)
+    for key, value in alone.items():
+        assert torch.allclose(sharded[key], value, atol=1e-6, rtol=1e-4), key
+
+
+class _Interrupted(RuntimeError):
+    pass
+
+
+def test_a_lora_stage_interrupted_mid_iteration_resumes_to_the_uninterrupted_adapter(tiny_model_dir, chat, tmp_path):
+    """Checkpoints hold the adapters and their optimizer state only (the base is the stage's start model): a stage
+    stopped before its third step resumes from step 2 and exports the adapter an uninterrupted stage exports."""
+    from spin_ray.training.checkpoint import checkpoint_dir, committed_steps
+    from spin_ray.training.loop import WorkerContext, train
+
+    rows = spin_rows(chat, tiny_model_dir, count=8)
+    config = _config(tiny_model_dir, "training.checkpoint_every=1")
+    train(config, rows, tiny_model_dir, str(tmp_path / "whole" / "train"), str(tmp_path / "whole" / "model"))
+
+    train_dir = str(tmp_path / "resumed" / "train")
+    sizes = {}
+
+    def stop_at_third(step, _, where):
+        if step == 2:
+            sizes["checkpoint"] = sum(f.stat().st_size for f in (tmp_path / "resumed" / "train").rglob("*.distcp"))
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        train(config, rows, tiny_model_dir, train_dir, str(tmp_path / "resumed" / "model"),
+              WorkerContext(on_step=stop_at_third))
+    assert committed_steps(train_dir) == [1, 2] and os.path.isdir(checkpoint_dir(train_dir, 2))
+    base_bytes = os.path.getsize(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert sizes["checkpoint"] < 0.1 * base_bytes  # adapters + AdamW moments of 8,192 parameters, twice kept
+    summary = train(config, rows, tiny_model_dir, train_dir, str(tmp_path / "resumed" / "model"))
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
+    assert logged_losses(tmp_path / "resumed" / "train") == pytest.approx(logged_losses(tmp_path / "whole" / "train"), abs=1e-6)
+    whole = load_file(str(tmp_path / "whole" / "model" / "adapter_model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "model" / "adapter_model.safetensors"))
+    for key, value in whole.items():
+        assert torch.allclose(resumed[key], value, atol=1e-7, rtol=0), key
+
+
+def test_a_target_module_the_model_lacks_is_refused_in_one_line_before_ray(tiny_model_dir, tmp_path, capsys):
+    from spin_ray.cli import main
+
+    code = main(["run", f"model.name={tiny_model_dir}", f"run.storage_path={tmp_path}", "data.limit=8",
+                 "training.lora.rank=8", "training.lora.target_modules=[qq_proj, v_proj]"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "training.lora.target_modules" in err and "qq_proj" in err and "q_proj" in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("manifest.json"))  # refused before the run started
