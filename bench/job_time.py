@@ -2,8 +2,9 @@
 
 Each commit is checked out once into a git worktree under .tmp/ and imported from there (PYTHONPATH, which Ray's
 worker processes inherit); both use this checkout's virtual environment. Rounds alternate old, new, old, new... so
-a drift of the machine hits both sides. Prints JSON with every run's wall and phase seconds, the medians and
-new/old; `--out` also writes it.
+a drift of the machine hits both sides. Prints JSON with every run's wall and phase seconds (and the phases' engine
+start-up, training speed and held-out metrics, and each iteration's export bytes), the medians and new/old; `--out`
+also writes it. `--old HEAD --new HEAD` with `--new-set` compares two settings of one commit.
 
 Each commit reads JOB from its own tree, so a job file that changed between them keeps each side's settings;
 `--old-set` / `--new-set` add overrides for one side only (a key the other commit does not know). `--seed-cache DIR`
@@ -42,6 +43,11 @@ def checkout(commit: str) -> Path:
     return tree
 
 
+# What a run's phases report beside their seconds: engine start-up per pass, training speed and size, held-out quality.
+PHASE_METRICS = ("pass_startup_seconds", "engine_starts", "training_tokens_per_second", "trainable_parameters",
+                 "export_seconds", "accuracy", "nll_per_token", "reward_accuracy")
+
+
 def run_once(tree: Path, job: str, overrides: list[str], log: Path, seed_cache: str | None = None,
              timeout_s: float = 3600) -> dict:
     """One job from a fresh storage folder; its wall seconds and the manifest's phase seconds."""
@@ -57,14 +63,20 @@ def run_once(tree: Path, job: str, overrides: list[str], log: Path, seed_cache: 
         rc = subprocess.run(command, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
     wall = round(time.perf_counter() - started, 1)
     manifests = list(storage.glob("*/manifest.json"))
-    phases = {}
+    phases, metrics, exported = {}, {}, {}
     if manifests:
         manifest = json.loads(manifests[0].read_text())
-        phases = {name: record.get("seconds") for name, record in manifest.get("phases", {}).items()}
+        records = dict(manifest.get("phases", {}))
         for t, iteration in enumerate(manifest.get("iterations", [])):
-            phases.update({f"iter_{t}/{name}": record.get("seconds") for name, record in iteration["phases"].items()})
+            records.update({f"iter_{t}/{name}": record for name, record in iteration["phases"].items()})
+            model = manifests[0].parent / f"iter_{t}" / "model"
+            exported[f"iter_{t}"] = sum(f.stat().st_size for f in model.rglob("*") if f.is_file())
+        phases = {name: record.get("seconds") for name, record in records.items()}
+        metrics = {name: {key: (record.get("metrics") or {}).get(key) for key in PHASE_METRICS
+                          if (record.get("metrics") or {}).get(key) is not None} for name, record in records.items()}
     shutil.rmtree(storage, ignore_errors=True)  # checkpoints and exports: hundreds of MB a run
-    return {"rc": rc, "wall_s": wall, "phase_seconds": phases, "log": str(log)}
+    return {"rc": rc, "wall_s": wall, "phase_seconds": phases, "phase_metrics": metrics, "export_bytes": exported,
+            "log": str(log)}
 
 
 def main() -> None:

@@ -85,6 +85,15 @@ class ModelShape:
     def parameters(self) -> int:
         return self.layers * self.layer_parameters + self.embedding_parameters
 
+    def lora_parameters(self, rank: int, targets: tuple[str, ...]) -> int:
+        """Parameters of rank-`rank` LoRA adapters (A: in x r, B: r x out) on the named projections of every layer
+        (all-linear: all seven; the LM head is never adapted)."""
+        h, q, kv, i = self.hidden, self.q_width, self.kv_width, self.intermediate
+        sizes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+                 "up_proj": (h, i), "down_proj": (i, h)}
+        chosen = sizes if "all-linear" in targets else {name: sizes[name] for name in targets if name in sizes}
+        return self.layers * sum(rank * (fan_in + fan_out) for fan_in, fan_out in chosen.values())
+
     def activation_bytes_per_token(self, element: int, checkpointing: bool) -> int:
         """Bytes autograd keeps per token per decoder layer (the module docstring's formula)."""
         if checkpointing:
@@ -141,6 +150,8 @@ class TrainingShape:
     optimizer_states: int
     logits_chunk_rows: int
     shared_prefix: bool = False  # each prompt computed once for its answers (training.prefix_sharing)
+    lora_rank: int = 0  # training.lora.rank: only adapters train (0: every weight)
+    lora_targets: tuple[str, ...] = ()
 
     @property
     def sequences(self) -> int:
@@ -176,7 +187,13 @@ def training_shape(config, workers: int | None = None, checkpointing: bool | Non
                                   else t.gradient_accumulation == "sharded"),
         accumulating=per_rank > t.micro_batch_size, cpu_offload=t.cpu_offload,
         optimizer_states=OPTIMIZER_STATES[t.optimizer], logits_chunk_rows=t.logits_chunk_rows,
-        shared_prefix=t.prefix_sharing and t.pack_sequences and answers > 1)
+        shared_prefix=t.prefix_sharing and t.pack_sequences and answers > 1, lora_rank=t.lora.rank,
+        lora_targets=(t.lora.target_modules,) if isinstance(t.lora.target_modules, str) else tuple(t.lora.target_modules))
+
+
+def trainable_parameters(shape: ModelShape, run: TrainingShape) -> int:
+    """What gets gradients and optimizer state: the adapters with LoRA, else every parameter."""
+    return shape.lora_parameters(run.lora_rank, run.lora_targets) if run.lora_rank else shape.parameters
 
 
 def micro_batch_flops(shape: ModelShape, run: TrainingShape) -> float:
@@ -184,7 +201,10 @@ def micro_batch_flops(shape: ModelShape, run: TrainingShape) -> float:
     token forward, 4 backward, 2 more to recompute with checkpointing), causal attention (each sequence its own
     triangle), and the LM head on answer tokens only (chunked: its logits recomputed in backward)."""
     passes = 4 if run.checkpointing else 3  # forward, backward (2x), and the recompute
+    if run.lora_rank:  # a frozen weight's backward computes the input's gradient only, not its own
+        passes -= 1
     dense = 2 * shape.layers * shape.layer_parameters * run.tokens * passes
+    dense += 2 * shape.lora_parameters(run.lora_rank, run.lora_targets) * run.tokens * (passes + 1)
     p, a = run.prompt_tokens, run.answer_tokens
     # query-key pairs: a causal sequence of length s has s^2 / 2; a shared answer sees its prompt and itself
     pairs = run.sequences * (p + a) ** 2 / 2
@@ -202,12 +222,13 @@ def step_communication_bytes(shape: ModelShape, run: TrainingShape, micro_batche
     (k + 1 gathers, one reduce-scatter), sharded accumulation does both every micro-batch (2k and k)."""
     if run.workers == 1:
         return 0.0
-    share = (run.workers - 1) / run.workers * shape.parameters
+    share = (run.workers - 1) / run.workers
     if run.sharded_accumulation or micro_batches == 1:
         gathers, reductions = 2 * micro_batches, micro_batches
     else:
         gathers, reductions = micro_batches + 1, 1
-    return share * (gathers * run.compute_bytes + reductions * 4)
+    # only trainable parameters have gradients to reduce (the adapters, with LoRA)
+    return share * (gathers * run.compute_bytes * shape.parameters + reductions * 4 * trainable_parameters(shape, run))
 
 
 def step_seconds(shape: ModelShape, run: TrainingShape, micro_batches: int, flops_per_second: float,
@@ -239,8 +260,11 @@ def training_memory(shape: ModelShape, run: TrainingShape, runtime_bytes: int = 
     before any model: CUDA context, or the interpreter and libraries on a CPU)."""
     n, world, e = shape.parameters, run.workers, run.compute_bytes
     shard = math.ceil(n / world)
-    states = {"master weights (fp32)": 4 * shard, "gradients (fp32)": 4 * shard,
-              "optimizer state (fp32)": 4 * run.optimizer_states * shard}
+    trained = trainable_parameters(shape, run)
+    trained_shard = math.ceil(trained / world)  # with LoRA only the adapters have gradients and optimizer state
+    weights = 4 * shard + (4 * trained_shard if run.lora_rank else 0)  # the base (fp32) and the adapters
+    states = {"master weights (fp32)": weights, "gradients (fp32)": 4 * trained_shard,
+              "optimizer state (fp32)": 4 * run.optimizer_states * trained_shard}
     memory = Memory()
     (memory.host if run.cpu_offload else memory.device).update(states)
     mixed = e != 4
@@ -249,7 +273,7 @@ def training_memory(shape: ModelShape, run: TrainingShape, runtime_bytes: int = 
         gathered = e * (2 * shape.layer_parameters + shape.embedding_parameters)
         if run.accumulating and not run.sharded_accumulation:
             # between micro-batches every layer stays gathered, with its unsharded float32 gradient
-            gathered = e * n + 4 * n - 4 * shard
+            gathered = e * n + 4 * trained - 4 * trained_shard
         memory.device["gathered parameters"] = gathered
         # all-gather output and reduce-scatter input of one layer (float32 reduction)
         memory.device["communication buffers"] = (e + 4) * shape.layer_parameters
@@ -268,7 +292,7 @@ def training_memory(shape: ModelShape, run: TrainingShape, runtime_bytes: int = 
     memory.device["activations"] = activations
     # the optimizer step's temporaries (torch's foreach RMSprop and AdamW: sqrt of the squared averages, one shard
     # size) come after the activations are freed; the larger of the two is the peak
-    memory.device["activations"] = max(activations, 4 * shard)
+    memory.device["activations"] = max(activations, 4 * trained_shard)
     rows = run.logits_chunk_rows or run.answer_token_count
     # a chunk's logits in the compute dtype, their float32 copy and float32 gradient
     memory.device["logits"] = min(rows, run.answer_token_count) * shape.vocab * (e + 8)
@@ -311,7 +335,8 @@ def choose_layout(config, shape: ModelShape | None, workers: int, device_bytes: 
     if accumulation == "auto":
         sharded = False
         if device_bytes and workers > 1:
-            full_copy = (DTYPE_BYTES[t.compute_dtype] + 4) * shape.parameters
+            full_run = training_shape(config, workers)
+            full_copy = DTYPE_BYTES[t.compute_dtype] * shape.parameters + 4 * trainable_parameters(shape, full_run)
             sharded = full_copy > UNSHARDED_ACCUMULATION_SHARE * device_bytes
             reasons.append(f"accumulation {'sharded' if sharded else 'unsharded'}: the full copy is "
                            f"{full_copy / GB:.1f} GiB of {device_bytes / GB:.0f} GiB")
@@ -610,10 +635,12 @@ def iteration_bytes(config, shape: ModelShape, prompts: int, assumptions: Assump
     export is complete), the generation shards (int32 token ids and float log-probs, before parquet's compression)."""
     t, gen, d = config.training, config.generation, config.data
     n = shape.parameters
-    checkpoint = n * 4 * (1 + OPTIMIZER_STATES[t.optimizer])
+    trained = trainable_parameters(shape, training_shape(config))
+    checkpoint = trained * 4 * (1 + OPTIMIZER_STATES[t.optimizer])  # with LoRA: the adapters and their state
     row = 4 * (d.max_prompt_tokens * assumptions.prompt_share + d.max_response_tokens * assumptions.answer_share
                + gen.num_samples * gen.max_new_tokens * assumptions.answer_share) + 8 * (gen.num_samples + 2)
-    return {"export": n * DTYPE_BYTES[config.model.dtype],
+    export = trained * 4 if t.lora.rank else n * DTYPE_BYTES[config.model.dtype]  # adapters are kept in float32
+    return {"export": export,
             "checkpoints (while training)": checkpoint * t.keep_checkpoints,
             "generation shards": int(row * prompts)}
 
@@ -629,6 +656,10 @@ def format_plan(plan: Plan, config) -> str:
              f"training, per worker ({plan.workers} x {plan.training_gpu}; compute {t.compute_dtype}, master weights "
              f"float32, micro-batch {t.micro_batch_size} x {training_shape(config).answers} answers x "
              f"{config.data.max_prompt_tokens}+{training_shape(config).answer_tokens} tokens)"]
+    if t.lora.rank:
+        adapters = s.lora_parameters(t.lora.rank, training_shape(config).lora_targets)
+        lines.append(f"  LoRA rank {t.lora.rank}: {adapters:,} trainable parameters ({adapters / s.parameters:.2%}); "
+                     f"gradients and optimizer state for them only")
     for name, value in plan.memory.device.items():
         lines.append(f"  {name:<40}{gb(value)}")
     for name, value in plan.memory.host.items():
