@@ -74,6 +74,12 @@ def run_once(tree: Path, job: str, overrides: list[str], log: Path, seed_cache: 
         phases = {name: record.get("seconds") for name, record in records.items()}
         metrics = {name: {key: (record.get("metrics") or {}).get(key) for key in PHASE_METRICS
                           if (record.get("metrics") or {}).get(key) is not None} for name, record in records.items()}
+        for marker in manifests[0].parent.rglob("_COMPLETE.json"):  # each engine pass's start-up, by its folder
+            summary = json.loads(marker.read_text()).get("summary") or {}
+            if summary.get("pass_startup_seconds") is not None:
+                folder = str(marker.parent.relative_to(manifests[0].parent))
+                metrics.setdefault("engine_passes", {})[folder] = {
+                    key: summary.get(key) for key in ("pass_startup_seconds", "engine_starts", "engine_seconds")}
     shutil.rmtree(storage, ignore_errors=True)  # checkpoints and exports: hundreds of MB a run
     return {"rc": rc, "wall_s": wall, "phase_seconds": phases, "phase_metrics": metrics, "export_bytes": exported,
             "log": str(log)}

@@ -1,7 +1,7 @@
 """Benchmark: vLLM's CPU build serving SmolLM2 plus a PEFT LoRA adapter against the merged model served whole; JSON.
 
-What LoRA would change in our handoff, measured before LoRA training exists here: an iteration would ship an adapter
-instead of a model, and the engines would apply it to the base they already hold. The parent builds a PEFT adapter
+What LoRA changes in our handoff (measured before LoRA training existed here): an iteration ships an adapter instead
+of a model, and the engines apply it to the base they already hold. The parent builds a PEFT adapter
 on SmolLM2-135M-Instruct (rank --rank on every projection of every layer; its B matrices drawn at random, seeded, so
 the answers change) and the merged model (PEFT's merge_and_unload). Each variant is then a fresh process that builds
 our VLLMEngine the way a replica does (vllm_engine.py: in-process core, eager, whole-prompt prefill), with vLLM's
@@ -13,7 +13,6 @@ our VLLMEngine the way a replica does (vllm_engine.py: in-process core, eager, w
 
 Reported per variant: the engine's start (build) and the batch's decode seconds and tokens/s; how many greedy answers
 of the adapter variant equal the merged model's; the bytes each handoff writes. Variants alternate over --rounds.
-Needs PEFT, which is not a dependency yet: `.venv/bin/pip install peft`.
 
     python bench/lora_serving.py [--prompts 16] [--rank 8] [--rounds 2] [--out bench/results/lora-serving-DATE.json]
 """

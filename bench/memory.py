@@ -62,6 +62,9 @@ SETTINGS = {
     "tiny_w2_spin_mb4_len1024_ac": ("tiny", 2, "spin", 4, 512, 512, 2, ["training.prefix_sharing=false",
                                                                        "training.activation_checkpointing=true"]),
     "tiny_w2_spin_mb4_len1024_shared": ("tiny", 2, "spin", 4, 512, 512, 2, []),
+    # issue 35's LoRA vs full fine-tuning: rank 8 on every projection, against the same shapes trained in full
+    "smol_w1_spin_mb2_len256_shared_lora": ("smollm2", 1, "spin", 2, 128, 128, 1, ["training.lora.rank=8"]),
+    "smol_w2_lora": ("smollm2", 2, "sft", 2, 128, 128, 1, ["training.lora.rank=8"]),
 }
 
 
@@ -210,7 +213,8 @@ def run_setting(name: str, model: str, steps: int, scratch: str) -> dict:
               "measured_train_peak_mib": round(max(r["train_peak"] for r in ranks) / MIB),
               "measured_load_peak_mib": round(max(r["load_peak"] for r in ranks) / MIB),
               "tokens_per_second": round(sum(r["tokens_per_second"] for r in ranks), 1),
-              "seconds_per_step": round(statistics.median(r["training_seconds"] / r["steps"] for r in ranks), 2)}
+              "seconds_per_step": round(statistics.median(r["training_seconds"] / r["steps"] for r in ranks), 2),
+              "export_bytes": sum(f.stat().st_size for f in Path(job["export_dir"]).rglob("*.safetensors"))}
     return result
 
 
@@ -276,6 +280,13 @@ def summarize(results: list[dict]) -> dict:
         "rank0_loading_load_peak_ratio": _ratio(by_name, "smol_w2_load_rank0", "smol_w2_load_full",
                                                 "measured_load_peak_mib"),
         "bf16_compute_speed_ratio": _ratio(by_name, "smol_w2_bf16", "smol_w2_load_rank0", "tokens_per_second"),
+        "lora_w1_peak_ratio": _ratio(by_name, "smol_w1_spin_mb2_len256_shared_lora", "smol_w1_spin_mb2_len256_shared",
+                                     "measured_train_peak_mib"),
+        "lora_w1_speed_ratio": _ratio(by_name, "smol_w1_spin_mb2_len256_shared_lora", "smol_w1_spin_mb2_len256_shared",
+                                      "tokens_per_second"),
+        "lora_w2_peak_ratio": _ratio(by_name, "smol_w2_lora", "smol_w2_load_rank0", "measured_train_peak_mib"),
+        "lora_w2_speed_ratio": _ratio(by_name, "smol_w2_lora", "smol_w2_load_rank0", "tokens_per_second"),
+        "lora_export_bytes_ratio": _ratio(by_name, "smol_w2_lora", "smol_w2_load_rank0", "export_bytes"),
     }
 
 

@@ -298,7 +298,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     from spin_ray.manifest import Manifest
     from spin_ray.model_card import model_card
     from spin_ray.models import MODEL_CARD, folder_complete
-    from spin_ray.storage import download_folder
 
     folder = _run_folder(args.run)
     manifest = Manifest.read(folder)
@@ -326,11 +325,38 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"{source}: the export is incomplete (no completion marker)")
     if os.path.exists(args.dir) and os.listdir(args.dir):
         raise ConfigError(f"{args.dir}: exists and is not empty; export into a new folder")
-    download_folder(source, args.dir)
+    what = export_model(source, args.dir, manifest.data["config"], args.merged)
     with open(os.path.join(args.dir, MODEL_CARD), "w") as handle:
-        handle.write(str(model_card(manifest.data, iteration)))
-    print(f"exported {why}: {source} -> {args.dir} (with its model card)")
+        handle.write(str(model_card(manifest.data, iteration, merged=args.merged and "merged" in what)))
+    print(f"exported {why}: {source} -> {args.dir} ({what}, with its model card)")
     return 0
+
+
+def export_model(source: str, target: str, config: dict, merged: bool) -> str:
+    """Copy a run's model folder to the local folder `target`; a LoRA adapter names the base as the user did (the hub
+    id of an alias), or, with `merged`, is written merged into its base. Returns what was written."""
+    from spin_ray.adapters import ADAPTER_CONFIG, adapter_base
+    from spin_ray.model_card import HUB_IDS
+    from spin_ray.models import load_model, load_tokenizer, local_model_path
+    from spin_ray.storage import download_folder
+
+    model = config["model"]
+    staged = local_model_path(source, model.get("cache_dir"), weights=False)
+    if adapter_base(staged) is None:
+        download_folder(source, target)
+        return "a whole model"
+    if merged:
+        load_model(source, model["dtype"], model["trust_remote_code"], model.get("cache_dir")).save_pretrained(target)
+        load_tokenizer(source, model["trust_remote_code"], model.get("cache_dir")).save_pretrained(target)
+        return f"the LoRA adapter merged into its base, {model['dtype']}"
+    download_folder(source, target)
+    path = os.path.join(target, ADAPTER_CONFIG)
+    with open(path) as handle:
+        settings = json.load(handle)
+    settings["base_model_name_or_path"] = HUB_IDS.get(model["name"], model["name"])  # not this run's staged copy
+    with open(path, "w") as handle:
+        json.dump(settings, handle, indent=2, sort_keys=True)
+    return f"a LoRA adapter (rank {settings['r']}) of {settings['base_model_name_or_path']}; --merged writes it merged"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="a new local folder for the model")
     p.add_argument("--iteration", type=int, default=None, help="the model trained in iteration T")
     p.add_argument("--last", action="store_true", help="the last trained model, whatever the selection")
+    p.add_argument("--merged", action="store_true", help="a LoRA run's adapter merged into its base: one whole model")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plan", help="memory per training worker and engine replica, time and bytes per iteration, and "

@@ -14,8 +14,9 @@ METRICS = (("accuracy", "GSM8K exact match (spin_ray's rule)"), ("accuracy_lm_ev
            ("reward_accuracy", "reward accuracy vs its opponent"), ("answer_format_rate", "answers ending in #### <number>"))
 
 
-def model_card(manifest: dict, iteration: int | None):
-    """The card of the model trained in `iteration` (None: the SFT warm start), from the run's manifest."""
+def model_card(manifest: dict, iteration: int | None, merged: bool = False):
+    """The card of the model trained in `iteration` (None: the SFT warm start), from the run's manifest; `merged`: a
+    LoRA adapter written merged into its base."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     config = manifest["config"]
@@ -42,12 +43,22 @@ def model_card(manifest: dict, iteration: int | None):
                   "selected": selected_here,
                   "code_version": manifest.get("code_version"), "run": manifest["run_dir"]},
     )
+    lora = (config["training"].get("lora") or {}).get("rank", 0) if phases.get("sft" if iteration is None else "train") else 0
+    if lora and not merged:  # the folder is PEFT's adapter of the base model, not a whole model
+        data.library_name = "peft"
+        data.tags = [*data.tags, "lora"]
     opponent = manifest["base_model"] if iteration is None else manifest["iterations"][iteration].get("opponent")
     lines = [f"# {name}", "",
              f"Trained by spin_ray (Ray-native self-play fine-tuning) with **{algorithm}**"
              + ("" if iteration is None else f", self-play iteration {iteration}, against opponent `{opponent}`")
              + f", on `{config['data']['train']}`.", "",
              f"Run `{manifest['run']}`, config hash `{manifest['config_hash']}`, code {manifest.get('code_version')}.", ""]
+    if lora and merged:
+        lines += [f"Base `{data.base_model}` with the run's LoRA adapter (rank {lora}) merged into its weights.", ""]
+    elif lora:
+        lines += [f"A LoRA adapter (rank {lora}, PEFT's layout) of `{data.base_model}`: load it with "
+                  f"`PeftModel.from_pretrained(base, folder)`, or serve it with vLLM's LoRA requests; "
+                  f"`spin-ray export --merged` writes base + adapter as one model.", ""]
     if training:
         shown = ", ".join(f"{k} {training[k]:.4g}" for k in ("steps", "loss", "rewards/margins", "rewards/accuracies")
                           if isinstance(training.get(k), (int, float)))

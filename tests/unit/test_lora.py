@@ -152,3 +152,33 @@ def test_a_target_module_the_model_lacks_is_refused_in_one_line_before_ray(tiny_
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "training.lora.target_modules" in err and "qq_proj" in err and "q_proj" in err and "Traceback" not in err
     assert not list(tmp_path.rglob("manifest.json"))  # refused before the run started
+
+
+def test_export_of_a_lora_run_writes_the_adapter_or_merges_it_and_the_card_says_which(tiny_model_dir, chat, tmp_path,
+                                                                                        capsys):
+    from spin_ray.cli import main
+    from spin_ray.layout import RunLayout
+    from spin_ray.manifest import Manifest
+    from spin_ray.models import load_model
+    from spin_ray.training.loop import train
+
+    config = _config(tiny_model_dir, f"run.storage_path={tmp_path}", "run.name=lora")
+    layout = RunLayout.of(config)
+    manifest = Manifest.open(config)
+    train(config, spin_rows(chat, tiny_model_dir), tiny_model_dir, layout.train(0), layout.model(0))
+    manifest.finish("train", 0, 1.0, {"steps": 2, "lora_rank": 4}, {"model": layout.model(0)})
+    manifest.save()
+
+    assert main(["export", layout.root, str(tmp_path / "adapter")]) == 0
+    assert "a LoRA adapter (rank 4) of " in capsys.readouterr().out
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        tiny_model_dir  # as the run's config names it
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "library_name: peft" in card and "A LoRA adapter (rank 4" in card and "lora" in card
+
+    assert main(["export", layout.root, str(tmp_path / "whole"), "--merged"]) == 0
+    assert "merged into its base" in capsys.readouterr().out
+    assert (tmp_path / "whole" / "model.safetensors").is_file()
+    assert torch.allclose(_logits(load_model(str(tmp_path / "whole"))), _logits(load_model(layout.model(0))), atol=1e-5)
+    card = (tmp_path / "whole" / "README.md").read_text()
+    assert "library_name: peft" not in card and "merged into its weights" in card
