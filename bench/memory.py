@@ -242,7 +242,8 @@ def predict(result: dict, model: str, rates: dict, link: float) -> dict:
                          sharded_accumulation=t.gradient_accumulation == "sharded")
     # the process's own memory: interpreter, torch, transformers, gloo, tokenizer, Python objects; what it held with
     # the model loaded, less the loaded weights (the plan's runtime line, as the CUDA context is on a GPU)
-    weights = training_memory(shape, run).device["master weights (fp32)"]
+    components = training_memory(shape, run).device
+    weights = sum(components.get(k, 0) for k in ("master weights (fp32)", "frozen base weights", "adapter weights (fp32)"))
     runtime = int(statistics.median(r["rss_loaded"] for r in result["ranks"])) - weights
     plan = training_memory(shape, run, runtime_bytes=runtime)
     predicted = round((plan.device_total + plan.host_total) / MIB)

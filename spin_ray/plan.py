@@ -262,8 +262,11 @@ def training_memory(shape: ModelShape, run: TrainingShape, runtime_bytes: int = 
     shard = math.ceil(n / world)
     trained = trainable_parameters(shape, run)
     trained_shard = math.ceil(trained / world)  # with LoRA only the adapters have gradients and optimizer state
-    weights = 4 * shard + (4 * trained_shard if run.lora_rank else 0)  # the base (fp32) and the adapters
-    states = {"master weights (fp32)": weights, "gradients (fp32)": 4 * trained_shard,
+    if run.lora_rank:  # the frozen base is held in the compute dtype (parallel.hold_frozen_in), the adapters in fp32
+        weights = {"frozen base weights": e * shard, "adapter weights (fp32)": 4 * trained_shard}
+    else:
+        weights = {"master weights (fp32)": 4 * shard}
+    states = {**weights, "gradients (fp32)": 4 * trained_shard,
               "optimizer state (fp32)": 4 * run.optimizer_states * trained_shard}
     memory = Memory()
     (memory.host if run.cpu_offload else memory.device).update(states)
@@ -277,8 +280,8 @@ def training_memory(shape: ModelShape, run: TrainingShape, runtime_bytes: int = 
         memory.device["gathered parameters"] = gathered
         # all-gather output and reduce-scatter input of one layer (float32 reduction)
         memory.device["communication buffers"] = (e + 4) * shape.layer_parameters
-    elif mixed:
-        memory.device["autocast weight copies"] = e * n  # one process: each weight's cast, kept for backward
+    elif mixed:  # one process: each float32 weight's cast, kept for backward (a frozen base is cast already)
+        memory.device["autocast weight copies"] = e * trained if run.lora_rank else e * n
     per_token = shape.activation_bytes_per_token(e, run.checkpointing)
     activations = run.tokens * per_token * shape.layers
     if run.shared_prefix and not run.checkpointing:  # each later answer's attention keeps its own copy of the
@@ -653,8 +656,8 @@ def format_plan(plan: Plan, config) -> str:
     lines = [f"model {config.model.name}: {s.model_type}, {s.parameters:,} parameters ({s.layers} layers, hidden "
              f"{s.hidden}, {s.heads} heads / {s.kv_heads} kv, vocab {s.vocab}{', tied' if s.tied else ''})",
              "",
-             f"training, per worker ({plan.workers} x {plan.training_gpu}; compute {t.compute_dtype}, master weights "
-             f"float32, micro-batch {t.micro_batch_size} x {training_shape(config).answers} answers x "
+             f"training, per worker ({plan.workers} x {plan.training_gpu}; compute {t.compute_dtype}, "
+             f"{'adapters float32, frozen base ' + t.compute_dtype if t.lora.rank else 'master weights float32'}, micro-batch {t.micro_batch_size} x {training_shape(config).answers} answers x "
              f"{config.data.max_prompt_tokens}+{training_shape(config).answer_tokens} tokens)"]
     if t.lora.rank:
         adapters = s.lora_parameters(t.lora.rank, training_shape(config).lora_targets)

@@ -108,6 +108,47 @@ def test_a_model_folder_is_published_once_and_staged_once_per_node(s3, tmp_path,
     assert not list(Path(tokenizer_only).glob("*.safetensors")) and (Path(tokenizer_only) / "tokenizer.json").is_file()
 
 
+def test_a_lora_model_in_a_bucket_stages_its_base_once_and_then_only_its_adapters(s3, tmp_path, tiny_model_dir):
+    """Two iterations' adapters of one base in a bucket, loaded on one node: the base is downloaded once (its staged
+    copy is not rewritten by the second load), each adapter holds only its own weights, and each loads as the base
+    plus that adapter."""
+    import torch
+
+    from spin_ray.adapters import inject, lora_config, write_adapter
+    from spin_ray.config import load_config
+    from spin_ray.models import load_model, load_tokenizer, publish_folder
+
+    base_url = f"s3://{BUCKET}/lora-run/base_model"
+    publish_folder(tiny_model_dir, base_url)
+    lora = load_config(None, ["training.lora.rank=4"]).training.lora
+    adapters, expected = [], []
+    for number in range(2):
+        torch.manual_seed(number)
+        model = inject(load_model(tiny_model_dir), lora_config(lora, base_url))
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # a trained adapter's B is not zero
+                torch.nn.init.normal_(parameter, std=0.05)
+        folder = tmp_path / f"adapter-{number}"
+        folder.mkdir()
+        write_adapter(str(folder), model, {n: p for n, p in model.named_parameters() if p.requires_grad})
+        load_tokenizer(tiny_model_dir).save_pretrained(folder)
+        adapters.append(f"s3://{BUCKET}/lora-run/iter_{number}/model")
+        publish_folder(str(folder), adapters[-1])
+        with torch.no_grad():
+            expected.append(model(torch.tensor([[1, 2, 3, 4]])).logits)
+    node = tmp_path / "node"
+    staged = node / "staged"
+    with torch.no_grad():
+        first = load_model(adapters[0], cache_dir=str(node))(torch.tensor([[1, 2, 3, 4]])).logits
+        weights = {p: p.stat().st_mtime_ns for p in staged.rglob("model.safetensors")}
+        second = load_model(adapters[1], cache_dir=str(node))(torch.tensor([[1, 2, 3, 4]])).logits
+    assert len(weights) == 1  # the base's weights, staged by the first load
+    assert {p: p.stat().st_mtime_ns for p in staged.rglob("model.safetensors")} == weights  # not staged again
+    assert len(list(staged.rglob("adapter_model.safetensors"))) == 2
+    assert torch.allclose(first, expected[0], atol=1e-5) and torch.allclose(second, expected[1], atol=1e-5)
+    assert not torch.allclose(first, second, atol=1e-3)
+
+
 def _cli(args: list[str], env: dict, preamble: str = "") -> subprocess.CompletedProcess:
     code = f"import sys\n{preamble}\nfrom spin_ray.cli import main\nsys.exit(main({args!r}))"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

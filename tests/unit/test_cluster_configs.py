@@ -23,6 +23,7 @@ LAUNCHERS = [ROOT / "cluster" / "aws.yaml", ROOT / "cluster" / "gcp.yaml"]
 RAYJOB = ROOT / "cluster" / "kuberay-rayjob.yaml"
 GPU_JOB = ROOT / "jobs" / "gsm8k_smollm2_gpu.yaml"
 RECIPE = ROOT / "jobs" / "spin_zephyr7b_ultrachat.yaml"
+LORA_RECIPE = ROOT / "jobs" / "spin_zephyr7b_lora_1gpu.yaml"
 CRD = ROOT / "tests" / "schemas" / "kuberay-v1.7.0" / "ray.io_rayjobs.yaml.gz"
 PHASES = ("generate", "train", "evaluate")
 
@@ -47,6 +48,8 @@ def test_launcher_yaml_passes_rays_validator_and_holds_the_gpu_job(path):
     head = cluster["head_node_type"]
     assert types[head]["resources"].get("GPU", 0) == 0, "the head is a CPU node"
     nodes = [NodeType(name, spec["resources"], 1 if name == head else spec["max_workers"]) for name, spec in types.items()]
+    for phase in PHASES:  # the LoRA recipe: its engine and its training worker take turns on one 80 GB GPU
+        check_feasible(phase_requests(load_config(LORA_RECIPE), phase), path.name, nodes)
     for job in (load_config(GPU_JOB), load_config(RECIPE)):  # the recipe trains on the 80 GB node type
         for phase in PHASES:  # the driver's own preflight, on this file's node types
             check_feasible(phase_requests(job, phase), path.name, nodes)

@@ -182,3 +182,40 @@ def test_export_of_a_lora_run_writes_the_adapter_or_merges_it_and_the_card_says_
     assert torch.allclose(_logits(load_model(str(tmp_path / "whole"))), _logits(load_model(layout.model(0))), atol=1e-5)
     card = (tmp_path / "whole" / "README.md").read_text()
     assert "library_name: peft" not in card and "merged into its weights" in card
+
+
+def held_dtypes(rank, world, model_dir, overrides):
+    from spin_ray.training.parallel import DTYPES, load_for_training
+
+    t = _config(model_dir, *overrides).training
+    model = load_for_training(model_dir, False, torch.device("cpu"), rank, t.load_on_rank0, DTYPES[t.compute_dtype],
+                              False, False, t.lora)
+    return {name: str(parameter.dtype) for name, parameter in model.named_parameters()}
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_with_bf16_compute_the_frozen_base_is_held_in_bf16_and_trains_like_fp32(tiny_model_dir, chat, tmp_path, world):
+    """The frozen base takes no step, so LoRA holds it in the compute dtype (half its memory, no autocast copies) and
+    the adapters in float32; in one process (autocast) and on two FSDP2 ranks loaded by rank 0 (bf16 shards filled
+    from rank 0's float32 weights) the losses stay within bf16's precision of the float32 run."""
+    from spin_ray.training.loop import WorkerContext, train
+
+    bf16 = ["training.compute_dtype=bfloat16", "training.load_on_rank0=true"]
+    if world == 1:
+        held = held_dtypes(0, 1, tiny_model_dir, bf16)
+    else:
+        held = on_ranks("tests.unit.test_lora.held_dtypes", model_dir=tiny_model_dir, overrides=bf16)[0]
+    assert {d for n, d in held.items() if "lora_" in n} == {"torch.float32"}
+    assert {d for n, d in held.items() if "lora_" not in n} == {"torch.bfloat16"}
+    rows = spin_rows(chat, tiny_model_dir)
+    train(_config(tiny_model_dir), rows, tiny_model_dir, str(tmp_path / "fp32" / "train"), str(tmp_path / "fp32" / "m"))
+    if world == 1:
+        train(_config(tiny_model_dir, *bf16), rows, tiny_model_dir, str(tmp_path / "bf16" / "train"),
+              str(tmp_path / "bf16" / "m"), WorkerContext())
+    else:
+        on_ranks("tests.unit.test_lora.lora_on_ranks", model_dir=tiny_model_dir, rows=rows,
+                 train_dir=str(tmp_path / "bf16" / "train"), export_dir=str(tmp_path / "bf16" / "m"), overrides=bf16)
+    assert logged_losses(tmp_path / "bf16" / "train") == pytest.approx(logged_losses(tmp_path / "fp32" / "train"),
+                                                                       abs=5e-3)
+    adapter = load_file(str(tmp_path / "bf16" / "m" / "adapter_model.safetensors"))
+    assert {v.dtype for v in adapter.values()} == {torch.float32}

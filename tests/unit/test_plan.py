@@ -60,6 +60,29 @@ def test_the_recipe_workers_states_are_sixteen_bytes_a_parameter_over_eight_rank
     assert plan.fits and plan.memory.device_total < 0.9 * 80 * GB
 
 
+def test_the_lora_recipe_on_one_gpu_counts_adapters_and_holds_the_frozen_base_in_bf16():
+    """jobs/spin_zephyr7b_lora_1gpu.yaml: rank 16 on all seven projections of 32 Mistral layers is 32 x 16 x ((4096 +
+    4096) x 2 + (4096 + 1024) x 2 + (4096 + 14336) x 3) = 41,943,040 parameters; they alone have float32 weights,
+    gradients and optimizer state, the base is held in bf16 and needs no autocast copies, a frozen weight's backward
+    skips its weight gradient, and an iteration exports and checkpoints the adapters only. It fits one A100 40 GB."""
+    config = load_config(ROOT / "jobs" / "spin_zephyr7b_lora_1gpu.yaml")
+    plan = make_plan(config)
+    adapters, n = 41_943_040, 7_241_732_096
+    assert plan.shape.lora_parameters(16, ("all-linear",)) == adapters
+    memory = plan.memory.device
+    assert memory["frozen base weights"] == 2 * n and memory["adapter weights (fp32)"] == 4 * adapters
+    assert memory["gradients (fp32)"] == memory["optimizer state (fp32)"] == 4 * adapters  # RMSprop: one state
+    assert memory["autocast weight copies"] == 2 * adapters
+    assert plan.bytes["export"] == 4 * adapters and plan.bytes["checkpoints (while training)"] == 4 * adapters * 2
+    full = make_plan(load_config(ROOT / "jobs" / "spin_zephyr7b_lora_1gpu.yaml", ["training.lora.rank=0"]))
+    assert full.memory.device_total > 2 * plan.memory.device_total and not full.fits  # 47 GiB of states alone
+    # the backward computes no base weight gradients: 2 (+1 recompute) passes of the base instead of 3 (+1)
+    assert 0.74 < plan.seconds["training"] / full.seconds["training"] < 0.77
+    forty = make_plan(load_config(ROOT / "jobs" / "spin_zephyr7b_lora_1gpu.yaml",
+                                  ["training.accelerator_type=A100", "generation.accelerator_type=A100"]))
+    assert plan.fits and forty.fits and forty.memory.device_total < 0.9 * 40 * GB
+
+
 def test_the_recipe_plan_on_80_and_40_gb_cards():
     """On 8 x 80 GB it fits (about 19 GiB a GPU: no reference model is held, the states are sharded, layers are
     recomputed); without checkpointing it is refused even there (~92 GiB). On 40 GB cards the same plan fits with
