@@ -243,7 +243,8 @@ def predict(result: dict, model: str, rates: dict, link: float) -> dict:
     # the process's own memory: interpreter, torch, transformers, gloo, tokenizer, Python objects; what it held with
     # the model loaded, less the loaded weights (the plan's runtime line, as the CUDA context is on a GPU)
     components = training_memory(shape, run).device
-    weights = sum(components.get(k, 0) for k in ("master weights (fp32)", "frozen base weights", "adapter weights (fp32)"))
+    held = ("master weights (fp32)", "frozen base weights", "adapter weights (fp32)")
+    weights = sum(components.get(name, 0) for name in held)
     runtime = int(statistics.median(r["rss_loaded"] for r in result["ranks"])) - weights
     plan = training_memory(shape, run, runtime_bytes=runtime)
     predicted = round((plan.device_total + plan.host_total) / MIB)

@@ -111,7 +111,7 @@ def load_adapter(model: torch.nn.Module, folder: str) -> torch.nn.Module:
 
     model = inject(model, saved_config(folder))
     weights = load_file(os.path.join(folder, ADAPTER_WEIGHTS))
-    result = set_peft_model_state_dict(model, {name.removeprefix(PEFT_PREFIX): value for name, value in weights.items()})
+    result = set_peft_model_state_dict(model, {name.removeprefix(PEFT_PREFIX): v for name, v in weights.items()})
     if result.unexpected_keys:
         raise AdapterError(f"{folder}: {len(result.unexpected_keys)} adapter weights fit no module of the base model "
                            f"(e.g. {result.unexpected_keys[0]}); is it an adapter of another model?")

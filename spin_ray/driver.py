@@ -165,7 +165,9 @@ def _train(config: Config, layout: RunLayout, t: int | None, dataset, opponent: 
     summary = run_training(config, dataset, opponent, layout.train(t), layout.model(t), source=source,
                            validation=validation, patience=config.iterations.sft_patience, merged_dir=merged)
     keys = TRAINING_KEYS + objective(config).metrics + EARLY_STOP_KEYS
-    artifacts = {"model": summary["export_dir"], "train": layout.train(t), **({"merged_model": merged} if merged else {})}
+    artifacts = {"model": summary["export_dir"], "train": layout.train(t)}
+    if merged:
+        artifacts["merged_model"] = merged
     return Produced({**_pick(summary, keys), **(extra_metrics or {})}, {**artifacts, **(extra_artifacts or {})})
 
 

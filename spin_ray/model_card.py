@@ -43,7 +43,8 @@ def model_card(manifest: dict, iteration: int | None, merged: bool = False):
                   "selected": selected_here,
                   "code_version": manifest.get("code_version"), "run": manifest["run_dir"]},
     )
-    lora = (config["training"].get("lora") or {}).get("rank", 0) if phases.get("sft" if iteration is None else "train") else 0
+    trained = phases.get("sft" if iteration is None else "train")
+    lora = (config["training"].get("lora") or {}).get("rank", 0) if trained else 0
     if lora and not merged:  # the folder is PEFT's adapter of the base model, not a whole model
         data.library_name = "peft"
         data.tags = [*data.tags, "lora"]

@@ -188,7 +188,7 @@ def training_shape(config, workers: int | None = None, checkpointing: bool | Non
         accumulating=per_rank > t.micro_batch_size, cpu_offload=t.cpu_offload,
         optimizer_states=OPTIMIZER_STATES[t.optimizer], logits_chunk_rows=t.logits_chunk_rows,
         shared_prefix=t.prefix_sharing and t.pack_sequences and answers > 1, lora_rank=t.lora.rank,
-        lora_targets=(t.lora.target_modules,) if isinstance(t.lora.target_modules, str) else tuple(t.lora.target_modules))
+        lora_targets=tuple([t.lora.target_modules] if isinstance(t.lora.target_modules, str) else t.lora.target_modules))
 
 
 def trainable_parameters(shape: ModelShape, run: TrainingShape) -> int:
@@ -657,7 +657,8 @@ def format_plan(plan: Plan, config) -> str:
              f"{s.hidden}, {s.heads} heads / {s.kv_heads} kv, vocab {s.vocab}{', tied' if s.tied else ''})",
              "",
              f"training, per worker ({plan.workers} x {plan.training_gpu}; compute {t.compute_dtype}, "
-             f"{'adapters float32, frozen base ' + t.compute_dtype if t.lora.rank else 'master weights float32'}, micro-batch {t.micro_batch_size} x {training_shape(config).answers} answers x "
+             f"{'adapters float32, frozen base ' + t.compute_dtype if t.lora.rank else 'master weights float32'}, "
+             f"micro-batch {t.micro_batch_size} x {training_shape(config).answers} answers x "
              f"{config.data.max_prompt_tokens}+{training_shape(config).answer_tokens} tokens)"]
     if t.lora.rank:
         adapters = s.lora_parameters(t.lora.rank, training_shape(config).lora_targets)

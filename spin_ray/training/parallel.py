@@ -2,8 +2,9 @@
 sharded or unsharded gradient accumulation, and loading without a full copy per rank.
 
 Master weights, gradients after reduction and optimizer state are always float32; `compute_dtype` is only what the
-forward and backward run in (with LoRA the frozen base, which takes no step, is held in it: `hold_frozen_in`). A model held in bf16 and stepped at the paper's learning rate loses its updates to
-rounding (measured on SmolLM2: 3 RMSprop steps at lr 5e-7 moved 0.97% of the weights in bf16, 99.89% in fp32).
+forward and backward run in (with LoRA the frozen base, which takes no step, is held in it: `hold_frozen_in`). A
+model held in bf16 and stepped at the paper's learning rate loses its updates to rounding (measured on SmolLM2: 3
+RMSprop steps at lr 5e-7 moved 0.97% of the weights in bf16, 99.89% in fp32).
 """
 
 from __future__ import annotations

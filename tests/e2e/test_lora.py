@@ -21,7 +21,7 @@ def _greedy_answers(answers_dir: str) -> dict[str, list[int]]:
 
 
 def test_a_lora_demo_run_serves_base_plus_adapter_as_the_merged_model(ray_session, smollm2_path, tmp_path):
-    """Two iterations of the demo job on 8 prompts with a rank-8 adapter (lr 1e-3, so 2 steps change answers). After
+    """Two iterations of the demo job on 4 prompts with a rank-8 adapter (lr 1e-3, so one step changes answers). After
     iteration 0 every engine pass is the base plus the latest adapter, applied by vLLM through a LoRA request: p_1
     answers iteration 1's prompts and scores their reference log-probs, which the step-0 check compares with the
     training forward of base + adapter. p_2's held-out answers must equal those of the merged model
@@ -32,14 +32,14 @@ def test_a_lora_demo_run_serves_base_plus_adapter_as_the_merged_model(ray_sessio
     from spin_ray.generation.pipeline import run_generation
 
     config = load_config(ROOT / "jobs" / "gsm8k_smollm2_cpu.yaml", [
-        f"run.storage_path={tmp_path}", "data.limit=8", "generation.max_new_tokens=48", "evaluation.prompts=8",
+        f"run.storage_path={tmp_path}", "data.limit=4", "generation.max_new_tokens=32", "evaluation.prompts=8",
         "iterations.count=2", "training.global_batch_size=4", "training.epochs=1", "training.optimizer=adamw",
         "training.learning_rate=1e-3", "training.lora.rank=8", "training.lora.export_merged=true"])
     manifest = ray_session.get(start_driver(config).run.remote())
     assert manifest["status"] == "done"
     phases = manifest["iterations"][1]["phases"]
     train = phases["train"]["metrics"]
-    assert train["steps"] == 2 and train["lora_rank"] == 8
+    assert train["steps"] == 1 and train["lora_rank"] == 8
     assert 0 < train["trainable_parameters"] < 0.05 * 134_515_008  # SmolLM2-135M's parameters
     adapter = Path(manifest["final_model"])
     assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "model.safetensors").exists()

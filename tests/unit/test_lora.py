@@ -5,6 +5,7 @@ uninterrupted one does, and a target module the model lacks is refused in one li
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -98,7 +99,8 @@ def test_lora_on_two_fsdp2_ranks_loaded_by_rank0_trains_as_one_process(tiny_mode
                                      "training.activation_checkpointing=true"])
     assert summaries[0]["steps"] == one["steps"] == 2
     assert summaries[0]["trainable_parameters"] == one["trainable_parameters"] == 8192  # global, not per shard
-    assert logged_losses(tmp_path / "two" / "train") == pytest.approx(logged_losses(tmp_path / "one" / "train"), abs=1e-5)
+    assert logged_losses(tmp_path / "two" / "train") == pytest.approx(logged_losses(tmp_path / "one" / "train"),
+                                                                      abs=1e-5)
     alone = load_file(str(tmp_path / "one" / "model" / "adapter_model.safetensors"))
     sharded = load_file(str(tmp_path / "two" / "model" / "adapter_model.safetensors"))
     assert set(alone) == set(sharded)
@@ -136,7 +138,8 @@ def test_a_lora_stage_interrupted_mid_iteration_resumes_to_the_uninterrupted_ada
     assert sizes["checkpoint"] < 0.1 * base_bytes  # adapters + AdamW moments of 8,192 parameters, twice kept
     summary = train(config, rows, tiny_model_dir, train_dir, str(tmp_path / "resumed" / "model"))
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
-    assert logged_losses(tmp_path / "resumed" / "train") == pytest.approx(logged_losses(tmp_path / "whole" / "train"), abs=1e-6)
+    assert logged_losses(tmp_path / "resumed" / "train") == pytest.approx(logged_losses(tmp_path / "whole" / "train"),
+                                                                          abs=1e-6)
     whole = load_file(str(tmp_path / "whole" / "model" / "adapter_model.safetensors"))
     resumed = load_file(str(tmp_path / "resumed" / "model" / "adapter_model.safetensors"))
     for key, value in whole.items():
@@ -219,3 +222,32 @@ def test_with_bf16_compute_the_frozen_base_is_held_in_bf16_and_trains_like_fp32(
                                                                        abs=5e-3)
     adapter = load_file(str(tmp_path / "bf16" / "m" / "adapter_model.safetensors"))
     assert {v.dtype for v in adapter.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("overrides", [["algorithm=spin"], ["algorithm=tspin", "tspin.reference_free=true"],
+                                       ["algorithm=sppo", "generation.num_samples=2", "generation.temperature=1"],
+                                       ["training.objective=sft"]])
+def test_every_objective_sends_its_gradient_to_the_adapters_alone(tiny_model_dir, chat, overrides):
+    """SPIN, T-SPIN, SPPO and SFT on a LoRA model, one micro-step with prefix-shared packed rows: every B gets a
+    gradient (A's is zero while B is: the update starts in B), no base weight has one."""
+    from spin_ray.algorithms import Example, objective
+    from spin_ray.training.loop import micro_step
+    from spin_ray.training.parallel import load_for_training
+
+    config = _config(tiny_model_dir, *overrides)
+    algorithm = objective(config)
+    model = load_for_training(tiny_model_dir, False, torch.device("cpu"), 0, False, torch.float32, False, False,
+                              config.training.lora)
+    prompts = chat.batch_prompt_ids([[{"role": "user", "content": q}] for q in ("What is 3+4?", "Name a fruit.")])
+    reals = chat.batch_response_ids(["3+4 = 7\n#### 7", "An apple."])
+    generated = chat.batch_response_ids(["It is 12.", "Potato, I think."])
+    examples = []
+    for i, (p, r, g) in enumerate(zip(prompts, reals, generated, strict=True)):
+        answers = {"sft": (r,), "spin": (r, g), "sppo": (r, g), "tspin": (r, g, r[:2])}[algorithm.name]
+        refs = {"sft": (), "spin": (-5.0, -9.0), "sppo": (-5.0, -9.0), "tspin": ()}[algorithm.name]
+        examples.append(Example(f"p{i}", p, answers, refs, (0.75, 0.25) if algorithm.name == "sppo" else ()))
+    sums = micro_step(model, examples, algorithm, config, chat.tokenizer.pad_token_id, 0.5, torch.device("cpu"))
+    assert math.isfinite(sums["loss_sum"])
+    grads = {name: parameter.grad for name, parameter in model.named_parameters()}
+    assert all(g is None for n, g in grads.items() if "lora_" not in n)
+    assert all(g is not None and float(g.abs().max()) > 0 for n, g in grads.items() if "lora_B" in n)

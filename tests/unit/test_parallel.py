@@ -198,8 +198,9 @@ def test_sharded_accumulation_checkpointing_and_bf16_on_two_ranks_train_like_the
     losses, weights = {}, {}
     for name, overrides in variants.items():
         out = tmp_path / name
-        summaries = on_ranks("tests.unit.test_parallel.train_on_ranks", model_dir=tiny_model_dir, rows=rows, train_dir=str(out / "train"),
-                              export_dir=str(out / "model"), overrides=overrides)
+        summaries = on_ranks("tests.unit.test_parallel.train_on_ranks", model_dir=tiny_model_dir, rows=rows,
+                             train_dir=str(out / "train"),
+                             export_dir=str(out / "model"), overrides=overrides)
         assert summaries[0]["steps"] == 2
         losses[name] = logged_losses(out / "train")
         weights[name] = load_file(str(out / "model" / "model.safetensors"))
