@@ -347,4 +347,6 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
         return AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(local_model_path(base, cache_dir), dtype=torch.float32,
                                                  trust_remote_code=trust_remote_code)
-    return merged_model(model, path).to(_DTYPES[dtype])
+    merged = merged_model(model, path).to(_DTYPES[dtype])
+    merged.config.dtype = _DTYPES[dtype]  # what save_pretrained writes into config.json: the weights' dtype
+    return merged
