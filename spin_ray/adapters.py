@@ -38,6 +38,7 @@ def adapter_base(folder: str) -> str | None:
 
 
 def adapter_rank(folder: str) -> int:
+    """The rank r of the adapter saved in `folder`."""
     with open(os.path.join(folder, ADAPTER_CONFIG)) as handle:
         return int(json.load(handle)["r"])
 
