@@ -78,14 +78,14 @@ def inject(model: torch.nn.Module, config) -> torch.nn.Module:
     names = {name.rsplit(".", 1)[-1] for name in linear}
     targets = config.target_modules  # leaf names, or full module paths (PEFT saves all-linear resolved to paths)
     missing = sorted(set(targets) - names - set(linear)) if not isinstance(targets, str) else []
+    refusal = (f"training.lora.target_modules: {missing or targets} not in {type(model).__name__}; its linear "
+               f"layers are {sorted(names)} (or use all-linear)")
+    if missing:
+        raise AdapterError(refusal)
     try:
-        if missing:
-            raise NoMatchingPeftModuleError(missing)
         return inject_adapter_in_model(config, model)
     except NoMatchingPeftModuleError:
-        shown = missing or targets
-        raise AdapterError(f"training.lora.target_modules: {shown} not in {type(model).__name__}; its linear layers "
-                           f"are {sorted(names)} (or use all-linear)") from None
+        raise AdapterError(refusal) from None
 
 
 def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
