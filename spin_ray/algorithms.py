@@ -108,7 +108,8 @@ def _sft_example(row: RowReader, with_reference: bool, with_tokens: bool) -> Exa
 def _spin_example(row: RowReader, with_reference: bool, with_tokens: bool) -> Example:
     prompt, real = _prompt_and_real(row, with_tokens)
     answers = (real, row.tokens("generated_token_ids", 0)) if with_tokens else ()
-    return Example(row.pid, prompt, answers, (row.number("ref_logp_real"), row.number("ref_logp_generated", 0)))
+    refs = (row.number("ref_logp_real"), row.number("ref_logp_generated", 0)) if with_reference else ()
+    return Example(row.pid, prompt, answers, refs)
 
 
 def _sppo_example(row: RowReader, with_reference: bool, with_tokens: bool) -> Example:
@@ -122,7 +123,7 @@ def _sppo_example(row: RowReader, with_reference: bool, with_tokens: bool) -> Ex
     w, l = winner_and_loser(rates)
     prompt, _ = _prompt_and_real(row, with_tokens)
     answers = (row.tokens("generated_token_ids", w), row.tokens("generated_token_ids", l)) if with_tokens else ()
-    refs = (row.number("ref_logp_generated", w), row.number("ref_logp_generated", l))
+    refs = (row.number("ref_logp_generated", w), row.number("ref_logp_generated", l)) if with_reference else ()
     return Example(row.pid, prompt, answers, refs, (rates[w], rates[l]))
 
 
@@ -199,7 +200,8 @@ class Algorithm:
     loss: Callable[..., tuple[Any, dict]]
     metrics: tuple[str, ...]  # what a training step reports, besides loss (some only with a stabiliser on)
     margin_caption: str = ""  # what rewards/margins compares, for the report
-    reference_columns: tuple[str, ...] = ()  # read only when the objective uses reference log-probs
+    # read only when the objective uses reference log-probs and the engines scored them (else the trainer scores them)
+    reference_columns: tuple[str, ...] = ()
     uses_reference: Callable[[Any], bool] = lambda config: True
     needs_oracle: bool = False  # generation scores the K answers with a preference oracle
     needs_proto: bool = False  # examples carry the initial model's answer y_0
@@ -218,12 +220,17 @@ class Algorithm:
         """The stabilisers set away from their off value that this objective would silently ignore."""
         return [name for name in STABILISERS if name not in self.options and getattr(training, name)]
 
+    def reference_in_rows(self, config) -> bool:
+        """Whether its rows carry reference log-probs: it uses them and the engines scored them
+        (`Config.reference_source`); with the trainer's reference pass the examples get them in the workers."""
+        return self.uses_reference(config) and config.reference_source == "engine"
+
     def needed_columns(self, config) -> list[str]:
         columns = ["prompt_id", "prompt_token_ids", "real_token_ids", *self.columns]
-        return columns + list(self.reference_columns) if self.uses_reference(config) else columns
+        return columns + list(self.reference_columns) if self.reference_in_rows(config) else columns
 
     def example(self, row: dict, source: str, number: int, config, with_tokens: bool = True) -> Example:
-        return self.build(RowReader(row, source, number), self.uses_reference(config), with_tokens)
+        return self.build(RowReader(row, source, number), self.reference_in_rows(config), with_tokens)
 
 
 # The loss stabilisers of training.* and their off values (the paper's loss).
@@ -238,7 +245,7 @@ _REWARD_METRICS = ("rewards/real", "rewards/generated", "rewards/margins", "rewa
 
 SPIN = Algorithm(
     name="spin", answers="(human, generated)",
-    columns=("generated_token_ids", "ref_logp_real", "ref_logp_generated"),
+    columns=("generated_token_ids",), reference_columns=("ref_logp_real", "ref_logp_generated"),
     build=_spin_example, loss=_spin_loss, metrics=(*_REWARD_METRICS, "nll/real", "dpop/penalty"), options=tuple(STABILISERS),
     # the grid's winner (docs/performance.md): SPIN's only point with no collapse signal in 2 iterations
     recommended={"training.nll_weight": 0.2, "training.length_normalize": True},
@@ -246,7 +253,7 @@ SPIN = Algorithm(
 )
 SPPO = Algorithm(
     name="sppo", answers="(winner, loser)",
-    columns=("generated_token_ids", "ref_logp_generated", "win_rates"),
+    columns=("generated_token_ids", "win_rates"), reference_columns=("ref_logp_generated",),
     build=_sppo_example, loss=_sppo_loss, needs_oracle=True, check=_sppo_check,
     metrics=("rewards/winner", "rewards/loser", "rewards/margins", "rewards/accuracies", "logps/winner",
              "logps/loser", "win_rate/winner", "win_rate/loser"),

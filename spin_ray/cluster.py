@@ -65,7 +65,7 @@ def phase_requests(config, phase: str) -> list[Request]:
                         _engine_bundle(gen, gen.tensor_parallel_size), gen.replicas[0])]
     # a reference pool runs beside the engines only when scoring is not fused into the engine pass (then
     # evaluation's scoring of the opponent's answers is a pool of its own after generation, with an engine's bundle)
-    scoring = not gen.fuse_reference and (phase == "evaluate" or config.needs_reference)
+    scoring = not gen.fuse_reference and (phase == "evaluate" or config.engine_scores_reference)
     if scoring:
         requests.append(Request("reference scorer", "generation.reference_replicas, generation.cpus_per_replica, "
                                 "generation.use_gpu", _engine_bundle(gen, 1), gen.reference_replicas[0]))

@@ -269,10 +269,19 @@ class TrainingConfig(_Section):
     load_on_rank0: bool = Field(
         True, description="With 2+ workers, rank 0 alone reads the weights; the others build the model on the meta "
         "device and receive their shards by broadcast. false: every rank loads the whole model, then shards it.")
-    reference_check_tolerance: float | None = Field(
-        0.05, gt=0.0, description="At an iteration's first step the policy is the reference, so policy minus reference "
+    reference: Literal["auto", "engine", "trainer"] = Field(
+        "auto", description="Where the reference log-probs under p_t come from. engine: the generation pass scores "
+        "them (the opponent is the reference model): no second pass, but the engine's kernels and dtype, not the "
+        "trainer's. trainer: a forward-only pass of p_t in the training workers before the iteration's first step, "
+        "over every example it trains on (mixed-in pairs included), with the policy's own model, dtype and kernels, "
+        "so policy and reference differ only by training. auto: engine where the two are numerically the same "
+        "(engines and training on CPU, model.dtype and training.compute_dtype float32: measured within 3e-5 nats "
+        "per token), the trainer's pass otherwise (every GPU job).")
+    reference_check_tolerance: float | Literal["auto"] | None = Field(
+        "auto", description="At an iteration's first step the policy is the reference, so policy minus reference "
         "log-probs should be ~0: beyond this mean difference per answer token (nats) on any answer, training stops "
-        "and names the likely cause (dtype, kernel, tokenization). null turns the check off.")
+        "and names the likely cause (dtype, kernel, tokenization). auto: 0.05 for an engine's reference (another "
+        "kernel), 0.001 for the trainer's own pass (the same forward). null turns the check off.")
     use_gpu: bool = Field(False, description="One GPU per worker and NCCL; false trains on CPU with gloo.")
     gpu_memory_gb: float | None = Field(
         None, gt=0.0, description="Memory of each training GPU, for `spin-ray plan` and the preflight that refuses a "
@@ -496,8 +505,32 @@ class Config(_Section):
 
     @property
     def needs_reference(self) -> bool:
-        """Whether the run's algorithm trains on reference log-probs, i.e. whether generation must score them."""
+        """Whether the run's algorithm trains on reference log-probs (from the engines or the trainer)."""
         return ALGORITHMS[self.algorithm].uses_reference(self)
+
+    @property
+    def reference_source(self) -> Literal["engine", "trainer"]:
+        """training.reference with auto decided: the engines' scores where their numerics are the trainer's (CPU,
+        float32 throughout), else the training workers' own forward pass."""
+        chosen = self.training.reference
+        if chosen != "auto":
+            return chosen
+        same_numerics = (not self.generation.use_gpu and not self.training.use_gpu
+                         and self.model.dtype == "float32" and self.training.compute_dtype == "float32")
+        return "engine" if same_numerics else "trainer"
+
+    @property
+    def engine_scores_reference(self) -> bool:
+        """Whether generation must score the reference log-probs (and rescore what an iteration mixes in)."""
+        return self.needs_reference and self.reference_source == "engine"
+
+    @property
+    def reference_tolerance(self) -> float | None:
+        """training.reference_check_tolerance with auto decided by where the reference comes from."""
+        tolerance = self.training.reference_check_tolerance
+        if tolerance != "auto":
+            return tolerance
+        return ENGINE_REFERENCE_TOLERANCE if self.reference_source == "engine" else TRAINER_REFERENCE_TOLERANCE
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -511,6 +544,14 @@ class Config(_Section):
         """Hash of the settings that shape a run's results (OPERATIONAL_KEYS left out)."""
         flat = {k: v for k, v in flatten(self.to_dict()).items() if not is_operational(k)}
         return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# The step-0 check's auto tolerances, in nats per answer token. An engine scores with other kernels: on CPU float32
+# vLLM and the HF engine agree with training within 3e-5, bfloat16 compute against a float32 reference differs by
+# 0.012 on SmolLM2, and 0.05 lets through a dtype mismatch but not a wrong model or wrong token ids. The trainer's own
+# pass scores step 0's micro-batches with the same forward the policy runs (0 measured on CPU in float32 and bfloat16).
+ENGINE_REFERENCE_TOLERANCE = 0.05
+TRAINER_REFERENCE_TOLERANCE = 0.001
 
 
 # Keys that may change when a run is resumed: how many machines do the work, how far the run goes.

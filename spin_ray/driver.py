@@ -153,7 +153,7 @@ def _next_generation(config: Config, layout: RunLayout, t: int):
     chosen = objective(config)
     if t >= config.iterations.count or not chosen.columns or chosen.needs_oracle:
         return None
-    return PassTask(config, layout.generation(t), config.data.train, config.needs_reference,
+    return PassTask(config, layout.generation(t), config.data.train, config.engine_scores_reference,
                     also_score=rescore_requests(config, layout, t))
 
 

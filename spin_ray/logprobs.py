@@ -126,28 +126,32 @@ def answer_logps(
     pack: bool = False,
     logits_chunk_rows: int = 0,
     share_prefix: bool = False,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Summed log-probs [B, n] of each prompt's n answers (a pair, T-SPIN's triplet, SFT's one) from ONE forward pass.
 
     One pass instead of n halves the kernel launches and, under FSDP, the all-gathers. With `pack`
     the sequences are concatenated into one row without padding (see `packed_response_logps`); with
     `share_prefix` too, each prompt is computed once for all its answers (see `shared_prefix_logps`); with
-    `logits_chunk_rows` > 0 the LM head runs chunk by chunk (see `linear_token_logps`).
+    `logits_chunk_rows` > 0 the LM head runs chunk by chunk (see `linear_token_logps`). `device` is where the forward
+    runs (default: the first parameter's); a trainer passes its own, as FSDP2's CPU offload keeps the parameters'
+    shards in host memory while the forward runs on the GPU.
     """
+    device = device or model_device(model)
     n = len(answers[0])
     if any(len(group) != n for group in answers):
         raise ValueError("every example of a micro-batch must have the same number of answers")
     longest = max(len(p) + len(a) for p, group in zip(prompts, answers, strict=True) for a in group)
     if pack and share_prefix and n > 1 and packed_sdpa_supported(model, longest):
-        return shared_prefix_logps(model, prompts, answers, logits_chunk_rows)
+        return shared_prefix_logps(model, prompts, answers, logits_chunk_rows, device)
     # answer-major order: all first answers, then all second answers, ...
     flat_prompts = [p for _ in range(n) for p in prompts]
     flat_answers = [group[k] for k in range(n) for group in answers]
     if pack:
-        logps = packed_response_logps(model, flat_prompts, flat_answers, logits_chunk_rows)
+        logps = packed_response_logps(model, flat_prompts, flat_answers, logits_chunk_rows, device)
     else:
-        logps = response_logps(model, _on_model_device(model, collate_sequences(flat_prompts, flat_answers, pad_id)),
-                               logits_chunk_rows)
+        batch = collate_sequences(flat_prompts, flat_answers, pad_id)
+        logps = response_logps(model, {key: value.to(device) for key, value in batch.items()}, logits_chunk_rows)
     return logps.view(n, len(prompts)).T
 
 
@@ -167,7 +171,8 @@ def pack_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequenc
 
 
 def packed_response_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
-                          responses: Sequence[Sequence[int]], logits_chunk_rows: int = 0) -> torch.Tensor:
+                          responses: Sequence[Sequence[int]], logits_chunk_rows: int = 0,
+                          device: torch.device | None = None) -> torch.Tensor:
     """Summed response log-probs [N] of N sequences packed into one row.
 
     Positions restart per sequence and attention stays inside each one, so the values equal the
@@ -177,7 +182,7 @@ def packed_response_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int
     (a block-diagonal mask, or flash-attention's varlen kernels).
     """
     packed = pack_sequences(prompts, responses)
-    device = next(model.parameters()).device
+    device = device or model_device(model)
     mask = packed["loss_mask"][0].to(device)
     targets = mask.nonzero().flatten()  # every response token; its predictor sits one position earlier
     inputs = {"input_ids": packed["input_ids"].to(device), "position_ids": packed["position_ids"].to(device),
@@ -191,7 +196,8 @@ def packed_response_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int
 
 
 def shared_prefix_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
-                        answers: Sequence[Sequence[Sequence[int]]], logits_chunk_rows: int = 0) -> torch.Tensor:
+                        answers: Sequence[Sequence[Sequence[int]]], logits_chunk_rows: int = 0,
+                        device: torch.device | None = None) -> torch.Tensor:
     """Summed log-probs [B, n] with each prompt computed once: one packed row of [prompt][answer 1]...[answer n] per
     example, each answer's positions continuing from its prompt's end, attending to its prompt and itself and never to
     the answers before it (`packed_sdpa_attention`'s prefix segments); an answer's first token is predicted from the
@@ -212,7 +218,7 @@ def shared_prefix_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int]]
             predictors += [prompt_end - 1, *range(answer_start, len(ids) - 1)]
             owners += [example * n + number] * len(answer)
             bounds.append((start, len(ids)) if number == 0 else (answer_start, len(ids), start, prompt_end))
-    device = next(model.parameters()).device
+    device = device or model_device(model)
     row = torch.tensor(ids, device=device)
     inputs = {"input_ids": row[None], "position_ids": torch.tensor([positions], device=device),
               "attention_mask": None, "use_cache": False, "logits_to_keep": torch.tensor(predictors, device=device)}
@@ -292,8 +298,13 @@ def _kept_token_logps(model: torch.nn.Module, inputs: dict, rows: torch.Tensor, 
         model.set_output_embeddings(head)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model held whole computes: its first parameter's device."""
+    return next(model.parameters()).device
+
+
 def _on_model_device(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    device = next(model.parameters()).device
+    device = model_device(model)
     return {key: value.to(device) for key, value in batch.items()}
 
 

@@ -196,13 +196,16 @@ def trainable_parameters(shape: ModelShape, run: TrainingShape) -> int:
     return shape.lora_parameters(run.lora_rank, run.lora_targets) if run.lora_rank else shape.parameters
 
 
-def micro_batch_flops(shape: ModelShape, run: TrainingShape) -> float:
+def micro_batch_flops(shape: ModelShape, run: TrainingShape, forward_only: bool = False) -> float:
     """FLOPs of one micro-batch's forward and backward on one worker: the decoder layers' matmuls (2 per parameter and
     token forward, 4 backward, 2 more to recompute with checkpointing), causal attention (each sequence its own
-    triangle), and the LM head on answer tokens only (chunked: its logits recomputed in backward)."""
+    triangle), and the LM head on answer tokens only (chunked: its logits recomputed in backward). `forward_only`:
+    the forward alone (the trainer's reference pass)."""
     passes = 4 if run.checkpointing else 3  # forward, backward (2x), and the recompute
     if run.lora_rank:  # a frozen weight's backward computes the input's gradient only, not its own
         passes -= 1
+    if forward_only:
+        passes = 1
     dense = 2 * shape.layers * shape.layer_parameters * run.tokens * passes
     dense += 2 * shape.lora_parameters(run.lora_rank, run.lora_targets) * run.tokens * (passes + 1)
     p, a = run.prompt_tokens, run.answer_tokens
@@ -211,7 +214,8 @@ def micro_batch_flops(shape: ModelShape, run: TrainingShape) -> float:
     if run.shared_prefix:
         pairs = run.micro_batch * ((p + a) ** 2 / 2 + (run.answers - 1) * (a * p + a * a / 2))
     attention = 2 * 2 * shape.layers * pairs * shape.q_width * passes  # QK^T and AV
-    head = 2 * shape.hidden * shape.vocab * run.answer_token_count * (4 if run.logits_chunk_rows else 3)
+    head_passes = 1 if forward_only else (4 if run.logits_chunk_rows else 3)
+    head = 2 * shape.hidden * shape.vocab * run.answer_token_count * head_passes
     return float(dense + attention + head)
 
 
@@ -371,7 +375,7 @@ class Accelerator:
 ACCELERATORS = {
     "A100": Accelerator(40, 312, 1555), "A100-40G": Accelerator(40, 312, 1555), "A100-80G": Accelerator(80, 312, 2039),
     "H100": Accelerator(80, 989, 3350), "H200": Accelerator(141, 989, 4800), "B200": Accelerator(180, 2250, 8000),
-    "L4": Accelerator(24, 121, 300), "L40S": Accelerator(48, 362, 864), "A10G": Accelerator(24, 70, 600),
+    "L4": Accelerator(22.5, 121, 300),  # 24 GB on the datasheet, ~22.5 GiB usable "L40S": Accelerator(48, 362, 864), "A10G": Accelerator(24, 70, 600),
     "V100": Accelerator(16, 125, 900), "T4": Accelerator(16, 65, 320),
 }
 
@@ -429,6 +433,8 @@ class EnginePlan:
     tokens_per_second: float
     fits: bool
     why: str = ""
+    scoring_bytes: int = 0  # a prompt-scoring request's logits and float32 log-softmax, outside vLLM's profile
+    scoring_room: int = 0  # what generation.gpu_memory_utilization leaves of the GPU for them
 
 
 def engine_plan(config, shape: ModelShape, gpu: Accelerator | None, assumptions: Assumptions,
@@ -457,7 +463,31 @@ def engine_plan(config, shape: ModelShape, gpu: Accelerator | None, assumptions:
     why = "" if fits else (f"the weights ({weights / GB:.1f} GB per GPU) leave no room for one sequence's KV cache at "
                            f"generation.gpu_memory_utilization {gen.gpu_memory_utilization}; raise "
                            "generation.tensor_parallel_size or use a larger GPU")
-    return EnginePlan(weights, max(0, int(budget)), kv_per_sequence, sequences, batch / step, fits, why)
+    scoring, room = prompt_scoring_bytes(config, shape), int(gpu.memory_gb * GB * (1 - gen.gpu_memory_utilization))
+    if fits and scoring + SCORING_MARGIN_BYTES > room:
+        fits = False
+        why = (f"scoring a prompt (vLLM's prompt log-probs: the human answers' in evaluation, and the reference with "
+               f"training.reference engine) takes {scoring / GB:.2f} GiB outside vLLM's memory profile, and "
+               f"generation.gpu_memory_utilization {gen.gpu_memory_utilization} leaves {room / GB:.2f} GiB of the GPU "
+               f"(with {SCORING_MARGIN_BYTES / GB:.1f} GiB kept for the allocator); lower "
+               "generation.gpu_memory_utilization, or generation.vllm_engine_kwargs.max_num_batched_tokens")
+    return EnginePlan(weights, max(0, int(budget)), kv_per_sequence, sequences, batch / step, fits, why, scoring, room)
+
+
+# Kept free beside prompt scoring's tensors: the CUDA caching allocator's fragmentation and NCCL's buffers.
+SCORING_MARGIN_BYTES = GB // 2
+
+
+def prompt_scoring_bytes(config, shape: ModelShape) -> int:
+    """Peak memory of vLLM's prompt log-probs, which its memory profile does not count (vllm-project/vllm#5907): per
+    request (vLLM 0.32 scores one request's chunk at a time) the logits of its prompt tokens in the model's dtype and
+    their float32 log-softmax. A request is at most max_model_len tokens, and a chunk at most max_num_batched_tokens."""
+    gen, data = config.generation, config.data
+    tokens = data.max_prompt_tokens + max(gen.max_new_tokens, data.max_response_tokens)
+    batched = gen.vllm_engine_kwargs.get("max_num_batched_tokens")
+    if batched:
+        tokens = min(tokens, int(batched))
+    return tokens * shape.vocab * (DTYPE_BYTES[config.model.dtype] + 4)  # vLLM gathers the whole vocabulary
 
 
 def count_prompts(config, assumptions: Assumptions) -> tuple[int, str]:
@@ -601,8 +631,9 @@ def measured_cpu_gflops(threads: int) -> float:
 
 def iteration_seconds(config, shape: ModelShape, gpu: Accelerator | None, engine: EnginePlan, prompts: int,
                       layout: TrainingLayout, assumptions: Assumptions) -> dict[str, float]:
-    """One iteration's phases: generation (its answer tokens over the fleet's decoding rate), training (its FLOPs over
-    the workers' peak x MFU), evaluation (the held-out and validation answers)."""
+    """One iteration's phases: generation (its answer tokens over the fleet's decoding rate), the trainer's reference
+    pass (training.reference: the examples' forward), training (its FLOPs over the workers' peak x MFU), evaluation
+    (the held-out and validation answers)."""
     t, gen, d = config.training, config.generation, config.data
     answer = gen.max_new_tokens * assumptions.answer_share
     fleet = engine.tokens_per_second * gen.replicas[1]
@@ -623,6 +654,11 @@ def iteration_seconds(config, shape: ModelShape, gpu: Accelerator | None, engine
         per_core = assumptions.cpu_training_gflops or measured_cpu_gflops(1)
         rate = max(1, int(t.cpus_per_worker)) * per_core * 1e9 * assumptions.cpu_training_mfu
         link = assumptions.cpu_link_gbs * 1e9
+    if objective(config).uses_reference(config) and config.reference_source == "trainer":
+        # once per iteration over every example: each micro-batch's forward, its parameters all-gathered once
+        gathers = (workers - 1) / workers * micro_batches * step.compute_bytes * shape.parameters
+        seconds["reference pass (training workers)"] = pairs / t.global_batch_size * (
+            micro_batch_flops(shape, step, forward_only=True) / rate + gathers / link)
     steps = pairs * t.epochs / t.global_batch_size
     seconds["training"] = steps * (micro_batch_flops(shape, step) / rate
                                    + step_communication_bytes(shape, step, micro_batches) / link)
@@ -687,6 +723,8 @@ def format_plan(plan: Plan, config) -> str:
               f"  sequences of {config.data.max_prompt_tokens}+{gen.max_new_tokens} tokens at once: {e.sequences}"
               f" ({e.kv_per_sequence / 2**20:.1f} MB of KV cache each)",
               f"  decoding: ~{e.tokens_per_second:,.0f} tokens/s per replica",
+              *([f"  {'prompt scoring (outside the profile)':<40}{gb(e.scoring_bytes)}  (of {e.scoring_room / GB:.2f} "
+                 f"GiB gpu_memory_utilization leaves)"] if gen.use_gpu else []),
               "",
               f"time per iteration ({plan.prompts:,} prompts, from {plan.prompts_source}; an estimate)"]
     for name, value in plan.seconds.items():

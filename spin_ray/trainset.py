@@ -6,10 +6,11 @@ workers hold. Only references and a few floats per prompt pass through the drive
 the answers p_t's pass is asked to score reach it as token ids, as an evaluation's opponent answers do.
 
 What iteration t mixes in needs log-probs under p_t: iteration t-1's generated answers and T-SPIN's y_0.
-p_t's engine pass scores them while it answers iteration t's prompts (`rescore_requests`, the pass's
-also-scored column); the human answers' log-probs under p_t are that pass's reference column already. A pass
-that did not score them (committed by an older version, or a reference scored outside the engines) leaves
-the rescoring to a scoring pool here, as before.
+With the engines' reference (`Config.reference_source`), p_t's engine pass scores them while it answers iteration
+t's prompts (`rescore_requests`, the pass's also-scored column); the human answers' log-probs under p_t are that
+pass's reference column already. A pass that did not score them (committed by an older version, or a reference
+scored outside the engines) leaves the rescoring to a scoring pool here, as before. With the trainer's reference
+nothing is scored here: the training workers score every example, mixed-in ones included.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def iteration_set(config: Config, layout: RunLayout, t: int, pairs, opponent: st
 def _rescores(config: Config, t: int) -> bool:
     """Whether iteration t's training set needs log-probs under p_t beyond its own pairs' (see the module doc)."""
     chosen = objective(config)
-    return (t > 0 and config.needs_reference and not chosen.needs_oracle
+    return (t > 0 and config.engine_scores_reference and not chosen.needs_oracle
             and (config.iterations.mix_previous or chosen.needs_proto))
 
 
@@ -171,7 +172,9 @@ def previous_pairs(config: Config, layout: RunLayout, t: int, opponent: str, sco
     """Iteration t-1's pairs with reference log-probs under p_t (the reference of iteration t): from p_t's engine
     pass (`scores`, see `pass_scores`), else recomputed by a scoring pool; prompt_ids tagged `iter{t-1}/`."""
     previous = shards_dataset(committed_shards(layout.generation(t - 1)))
-    if scores is None:
+    if not config.engine_scores_reference:  # the training workers score them (or nothing needs them)
+        rescored = previous
+    elif scores is None:
         rescored = score_under(previous, config, opponent)
     else:
         rescored = previous.map_batches(take_pass_scores, fn_kwargs={"scores": scores}, batch_format="pyarrow",
@@ -203,7 +206,7 @@ def attach_proto(training: TrainingSet, config: Config, layout: RunLayout, t: in
 
     proto_dir = layout.generation(0)
     rows = shards_dataset(committed_shards(proto_dir))
-    if config.needs_reference and t > 0:
+    if config.engine_scores_reference and t > 0:
         rows = (score_under(rows, config, opponent) if scores is None else
                 rows.map_batches(take_pass_scores, fn_kwargs={"scores": scores, "proto": True},
                                  batch_format="pyarrow", batch_size=None, num_cpus=0))

@@ -39,12 +39,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, task: str, kwargs: dict, results) -> None:
+def _rank_main(rank: int, world: int, port: int, task: str, kwargs: dict, results, backend: str = "gloo") -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     module, _, name = task.rpartition(".")
     try:
         results[rank] = getattr(importlib.import_module(module), name)(rank, world, **kwargs)
@@ -52,13 +52,14 @@ def _rank_main(rank: int, world: int, port: int, task: str, kwargs: dict, result
         dist.destroy_process_group()
 
 
-def on_ranks(task: str, world: int = 2, **kwargs) -> list:
-    """Run `task(rank, world, **kwargs)` ("module.function") on `world` gloo ranks; their return values, by rank."""
+def on_ranks(task: str, world: int = 2, backend: str = "gloo", **kwargs) -> list:
+    """Run `task(rank, world, **kwargs)` ("module.function") on `world` ranks of a `backend` process group (gloo; or a
+    device map such as "cpu:gloo"); their return values, by rank."""
     context = mp.get_context("spawn")
     with context.Manager() as manager:
         results = manager.dict()
         port = _free_port()
-        processes = [context.Process(target=_rank_main, args=(r, world, port, task, kwargs, results))
+        processes = [context.Process(target=_rank_main, args=(r, world, port, task, kwargs, results, backend))
                      for r in range(world)]
         for process in processes:
             process.start()

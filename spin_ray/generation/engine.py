@@ -1,4 +1,5 @@
-"""What every generation engine shares: the Completion it returns, per-sample seeds, the sampling description."""
+"""What every generation engine shares: the Completion it returns, per-sample seeds, the sampling description, and
+letting go of device memory."""
 
 from __future__ import annotations
 
@@ -91,3 +92,14 @@ def cpu_preload(gen) -> list[str]:
 def replica_threads(gen) -> int:
     """torch threads per generation actor: as configured, else the CPUs Ray reserves for it (at least 1)."""
     return gen.threads_per_replica or max(1, int(gen.cpus_per_replica))
+
+
+def release_device_memory() -> None:
+    """Collect what an engine or scorer dropped and hand CUDA's cached blocks back to the device."""
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

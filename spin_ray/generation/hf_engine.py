@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spin_ray.generation.engine import Completion
+from spin_ray.generation.engine import Completion, release_device_memory
 from spin_ray.logprobs import gathered_logps
 from spin_ray.tokenization import ChatFormat
 
@@ -133,6 +133,11 @@ class HFEngine:
         self.stats = EngineStats()
 
     # ---- public -------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Free the model (and its memory)."""
+        self.model = None
+        release_device_memory()
+
     def generate(
         self,
         prompts: Sequence[Sequence[int]],

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from spin_ray.config import Config, GenerationConfig
 from spin_ray.generation.engine import EngineSpec, cpu_preload, replica_threads
-from spin_ray.generation.progress import progress_lines
+from spin_ray.generation.progress import engine_shutdowns, progress_lines
 from spin_ray.generation.shards import (
     ALSO_SCORE_COLUMNS,
     SHARD_COLUMN,
@@ -79,13 +79,13 @@ def run_generation(config: Config, model: str, output_dir: str, source: str | No
                    also_score: dict[str, list[list[int]]] | None = None) -> GenerationResult:
     """Answer every prompt of `source` (default data.train) with `model` into `output_dir`.
 
-    `score_reference` (default: whether the run's algorithm needs reference log-probs) adds the log-probs of the
-    human and generated answers under `model`; `preference_stage` (SPPO's oracle) scores each row's answers
+    `score_reference` (default: whether the run's reference log-probs come from the engines) adds the log-probs of
+    the human and generated answers under `model`; `preference_stage` (SPPO's oracle) scores each row's answers
     before its shard commits; `also_score` (prompt_id -> responses) has the engines score those responses under
     `model` in the same pass (the `also_scored_logps` column). Evaluation reuses this on the held-out split,
     greedy, with its own output_dir."""
     if score_reference is None:
-        score_reference = config.needs_reference
+        score_reference = config.engine_scores_reference
     task = PassTask(config, output_dir, source or config.data.train, score_reference, also_score)
     return run_pass(config, model, [task], preference_stage)[0]
 
@@ -118,6 +118,7 @@ def run_pass(config: Config, model: str, tasks: list[PassTask],
                               "CPU machines, 'spin_ray[vllm]' on GPU machines; or set generation.engine=hf")
     started = time.perf_counter()
     new_rows = None
+    shutdowns: dict = {}
     blocks, shard_count, answers = [], 0, 0
     scoring_more = any(task.also_score is not None for task in tasks)  # then every block carries the column
     for index, task, split, _, todo in open_tasks:
@@ -136,6 +137,7 @@ def run_pass(config: Config, model: str, tasks: list[PassTask],
                                 config.tracking.interval_s) as tally:
                 plan = _plan(config, blocks, model, tasks, preference_stage, tally)
                 new_rows = plan.materialize()
+                shutdowns = engine_shutdowns(tally)
         except Exception as error:
             failure = memory_failure(error, gen)
             if failure is None:
@@ -151,7 +153,8 @@ def run_pass(config: Config, model: str, tasks: list[PassTask],
     for index, task, split, shards, todo in verified:
         expected = split.records.num_rows
         summary = {**_summarise(task.config, shards, split, model, seconds, len(todo), preference_stage is not None),
-                   "engine_starts": starts, "pass_startup_seconds": startup, "pass_prompt_sets": len(tasks)}
+                   "engine_starts": starts, "pass_startup_seconds": startup, "pass_prompt_sets": len(tasks),
+                   **shutdowns}
         write_completion(task.output_dir, shards, summary)
         # Rows generated now are already in the object store (one set answered whole); else they are read back once.
         whole = len(tasks) == 1 and len(todo) == expected
@@ -266,7 +269,7 @@ def _plan(config: Config, blocks: list[pa.Table], model: str, tasks: list[PassTa
           preference_stage: RowStage | None, tally=None):
     """The lazy Ray Data plan: engine pool (-> reference pool) (-> preference stage) -> shard commit. `blocks`: one
     per future shard (a shard is the unit of commit and of resume), of `tasks`' prompt sets. The engine replicas
-    count their answers into `tally` (an AnswerTally actor) when one is given."""
+    count their answers into `tally` (an AnswerTally actor) and say when they start and shut down."""
     import ray
 
     from spin_ray.generation.stages import GenerateStage

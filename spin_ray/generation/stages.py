@@ -6,7 +6,7 @@ import time
 
 import pyarrow as pa
 
-from spin_ray.generation.engine import EngineSpec, sample_seed, sampling_description
+from spin_ray.generation.engine import EngineSpec, release_device_memory, sample_seed, sampling_description
 from spin_ray.generation.progress import TallySender
 from spin_ray.generation.shards import ALSO_SCORE_COLUMNS, SHARD_COLUMN, TASK_COLUMN
 
@@ -48,6 +48,12 @@ class GenerateStage:
     in vLLM). No second model copy, no second pool. Start-up (staging and loading the model, building
     the engine) is timed apart from generation and reported with the replica's first shard. Each finished
     answer is counted into the phase's `tally` (an AnswerTally actor) for the job log's progress lines.
+
+    The replica that answers a pass's last shard (the tally counts them) shuts its engine down explicitly before its
+    call returns, so the next phase finds its memory (a GPU's, on a GPU node) free without waiting for Ray Data to
+    end the actor; a replica Ray Data releases earlier, idle, frees it as its process exits (the engine runs in the
+    replica's own process). Should a shut-down replica get another call (a shard answered again after its replica
+    died), its engine starts again.
     """
 
     def __init__(self, spec: EngineSpec, tally=None, tasks: tuple[EngineSpec, ...] = ()):
@@ -55,15 +61,25 @@ class GenerateStage:
 
         started = time.perf_counter()
         prepare_compute_process(spec.threads)
+        self.spec = spec
+        # an engine pass over several prompt sets (`run_pass`): a row's TASK_COLUMN picks its sampling settings
+        self.tasks = tasks
+        self.progress = TallySender(tally)
+        self.engine = self.hf_model = None
+        self.start_engine()
+        self.startup_seconds = time.perf_counter() - started
+        self.progress.started()
+
+    def start_engine(self) -> None:
+        """Stage the opponent on this node and build the engine (vLLM, or the HF loop over a loaded model)."""
         from spin_ray.models import local_model_path, load_tokenizer
         from spin_ray.tokenization import ChatFormat
 
-        self.spec = spec
+        spec = self.spec
         path = local_model_path(spec.model, spec.cache_dir)
         tokenizer = load_tokenizer(path, spec.trust_remote_code)
         chat = ChatFormat(tokenizer)
         self.pad_id = tokenizer.pad_token_id
-        self.hf_model = None
         if spec.engine == "vllm":
             from spin_ray.adapters import adapter_base
             from spin_ray.generation.vllm_engine import VLLMEngine
@@ -81,12 +97,32 @@ class GenerateStage:
 
             self.hf_model = load_model(path, spec.dtype, spec.trust_remote_code)
             self.engine = HFEngine(self.hf_model, chat, spec.max_new_tokens, spec.temperature, spec.top_p, spec.batch_size)
-        # an engine pass over several prompt sets (`run_pass`): a row's TASK_COLUMN picks its sampling settings
-        self.tasks = tasks
-        self.progress = TallySender(tally)
-        self.startup_seconds = time.perf_counter() - started
+
+    def close(self) -> None:
+        """Shut the engine down and free its model (its memory, on a GPU), then tell the pass's tally."""
+        engine, self.engine, self.hf_model = self.engine, None, None
+        if engine is None:
+            return
+        started = time.perf_counter()
+        engine.shutdown()
+        self.progress.shut_down(time.perf_counter() - started)
+
+    def __del__(self):
+        # Ray Data's graceful release of an idle replica: with the HF engine this runs as the actor exits (a vLLM
+        # engine keeps frames of its constructor's callers alive, so there the process's exit frees it instead)
+        try:
+            self.close()
+        except Exception:  # an interpreter shutting down may have torn down what closing needs
+            pass
 
     def __call__(self, batch: pa.Table):
+        if self.engine is None:
+            self.start_engine()
+        yield from self._call(batch)
+        if self.progress.pass_answered():  # no shard is left for any replica: free the engine now
+            self.close()
+
+    def _call(self, batch: pa.Table):
         with_also = ALSO_SCORE_COLUMNS[0] in batch.column_names
         if TASK_COLUMN not in batch.column_names:
             yield from self._answer(batch.to_pylist(), self.spec, with_also)
@@ -137,7 +173,7 @@ class GenerateStage:
             self.progress.count(len(completion.token_ids))
             pending[row[SHARD_COLUMN]] -= 1
             if pending[row[SHARD_COLUMN]] == 0:
-                self.progress.send(wait=True)
+                self.progress.shard_answered()
                 done = [r for r in rows if r[SHARD_COLUMN] == row[SHARD_COLUMN]]
                 if also is not None and engine_also is None:
                     self._score_also(done)
@@ -197,6 +233,14 @@ class ReferenceStage:
         self.pad_id = load_tokenizer(model, trust_remote_code, cache_dir).pad_token_id
         self.batch_size, self.columns = batch_size, tuple(columns)
         self.startup_seconds = time.perf_counter() - started
+
+    def __del__(self):
+        # released at the pass's end: free the model's memory at once (a GPU's, on a GPU node)
+        try:
+            self.model = None
+            release_device_memory()
+        except Exception:  # an interpreter shutting down may have torn down torch
+            pass
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from spin_ray.generation.engine import Completion
+from spin_ray.generation.engine import Completion, release_device_memory
 from spin_ray.tokenization import ChatFormat
 
 # Settings of the CPU build, measured on the 2-core box with SmolLM2 (warm compile cache):
@@ -119,6 +119,11 @@ class VLLMEngine:
                  engine_kwargs: dict | None = None, with_logprobs: bool = True, adapter: str | None = None):
         if not use_gpu:
             os.environ.update(CPU_ENVIRONMENT)
+        elif tensor_parallel_size == 1:
+            # vLLM runs its engine core in a child process on GPUs; a child can outlive its replica when Ray kills the
+            # actor (ray-project/ray#54364) and keep the GPU's memory, which the next phase's training worker then
+            # cannot have. In the replica's own process it goes with the process. Several GPUs need their workers.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from spin_ray.logs import quiet_library_logs, vllm_logging_config
 
         # vLLM logs every engine step's stats at INFO: in a job log they would bury the run's own lines
@@ -168,6 +173,15 @@ class VLLMEngine:
         self.stop_ids = chat.stop_token_ids
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.with_logprobs = with_logprobs
+
+    def shutdown(self) -> None:
+        """Stop the engine core (and its workers, with several GPUs) and free the model and KV cache."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        release_device_memory()
 
     def generate(self, prompts, seeds=None, score=None, also_score=None) -> list[Completion]:
         results: list[Completion | None] = [None] * len(prompts)

@@ -28,6 +28,7 @@ from spin_ray.training.checkpoint import (committed_steps, copy_export, drop_che
                                          load_checkpoint, save_checkpoint)
 from spin_ray.training.data import Schedule, examples_from_rows
 from spin_ray.training.parallel import DTYPES, compute_context, load_for_training, set_accumulating
+from spin_ray.training.reference import trainer_reference
 
 
 @dataclass
@@ -74,7 +75,7 @@ def micro_step(model, examples: list[Example], algorithm: Algorithm, config: Con
         # one concatenated forward over every answer of every example (pairs, triplets, or SFT's single answer)
         policy = answer_logps(model, [e.prompt for e in examples], [e.answers for e in examples], pad_id,
                               pack=t.pack_sequences, logits_chunk_rows=t.logits_chunk_rows,
-                              share_prefix=t.prefix_sharing)
+                              share_prefix=t.prefix_sharing, device=device)
     policy = policy.float()
     lengths = torch.tensor([[len(a) for a in e.answers] for e in examples], dtype=torch.float32, device=device)
     refs = torch.tensor([e.ref_logps for e in examples], dtype=torch.float32, device=device) if examples[0].ref_logps else None
@@ -130,7 +131,7 @@ def validation_nll(model, examples: list[Example], pad_id: int, config: Config, 
             counted = bool(batch)
             batch = batch or examples[:1]
             logps = answer_logps(model, [e.prompt for e in batch], [e.answers[:1] for e in batch], pad_id,
-                                 pack=t.pack_sequences, logits_chunk_rows=t.logits_chunk_rows)
+                                 pack=t.pack_sequences, logits_chunk_rows=t.logits_chunk_rows, device=context.device)
             if counted:
                 nll -= float(logps[:, 0].sum())
                 tokens += sum(len(e.answers[0]) for e in batch)
@@ -170,7 +171,9 @@ def train(
         raise TrainingDataError(refused)
     tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id
-    layout = training_layout(config, model_path, context.world_size, context.device)
+    layout, shape = training_layout(config, model_path, context.world_size, context.device)
+    if context.device.type == "cuda":  # what an earlier phase's process still holds on this GPU, before the load
+        wait_for_gpu_memory(config, shape, layout, context, train_dir)
     compute_dtype = DTYPES[t.compute_dtype]
     model = load_for_training(model_path, config.model.trust_remote_code, context.device, context.rank,
                               t.load_on_rank0, compute_dtype, t.cpu_offload, layout.activation_checkpointing, t.lora)
@@ -179,6 +182,11 @@ def train(
     optimizer = build_optimizer(model, config)
     scaler = loss_scaler(model, context.device) if t.compute_dtype == "float16" else None
     scheduler = build_scheduler(optimizer, schedule.total_steps, t.warmup_ratio)
+
+    reference = {}
+    if algorithm.uses_reference(config) and not algorithm.reference_in_rows(config):  # before a checkpoint is loaded
+        examples, reference = trainer_reference(model, examples, schedule, config, pad_id, train_dir, context.rank,
+                                                context.world_size, context.device, precision)
 
     start_step = 0
     earlier = read_metrics_log(train_dir)  # read by every rank before rank 0 trims it: the validation history
@@ -214,7 +222,7 @@ def train(
         sums: dict[str, float] = {}
         reference_gap = None
         # the step-0 canary: over every micro-batch of the iteration's first step, the largest gap and where it is
-        canary = step == 0 and start_step == 0 and t.reference_check_tolerance is not None
+        canary = step == 0 and start_step == 0
         worst = (-1.0, None)  # no reference log-probs yet (none at all for reference-free T-SPIN and SFT)
         micros = list(schedule.micro_batches(step, context.rank, context.world_size))
         for number, micro in enumerate(micros, start=1):
@@ -290,6 +298,8 @@ def train(
     return {
         **summary,
         **stopped,
+        **reference,
+        "reference_source": config.reference_source if algorithm.uses_reference(config) else None,
         "training_tokens_per_second": round(tokens_this_run / train_seconds, 1) if tokens_this_run else None,
         "setup_seconds": round(setup_seconds, 2),
         "compute_dtype": t.compute_dtype,
@@ -348,15 +358,15 @@ def read_refusal(train_dir: str) -> str | None:
 
 
 def training_layout(config: Config, model_path: str, world: int, device: torch.device):
-    """training.activation_checkpointing and training.gradient_accumulation with auto decided by the memory plan
-    against this worker's GPU (on CPU auto means off and unsharded)."""
+    """(layout, model shape): training.activation_checkpointing and training.gradient_accumulation with auto decided
+    by the memory plan against this worker's GPU (on CPU auto means off and unsharded), and the model's shape as the
+    plan reads it (None on CPU, or for a model the plan does not describe)."""
     from spin_ray.models import local_model_path
     from spin_ray.plan import GPU_RUNTIME_BYTES, ModelShape, PlanError, choose_layout
 
-    t = config.training
     device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     shape = None
-    if device_bytes and "auto" in (t.activation_checkpointing, t.gradient_accumulation):
+    if device_bytes:
         folder = local_model_path(model_path, weights=False)
         base = adapter_base(folder)  # an adapter's shape is its base's
         raw = read_json(join(local_model_path(base, weights=False) if base else folder, "config.json")) or {}
@@ -364,7 +374,29 @@ def training_layout(config: Config, model_path: str, world: int, device: torch.d
             shape = ModelShape.from_config(raw, model_path)
         except (PlanError, KeyError):
             shape = None
-    return choose_layout(config, shape, world, device_bytes, GPU_RUNTIME_BYTES)
+    return choose_layout(config, shape, world, device_bytes, GPU_RUNTIME_BYTES), shape
+
+
+def wait_for_gpu_memory(config: Config, shape, layout, context: WorkerContext, train_dir: str) -> None:
+    """Before the load: wait (bounded) until this worker's GPU has the memory the plan gives a worker free, else refuse
+    the stage in one line naming the processes that hold it (no restart: recorded as a refusal). A model the plan does
+    not describe needs 90% of the GPU free."""
+    from spin_ray.plan import FIT_SHARE, GPU_RUNTIME_BYTES, training_memory, training_shape
+    from spin_ray.training.gpu import GPU_RELEASE_WAIT_S, GPUBusyError, wait_for_free_gpu
+
+    index = context.device.index if context.device.index is not None else torch.cuda.current_device()
+    if shape is not None:
+        run = training_shape(config, context.world_size, layout.activation_checkpointing, layout.sharded_accumulation)
+        # this process's CUDA context is part of the runtime share, and already allocated
+        needed = training_memory(shape, run, GPU_RUNTIME_BYTES).device_total - GPU_RUNTIME_BYTES
+    else:
+        needed = int(FIT_SHARE * torch.cuda.get_device_properties(index).total_memory)
+    try:
+        wait_for_free_gpu(index, needed, min(config.run.resource_wait_s, GPU_RELEASE_WAIT_S))
+    except GPUBusyError as error:
+        message = f"rank {context.rank}: {error}"
+        atomic_write_json(join(train_dir, REFUSAL), {"error": message})
+        raise TrainingDataError(message) from None
 
 
 def loss_scaler(model, device: torch.device):
@@ -391,21 +423,26 @@ def check_reference(gap: float | None, where: tuple | None, config: Config, cont
         gathered = [None] * context.world_size
         dist.all_gather_object(gathered, (-1.0 if gap is None else gap, where))
     worst, at = max(gathered, key=lambda entry: entry[0])
-    tolerance = config.training.reference_check_tolerance
+    tolerance = config.reference_tolerance
     if worst < 0:  # no reference log-probs (reference-free T-SPIN, SFT)
         return None
-    if worst <= tolerance:
+    if tolerance is None or worst <= tolerance:  # measured and logged either way
         return worst
     prompt_id, answer = at
     names = objective(config).answers.strip("()").split(", ")
     t = config.training
-    if config.model.dtype != t.compute_dtype:
+    if config.reference_source == "trainer":
+        cause = ("the reference came from this same forward before training, so the forward is not repeatable: "
+                 "dropout (training.lora.dropout) or a nondeterministic kernel; set training.reference_check_tolerance "
+                 "to what it varies by")
+    elif config.model.dtype != t.compute_dtype:
         cause = (f"the reference was scored in model.dtype {config.model.dtype} and training computes in "
-                 f"training.compute_dtype {t.compute_dtype}; score and train in the same dtype, or raise the tolerance")
+                 f"training.compute_dtype {t.compute_dtype}; set training.reference=trainer (training scores its "
+                 "own reference), score and train in the same dtype, or raise the tolerance")
     else:
-        cause = ("the reference came from another kernel or model than the one training starts from, or from other "
-                 "token ids than training reads (a tokenizer or chat template that differs between the engines and "
-                 "training)")
+        cause = ("the reference came from another kernel or model than the one training starts from (set "
+                 "training.reference=trainer), or from other token ids than training reads (a tokenizer or chat "
+                 "template that differs between the engines and training)")
     message = (f"reference check failed: at the iteration's first step the policy is its own reference p_t, yet its "
                f"log-prob of the {names[answer]} answer of prompt_id {prompt_id} differs from the stored reference by "
                f"{worst:.3f} nats per token (training.reference_check_tolerance {tolerance}); likely cause: {cause}")

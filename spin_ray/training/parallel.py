@@ -30,6 +30,16 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard")
 
 
+def process_group_backend(use_gpu: bool, cpu_offload: bool) -> str:
+    """The torch.distributed backend of the training workers: gloo on CPU, NCCL on GPUs, and with CPU offload on GPUs
+    both, by device. FSDP2's CPUOffloadPolicy keeps the shards' gradients in host memory, so gradient clipping's norm
+    is reduced over CPU tensors, which NCCL cannot carry (torchtitan initialises `cuda:nccl,cpu:gloo` for the same
+    reason)."""
+    if not use_gpu:
+        return "gloo"
+    return "cpu:gloo,cuda:nccl" if cpu_offload else "nccl"
+
+
 def distributed_world() -> int:
     """Ranks in the default process group (1 without one)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

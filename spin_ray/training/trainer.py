@@ -15,6 +15,7 @@ from spin_ray.config import Config, build_config
 from spin_ray.logs import quiet_library_logs
 from spin_ray.storage import atomic_write_json, is_local, join, read_json, remove
 from spin_ray.training.checkpoint import export_complete
+from spin_ray.training.parallel import process_group_backend
 
 
 def _quiet_per_report_lines() -> None:
@@ -147,7 +148,7 @@ def run_training(config: Config, dataset, model_path: str, train_dir: str, expor
         train_loop_config={"config": config.to_dict(), "model_path": model_path, "train_dir": train_dir,
                            "export_dir": export_dir, "source": source, "on_step": on_step, "merged_dir": merged_dir,
                            "early_stop_patience": patience if validation is not None else None},
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(t.use_gpu, t.cpu_offload)),
         scaling_config=ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name="ray_train", storage_path=_ray_train_storage(train_dir),

@@ -47,6 +47,19 @@ def run_generation(config):
     return pipeline.run_generation(config, config.model.name, RunLayout.of(config).generation(0))
 
 
+def _engine_processes_gone(within_s: float) -> bool:
+    """Whether, within `within_s`, no engine replica's process (Ray names it MapWorker(MapBatches(GenerateStage))) runs
+    on this machine."""
+    import psutil
+
+    deadline = time.monotonic() + within_s
+    while True:
+        alive = [p.pid for p in psutil.process_iter(["cmdline"]) if "GenerateStage" in " ".join(p.info["cmdline"] or [])]
+        if not alive or time.monotonic() > deadline:
+            return not alive
+        time.sleep(0.5)
+
+
 def test_every_prompt_once_with_exact_reference_logps(ray_session, tmp_path, tiny_model_dir):
     config = _config(tmp_path, tiny_model_dir)
     result = run_generation(config)
@@ -56,6 +69,10 @@ def test_every_prompt_once_with_exact_reference_logps(ray_session, tmp_path, tin
     assert result.summary["prompts"] == 12 and result.summary["responses"] == 12
     assert os.path.exists(os.path.join(result.output_dir, COMPLETE_MARKER))
     assert len(committed_shards(result.output_dir)) == 3  # 12 prompts / 4 per shard
+    # two replicas: the one that answered the last shard freed its engine before the pass returned; the other one
+    # is gone with its process soon after
+    assert result.summary["engines_started"] == 2 and result.summary["engines_shut_down"] >= 1
+    assert _engine_processes_gone(within_s=30)
 
     model = load_model(tiny_model_dir)
     prompts = [r["prompt_token_ids"] for r in rows]
@@ -165,6 +182,10 @@ def test_vllm_engine_answers_as_the_hf_engine_with_exact_reference_logps(ray_ses
     summary = result.summary
     assert summary["engine"] == "vllm" and summary["startup_seconds"] > 0 and summary["engine_seconds"] > 0
     assert summary["engine_tokens_per_second"] > 0 and summary["prompts"] == 12
+    # the replica that answered the last shard shut its engine down before the pass returned, and no engine
+    # process is left after it (its engine core ran in the replica's own process)
+    assert summary["engines_started"] == summary["engines_shut_down"] == 1
+    assert _engine_processes_gone(within_s=30)
 
 
 @pytest.mark.parametrize("engine", ["hf", "vllm"])

@@ -66,8 +66,6 @@ def test_launchers_run_token_auth_on_loopback_with_storage_access_everywhere(pat
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
     assert any("--dashboard-host=127.0.0.1" in c for c in cluster["head_start_ray_commands"])
     assert "~/.ray/auth_token" in cluster["file_mounts"]
-    extra = {"aws": "s3", "gcp": "gcs"}[cluster["provider"]["type"]]
-    assert any(re.search(rf"spin_ray\[[^]]*\b{extra}\b", c) for c in cluster["setup_commands"])
     credential = {"aws": "IamInstanceProfile", "gcp": "serviceAccounts"}[cluster["provider"]["type"]]
     for name, spec in cluster["available_node_types"].items():
         assert credential in spec["node_config"], f"{path.name}: node type {name} gets no storage credentials"
@@ -120,10 +118,15 @@ def test_rayjob_runs_a_shipped_job_that_fits_its_groups_and_survives_what_the_is
     manifest = _yaml(RAYJOB)
     spec = manifest["spec"]
     words = shlex.split(spec["entrypoint"])
-    assert words[:2] == ["spin-ray", "run"] and (ROOT / words[2]).is_file()
-    job = load_config(ROOT / words[2], [w for w in words[3:] if "=" in w])
-    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert runtime_env["working_dir"].endswith(".zip"), "the entrypoint's job file must reach the cluster"
+    checkout = Path(IMAGE_CHECKOUT)  # where the Dockerfile puts this repository in the image
+    assert words[:2] == ["spin-ray", "run"] and Path(words[2]).is_relative_to(checkout)
+    job_file = ROOT / Path(words[2]).relative_to(checkout)
+    assert job_file.is_file(), "the entrypoint's job file comes with the image"
+    overrides = [w.replace("$SPIN_RAY_STORAGE_PATH", "s3://bucket/runs") for w in words[3:] if "=" in w]
+    job = load_config(job_file, overrides)
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    from_map = {e["name"]: e["valueFrom"]["configMapKeyRef"] for e in head["env"]}
+    assert from_map["SPIN_RAY_STORAGE_PATH"] == {"name": "spin-ray", "key": "storage_path"}
     assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] > 0
     cluster = spec["rayClusterSpec"]
     assert cluster["enableInTreeAutoscaling"] is True and cluster["rayVersion"] == "2.60.0"
@@ -141,6 +144,76 @@ def test_rayjob_runs_a_shipped_job_that_fits_its_groups_and_survives_what_the_is
         assert str(limits["nvidia.com/gpu"]) == group["rayStartParams"]["num-gpus"]
 
 
+IMAGE_CHECKOUT = "/home/ray/spin_ray"
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[name.lower()] = version
+    return pins
+
+
+def test_the_gpu_install_is_one_resolved_list_that_the_image_and_every_cluster_file_install():
+    """The GPU extra names one vLLM minor; scripts/lock_gpu.sh resolved it with PyPI's CUDA wheels for Linux x86_64
+    into cluster/requirements-gpu.txt, within the bounds pyproject.toml and vLLM set; the Dockerfile and both
+    launcher files install exactly that list (spin_ray itself --no-deps) on the same pinned Ray image; the RayJob
+    runs that image, named once; no file under cluster/ waits for a CHANGE-ME."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    vllm = Requirement(project["optional-dependencies"]["vllm"][0])
+    assert vllm.name == "vllm" and str(vllm.specifier) == "==0.32.*"
+    lock = ROOT / "cluster" / "requirements-gpu.txt"
+    pins = _pins(lock)
+    assert pins["vllm"] in vllm.specifier and pins["vllm"].startswith("0.32.")
+    for spec in project["dependencies"]:  # torch, transformers, ray ... each within our own bounds
+        requirement = Requirement(spec)
+        assert requirement.name.lower() in pins, requirement.name
+        assert requirement.specifier.contains(pins[requirement.name.lower()], prereleases=True), requirement
+    assert pins["torch"] in SpecifierSet(">=2.6") and pins["transformers"] in SpecifierSet(">=5.16.1,<5.20")
+    assert "nvidia-nccl-cu13" in pins and "s3fs" in pins and "gcsfs" in pins  # CUDA wheels; both buckets' clients
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)$", dockerfile, re.M).group(1)
+    assert re.fullmatch(r"rayproject/ray:2\.60\.0-py311", base)  # the Ray the lock pins, the Python it was resolved for
+    assert pins["ray"] == "2.60.0"
+    assert "pip install --no-cache-dir -r /tmp/requirements-gpu.txt" in dockerfile
+    assert f"--no-deps -e {IMAGE_CHECKOUT}" in dockerfile and f"WORKDIR {IMAGE_CHECKOUT}" in dockerfile
+    for path in LAUNCHERS:
+        cluster = _yaml(path)
+        assert cluster["docker"]["image"] == base, path.name
+        setup = " && ".join(cluster["setup_commands"])
+        assert "pip install -q -r ~/spin_ray/cluster/requirements-gpu.txt" in setup
+        assert "--no-deps -e ~/spin_ray" in setup and cluster["file_mounts"]["~/spin_ray"] == "."
+    text = RAYJOB.read_text()
+    images = re.findall(r"image: (\S+)", text)
+    assert images[0].startswith("&image ") or images[0] == "&image", images
+    assert set(images[1:]) == {"*image"} and len(images) == 1 + len(_yaml(RAYJOB)["spec"]["rayClusterSpec"]["workerGroupSpecs"])
+    assert not [p.name for p in (ROOT / "cluster").iterdir() if "CHANGE-ME" in p.read_text()]
+
+
+def test_the_one_gpu_recipe_has_a_one_gpu_node_type_in_every_cluster_file():
+    """The LoRA recipe's engine and worker take turns on one 80 GB GPU: each cluster file offers a node type with one
+    such GPU, so nobody is billed for 8 to use 1."""
+    job = load_config(LORA_RECIPE)
+    label = f"accelerator_type:{job.training.accelerator_type}"
+    assert job.generation.accelerator_type == job.training.accelerator_type
+    for path in LAUNCHERS:
+        types = _yaml(path)["available_node_types"]
+        single = [name for name, spec in types.items() if spec["resources"].get(label) and spec["resources"]["GPU"] == 1]
+        assert single, path.name
+    groups = _kuberay_node_types(_yaml(RAYJOB)["spec"]["rayClusterSpec"])
+    assert any(g.resources.get(label) and g.resources["GPU"] == 1 for g in groups)
+    for phase in PHASES:
+        check_feasible(phase_requests(job, phase), RAYJOB.name, groups)
+
+
 def test_a_job_the_cluster_cannot_hold_is_refused_by_the_same_check():
     from spin_ray.cluster import ResourceError
 
@@ -148,8 +221,8 @@ def test_a_job_the_cluster_cannot_hold_is_refused_by_the_same_check():
     too_many = load_config(GPU_JOB, ["generation.replicas=[9,12]"])
     with pytest.raises(ResourceError, match="9 x generation engine replica.*lower generation.replicas"):
         check_feasible(phase_requests(too_many, "generate"), "the RayJob's groups", nodes)
-    wrong_label = load_config(GPU_JOB, ["generation.accelerator_type=H100"])
-    with pytest.raises(ResourceError, match="accelerator_type:H100"):
+    wrong_label = load_config(GPU_JOB, ["generation.accelerator_type=B200"])
+    with pytest.raises(ResourceError, match="accelerator_type:B200"):
         check_feasible(phase_requests(wrong_label, "generate"), "the RayJob's groups", nodes)
 
 

@@ -136,7 +136,7 @@ def test_the_dtype_is_named_as_the_likely_cause_when_it_differs(tiny_model_dir, 
 
     rows = spin_rows(chat, tiny_model_dir)
     rows[0]["ref_logp_real"] -= 10.0
-    config = _config(tiny_model_dir, "training.compute_dtype=bfloat16")
+    config = _config(tiny_model_dir, "training.compute_dtype=bfloat16", "training.reference=engine")
     with pytest.raises(TrainingDataError, match="scored in model.dtype float32 and training computes in "
                                                 "training.compute_dtype bfloat16"):
         train(config, rows, tiny_model_dir, str(tmp_path / "train"), str(tmp_path / "model"))
@@ -212,3 +212,28 @@ def test_sharded_accumulation_checkpointing_and_bf16_on_two_ranks_train_like_the
     assert losses["bf16"] == pytest.approx(losses["default"], abs=2e-3)
     before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     assert _moved(before, weights["bf16"]) >= 0.99
+
+
+def test_offload_reduces_its_host_gradients_through_the_cpu_backend_of_a_device_mapped_group(tiny_model_dir, chat,
+                                                                                            tmp_path):
+    """With CPU offload FSDP2 keeps each shard's gradient in host memory, so clipping's norm is all-reduced over CPU
+    tensors: on GPUs the workers' group maps cpu to gloo and cuda to NCCL (NCCL carries no CPU tensor). Here the CPU
+    half: a group given as "cpu:gloo" carries offload's collectives and trains to the plain group's losses and
+    weights. What only a GPU shows: the cuda half on NCCL, and the forward's inputs on the GPU while the shards stay
+    on the CPU (the loop passes its device to the log-prob code rather than reading a parameter's)."""
+    from spin_ray.training.parallel import process_group_backend
+
+    assert process_group_backend(use_gpu=True, cpu_offload=True) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend(use_gpu=True, cpu_offload=False) == "nccl"
+    assert process_group_backend(use_gpu=False, cpu_offload=True) == "gloo"
+    rows = spin_rows(chat, tiny_model_dir)
+    losses, weights = {}, {}
+    for backend, overrides in (("gloo", []), ("cpu:gloo", ["training.cpu_offload=true"])):
+        out = tmp_path / backend.replace(":", "-")
+        on_ranks("tests.unit.test_parallel.train_on_ranks", backend=backend, model_dir=tiny_model_dir, rows=rows,
+                 train_dir=str(out / "train"), export_dir=str(out / "model"), overrides=overrides)
+        losses[backend] = logged_losses(out / "train")
+        weights[backend] = load_file(str(out / "model" / "model.safetensors"))
+    assert losses["cpu:gloo"] == pytest.approx(losses["gloo"], abs=1e-6)
+    for key, value in weights["gloo"].items():
+        assert torch.allclose(weights["cpu:gloo"][key], value, atol=1e-7, rtol=0), key

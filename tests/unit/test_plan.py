@@ -100,6 +100,31 @@ def test_the_recipe_plan_on_80_and_40_gb_cards():
     assert offload.memory.device_total < forty.memory.device_total - 9 * GB
 
 
+def test_the_trainers_reference_pass_is_one_forward_over_every_example_in_the_iterations_time():
+    """A GPU job's reference comes from the training workers (training.reference auto): one forward over all 100,000
+    examples of an iteration (its 50,000 pairs and the previous iteration's) at the training rate, against training's
+    2 epochs of forward, backward and recompute (4 passes): an eighth of training, give or take the LM head."""
+    plan = make_plan(load_config(RECIPE))
+    reference, training = plan.seconds["reference pass (training workers)"], plan.seconds["training"]
+    assert 0.11 < reference / training < 0.14
+    assert plan.seconds["total"] == pytest.approx(sum(v for k, v in plan.seconds.items() if k != "total"))
+    engine = make_plan(load_config(RECIPE, ["training.reference=engine"]))
+    assert "reference pass (training workers)" not in engine.seconds
+
+
+def test_prompt_scoring_is_planned_outside_vllms_profile():
+    """vLLM's prompt log-probs build a request's logits and their float32 log-softmax beside its memory profile: the
+    recipe's 1,024-token requests take 1024 x 32,000 x (2 + 4) bytes, room that generation.gpu_memory_utilization must
+    leave on each L4 (22.5 GiB usable); at 0.99 it does not, and the plan names the key."""
+    plan = make_plan(load_config(RECIPE))
+    assert plan.engine.scoring_bytes == 1024 * 32_000 * 6
+    assert plan.engine.scoring_room == pytest.approx(22.5 * GB * 0.1, abs=1)
+    greedy = make_plan(load_config(RECIPE, ["generation.gpu_memory_utilization=0.99"]))
+    assert not greedy.fits and "lower generation.gpu_memory_utilization" in greedy.problems[0]
+    chunked = make_plan(load_config(RECIPE, ["generation.vllm_engine_kwargs={max_num_batched_tokens: 512}"]))
+    assert chunked.engine.scoring_bytes == 512 * 32_000 * 6
+
+
 def test_auto_checkpointing_turns_on_where_the_step_does_not_fit():
     from spin_ray.plan import choose_layout
 
@@ -203,7 +228,8 @@ def test_plan_prints_the_table_and_says_whether_it_fits():
     out = result.stdout
     for line in ("7,241,732,096 parameters", "master weights (fp32)", "activations", "KV cache per GPU",
                  "sequences of 512+256 tokens at once", "time per iteration (50,000 prompts, from data.limit",
-                 "checkpoints (while training)", "verdict: fits (A100-80G for training, L4 24 GB for generation)"):
+                 "checkpoints (while training)", "reference pass (training workers)",
+                 "prompt scoring (outside the profile)", "verdict: fits (A100-80G for training, L4 22.5 GB for generation)"):
         assert line in out, line
     refused = subprocess.run([sys.executable, "-m", "spin_ray.cli", "plan", str(RECIPE),
                               "training.activation_checkpointing=false"], capture_output=True, text=True, timeout=120)
