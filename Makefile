@@ -6,7 +6,7 @@ export SPIN_RAY_CACHE ?= $(CURDIR)/.cache/spin_ray
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 export MALLOC_ARENA_MAX ?= 2
 
-.PHONY: setup demo test test-unit test-integration test-e2e bench bench-training clean
+.PHONY: setup demo test test-unit test-integration test-e2e bench bench-training image lock-gpu clean
 
 setup:
 	@bash scripts/setup.sh
@@ -38,6 +38,15 @@ bench-training: setup
 	@mkdir -p $(RAY_TMPDIR)
 	$(VENV)/bin/pip install -q "trl==1.16.0"  # the `bench` extra: TRL is the baseline, not a dependency
 	$(PY) bench/training.py
+
+# The GPU image (Dockerfile): Ray 2.60 with cluster/requirements-gpu.txt and this checkout. Needs a Docker engine.
+IMAGE ?= spin-ray:0.1.0
+image:
+	docker build -t $(IMAGE) .
+
+# Re-resolve cluster/requirements-gpu.txt after a dependency changes in pyproject.toml (needs PyPI, no GPU).
+lock-gpu:
+	bash scripts/lock_gpu.sh
 
 clean:
 	rm -rf .tmp .pytest_cache
