@@ -1,7 +1,9 @@
 """Benchmark: wall time of one `spin-ray run` job at two commits, alternating, each run in a fresh storage folder.
 
 Each commit is checked out once into a git worktree under .tmp/ and imported from there (PYTHONPATH, which Ray's
-worker processes inherit); both use this checkout's virtual environment. Rounds alternate old, new, old, new... so
+worker processes inherit; the run's working directory is the tree too); both use this checkout's virtual
+environment, whose editable install of spin_ray answers an import only where no path entry holds it. Each run
+checks first that spin_ray imports from its tree (`imported_from`). Rounds alternate old, new, old, new... so
 a drift of the machine hits both sides. Prints JSON with every run's wall and phase seconds (and the phases' engine
 start-up, training speed and held-out metrics, and each iteration's export bytes), the medians and new/old; `--out`
 also writes it. `--old HEAD --new HEAD` with `--new-set` compares two settings of one commit.
@@ -48,14 +50,25 @@ PHASE_METRICS = ("pass_startup_seconds", "engine_starts", "training_tokens_per_s
                  "export_seconds", "accuracy", "nll_per_token", "reward_accuracy")
 
 
+def tree_environment(tree: Path) -> dict:
+    """The environment of a run of `tree`'s code (the tree first on PYTHONPATH); refused if spin_ray still imports from
+    elsewhere."""
+    # a local Ray instance of its own: no RAY_ADDRESS (older commits refuse an empty one)
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(tree)}
+    found = subprocess.run([sys.executable, "-c", "import spin_ray; print(spin_ray.__file__)"], env=env, cwd=tree,
+                           check=True, capture_output=True, text=True).stdout.strip()
+    if not Path(found).resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"bench/job_time.py: spin_ray imports from {found}, not from the worktree {tree}")
+    return env
+
+
 def run_once(tree: Path, job: str, overrides: list[str], log: Path, seed_cache: str | None = None,
              timeout_s: float = 3600) -> dict:
     """One job from a fresh storage folder; its wall seconds and the manifest's phase seconds."""
     storage = Path(tempfile.mkdtemp(prefix="job-time-", dir=ROOT / ".tmp"))
     if seed_cache:
         shutil.copytree(Path(seed_cache) / "_cache", storage / "_cache")
-    # a local Ray instance of its own: no RAY_ADDRESS (older commits refuse an empty one)
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(tree)}
+    env = tree_environment(tree)
     command = [sys.executable, "-m", "spin_ray.cli", "run", str(tree / job), f"run.storage_path={storage}",
                *overrides]
     started = time.perf_counter()
@@ -82,7 +95,7 @@ def run_once(tree: Path, job: str, overrides: list[str], log: Path, seed_cache: 
                     key: summary.get(key) for key in ("pass_startup_seconds", "engine_starts", "engine_seconds")}
     shutil.rmtree(storage, ignore_errors=True)  # checkpoints and exports: hundreds of MB a run
     return {"rc": rc, "wall_s": wall, "phase_seconds": phases, "phase_metrics": metrics, "export_bytes": exported,
-            "log": str(log)}
+            "log": str(log), "imported_from": str(tree)}
 
 
 def main() -> None:

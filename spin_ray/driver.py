@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from spin_ray.algorithms import STABILISERS, objective
+from spin_ray.attempts import Attempt, end_earlier_attempts
 from spin_ray.cluster import end_earlier_worker_group, ensure_resources
 from spin_ray.collapse import collapse_signals
 from spin_ray.config import Config, build_config
@@ -121,7 +122,7 @@ def initial_model(config: Config, layout: RunLayout) -> str:
     return resolved.path
 
 
-def _generate(config: Config, layout: RunLayout, t: int, opponent: str) -> Produced:
+def _generate(config: Config, layout: RunLayout, t: int, opponent: str, attempt: Attempt) -> Produced:
     """p_t's answers to the training prompts: done already when the engine pass that evaluated p_t generated them."""
     from spin_ray.generation.pipeline import run_generation
     from spin_ray.generation.shards import read_completion
@@ -134,7 +135,8 @@ def _generate(config: Config, layout: RunLayout, t: int, opponent: str) -> Produ
         stage = preference_stage(config)
     in_evaluation_pass = read_completion(layout.generation(t)) is not None
     also_score = None if in_evaluation_pass else rescore_requests(config, layout, t)
-    result = run_generation(config, opponent, layout.generation(t), preference_stage=stage, also_score=also_score)
+    result = run_generation(config, opponent, layout.generation(t), preference_stage=stage, also_score=also_score,
+                            tally_options=attempt.options(f"pass:iter_{t}/generation"))
     metrics = _pick(result.summary, GENERATION_KEYS)
     # the engines that answered them started in the evaluation phase's pass, and are counted there
     metrics["engine_starts"] = 0 if in_evaluation_pass else result.summary.get("engine_starts", 0)
@@ -157,13 +159,16 @@ def _next_generation(config: Config, layout: RunLayout, t: int):
                     also_score=rescore_requests(config, layout, t))
 
 
-def _train(config: Config, layout: RunLayout, t: int | None, dataset, opponent: str, source: str,
+def _train(config: Config, layout: RunLayout, t: int | None, dataset, opponent: str, source: str, attempt: Attempt,
            extra_metrics: dict | None = None, extra_artifacts: dict | None = None, validation=None) -> Produced:
-    from spin_ray.training.trainer import run_training
+    """Train p_{t+1} (the SFT warm start's model when t is None) in a TrainingRun actor named for the attempt."""
+    from spin_ray.training.trainer import run_training_named
 
     merged = layout.merged_model(t) if config.training.lora.export_merged else None
-    summary = run_training(config, dataset, opponent, layout.train(t), layout.model(t), source=source,
-                           validation=validation, patience=config.iterations.sft_patience, merged_dir=merged)
+    summary = run_training_named(attempt.options("train:" + ("sft" if t is None else f"iter_{t}")), config=config,
+                                 dataset=dataset, model_path=opponent, train_dir=layout.train(t),
+                                 export_dir=layout.model(t), source=source, validation=validation,
+                                 patience=config.iterations.sft_patience, merged_dir=merged)
     keys = TRAINING_KEYS + objective(config).metrics + EARLY_STOP_KEYS
     artifacts = {"model": summary["export_dir"], "train": layout.train(t)}
     if merged:
@@ -171,7 +176,7 @@ def _train(config: Config, layout: RunLayout, t: int | None, dataset, opponent: 
     return Produced({**_pick(summary, keys), **(extra_metrics or {})}, {**artifacts, **(extra_artifacts or {})})
 
 
-def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str | None,
+def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str | None, attempt: Attempt,
               validation: str | None = None, then_generate=None) -> Produced:
     """Held-out evaluation of `model` on data.eval, and with `validation` (a source) its validation metrics too.
     Without data.eval (a run that must not see the test split: a settings grid) the validation split is the
@@ -192,7 +197,9 @@ def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str
     planned = {name: plan for name, plan in plans.items() if not isinstance(plan, dict)}
     names = [*planned, *(["then_generate"] if then_generate is not None else [])]
     tasks = [plan.task for plan in planned.values()] + ([then_generate] if then_generate is not None else [])
-    results = dict(zip(names, run_pass(config, model, tasks), strict=True)) if tasks else {}
+    label = "/".join(output_dir.rstrip("/").split("/")[-2:])
+    results = dict(zip(names, run_pass(config, model, tasks, tally_options=attempt.options(f"pass:{label}")),
+                       strict=True)) if tasks else {}
     done = {name: finish_evaluation(planned[name], results[name]) if name in planned else plan
             for name, plan in plans.items()}
     metrics = dict(done["held_out"])
@@ -210,7 +217,8 @@ def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str
 START_METRICS = "start_metrics.json"  # written last into a start-evaluation cache folder: the whole phase's metrics
 
 
-def _evaluate_start(config: Config, model: str, layout: RunLayout, validation: str | None, echo) -> Produced:
+def _evaluate_start(config: Config, model: str, layout: RunLayout, validation: str | None, echo,
+                    attempt: Attempt) -> Produced:
     """p_0's evaluation, through the cache of start-model evaluations keyed by the model's content, the evaluation
     data and settings: runs that start from the same model (benchmark arms, a resubmitted run under a new name)
     evaluate it once."""
@@ -220,13 +228,13 @@ def _evaluate_start(config: Config, model: str, layout: RunLayout, validation: s
     cache = start_evaluation_cache(config, model, validation)
     then_generate = _next_generation(config, layout, 0)
     if cache is None:  # a hub model: no content to key on
-        return _evaluate(config, model, layout.evaluation(None), None, validation, then_generate)
+        return _evaluate(config, model, layout.evaluation(None), None, attempt, validation, then_generate)
     cached = read_json(join(cache, START_METRICS))
     if cached is not None:
         echo(f"[spin-ray] baseline_eval: the same model, data and settings were evaluated before: reusing {cache}")
         return Produced({**cached, "model": model, "cached": True, "engine_starts": 0},
                         {"eval": cache, "answers": cached["answers"]})
-    produced = _evaluate(config, model, cache, None, validation, then_generate)
+    produced = _evaluate(config, model, cache, None, attempt, validation, then_generate)
     atomic_write_json(join(cache, START_METRICS), {k: v for k, v in produced.metrics.items() if k != "pass_generated"})
     return produced
 
@@ -234,7 +242,9 @@ def _evaluate_start(config: Config, model: str, layout: RunLayout, validation: s
 def run_iterations(config: Config, force: bool = False, echo: Callable[[str], None] = print,
                    lease_token: str | None = None, owner: str | None = None, ended_holder: str | None = None) -> dict:
     """The self-play outer loop (a plain function; the driver actor calls it). Returns the final manifest dict.
-    `ended_holder`: the lease token of a driver whose job is known to have ended (its lease is waited out)."""
+    `ended_holder`: the lease token of a driver whose job is known to have ended (its lease is waited out). Each call
+    is a driver attempt: the actors it starts are named for it, and those an earlier attempt of the run left are
+    ended before anything else (`spin_ray.attempts`)."""
     from spin_ray.generation.shards import read_completion, shards_dataset
     from spin_ray.evaluation import validation_source
     from spin_ray.model_card import write_model_card
@@ -250,8 +260,12 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
         raise RunAlreadyActive(str(error)) from None
     lease.start_heartbeat()
     tracker = None
+    attempt = Attempt.of(config)
     try:
+        ended = end_earlier_attempts(attempt, config.run.resource_wait_s, echo)
         manifest = Manifest.open(config, force)
+        if ended:
+            manifest.data.setdefault("ended_earlier_attempts", []).append(ended)
         tracker = Tracker(config, layout, manifest.data.setdefault("tracking", {}))
         tracker.params()
         manifest.save()  # the tracking run's ids: a resubmitted job continues it
@@ -271,7 +285,7 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
                 held_out = sft_rows(config, opponent, validation_source(config, layout.validation_data)) if auto else None
                 with tracker.following(layout.train(None), "sft", 0):
                     return _train(sft_config, layout, None, sft_rows(config, opponent), opponent, config.data.train,
-                                  validation=held_out)
+                                  attempt, validation=held_out)
 
             record, _ = phases.run("sft", None, sft)
             opponent = record["artifacts"]["model"]
@@ -280,7 +294,7 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
         opponent_answers = None
         if evaluate:
             record, _ = phases.run("baseline_eval", None,
-                                   lambda: _evaluate_start(config, opponent, layout, validation, echo))
+                                   lambda: _evaluate_start(config, opponent, layout, validation, echo, attempt))
             opponent_answers = record["artifacts"]["answers"]
             _select(config, manifest, None, opponent, echo)
 
@@ -288,7 +302,7 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
             manifest.iteration(t)["opponent"] = opponent
             pairs = None
             if objective(config).columns:  # continued SFT (training.objective sft) reads no generated answers
-                _, pairs = phases.run("generate", t, lambda: _generate(config, layout, t, opponent))
+                _, pairs = phases.run("generate", t, lambda: _generate(config, layout, t, opponent, attempt))
                 if pairs is None:  # generated by an earlier job: read back from its committed shards
                     pairs = shards_dataset(read_completion(layout.generation(t))["shards"]).materialize()
 
@@ -296,14 +310,14 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
                 training = iteration_set(config, layout, t, pairs, opponent)
                 with tracker.following(layout.train(t), f"iter_{t}", steps_before(manifest.data, t)):
                     return _train(iteration_config(config, t), layout, t, training.dataset, opponent, training.source,
-                                  training.metrics, training.artifacts)
+                                  attempt, training.metrics, training.artifacts)
 
             record, _ = phases.run("train", t, train)
             next_model = record["artifacts"]["model"]
             write_model_card(layout, manifest.data, t)
             if evaluate:
                 record, _ = phases.run("evaluate", t, lambda: _evaluate(config, next_model, layout.evaluation(t),
-                                                                         opponent_answers, validation,
+                                                                         opponent_answers, attempt, validation,
                                                                          _next_generation(config, layout, t + 1)))
                 opponent_answers = record["artifacts"]["answers"]
                 _select(config, manifest, t, next_model, echo)

@@ -76,26 +76,29 @@ class PassTask:
 
 def run_generation(config: Config, model: str, output_dir: str, source: str | None = None,
                    score_reference: bool | None = None, preference_stage: RowStage | None = None,
-                   also_score: dict[str, list[list[int]]] | None = None) -> GenerationResult:
+                   also_score: dict[str, list[list[int]]] | None = None,
+                   tally_options: dict | None = None) -> GenerationResult:
     """Answer every prompt of `source` (default data.train) with `model` into `output_dir`.
 
     `score_reference` (default: whether the run's reference log-probs come from the engines) adds the log-probs of
     the human and generated answers under `model`; `preference_stage` (SPPO's oracle) scores each row's answers
     before its shard commits; `also_score` (prompt_id -> responses) has the engines score those responses under
     `model` in the same pass (the `also_scored_logps` column). Evaluation reuses this on the held-out split,
-    greedy, with its own output_dir."""
+    greedy, with its own output_dir. `tally_options` name the pass's tally actor (see `run_pass`)."""
     if score_reference is None:
         score_reference = config.engine_scores_reference
     task = PassTask(config, output_dir, source or config.data.train, score_reference, also_score)
-    return run_pass(config, model, [task], preference_stage)[0]
+    return run_pass(config, model, [task], preference_stage, tally_options)[0]
 
 
-def run_pass(config: Config, model: str, tasks: list[PassTask],
-             preference_stage: RowStage | None = None) -> list[GenerationResult]:
+def run_pass(config: Config, model: str, tasks: list[PassTask], preference_stage: RowStage | None = None,
+             tally_options: dict | None = None) -> list[GenerationResult]:
     """Answer several prompt sets with ONE engine pool of `model`, so its engines start once: an evaluation's
     held-out and validation prompts (greedy) and the next iteration's training prompts (sampled), say. Each set
     has its own sampling settings and its own generation folder, committed shard by shard and resumed on its own:
-    a restart answers only the prompts without a committed row, in whichever set. `config` sizes the engines."""
+    a restart answers only the prompts without a committed row, in whichever set. `config` sizes the engines.
+    `tally_options` name the pass's tally actor, which its engine replicas report to (a driver attempt names it,
+    so a later attempt can end it: `spin_ray.attempts`)."""
     results: dict[int, GenerationResult] = {}
     before: set[str] = set()  # shards committed by an earlier job
     open_tasks = []  # (index, task, split, every prompt_id, indices of the prompts still to answer)
@@ -134,7 +137,7 @@ def run_pass(config: Config, model: str, tasks: list[PassTask],
         gen = config.generation
         try:
             with progress_lines([task.output_dir for _, task, *_ in open_tasks], answers, 1, shard_count,
-                                config.tracking.interval_s) as tally:
+                                config.tracking.interval_s, tally_options) as tally:
                 plan = _plan(config, blocks, model, tasks, preference_stage, tally)
                 new_rows = plan.materialize()
                 shutdowns = engine_shutdowns(tally)

@@ -131,15 +131,17 @@ def engine_shutdowns(tally) -> dict:
 
 
 @contextmanager
-def progress_lines(output_dir: str | list[str], prompts: int, samples: int, shards: int, interval_s: float):
+def progress_lines(output_dir: str | list[str], prompts: int, samples: int, shards: int, interval_s: float,
+                   tally_options: dict | None = None):
     """Yields the pass's tally (an AnswerTally actor) for the engine replicas. Where a job log is no terminal (Ray
     Data's bars off), prints one progress line every `interval_s` seconds while the body runs, and a last one ("done"
     or "stopped") when it ends: answers finished of `prompts` x `samples`, tokens, tokens/s and the ETA from the
     replicas' tally, and shards committed of the `shards` to write; on a terminal Ray Data draws its own bars. An
-    engine pass over several prompt sets gives their folders, and its answers as `prompts` with `samples` 1."""
+    engine pass over several prompt sets gives their folders, and its answers as `prompts` with `samples` 1.
+    `tally_options` name the tally (a driver attempt's, `spin_ray.attempts`)."""
     import ray
 
-    tally = ray.remote(num_cpus=0)(AnswerTally).remote(shards)
+    tally = ray.remote(num_cpus=0)(AnswerTally).options(**(tally_options or {})).remote(shards)
     if ray.data.DataContext.get_current().enable_progress_bars:
         try:
             yield tally

@@ -177,3 +177,32 @@ def run_training(config: Config, dataset, model_path: str, train_dir: str, expor
     if summary is None or not export_complete(export_dir):
         raise RuntimeError(f"training into {export_dir} ended without an export")
     return summary
+
+
+class TrainingRun:
+    """The actor that runs one training phase: Ray Train's controller, which `run_training` starts, is its own, and so
+    are the controller's workers. Named for its run and driver attempt (`spin_ray.attempts`), it lets a later attempt
+    end all of them by name."""
+
+    def fit(self, arguments: dict) -> dict:
+        return run_training(**arguments)
+
+
+def run_training_named(actor_options: dict, **arguments) -> dict:
+    """`run_training(**arguments)` in a TrainingRun actor with `actor_options` (its name and namespace), on this node
+    (Ray Train's controller runs on its starter's node); the actor is ended once the phase is. A user error (bad pairs,
+    a refused stage) comes back as itself, not wrapped in Ray's task error."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    runner = ray.remote(num_cpus=0, max_restarts=0)(TrainingRun).options(**actor_options,
+                                                                         scheduling_strategy=here).remote()
+    try:
+        return ray.get(runner.fit.remote(arguments))
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, TrainingDataError):
+            raise error.cause from None
+        raise
+    finally:
+        ray.kill(runner)

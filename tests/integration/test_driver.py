@@ -112,3 +112,57 @@ def test_the_start_models_evaluation_is_cached_by_content_data_and_settings(ray_
     copy = shutil.copytree(tiny_model_dir, tmp_path / "copy-of-start")
     elsewhere, _ = baseline("d", f"model.name={copy}")
     assert elsewhere["metrics"]["cached"] is True and elsewhere["artifacts"]["answers"] == first["artifacts"]["answers"]
+
+
+def test_with_the_trainers_reference_no_engine_scores_and_every_example_mixed_in_is_scored_in_training(
+        ray_session, tmp_path, tiny_model_dir):
+    """training.reference trainer (what every GPU job takes): the generation passes score nothing for training, the
+    train phase rescores nothing, and iteration 1's training workers score all 16 examples (its own 8 pairs and
+    iteration 0's 8) under p_1 before the first step, which therefore starts at reward 0 and loss log 2 for
+    every one of them; the phase runs in an actor named for the run and the driver attempt."""
+    from spin_ray.attempts import run_prefix
+    from spin_ray.generation.shards import committed_shards, read_shards
+
+    overrides = [
+        f"model.name={tiny_model_dir}", f"run.storage_path={tmp_path}", "run.name=trainer-ref",
+        "data.limit=8", "generation.max_new_tokens=6", "generation.batch_size=8", "generation.replicas=[1,1]",
+        "generation.shard_rows=4", "training.global_batch_size=4", "training.epochs=1", "training.learning_rate=1e-3",
+        "iterations.count=2", "iterations.mix_previous=true", "evaluation.prompts=4", "training.reference=trainer",
+        "training.nll_weight=0", "training.length_normalize=false", "generation.engine=hf",
+    ]
+    import threading
+
+    import ray
+
+    named, done = set(), threading.Event()
+
+    def watch() -> None:  # while the run goes, the actors its driver attempt started are listed by their names
+        while not done.wait(0.5):
+            named.update(entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        manifest = run_iterations(load_config(None, overrides), echo=lambda line: None)
+    finally:
+        done.set()
+        watcher.join()
+    run = Path(tmp_path) / "trainer-ref"
+    assert manifest["status"] == "done"
+    for t in (0, 1):
+        rows = read_shards(committed_shards(str(run / f"iter_{t}" / "generation")),
+                           ["ref_logp_real", "ref_logp_generated"]).to_pylist()
+        assert rows and all(row["ref_logp_real"] is None and not any(row["ref_logp_generated"] or []) for row in rows), \
+            rows[:2]
+    trained = manifest["iterations"][1]["phases"]["train"]["metrics"]
+    assert trained["pairs"] == 16 and "rescored_in_engine_pass" not in trained
+    first = read_metrics_log(str(run / "iter_1" / "train"))[0]
+    assert any(pid.startswith("iter0/") for pid in first["prompt_ids"])
+    assert first["reference_gap"] == pytest.approx(0.0, abs=1e-6)
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-3) and first["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    summary = json.loads((run / "iter_1" / "train" / "summary.json").read_text())
+    assert summary["reference_source"] == "trainer" and summary["reference_pass"] == "scored"
+    assert (run / "iter_1" / "train" / "reference_logps.parquet").is_file()
+    prefix = run_prefix(str(tmp_path), "trainer-ref")
+    assert any(name.startswith(prefix) and name.endswith(":train:iter_0") for name in named), named
+    assert any(name.startswith(prefix) and name.endswith(":pass:iter_0/eval") for name in named), named

@@ -18,6 +18,7 @@ LAYERS = [
     {"spin_ray.training", "spin_ray.training.data", "spin_ray.training.parallel", "spin_ray.training.checkpoint",
      "spin_ray.training.reference", "spin_ray.training.gpu", "spin_ray.training.loop", "spin_ray.training.trainer"},
     {"spin_ray.trainset", "spin_ray.evaluation", "spin_ray.manifest", "spin_ray.report", "spin_ray.cluster",
+     "spin_ray.attempts",
      "spin_ray.model_card", "spin_ray.tracking"},
     {"spin_ray.driver", "spin_ray.cli"},
 ]
