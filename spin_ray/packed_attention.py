@@ -29,6 +29,7 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     the sum of the squared lengths). Here each sequence costs its own causal triangle, as with
     flash-attention's varlen kernels on GPU.
     """
+    from torch.nn.attention.bias import causal_lower_right
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if sequence_bounds is None:  # not a packed forward: plain SDPA with whatever mask came
@@ -43,10 +44,15 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         first, last = prefix
         keys = torch.cat([key[:, :, first:last], key[:, :, start:end]], dim=2)
         values = torch.cat([value[:, :, first:last], value[:, :, start:end]], dim=2)
-        # row i of the answer sees every prompt column and answer columns <= i
-        allowed = torch.ones(end - start, last - first + end - start, dtype=torch.bool, device=query.device)
-        allowed = allowed.tril(diagonal=last - first)
-        outputs.append(sdpa_attention_forward(module, query[:, :, start:end], keys, values, allowed[None, None],
+        # row i of the answer sees every prompt column and answer columns <= i: the causal mask aligned to the lower
+        # right corner. As torch's CausalBias (not a bool tensor) SDPA may still take a fused kernel for it (the
+        # memory-efficient one on GPUs); an explicit mask rules out the flash kernel and costs a T x T tensor.
+        allowed = causal_lower_right(end - start, last - first + end - start)
+        queries = query[:, :, start:end]
+        if torch.is_autocast_enabled(query.device.type):  # CausalBias checks dtypes before autocast would cast them
+            common = torch.get_autocast_dtype(query.device.type)
+            queries, keys, values = queries.to(common), keys.to(common), values.to(common)
+        outputs.append(sdpa_attention_forward(module, queries, keys, values, allowed,
                                               is_causal=False, **kwargs)[0])
     return torch.cat(outputs, dim=1), None
 

@@ -113,3 +113,25 @@ def test_prefix_segments_equal_the_tree_mask_an_answer_blind_to_the_one_before()
     grads = torch.autograd.grad((got * upstream).sum(), (query, key, value))
     expected_grads = torch.autograd.grad((expected * upstream).sum(), (query, key, value))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, expected_grads, strict=True))
+
+
+def test_a_prefix_segment_reaches_sdpa_as_a_causal_bias_not_a_materialised_mask(monkeypatch):
+    """The answer's mask goes to SDPA as torch's lower-right CausalBias, which fused kernels accept (a bool tensor rules
+    out the flash kernel and costs a T x T tensor); a plain sequence goes as is_causal."""
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+    from transformers.integrations import sdpa_attention
+
+    seen = []
+    forward = sdpa_attention.sdpa_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((attention_mask, kwargs.get("is_causal")))
+        return forward(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", spy)
+    query, key, value = torch.randn(1, 4, 9, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    packed_sdpa_attention(_Heads(), query, key, value, None, sequence_bounds=[(0, 7), (7, 9, 0, 4)], scaling=8 ** -0.5)
+    (first, first_causal), (second, second_causal) = seen
+    assert first is None and first_causal
+    assert isinstance(second, CausalBias) and second.variant == CausalVariant.LOWER_RIGHT and not second_causal
+    assert (second.seq_len_q, second.seq_len_kv) == (2, 6)
