@@ -6,7 +6,7 @@ export SPIN_RAY_CACHE ?= $(CURDIR)/.cache/spin_ray
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 export MALLOC_ARENA_MAX ?= 2
 
-.PHONY: setup demo test test-unit test-integration test-e2e bench bench-training image lock-gpu clean
+.PHONY: setup demo test test-unit test-integration test-e2e bench bench-training image lock-gpu gpu-check gpu-check-wheels clean
 
 setup:
 	@bash scripts/setup.sh
@@ -38,6 +38,18 @@ bench-training: setup
 	@mkdir -p $(RAY_TMPDIR)
 	$(VENV)/bin/pip install -q "trl==1.16.0"  # the `bench` extra: TRL is the baseline, not a dependency
 	$(PY) bench/training.py
+
+# The first GPU run's check (bench/gpu_check.py): no Ray, no vLLM, no network. On a bare CUDA machine whose Python
+# has torch, transformers and peft but not pydantic, carry the wheels gpu-check-wheels downloads (.whl/, 2 MB) and
+# run: pip install --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site python3 bench/gpu_check.py
+gpu-check: setup
+	$(PY) bench/gpu_check.py --out gpu-check.json
+
+GPU_CHECK_PYTHON ?= 3.12
+gpu-check-wheels: setup
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_CHECK_PYTHON) --implementation cp \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
 
 # The GPU image (Dockerfile): Ray 2.60 with cluster/requirements-gpu.txt and this checkout. Needs a Docker engine.
 IMAGE ?= spin-ray:0.1.0
