@@ -227,6 +227,34 @@ def setting_overrides(name: str, model: str) -> list[str]:
             f"data.max_response_tokens={answer}", f"generation.max_new_tokens={answer - 1}", *extra]
 
 
+def compute_dtype(name: str) -> str:
+    """The training.compute_dtype a setting runs in (float32 unless its overrides say otherwise)."""
+    overrides = SETTINGS[name][7]
+    return next((o.split("=", 1)[1] for o in overrides if o.startswith("training.compute_dtype=")), "float32")
+
+
+def bounded_matmul_flops(dtype: str, limit_s: float = 10.0) -> float:
+    """One core's matmul rate in `dtype`: the full measurement (2048-square products) where a probe says it takes at
+    most `limit_s`, else the best of three 512-square products."""
+    import torch
+
+    from bench.training import matmul_peak_flops
+
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        torch.set_num_threads(1)
+        a, b = torch.randn(512, 512), torch.randn(512, 512)
+        best = 0.0
+        for _ in range(3):
+            started = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * 512**3 / (time.perf_counter() - started))
+        full = 26 * 2 * 2048**3 / best  # matmul_peak_flops: 2 warm-ups and 3 trials of 8 products
+        return matmul_peak_flops(1) if full <= limit_s else best
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def predict(result: dict, model: str, rates: dict, link: float) -> dict:
     """The plan's peak memory and step time for a measured setting (with the runtime measured in that run)."""
     from spin_ray.plan import ModelShape, read_model_config, step_seconds, training_memory, training_shape
@@ -345,15 +373,12 @@ def main() -> int:
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     import torch
 
-    from bench.training import matmul_peak_flops
-
     scratch = tempfile.mkdtemp(prefix="spin-ray-memory-", dir=str(ROOT / ".tmp"))
     link = measure_link()
-    rates = {"float32": matmul_peak_flops(1)}
-    torch.set_default_dtype(torch.bfloat16)
-    rates["bfloat16"] = matmul_peak_flops(1)
-    torch.set_default_dtype(torch.float32)
     names = args.only.split(",") if args.only else list(SETTINGS)
+    # a dtype's rate is measured only where a setting computes in it, and within seconds: on an AVX2-only CPU bf16
+    # matmul runs at ~1/40 of fp32, and the full measurement alone would have taken ~27 minutes there
+    rates = {dtype: bounded_matmul_flops(dtype) for dtype in sorted({compute_dtype(name) for name in names})}
     results = []
     for name in names:
         started = time.perf_counter()
