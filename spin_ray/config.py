@@ -291,7 +291,14 @@ class TrainingConfig(_Section):
         None, description="Ray accelerator type the training workers require (e.g. H100), so they land on the "
         "training node type the cluster intends."
     )
-    checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between distributed checkpoints.")
+    checkpoint_every: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Optimizer steps between distributed checkpoints, or auto: a checkpoint once training has "
+        "run 20x as long as the last save took, and at least 10 minutes, so saving stays within ~5% of training "
+        "(each save writes the weights and the optimizer state: ~58 GB for a 7B model with RMSprop).")
+    async_checkpoint: bool | Literal["auto"] = Field(
+        "auto", description="Write checkpoints in the background (torch.distributed.checkpoint.async_save: the state is "
+        "copied to host memory, then written while training goes on; it counts once every rank's writes are done). "
+        "auto: on GPUs; CPU workers save in the step that takes the checkpoint.")
     keep_checkpoints: int = Field(2, ge=1, description="Committed checkpoints to keep while an iteration trains "
                                   "(the newest); all are removed once its model is exported.")
     max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before the run fails.")

@@ -101,7 +101,8 @@ GENERATION_KEYS = ("prompts", "prompts_generated_this_run", "generated_tokens", 
                    "mean_response_tokens", "share_hit_max_new_tokens", "answers_per_prompt", "oracle_mean_score",
                    "oracle_all_tied_share")
 TRAINING_KEYS = ("steps", "resumed_from_step", "pairs", "loss", "ingest_seconds", "setup_seconds", "training_seconds",
-                 "training_tokens_per_second", "export_seconds", "lora_rank", "trainable_parameters")
+                 "training_tokens_per_second", "export_seconds", "lora_rank", "trainable_parameters", "plan_check",
+                 "reference_source", "reference_pass_seconds")
 EARLY_STOP_KEYS = ("epochs_run", "best_epoch", "validation_nll", "validation_nll_by_epoch")
 
 

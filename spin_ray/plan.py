@@ -395,6 +395,9 @@ class Assumptions:
     engine_overhead_gb: float = 2.0  # vLLM's activations and CUDA graphs per GPU, beside weights and KV cache
     engine_step_ms: float = 5.0  # vLLM's shortest decoding step (scheduling, sampling): small models' bound
     gpu_link_gbs: float = 150.0  # NCCL's bus bandwidth between a node's GPUs (NVLink; PCIe cards far less)
+    # one rank writing its checkpoint shards to a bucket (fsspec through DCP: one stream per rank)
+    checkpoint_write_gbs: float = 0.15
+    host_copy_gbs: float = 10.0  # an asynchronous save's staging: a GPU's shards copied to host memory
     cpu_link_gbs: float = 0.25  # gloo's between CPU workers on one machine (bench/results/memory-*.json measures it)
 
     @classmethod
@@ -662,11 +665,37 @@ def iteration_seconds(config, shape: ModelShape, gpu: Accelerator | None, engine
     steps = pairs * t.epochs / t.global_batch_size
     seconds["training"] = steps * (micro_batch_flops(shape, step) / rate
                                    + step_communication_bytes(shape, step, micro_batches) / link)
+    seconds["checkpoints (training held up)"] = checkpoint_seconds(config, shape, steps, seconds["training"],
+                                                                   assumptions)
     evaluated = (config.evaluation.prompts or 0) + (config.evaluation.validation_prompts or 0)
     eval_answer = (config.evaluation.max_new_tokens or gen.max_new_tokens) * assumptions.answer_share
     seconds["evaluation"] = evaluated * eval_answer / fleet if config.evaluation.enabled else 0.0
     seconds["total"] = sum(seconds.values())
     return seconds
+
+
+# training.checkpoint_every auto: a checkpoint once training has run this many times as long as the last save took,
+# and at least this long since it (saving then stays within ~5% of training, background writes aside)
+AUTO_CHECKPOINT_SHARE = 20
+AUTO_CHECKPOINT_MIN_S = 600.0
+
+
+def checkpoint_seconds(config, shape: ModelShape, steps: float, training_seconds: float,
+                       assumptions: Assumptions) -> float:
+    """What an iteration's checkpoints hold training up: each save writes a rank's share of the trainable weights and
+    their optimizer state (at checkpoint_write_gbs a rank); a blocking save stops training for all of it, a
+    background one (training.async_checkpoint, auto on GPUs) for the copy to host memory. Saves come every
+    checkpoint_every steps, or with auto once training has run 20x a save's time and at least 10 minutes."""
+    t = config.training
+    trained = trainable_parameters(shape, training_shape(config))
+    per_rank = trained * 4 * (1 + OPTIMIZER_STATES[t.optimizer]) / max(1, t.num_workers[1])
+    save = per_rank / (assumptions.checkpoint_write_gbs * 1e9)
+    if t.checkpoint_every == "auto":
+        saves = training_seconds / max(AUTO_CHECKPOINT_MIN_S, AUTO_CHECKPOINT_SHARE * save)
+    else:
+        saves = steps / t.checkpoint_every
+    background = t.async_checkpoint is True or (t.async_checkpoint == "auto" and t.use_gpu)
+    return saves * (per_rank / (assumptions.host_copy_gbs * 1e9) if background else save)
 
 
 def iteration_bytes(config, shape: ModelShape, prompts: int, assumptions: Assumptions) -> dict[str, int]:
@@ -742,3 +771,47 @@ def format_plan(plan: Plan, config) -> str:
     else:
         lines += ["verdict: does NOT fit", *(f"  - {problem}" for problem in plan.problems)]
     return "\n".join(lines)
+
+
+# ---- the plan against a run: what a training phase measures, beside what the plan predicts for it ----------------
+
+# How far a measurement may be from its prediction before a run says so: peak memory was within 9% in all 17 CPU
+# settings of bench/memory.py, step time within 30% in 12 of 14 (docs/performance.md).
+PLAN_TOLERANCE = {"peak_memory": 0.20, "step_seconds": 0.30}
+
+
+def phase_prediction(config, shape: ModelShape, workers: int, checkpointing: bool, sharded_accumulation: bool,
+                     longest: tuple[int, int], mean: tuple[int, int], runtime_bytes: int, flops_per_second: float,
+                     link_bytes_per_second: float) -> dict:
+    """The plan for a training phase as it runs: peak memory of a worker at the phase's longest micro-batch
+    (`longest`: prompt and answer tokens), and the step time at its mean lengths (`mean`), at the given rates."""
+    t = config.training
+    worst = replace(training_shape(config, workers, checkpointing, sharded_accumulation),
+                    prompt_tokens=longest[0], answer_tokens=longest[1])
+    per_rank = max(1, t.global_batch_size // workers)
+    micro_batches = max(1, per_rank // t.micro_batch_size)
+    step = replace(worst, micro_batch=per_rank, prompt_tokens=mean[0], answer_tokens=mean[1],
+                   accumulating=micro_batches > 1)
+    return {"peak_memory_bytes": training_memory(shape, worst, runtime_bytes).device_total,
+            "step_seconds": step_seconds(shape, step, micro_batches, flops_per_second, link_bytes_per_second)}
+
+
+def plan_check(measured: dict, planned: dict) -> dict:
+    """Measured vs planned, per quantity: both values, measured/planned - 1, and whether that is past the plan's
+    tolerance (PLAN_TOLERANCE)."""
+    checked = {}
+    for key, tolerance in PLAN_TOLERANCE.items():
+        got, want = measured.get(key), planned.get(key)
+        if got is None or not want:
+            continue
+        error = got / want - 1
+        checked[key] = {"measured": got, "planned": want, "error": round(error, 3), "tolerance": tolerance,
+                        "off": abs(error) > tolerance}
+    return checked
+
+
+def describe_check(checked: dict) -> str | None:
+    """One warning line for the quantities past their tolerance, or None."""
+    off = [f"{key.replace('_', ' ')} {entry['measured']:.3g} against {entry['planned']:.3g} planned "
+           f"({entry['error']:+.0%}, beyond {entry['tolerance']:.0%})" for key, entry in checked.items() if entry["off"]]
+    return ("plan check: " + "; ".join(off) + " (spin-ray plan's assumptions: --assume)") if off else None

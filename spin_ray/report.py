@@ -226,6 +226,16 @@ def next_step(manifest: dict) -> str | None:
     return None
 
 
+def format_plan_check(checked: dict | None) -> str | None:
+    """A training phase's measured peak memory and step time beside `spin-ray plan`'s, as one line."""
+    if not checked:
+        return None
+    shown = {"peak_memory": lambda v: f"{v / 2**30:.2f} GiB", "step_seconds": lambda v: f"{v:.2f}s"}
+    parts = [f"{key.replace('_', ' ')} {shown[key](entry['measured'])} (plan {shown[key](entry['planned'])}, "
+             f"{entry['error']:+.0%}{', OFF' if entry['off'] else ''})" for key, entry in checked.items() if key in shown]
+    return "measured vs plan: " + "; ".join(parts)
+
+
 def format_status(manifest: dict, holder: dict | None = None, holder_job: str | None = None) -> str:
     """Where a run stands: running or interrupted, then every phase with its status, attempts and seconds."""
     state = run_state(manifest, holder, holder_job)
@@ -249,7 +259,9 @@ def format_status(manifest: dict, holder: dict | None = None, holder_job: str | 
         shown = "stopped" if state == "interrupted" and phase["status"] == "running" else phase["status"]
         extra = f", {phase['seconds']}s" if "seconds" in phase else ""
         error = f"\n      error: {phase['error']}" if phase.get("error") else ""
-        return f"  {label:<28} {shown:<8} attempts {phase['attempts']}{extra}{error}"
+        checked = format_plan_check((phase.get("metrics") or {}).get("plan_check"))
+        return f"  {label:<28} {shown:<8} attempts {phase['attempts']}{extra}{error}" + (
+            f"\n      {checked}" if checked else "")
 
     order = {name: i for i, name in enumerate(PHASE_ORDER)}
 

@@ -70,13 +70,68 @@ def save_checkpoint(train_dir: str, step: int, model, optimizer, state: dict, ra
     target = checkpoint_dir(train_dir, step)
     model_state, optim_state, _ = _states(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=target)
+    _commit(train_dir, step, state, rank, keep)
+    return target
+
+
+def _commit(train_dir: str, step: int, state: dict, rank: int, keep: int) -> None:
+    """Collective, once every rank's shards are written: rank 0 writes the marker and prunes to the last `keep`."""
     _barrier()
     if rank == 0:
-        atomic_write_json(join(target, COMMITTED), {**state, "step": step})
+        atomic_write_json(join(checkpoint_dir(train_dir, step), COMMITTED), {**state, "step": step})
         for old in committed_steps(train_dir)[:-keep]:
             remove(checkpoint_dir(train_dir, old))
     _barrier()
-    return target
+
+
+class PendingCheckpoint:
+    """A checkpoint whose shards are being written in the background (DCP's async_save: the state is first copied to
+    host memory, so training goes on changing the model). It counts only once committed: `commit()` waits for every
+    rank's writes, then writes the marker, as a blocking save does. A stage that dies first resumes from the
+    checkpoint before it."""
+
+    def __init__(self, future, train_dir: str, step: int, state: dict, rank: int, keep: int, started: float):
+        self.future, self.train_dir, self.step, self.state = future, train_dir, step, state
+        self.rank, self.keep, self.started = rank, keep, started
+
+    def written_everywhere(self, device) -> bool:
+        """Collective: whether every rank's background writes are done (no rank waits for them)."""
+        import torch
+
+        done = torch.tensor([1.0 if self.future.done() else 0.0], device=device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        return bool(done.item())
+
+    def commit(self) -> float:
+        """Collective: wait for this rank's writes, commit; returns the seconds since the save began."""
+        import time
+
+        self.future.result()
+        _commit(self.train_dir, self.step, self.state, self.rank, self.keep)
+        return time.monotonic() - self.started
+
+
+_ASYNC_GROUP = {}
+
+
+def save_checkpoint_async(train_dir: str, step: int, model, optimizer, state: dict, rank: int,
+                          keep: int) -> PendingCheckpoint:
+    """Collective: stage every rank's shards in host memory and write them in a background thread
+    (torch.distributed.checkpoint.async_save); commit with the returned PendingCheckpoint. DCP coordinates an
+    asynchronous save over a CPU (gloo) group: on NCCL one is made once, beside the training group."""
+    import time
+
+    started = time.monotonic()
+    target = checkpoint_dir(train_dir, step)
+    model_state, optim_state, _ = _states(model, optimizer)
+    group = None
+    if dist.is_available() and dist.is_initialized() and "gloo" not in str(dist.get_backend()):
+        if "group" not in _ASYNC_GROUP:
+            _ASYNC_GROUP["group"] = dist.new_group(backend="gloo")
+        group = _ASYNC_GROUP["group"]
+    future = dcp.async_save({"model": model_state, "optim": optim_state}, checkpoint_id=target, process_group=group)
+    return PendingCheckpoint(future, train_dir, step, state, rank, keep, started)
 
 
 def drop_checkpoints(train_dir: str, rank: int) -> None:

@@ -3,14 +3,15 @@
 Per optimizer step: this rank's slice of the global batch, in micro-batches (one concatenated
 forward over every answer of each example), loss scaled so that FSDP's gradient average equals the
 single-process gradient of the whole global batch; clip, step, schedule; metrics summed over
-ranks; a JSONL line on rank 0; a DCP checkpoint every `checkpoint_every` steps. At the end rank 0
-exports a Hugging Face folder: the next opponent.
+ranks; a JSONL line on rank 0; a DCP checkpoint every `checkpoint_every` steps or, with auto, by time (written in
+the background on GPUs). At the end rank 0 exports a Hugging Face folder: the next opponent.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -25,9 +26,11 @@ from spin_ray.logprobs import answer_logps
 from spin_ray.storage import JsonLines, atomic_write_json, join, read_json, read_json_lines
 from spin_ray.adapters import adapter_base, is_adapted
 from spin_ray.training.checkpoint import (committed_steps, copy_export, drop_checkpoints, export_hf, export_merged,
-                                         load_checkpoint, save_checkpoint)
+                                         load_checkpoint, save_checkpoint, save_checkpoint_async)
 from spin_ray.training.data import Schedule, examples_from_rows
 from spin_ray.training.parallel import DTYPES, compute_context, load_for_training, set_accumulating
+from spin_ray.plan import AUTO_CHECKPOINT_MIN_S, AUTO_CHECKPOINT_SHARE
+from spin_ray.training.measure import PeakMemory, predict_phase, resident_now
 from spin_ray.training.reference import trainer_reference
 
 
@@ -158,6 +161,7 @@ def train(
     from spin_ray.models import load_tokenizer
 
     setup_started = time.perf_counter()
+    resident_before = resident_now() or 0  # the plan's runtime share on a CPU: interpreter, libraries, the rows
     context = context or WorkerContext()
     t = config.training
     algorithm = objective(config)
@@ -183,6 +187,12 @@ def train(
     scaler = loss_scaler(model, context.device) if t.compute_dtype == "float16" else None
     scheduler = build_scheduler(optimizer, schedule.total_steps, t.warmup_ratio)
 
+    # the plan's figures for this phase, to set the measured ones beside (rank 0 measures its CPU's matmul rate)
+    prediction = predict_phase(config, model, examples, layout, context.world_size, context.device,
+                               resident_before) if context.rank == 0 else None
+    meter, peaks, step_times = PeakMemory(context.device), [], []
+    cadence, pending, checkpoint_seconds = CheckpointCadence(t.checkpoint_every), None, 0.0
+    asynchronous = t.async_checkpoint is True or (t.async_checkpoint == "auto" and context.device.type == "cuda")
     reference = {}
     if algorithm.uses_reference(config) and not algorithm.reference_in_rows(config):  # before a checkpoint is loaded
         examples, reference = trainer_reference(model, examples, schedule, config, pad_id, train_dir, context.rank,
@@ -214,6 +224,7 @@ def train(
         if context.on_step:
             context.on_step(step, context, train_dir)
         step_started = time.perf_counter()
+        meter.reset()
         global_indices = schedule.global_batch(step)
         if algorithm.token_average:  # FSDP averages over ranks: W / tokens turns the sum into a token average
             scale = context.world_size / _answer_tokens(examples, global_indices)
@@ -253,6 +264,11 @@ def train(
         tokens_this_run += totals["tokens"]
         seconds = time.perf_counter() - step_started
         metrics = _step_metrics(totals, algorithm, t.global_batch_size, step, schedule, lr, float(grad_norm), seconds)
+        peak = _max_over_ranks(meter.peak(), context.device)
+        if peak is not None:
+            metrics["peak_memory_bytes"] = peak
+            peaks.append(peak)
+        step_times.append(seconds)
         if reference_gap is not None:
             metrics["reference_gap"] = reference_gap
         if validation and (step + 1) % schedule.steps_per_epoch == 0:
@@ -273,15 +289,31 @@ def train(
         if context.report:
             context.report(metrics)
         done = step + 1
-        if done % t.checkpoint_every == 0 and done < schedule.total_steps:
+        blocked = time.monotonic()
+        if pending is not None and pending.written_everywhere(context.device):  # a background save is done
+            cadence.saved(pending.commit())
+            pending = None
+        if done < schedule.total_steps and cadence.due(done, context.device):
             state = {"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state().tolist(),
                      "epoch": done // schedule.steps_per_epoch, "samples_seen": done * t.global_batch_size,
                      "world_size": context.world_size}
-            save_checkpoint(train_dir, done, model, optimizer, state, context.rank, t.keep_checkpoints)
+            if pending is not None:  # at most one save in flight
+                cadence.saved(pending.commit())
+                pending = None
+            if asynchronous:
+                pending = save_checkpoint_async(train_dir, done, model, optimizer, state, context.rank,
+                                                t.keep_checkpoints)
+            else:
+                save_checkpoint(train_dir, done, model, optimizer, state, context.rank, t.keep_checkpoints)
+                cadence.saved(time.monotonic() - blocked)
+        checkpoint_seconds += time.monotonic() - blocked
         if stopping:
             break
+    if pending is not None:  # the last background save counts before the export supersedes it
+        pending.commit()
 
     train_seconds = time.perf_counter() - started
+    checked = check_against_plan(prediction, peaks, step_times) if context.rank == 0 else {}
     export_started = time.perf_counter()
     stopped = {}
     if history:
@@ -308,6 +340,8 @@ def train(
         "activation_checkpointing": layout.activation_checkpointing,
         "sharded_accumulation": layout.sharded_accumulation,
         "training_seconds": round(train_seconds, 2),
+        "checkpoint_seconds": round(checkpoint_seconds, 2),  # what saving held training up (background writes not)
+        **({"plan_check": checked} if checked else {}),
         "export_seconds": round(time.perf_counter() - export_started, 2),
         "steps": summary.get("step", schedule.total_steps) if stopped else schedule.total_steps,
         "resumed_from_step": start_step,
@@ -316,6 +350,51 @@ def train(
         "seconds": round(time.perf_counter() - started, 2),
         "export_dir": export_dir,
     }
+
+
+class CheckpointCadence:
+    """Whether a step is followed by a checkpoint: every `every` steps, or with "auto" by time (plan.AUTO_CHECKPOINT_*).
+    Ranks agree: an auto decision is any rank's (a MAX over ranks), as each reads its own clock."""
+
+    def __init__(self, every, clock=time.monotonic):
+        self.every, self.clock = every, clock
+        self.last, self.cost = clock(), 0.0
+
+    def due(self, done: int, device=None) -> bool:
+        if self.every != "auto":
+            return done % self.every == 0
+        due = self.clock() - self.last >= max(AUTO_CHECKPOINT_MIN_S, AUTO_CHECKPOINT_SHARE * self.cost)
+        return bool(_max_over_ranks(int(due), device)) if device is not None else due
+
+    def saved(self, seconds: float) -> None:
+        """A save that took `seconds` (staging and writing) has just been committed."""
+        self.last, self.cost = self.clock(), seconds
+
+
+def _max_over_ranks(value: int | None, device) -> int | None:
+    """The largest of every rank's `value` (a collective: every rank calls it)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    packed = torch.tensor([-1 if value is None else value], dtype=torch.float64, device=device)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return None if packed.item() < 0 else int(packed.item())
+
+
+def check_against_plan(prediction: dict | None, peaks: list[int], step_times: list[float]) -> dict:
+    """This run's steps against the plan: the largest peak memory and the median step time, each beside its
+    prediction; one warning line in the log for what is past the plan's tolerance."""
+    from spin_ray.plan import describe_check, plan_check
+
+    if not prediction or not step_times:
+        return {}
+    measured = {"peak_memory": max(peaks) if peaks else None, "step_seconds": statistics.median(step_times)}
+    checked = plan_check(measured, {"peak_memory": prediction["peak_memory_bytes"],
+                                    "step_seconds": prediction["step_seconds"]})
+    warning = describe_check(checked)
+    if warning:
+        sys.stdout.write(f"[spin-ray] WARNING {warning}\n")
+        sys.stdout.flush()
+    return checked
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:

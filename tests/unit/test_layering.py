@@ -16,7 +16,7 @@ LAYERS = [
      "spin_ray.generation.vllm_engine", "spin_ray.generation.shards", "spin_ray.generation.progress",
      "spin_ray.generation.stages", "spin_ray.generation.pipeline", "spin_ray.oracle"},
     {"spin_ray.training", "spin_ray.training.data", "spin_ray.training.parallel", "spin_ray.training.checkpoint",
-     "spin_ray.training.reference", "spin_ray.training.gpu", "spin_ray.training.loop", "spin_ray.training.trainer"},
+     "spin_ray.training.reference", "spin_ray.training.gpu", "spin_ray.training.measure", "spin_ray.training.loop", "spin_ray.training.trainer"},
     {"spin_ray.trainset", "spin_ray.evaluation", "spin_ray.manifest", "spin_ray.report", "spin_ray.cluster",
      "spin_ray.attempts",
      "spin_ray.model_card", "spin_ray.tracking"},
@@ -25,7 +25,7 @@ LAYERS = [
 WITHOUT_RAY = {"spin_ray.stats", "spin_ray.losses", "spin_ray.logprobs", "spin_ray.tokenization", "spin_ray.packed_attention",
                "spin_ray.algorithms", "spin_ray.gsm8k", "spin_ray.training.loop", "spin_ray.collapse", "spin_ray.selection",
                "spin_ray.plan", "spin_ray.training.parallel", "spin_ray.adapters",
-               "spin_ray.training.reference", "spin_ray.training.gpu"}
+               "spin_ray.training.reference", "spin_ray.training.gpu", "spin_ray.training.measure"}
 
 
 def _modules() -> dict[str, ast.Module]:

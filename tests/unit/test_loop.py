@@ -202,3 +202,63 @@ def test_prefix_shared_pairs_give_smollm2_the_losses_and_gradients_of_separate_s
     rtol = 2e-5 if algorithm == "sppo" else 1e-5
     assert all(_close_to_scale(a, b, rtol=rtol, atol=0) for a, b in zip(results[True][1], results[False][1],
                                                                         strict=True))
+
+
+def test_auto_checkpoints_come_by_time_at_twenty_times_the_last_saves_cost():
+    from spin_ray.plan import AUTO_CHECKPOINT_MIN_S
+    from spin_ray.training.loop import CheckpointCadence
+
+    now = [0.0]
+    cadence = CheckpointCadence("auto", clock=lambda: now[0])
+    now[0] = AUTO_CHECKPOINT_MIN_S - 1
+    assert not cadence.due(7)
+    now[0] = AUTO_CHECKPOINT_MIN_S
+    assert cadence.due(8)
+    cadence.saved(60.0)  # a 60 s save: the next one after 20 x 60 s of training, not after 10 minutes
+    now[0] += 1199
+    assert not cadence.due(9)
+    now[0] += 1
+    assert cadence.due(10)
+    steps = CheckpointCadence(3)
+    assert [n for n in range(1, 10) if steps.due(n)] == [3, 6, 9]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_stage_stopped_mid_way_resumes_to_the_uninterrupted_weights_with_background_saves_or_not(
+        tiny_model_dir, chat, tmp_path, asynchronous):
+    """With training.async_checkpoint the shards are written in the background and a checkpoint counts once they are:
+    a stage stopped before its fourth step resumes from its last committed checkpoint (step 2 or 3, whichever
+    background save had finished) and ends at the weights an uninterrupted stage of blocking saves ends at."""
+    from safetensors.torch import load_file
+
+    from spin_ray.config import load_config
+    from spin_ray.training.checkpoint import committed_steps
+    from spin_ray.training.loop import WorkerContext, train
+    from tests.training_runs import spin_rows
+
+    rows = spin_rows(chat, tiny_model_dir, count=8)
+    overrides = [f"model.name={tiny_model_dir}", "training.global_batch_size=2", "training.micro_batch_size=1",
+                 "training.epochs=1", "training.checkpoint_every=1", "training.learning_rate=1e-3",
+                 "training.optimizer=adamw"]
+    whole = load_config(None, [*overrides, "training.async_checkpoint=false"])
+    train(whole, rows, tiny_model_dir, str(tmp_path / "whole" / "train"), str(tmp_path / "whole" / "model"))
+    config = load_config(None, [*overrides, f"training.async_checkpoint={str(asynchronous).lower()}"])
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_fourth(step, context, train_dir):
+        if step == 3:
+            raise Stop
+
+    train_dir = str(tmp_path / "cut" / "train")
+    with pytest.raises(Stop):
+        train(config, rows, tiny_model_dir, train_dir, str(tmp_path / "cut" / "model"), WorkerContext(on_step=stop_at_fourth))
+    committed = committed_steps(train_dir)
+    assert committed and committed[-1] in ((2,) if asynchronous else (3,)) + ((3,) if asynchronous else ())
+    resumed = train(config, rows, tiny_model_dir, train_dir, str(tmp_path / "cut" / "model"))
+    assert resumed["resumed_from_step"] == committed[-1] and resumed["steps"] == 4
+    expected = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    got = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    for key, value in expected.items():
+        assert torch.allclose(got[key], value, atol=1e-7, rtol=0), key

@@ -193,3 +193,27 @@ def test_a_gpu_another_process_holds_is_waited_for_then_refused_in_one_line_nami
     assert "\n" not in message
     assert message.startswith("training: GPU 3 has 7.5 GiB free of 80.0 GiB after waiting 0s, and a worker needs 30.0 GiB")
     assert "pid 4242 (ray::MapWorker(MapBatches(GenerateStage))) 71.5 GiB; pid 17 (python) 1.0 GiB" in message
+
+
+def test_a_training_phase_sets_its_peak_memory_and_step_time_beside_the_plans(tiny_model_dir, chat, tmp_path, capsys):
+    """Every step logs its peak memory (resident high-water mark here; CUDA's allocator on a GPU); the phase's summary
+    holds the largest and the median step time beside the plan's figures for the same lengths, and a warning line
+    names what is past the plan's tolerance."""
+    from spin_ray.plan import PLAN_TOLERANCE, describe_check, plan_check
+    from spin_ray.report import format_plan_check
+    from spin_ray.training.loop import train
+
+    rows = spin_rows(chat, tiny_model_dir, count=4)
+    config = _config(tiny_model_dir, "training.micro_batch_size=1")
+    summary = train(config, rows, tiny_model_dir, str(tmp_path / "train"), str(tmp_path / "model"))
+    steps = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert all(step["peak_memory_bytes"] > 100 * 2**20 for step in steps)  # the interpreter and torch are in it
+    checked = summary["plan_check"]
+    assert set(checked) == {"peak_memory", "step_seconds"}
+    assert checked["peak_memory"]["measured"] == max(step["peak_memory_bytes"] for step in steps)
+    assert checked["peak_memory"]["tolerance"] == PLAN_TOLERANCE["peak_memory"]
+    assert abs(checked["peak_memory"]["error"]) < 0.5  # a tiny model: the runtime it measured before the load dominates
+    assert "measured vs plan: peak memory" in format_plan_check(checked)
+    off = plan_check({"peak_memory": 3.0 * 2**30, "step_seconds": 1.0}, {"peak_memory": 2.0 * 2**30, "step_seconds": 1.1})
+    assert off["peak_memory"]["off"] and not off["step_seconds"]["off"]
+    assert describe_check(off).startswith("plan check: peak memory 3.22e+09 against 2.15e+09 planned (+50%, beyond 20%)")
