@@ -790,7 +790,8 @@ def phase_prediction(config, shape: ModelShape, workers: int, checkpointing: boo
                     prompt_tokens=longest[0], answer_tokens=longest[1])
     per_rank = max(1, t.global_batch_size // workers)
     micro_batches = max(1, per_rank // t.micro_batch_size)
-    step = replace(worst, micro_batch=per_rank, prompt_tokens=mean[0], answer_tokens=mean[1],
+    # one micro-batch at the mean lengths, run micro_batches times a step
+    step = replace(worst, micro_batch=min(per_rank, t.micro_batch_size), prompt_tokens=mean[0], answer_tokens=mean[1],
                    accumulating=micro_batches > 1)
     return {"peak_memory_bytes": training_memory(shape, worst, runtime_bytes).device_total,
             "step_seconds": step_seconds(shape, step, micro_batches, flops_per_second, link_bytes_per_second)}

@@ -123,6 +123,23 @@ def test_checkpoints_by_time_in_the_background_hold_the_recipe_up_seconds_where_
     assert load_config(RECIPE).training.checkpoint_every == "auto"
 
 
+def test_a_phases_planned_step_counts_each_example_once_however_it_is_split_into_micro_batches(smollm2_path):
+    """The step time a training phase is checked against: a rank's 8 examples as 4 micro-batches of 2 or 1 of 8 are
+    the same FLOPs (one worker: no collectives), and 16 examples twice those. (It once counted a rank's whole share
+    in every micro-batch: 4x here, 2x in the SmolLM2 end-to-end run, which then read -54% against its plan.)"""
+    from spin_ray.plan import phase_prediction
+
+    shape = ModelShape.from_config(read_model_config(smollm2_path))
+
+    def step(batch: int, micro: int) -> float:
+        config = load_config(None, [f"model.name={smollm2_path}", "training.num_workers=[1,1]",
+                                    f"training.global_batch_size={batch}", f"training.micro_batch_size={micro}"])
+        return phase_prediction(config, shape, 1, False, False, (200, 100), (120, 60), 0, 1e11, 1e9)["step_seconds"]
+
+    assert step(8, 2) == pytest.approx(step(8, 8), rel=1e-9)
+    assert step(16, 2) == pytest.approx(2 * step(8, 2), rel=1e-9)
+
+
 def test_prompt_scoring_is_planned_outside_vllms_profile():
     """vLLM's prompt log-probs build a request's logits and their float32 log-softmax beside its memory profile: the
     recipe's 1,024-token requests take 1024 x 32,000 x (2 + 4) bytes, room that generation.gpu_memory_utilization must
