@@ -28,6 +28,25 @@ def spin_rows(chat, model_dir: str, count: int = 4) -> list[dict]:
              "ref_logp_generated": [float(ref_generated[i])]} for i in range(count)]
 
 
+class StoppedOnPurpose(Exception):
+    """Raised by train_stopped_at's step hook: the stage ends there as a crashed worker's would."""
+
+
+def train_stopped_at(step: int, config, rows, model_dir: str, train_dir: str, export_dir: str) -> None:
+    """Run a training stage that dies as step `step` (0-based) begins, keeping what it had committed."""
+    from spin_ray.training.loop import WorkerContext, train
+
+    def stop(at, context, folder):
+        if at == step:
+            raise StoppedOnPurpose
+
+    try:
+        train(config, rows, model_dir, train_dir, export_dir, WorkerContext(on_step=stop))
+    except StoppedOnPurpose:
+        return
+    raise AssertionError(f"training into {train_dir} ended before step {step}")
+
+
 def logged_losses(train_dir) -> list[float]:
     with open(os.path.join(train_dir, "metrics.jsonl")) as handle:
         return [json.loads(line)["loss"] for line in handle]

@@ -233,8 +233,8 @@ def test_a_stage_stopped_mid_way_resumes_to_the_uninterrupted_weights_with_backg
 
     from spin_ray.config import load_config
     from spin_ray.training.checkpoint import committed_steps
-    from spin_ray.training.loop import WorkerContext, train
-    from tests.training_runs import spin_rows
+    from spin_ray.training.loop import train
+    from tests.training_runs import spin_rows, train_stopped_at
 
     rows = spin_rows(chat, tiny_model_dir, count=8)
     overrides = [f"model.name={tiny_model_dir}", "training.global_batch_size=2", "training.micro_batch_size=1",
@@ -243,17 +243,8 @@ def test_a_stage_stopped_mid_way_resumes_to_the_uninterrupted_weights_with_backg
     whole = load_config(None, [*overrides, "training.async_checkpoint=false"])
     train(whole, rows, tiny_model_dir, str(tmp_path / "whole" / "train"), str(tmp_path / "whole" / "model"))
     config = load_config(None, [*overrides, f"training.async_checkpoint={str(asynchronous).lower()}"])
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_fourth(step, context, train_dir):
-        if step == 3:
-            raise Stop
-
     train_dir = str(tmp_path / "cut" / "train")
-    with pytest.raises(Stop):
-        train(config, rows, tiny_model_dir, train_dir, str(tmp_path / "cut" / "model"), WorkerContext(on_step=stop_at_fourth))
+    train_stopped_at(3, config, rows, tiny_model_dir, train_dir, str(tmp_path / "cut" / "model"))
     committed = committed_steps(train_dir)
     assert committed and committed[-1] in ((2,) if asynchronous else (3,)) + ((3,) if asynchronous else ())
     resumed = train(config, rows, tiny_model_dir, train_dir, str(tmp_path / "cut" / "model"))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.training_runs import logged_losses, on_ranks, spin_rows
+from tests.training_runs import logged_losses, on_ranks, spin_rows, train_stopped_at
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,24 +150,15 @@ def test_a_restarted_stage_reads_its_reference_back_and_ends_where_an_uninterrup
                                                                                            tmp_path):
     """The reference is p_t's, scored before the first step and stored; a stage restarted after a checkpoint (its
     model now that checkpoint) reads it back instead of scoring the checkpoint, and exports the uninterrupted weights."""
-    from spin_ray.training.loop import WorkerContext, train
+    from spin_ray.training.loop import train
 
     rows = spin_rows(chat, tiny_model_dir, count=4)
     config = _config(tiny_model_dir, "training.reference=trainer", "training.checkpoint_every=1",
                      "training.global_batch_size=2", "training.micro_batch_size=1")
     whole = train(config, rows, tiny_model_dir, str(tmp_path / "whole" / "train"), str(tmp_path / "whole" / "model"))
     assert whole["steps"] == 4 and whole["reference_pass"] == "scored"
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_third(step, context, train_dir):
-        if step == 2:
-            raise Stop
-
     train_dir = str(tmp_path / "cut" / "train")
-    with pytest.raises(Stop):
-        train(config, rows, tiny_model_dir, train_dir, str(tmp_path / "cut" / "model"), WorkerContext(on_step=stop_at_third))
+    train_stopped_at(2, config, rows, tiny_model_dir, train_dir, str(tmp_path / "cut" / "model"))
     resumed = train(config, rows, tiny_model_dir, train_dir, str(tmp_path / "cut" / "model"))
     assert resumed["resumed_from_step"] == 2 and resumed["reference_pass"] == "stored"
     assert logged_losses(train_dir) == pytest.approx(logged_losses(tmp_path / "whole" / "train"), abs=1e-6)
