@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from spin_ray.adapters import ADAPTER_CONFIG, adapter_base, merged_model
+from spin_ray.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_base, merged_model
 
 # Marker written last into a converted folder; a folder without it is an interrupted conversion.
 _COMPLETE_MARKER = "spin_ray_converted.json"
@@ -334,6 +334,46 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False, cache_dir: str | 
             f"tokenizer at {spec} has no chat template; spin_ray formats prompts and training sequences with it"
         )
     return tokenizer
+
+
+def merged_model_key(adapter_folder: str, dtype: str) -> str:
+    """The node cache's name for an adapter folder served merged in `dtype`: a hash of the adapter's weights and
+    config (a re-exported adapter with the same content maps to the same folder) and of its base as named."""
+    digest = hashlib.sha256(dtype.encode())
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        with open(os.path.join(adapter_folder, name), "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def merged_model_path(adapter_folder: str, dtype: str, trust_remote_code: bool = False,
+                      cache_dir: str | Path | None = None) -> str:
+    """A whole-model folder on this node that answers as base + the adapter in `adapter_folder` (a local folder, e.g.
+    staged by `local_model_path`): merged once per content (`load_model`'s float32 merge, then cast to `dtype`) and
+    renamed into place under a file lock, so the replicas of one node merge it once and nobody loads half of it."""
+    root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "merged"
+    target = root / merged_model_key(adapter_folder, dtype)
+    if (target / _COMPLETE_MARKER).is_file():
+        return str(target)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{target.name}.lock")):
+        if (target / _COMPLETE_MARKER).is_file():
+            return str(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+        try:
+            started = time.perf_counter()
+            load_model(adapter_folder, dtype, trust_remote_code, cache_dir).save_pretrained(staging)
+            load_tokenizer(adapter_folder, trust_remote_code, cache_dir).save_pretrained(staging)
+            (staging / _COMPLETE_MARKER).write_text(json.dumps(
+                {"source": adapter_folder, "merged": True, "seconds": round(time.perf_counter() - started, 2)}))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
 
 
 def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False, cache_dir: str | Path | None = None):

@@ -55,6 +55,7 @@ class EngineSpec:
     tensor_parallel_size: int
     gpu_memory_utilization: float
     engine_kwargs: dict = field(default_factory=dict)  # vLLM: extra engine arguments, over ours
+    serve_merged: bool = False  # vLLM, a LoRA model: serve base + adapter merged on the node, not as LoRA requests
 
     @classmethod
     def from_config(cls, config, model: str, score_reference: bool) -> "EngineSpec":
@@ -67,6 +68,7 @@ class EngineSpec:
             max_model_len=data.max_prompt_tokens + max(gen.max_new_tokens, data.max_response_tokens),
             use_gpu=gen.use_gpu, tensor_parallel_size=gen.tensor_parallel_size,
             gpu_memory_utilization=gen.gpu_memory_utilization, engine_kwargs=dict(gen.vllm_engine_kwargs),
+            serve_merged=gen.lora_serving == "merged" or (gen.lora_serving == "auto" and not gen.use_gpu),
         )
 
 

@@ -72,7 +72,7 @@ class GenerateStage:
 
     def start_engine(self) -> None:
         """Stage the opponent on this node and build the engine (vLLM, or the HF loop over a loaded model)."""
-        from spin_ray.models import local_model_path, load_tokenizer
+        from spin_ray.models import load_tokenizer, local_model_path, merged_model_path
         from spin_ray.tokenization import ChatFormat
 
         spec = self.spec
@@ -85,8 +85,12 @@ class GenerateStage:
             from spin_ray.generation.vllm_engine import VLLMEngine
 
             base = adapter_base(path)  # a LoRA model: the base, staged once per node, plus this adapter
-            adapter = {"adapter": path} if base else {}
-            self.engine = VLLMEngine(local_model_path(base, spec.cache_dir) if base else path, chat,
+            adapter = {"adapter": path} if base and not spec.serve_merged else {}
+            if base and spec.serve_merged:
+                path = merged_model_path(path, spec.dtype, spec.trust_remote_code, spec.cache_dir)
+            elif base:
+                path = local_model_path(base, spec.cache_dir)
+            self.engine = VLLMEngine(path, chat,
                                      spec.max_new_tokens, spec.temperature, spec.top_p, spec.batch_size,
                                      spec.dtype, spec.max_model_len, spec.trust_remote_code, spec.use_gpu,
                                      spec.tensor_parallel_size, spec.gpu_memory_utilization, spec.engine_kwargs,

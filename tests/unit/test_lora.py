@@ -40,7 +40,7 @@ def test_lora_trains_the_adapter_alone_exports_it_for_peft_and_trains_on_from_it
     from peft import PeftModel
 
     from spin_ray.adapters import adapter_base
-    from spin_ray.models import load_model
+    from spin_ray.models import load_model, load_tokenizer, merged_model_path
     from spin_ray.training.loop import train
 
     config = _config(tiny_model_dir, "training.lora.export_merged=true")
@@ -75,6 +75,21 @@ def test_lora_trains_the_adapter_alone_exports_it_for_peft_and_trains_on_from_it
     assert adapter_base(str(tmp_path / "model_1")) == tiny_model_dir
     moved = load_file(str(tmp_path / "model_1" / "adapter_model.safetensors"))
     assert any(not torch.equal(moved[k], weights[k]) for k in weights)
+
+    # engines serving it merged (generation.lora_serving): one whole-model folder per adapter content and dtype
+    cache = tmp_path / "node_cache"
+    served = merged_model_path(str(tmp_path / "model"), "float32", cache_dir=cache)
+    assert not os.path.exists(os.path.join(served, "adapter_config.json"))
+    assert torch.allclose(_logits(load_model(served)), _logits(ours), atol=1e-5)
+    assert load_tokenizer(served).chat_template == load_tokenizer(str(tmp_path / "model")).chat_template
+    marker = os.path.join(served, "spin_ray_converted.json")
+    written = os.stat(marker).st_mtime_ns
+    assert merged_model_path(str(tmp_path / "model"), "float32", cache_dir=cache) == served  # merged once
+    assert os.stat(marker).st_mtime_ns == written
+    served_1 = merged_model_path(str(tmp_path / "model_1"), "float32", cache_dir=cache)  # new weights, new merge
+    assert served_1 != served
+    assert {n for n in os.listdir(cache / "merged") if not n.startswith(".")} == {os.path.basename(served),
+                                                                                 os.path.basename(served_1)}
 
 
 def lora_on_ranks(rank, world, model_dir, rows, train_dir, export_dir, overrides):
