@@ -394,6 +394,16 @@ class Assumptions:
     prompts: int = 0  # prompts per iteration; 0 takes data.limit, else counts the local data file's rows
     engine_overhead_gb: float = 2.0  # vLLM's activations and CUDA graphs per GPU, beside weights and KV cache
     engine_step_ms: float = 5.0  # vLLM's shortest decoding step (scheduling, sampling): small models' bound
+    engine_prefill_mfu: float = 0.50  # prefill's share of the peak: prompts and scored answers, big matmuls
+    # A CPU engine's rates over cpu_engine_gflops (torch.mm's fp32 rate at 1024^2, which vLLM's CPU kernels beat on a
+    # prompt's big matmuls): SmolLM2 on 2 cores decoded at 0.75x its FLOPs, prefilled at 1.5x and scored at 1.4x
+    # (bench/results/plan-terms-2026-12-07.json)
+    cpu_decode_vs_mm: float = 0.75
+    cpu_prefill_vs_mm: float = 1.5
+    engine_start_s: float = 90.0  # a GPU replica's vLLM start beside reading its weights: compile, CUDA graphs
+    cpu_engine_start_s: float = 5.0  # the same on a CPU engine, eager: SmolLM2 started in 5.8 s, 0.5 s of it weights
+    disk_read_gbs: float = 1.0  # reading a staged model from a node's local disk
+    staging_gbs: float = 0.5  # one node downloading a model folder from run.storage_path
     gpu_link_gbs: float = 150.0  # NCCL's bus bandwidth between a node's GPUs (NVLink; PCIe cards far less)
     # one rank writing its checkpoint shards to a bucket (fsspec through DCP: one stream per rank)
     checkpoint_write_gbs: float = 0.15
@@ -433,7 +443,9 @@ class EnginePlan:
     kv_cache: int
     kv_per_sequence: int
     sequences: int  # sequences of the config's lengths whose KV cache fits at once
-    tokens_per_second: float
+    tokens_per_second: float  # decoding
+    prefill_tokens_per_second: float  # prompts: the decoder layers (the LM head runs on a prompt's last token only)
+    scoring_tokens_per_second: float  # scored answers: the decoder layers and the LM head on every token
     fits: bool
     why: str = ""
     scoring_bytes: int = 0  # a prompt-scoring request's logits and float32 log-softmax, outside vLLM's profile
@@ -442,9 +454,11 @@ class EnginePlan:
 
 def engine_plan(config, shape: ModelShape, gpu: Accelerator | None, assumptions: Assumptions,
                 cpu_gflops: float) -> EnginePlan:
-    """Weights and KV cache per GPU of one replica, how many sequences run at once, and its decoding rate: each step
-    reads the weights once (bandwidth-bound) or computes 2 N FLOPs per sequence (compute-bound), whichever is
-    slower."""
+    """Weights and KV cache per GPU of one replica, how many sequences run at once, and its rates. Decoding: each step
+    reads the weights once and every running sequence's KV cache (at the mean context: the prompt and half the
+    answer) when bandwidth-bound, or computes 2 N FLOPs per sequence when compute-bound, whichever is slower.
+    Prefill: 2 FLOPs a decoder parameter and prompt token at engine_prefill_mfu of the peak; scoring (vLLM's prompt
+    log-probs) adds the LM head on every token."""
     gen = config.generation
     tp = gen.tensor_parallel_size
     element = DTYPE_BYTES[config.model.dtype]
@@ -454,13 +468,16 @@ def engine_plan(config, shape: ModelShape, gpu: Accelerator | None, assumptions:
     kv_per_sequence = kv_per_token * length
     if gpu is None:  # CPU: vLLM's KV cache space is its own setting (VLLM_CPU_KVCACHE_SPACE); batch as configured
         sequences = gen.batch_size
-        rate = cpu_gflops * 1e9 * assumptions.engine_mfu / (2 * shape.parameters)  # compute-bound on a CPU
-        return EnginePlan(weights, kv_per_sequence * sequences, kv_per_sequence, sequences, rate, True)
+        rate = cpu_gflops * 1e9 * assumptions.cpu_decode_vs_mm / (2 * shape.parameters)  # compute-bound on a CPU
+        prefill, scoring = prefill_rates(shape, cpu_gflops * 1e9 * assumptions.cpu_prefill_vs_mm)
+        return EnginePlan(weights, kv_per_sequence * sequences, kv_per_sequence, sequences, rate, prefill, scoring,
+                          True)
     budget = gpu.memory_gb * GB * gen.gpu_memory_utilization - weights - assumptions.engine_overhead_gb * GB
     sequences = max(0, int(budget // kv_per_sequence))
     fits = sequences >= 1
     batch = max(1, min(sequences, gen.batch_size))
-    step = max(shape.parameters * element / tp / (gpu.bandwidth_gbs * 1e9),
+    context = config.data.max_prompt_tokens * assumptions.prompt_share + gen.max_new_tokens * assumptions.answer_share / 2
+    step = max((shape.parameters * element / tp + batch * kv_per_token * context) / (gpu.bandwidth_gbs * 1e9),
                2 * shape.parameters * batch / tp / (gpu.peak_tflops * 1e12 * assumptions.engine_mfu),
                assumptions.engine_step_ms / 1e3)
     why = "" if fits else (f"the weights ({weights / GB:.1f} GB per GPU) leave no room for one sequence's KV cache at "
@@ -474,7 +491,15 @@ def engine_plan(config, shape: ModelShape, gpu: Accelerator | None, assumptions:
                f"generation.gpu_memory_utilization {gen.gpu_memory_utilization} leaves {room / GB:.2f} GiB of the GPU "
                f"(with {SCORING_MARGIN_BYTES / GB:.1f} GiB kept for the allocator); lower "
                "generation.gpu_memory_utilization, or generation.vllm_engine_kwargs.max_num_batched_tokens")
-    return EnginePlan(weights, max(0, int(budget)), kv_per_sequence, sequences, batch / step, fits, why, scoring, room)
+    prefill, scored = prefill_rates(shape, tp * gpu.peak_tflops * 1e12 * assumptions.engine_prefill_mfu)
+    return EnginePlan(weights, max(0, int(budget)), kv_per_sequence, sequences, batch / step, prefill, scored, fits,
+                      why, scoring, room)
+
+
+def prefill_rates(shape: ModelShape, flops_per_second: float) -> tuple[float, float]:
+    """Tokens a second of prompt prefill (the decoder layers) and of scoring (the LM head on every token too)."""
+    layers = 2 * shape.layers * shape.layer_parameters
+    return flops_per_second / layers, flops_per_second / (layers + 2 * shape.hidden * shape.vocab)
 
 
 # Kept free beside prompt scoring's tensors: the CUDA caching allocator's fragmentation and NCCL's buffers.
@@ -634,13 +659,13 @@ def measured_cpu_gflops(threads: int) -> float:
 
 def iteration_seconds(config, shape: ModelShape, gpu: Accelerator | None, engine: EnginePlan, prompts: int,
                       layout: TrainingLayout, assumptions: Assumptions) -> dict[str, float]:
-    """One iteration's phases: generation (its answer tokens over the fleet's decoding rate), the trainer's reference
-    pass (training.reference: the examples' forward), training (its FLOPs over the workers' peak x MFU), evaluation
-    (the held-out and validation answers)."""
+    """One iteration, one line per kind of work, in the order they run: p_t staged on the nodes, the engines' start,
+    generation's prefill and scoring (prompts, the reference's human answers and what the iteration mixes in, with
+    training.reference engine) and its decoding, the trainer's reference pass, rank 0 loading p_t, training, the
+    checkpoints' hold-ups, the export of p_t+1, evaluation (its answers and scoring)."""
     t, gen, d = config.training, config.generation, config.data
-    answer = gen.max_new_tokens * assumptions.answer_share
-    fleet = engine.tokens_per_second * gen.replicas[1]
-    seconds = {"generation": prompts * gen.num_samples * answer / fleet if objective(config).columns else 0.0}
+    seconds = handoff_seconds(config, shape, gpu, engine, assumptions)
+    seconds.update(generation_seconds(config, engine, prompts, assumptions))
     pairs = prompts * (2 if config.iterations.mix_previous else 1)
     workers = t.num_workers[1]
     per_rank = max(1, t.global_batch_size // workers)  # examples a rank computes per step, at the mean lengths
@@ -651,27 +676,89 @@ def iteration_seconds(config, shape: ModelShape, gpu: Accelerator | None, engine
                    answer_tokens=int(max(d.max_response_tokens, gen.max_new_tokens) * assumptions.answer_share),
                    checkpointing=layout.activation_checkpointing, sharded_accumulation=layout.sharded_accumulation,
                    accumulating=micro_batches > 1)
-    if gpu is not None:
-        rate, link = gpu.peak_tflops * 1e12 * assumptions.training_mfu, assumptions.gpu_link_gbs * 1e9
-    else:
-        per_core = assumptions.cpu_training_gflops or measured_cpu_gflops(1)
-        rate = max(1, int(t.cpus_per_worker)) * per_core * 1e9 * assumptions.cpu_training_mfu
-        link = assumptions.cpu_link_gbs * 1e9
+    rate, link = training_rates(config, gpu, assumptions)
     if objective(config).uses_reference(config) and config.reference_source == "trainer":
         # once per iteration over every example: each micro-batch's forward, its parameters all-gathered once
         gathers = (workers - 1) / workers * micro_batches * step.compute_bytes * shape.parameters
         seconds["reference pass (training workers)"] = pairs / t.global_batch_size * (
             micro_batch_flops(shape, step, forward_only=True) / rate + gathers / link)
+    # rank 0 reads the weights and broadcasts them to the others in float32 (FSDP2's rank-0 loading)
+    seconds["loading (rank 0 reads, broadcasts)"] = (shape.parameters * DTYPE_BYTES[config.model.dtype]
+                                                     / (assumptions.disk_read_gbs * 1e9)
+                                                     + (workers > 1) * shape.parameters * 4 / link)
     steps = pairs * t.epochs / t.global_batch_size
     seconds["training"] = steps * (micro_batch_flops(shape, step) / rate
                                    + step_communication_bytes(shape, step, micro_batches) / link)
     seconds["checkpoints (training held up)"] = checkpoint_seconds(config, shape, steps, seconds["training"],
                                                                    assumptions)
-    evaluated = (config.evaluation.prompts or 0) + (config.evaluation.validation_prompts or 0)
-    eval_answer = (config.evaluation.max_new_tokens or gen.max_new_tokens) * assumptions.answer_share
-    seconds["evaluation"] = evaluated * eval_answer / fleet if config.evaluation.enabled else 0.0
+    # rank 0 gathers the trained weights in float32 and writes them in model.dtype (adapters in float32) from one stream
+    trained = trainable_parameters(shape, training_shape(config))
+    seconds["export (rank 0 writes p_t+1)"] = ((workers - 1) / workers * trained * 4 / link + iteration_bytes(
+        config, shape, 0, assumptions)["export"] / (assumptions.checkpoint_write_gbs * 1e9))
+    seconds["evaluation"] = evaluation_seconds(config, engine, assumptions) if config.evaluation.enabled else 0.0
     seconds["total"] = sum(seconds.values())
     return seconds
+
+
+def training_rates(config, gpu: Accelerator | None, assumptions: Assumptions) -> tuple[float, float]:
+    """A training worker's effective FLOP/s and its link's bytes/s."""
+    if gpu is not None:
+        return gpu.peak_tflops * 1e12 * assumptions.training_mfu, assumptions.gpu_link_gbs * 1e9
+    per_core = assumptions.cpu_training_gflops or measured_cpu_gflops(1)
+    rate = max(1, int(config.training.cpus_per_worker)) * per_core * 1e9 * assumptions.cpu_training_mfu
+    return rate, assumptions.cpu_link_gbs * 1e9
+
+
+def handoff_seconds(config, shape: ModelShape, gpu: Accelerator | None, engine: EnginePlan,
+                    assumptions: Assumptions) -> dict[str, float]:
+    """Handing p_t to the engines: each node downloads the export (in parallel: one download's time; with LoRA the
+    adapter alone, and served merged each node then merges it, a read and write of the whole model), then every
+    replica starts (in parallel): vLLM's start (compile, graphs, profiling) and reading the staged weights."""
+    element = DTYPE_BYTES[config.model.dtype]
+    lora = config.training.lora.rank > 0
+    export = iteration_bytes(config, shape, 0, assumptions)["export"]
+    staging = export / (assumptions.staging_gbs * 1e9)
+    served_merged = config.generation.lora_serving == "merged" or (config.generation.lora_serving == "auto"
+                                                                   and not config.generation.use_gpu)
+    if lora and served_merged and config.generation.engine == "vllm":
+        staging += 2 * shape.parameters * element / (assumptions.disk_read_gbs * 1e9)
+    start = assumptions.engine_start_s if config.generation.use_gpu else assumptions.cpu_engine_start_s
+    start += engine.weights / (assumptions.disk_read_gbs * 1e9)
+    return {"staging (p_t on each node)": staging if objective(config).columns else 0.0,
+            "engine start (one per pass)": start}
+
+
+def generation_seconds(config, engine: EnginePlan, prompts: int, assumptions: Assumptions) -> dict[str, float]:
+    """Generation's two kinds of engine work, over the fleet. Prefill: each prompt once (its samples share it), and
+    with the engines scoring the reference (training.reference engine) each human answer after its prompt and each
+    response the iteration mixes in (the previous iteration's answers, T-SPIN's y_0) after its own: vLLM's prompt
+    log-probs read no prefix cache, so a scored request prefills its prompt again. Decoding: the answers' tokens."""
+    gen, d = config.generation, config.data
+    if not objective(config).columns:
+        return {"generation: prefill and scoring": 0.0, "generation: decoding": 0.0}
+    prompt = d.max_prompt_tokens * assumptions.prompt_share
+    human = d.max_response_tokens * assumptions.answer_share
+    answer = gen.max_new_tokens * assumptions.answer_share
+    scored = 0.0
+    if config.engine_scores_reference:
+        mixed = gen.num_samples * config.iterations.mix_previous + objective(config).needs_proto
+        scored = prompt + human + mixed * (prompt + answer)
+    fleet = gen.replicas[1]
+    return {"generation: prefill and scoring": prompts / fleet * (prompt / engine.prefill_tokens_per_second
+                                                                  + scored / engine.scoring_tokens_per_second),
+            "generation: decoding": prompts * gen.num_samples * answer / (engine.tokens_per_second * fleet)}
+
+
+def evaluation_seconds(config, engine: EnginePlan, assumptions: Assumptions) -> float:
+    """The held-out and validation sets: each prompt's greedy answer, then its prompt with the human answer and with
+    the opponent's answer scored."""
+    ev, gen, d = config.evaluation, config.generation, config.data
+    evaluated = (ev.prompts or 0) + (ev.validation_prompts or 0)
+    prompt = d.max_prompt_tokens * assumptions.prompt_share
+    answer = (ev.max_new_tokens or gen.max_new_tokens) * assumptions.answer_share
+    scored = 2 * prompt + d.max_response_tokens * assumptions.answer_share + answer
+    return evaluated * (answer / engine.tokens_per_second + prompt / engine.prefill_tokens_per_second
+                        + scored / engine.scoring_tokens_per_second) / gen.replicas[1]
 
 
 # training.checkpoint_every auto: a checkpoint once training has run this many times as long as the last save took,
@@ -751,7 +838,8 @@ def format_plan(plan: Plan, config) -> str:
               + (f"  (gpu_memory_utilization {gen.gpu_memory_utilization})" if gen.use_gpu else ""),
               f"  sequences of {config.data.max_prompt_tokens}+{gen.max_new_tokens} tokens at once: {e.sequences}"
               f" ({e.kv_per_sequence / 2**20:.1f} MB of KV cache each)",
-              f"  decoding: ~{e.tokens_per_second:,.0f} tokens/s per replica",
+              f"  decoding: ~{e.tokens_per_second:,.0f} tokens/s per replica; prefill ~{e.prefill_tokens_per_second:,.0f}"
+              f", scoring ~{e.scoring_tokens_per_second:,.0f}",
               *([f"  {'prompt scoring (outside the profile)':<40}{gb(e.scoring_bytes)}  (of {e.scoring_room / GB:.2f} "
                  f"GiB gpu_memory_utilization leaves)"] if gen.use_gpu else []),
               "",
