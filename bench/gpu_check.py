@@ -6,16 +6,18 @@ Made for a bare CUDA machine: it needs torch, transformers and peft (and pydanti
 model. The model is random, with zephyr-7b's layer shapes (Mistral: hidden 4096, MLP 14336, 32 heads over 8 KV heads,
 vocabulary 32000) and fewer layers; the tokenizer is a word-level one built here. One process joins a one-rank process
 group (NCCL on a GPU, gloo on a CPU) and runs `spin_ray.training.loop.train`, the loop jobs run, per setting: bf16
-compute over float32 master weights with activation checkpointing off and on, without prefix sharing, and LoRA
-(rank 16, checkpointing on). The
+compute over float32 master weights with activation checkpointing off and on, without prefix sharing, LoRA (rank 16,
+checkpointing on), and on a GPU the FlashAttention-2 varlen kernel (training.attention flash_varlen). The
 reference comes from the trainer's own pass (training.reference trainer), so step 0's gap to it should be 0.
 
     python bench/gpu_check.py [--device cuda|cpu] [--layers 2] [--steps 3] [--out gpu-check.json]
 
 `--device cpu` runs a small shape (hidden 128, 2 layers) in float32, so the test suite runs it; its figures say the
-script works, not how a GPU does (no MFU: the plan has no CPU peak to divide by). On a GPU each field should read: `memory_error` within +-20% (the plan's tolerance),
-`mfu` 0.3-0.6 for bf16 on an H100 at these lengths, `attention_ops` naming flash or memory-efficient SDPA kernels (not
-`math`), `reference_gap` below 0.001, and `seconds` (the whole check) under 10 minutes.
+script works, not how a GPU does (no MFU: the plan has no CPU peak to divide by). On a GPU each field should read:
+`memory_error` within +-20% (the plan's tolerance), `mfu` 0.3-0.6 for bf16 on an H100 at these lengths,
+`attention_ops` naming flash or memory-efficient SDPA kernels (not `math`; `_flash_attention_forward` for
+flash_varlen, whose step should be no slower than checkpointing_off's), `reference_gap` below 0.001, and `seconds`
+(the whole check) under 10 minutes.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ SETTINGS = {
     "checkpointing_on": ["training.activation_checkpointing=true"],
     "no_prefix_sharing": ["training.activation_checkpointing=false", "training.prefix_sharing=false"],
     "lora_r16": ["training.activation_checkpointing=true", "training.lora.rank=16"],
+    # GPUs only: one FlashAttention-2 varlen call per layer over the packed row (sm80+)
+    "flash_varlen": ["training.activation_checkpointing=false", "training.attention=flash_varlen"],
 }
+GPU_ONLY_SETTINGS = ("flash_varlen",)
 # bf16 compute over float32 master weights on a GPU; a CPU without bf16 matmul units runs bf16 at ~1/40 of float32
 # (docs/performance.md), so the CPU check computes in float32.
 COMPUTE_DTYPE = {"cuda": "bfloat16", "cpu": "float32"}
@@ -112,11 +117,12 @@ def attention_ops(model_dir: Path, device: str, overrides: list[str], prompt: in
     from spin_ray.config import load_config
     from spin_ray.logprobs import answer_logps
     from spin_ray.models import load_model
+    from spin_ray.packed_attention import use_packed_kernel
     from spin_ray.training.parallel import DTYPES, compute_context
 
-    config = load_config(None, [f"model.name={model_dir}", *overrides])
-    model = load_model(str(model_dir), "float32").to(device)
+    config = load_config(None, [f"model.name={model_dir}", f"training.use_gpu={device == 'cuda'}", *overrides])
     t = config.training
+    model = use_packed_kernel(load_model(str(model_dir), "float32").to(device), t.attention)
     batch = rows(2, prompt, answer, model.config.vocab_size)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as profiler, compute_context(model, DTYPES[t.compute_dtype],
@@ -184,7 +190,8 @@ def config_overrides(config) -> list[str]:
     """The training settings that shape a forward, as overrides (for the attention profile's own forward)."""
     t = config.training
     return [f"training.compute_dtype={t.compute_dtype}", f"training.prefix_sharing={t.prefix_sharing}",
-            f"training.pack_sequences={t.pack_sequences}", f"training.logits_chunk_rows={t.logits_chunk_rows}"]
+            f"training.pack_sequences={t.pack_sequences}", f"training.logits_chunk_rows={t.logits_chunk_rows}",
+            f"training.attention={t.attention}"]
 
 
 def main() -> None:
@@ -205,7 +212,9 @@ def main() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
     accelerator = accelerator_type(device)
-    settings = {name: SETTINGS[name] for name in (args.only.split(",") if args.only else SETTINGS)}
+    chosen = (args.only.split(",") if args.only
+              else [name for name in SETTINGS if device == "cuda" or name not in GPU_ONLY_SETTINGS])
+    settings = {name: SETTINGS[name] for name in chosen}
     results = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:
         model_dir = Path(folder) / "model"

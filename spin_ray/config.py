@@ -247,6 +247,11 @@ class TrainingConfig(_Section):
         "per example, each answer attending to the prompt and itself only (same losses and gradients as separate "
         "sequences; arXiv 2410.20305). Needs training.pack_sequences and an SDPA model (llama, mistral, qwen2, qwen3); "
         "otherwise, and for SFT's single answer, the sequences are separate.")
+    attention: Literal["sdpa", "flash_varlen"] = Field(
+        "sdpa", description="Kernel of packed rows' attention. sdpa: torch's SDPA, one call per sequence "
+        "(prefix-shared answers through a lower-right causal bias); flash_varlen: one FlashAttention-2 varlen call "
+        "per layer over every sequence of the row, prefix-shared answers included (torch.nn.attention.varlen, in "
+        "torch's CUDA build; an sm80+ GPU, training.compute_dtype bfloat16 or float16, training.pack_sequences).")
     logits_chunk_rows: int = Field(
         128, ge=0,
         description="Response positions that go through the LM head at a time (log-probs computed chunk by chunk, "
@@ -318,6 +323,14 @@ class TrainingConfig(_Section):
             )
         if self.cpu_offload and self.num_workers[0] < 2:
             raise ValueError("training.cpu_offload offloads FSDP2 shards and needs training.num_workers of 2 or more")
+        if self.attention == "flash_varlen":
+            needs = [what for what, missing in (
+                ("training.use_gpu=true (its kernels are CUDA's)", not self.use_gpu),
+                ("training.compute_dtype bfloat16 or float16", self.compute_dtype == "float32"),
+                ("training.pack_sequences=true (it attends over packed rows)", not self.pack_sequences)) if missing]
+            if needs:
+                raise ValueError(f"training.attention flash_varlen needs {' and '.join(needs)}; or set "
+                                 "training.attention=sdpa")
         return self
 
 

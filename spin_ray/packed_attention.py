@@ -1,4 +1,5 @@
-"""Attention for packed rows on SDPA: each sequence attends causally within itself, no T x T mask."""
+"""Attention for packed rows: each sequence attends causally within itself (a shared prompt's answers to it and
+themselves), no T x T mask: SDPA per sequence, or one FlashAttention-2 varlen call over the row."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 PACKED_SDPA = "spin_ray_packed_sdpa"
+PACKED_VARLEN = "spin_ray_packed_varlen"
+PACKED_IMPLEMENTATIONS = {"sdpa": PACKED_SDPA, "flash_varlen": PACKED_VARLEN}
 # Decoder attention of these model types runs through transformers' AttentionInterface with no extra
 # masking of its own, so swapping the implementation name swaps the kernel and nothing else.
 PACKED_SDPA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -57,13 +60,70 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     return torch.cat(outputs, dim=1), None
 
 
+def varlen_segments(bounds: Sequence[tuple[int, ...]], device: torch.device | None = None):
+    """A packed row's segments (`packed_sdpa_attention`'s) as varlen inputs: the key rows each segment attends to
+    (a shared prompt's rows, then its own), and the cumulative query and key lengths with their maxima. The queries
+    are the row itself: its segments tile it in order."""
+    key_rows, query_lengths, key_lengths = [], [], []
+    for start, end, *prefix in bounds:
+        rows = list(range(prefix[0], prefix[1])) if prefix else []
+        key_rows += rows + list(range(start, end))
+        query_lengths.append(end - start)
+        key_lengths.append(len(rows) + end - start)
+
+    def cumulative(lengths):
+        return torch.tensor([0, *lengths], dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+
+    return (torch.tensor(key_rows, device=device), cumulative(query_lengths), cumulative(key_lengths),
+            max(query_lengths), max(key_lengths))
+
+
+def packed_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None,
+                            sequence_bounds: Sequence[tuple[int, ...]] | None = None, varlen=None,
+                            **kwargs) -> tuple[torch.Tensor, None]:
+    """The segments of `packed_sdpa_attention` in one FlashAttention-2 varlen call (torch.nn.attention.varlen, CUDA):
+    each segment's queries against its keys, causal aligned to the lower right (a shared prompt's answer sees all of
+    the prompt). query/key/value [1, heads, T, head_dim]; out [1, T, heads, head_dim]. `varlen` stands in for the
+    kernel (same signature) where it cannot run."""
+    if sequence_bounds is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if varlen is None:
+        from torch.nn.attention.varlen import varlen_attn as varlen
+    key_rows, cu_query, cu_key, longest_query, longest_key = varlen_segments(sequence_bounds, query.device)
+    queries, keys, values = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, head_dim]
+    if torch.is_autocast_enabled(query.device.type):  # the kernel takes one dtype; autocast would not cast for it
+        common = torch.get_autocast_dtype(query.device.type)
+        queries, keys, values = queries.to(common), keys.to(common), values.to(common)
+    out = varlen(queries, keys[key_rows], values[key_rows], cu_query, cu_key, longest_query, longest_key,
+                 scale=kwargs.get("scaling"), window_size=(-1, 0), enable_gqa=queries.shape[1] != keys.shape[1])
+    return out.unsqueeze(0), None
+
+
+def use_packed_kernel(model: torch.nn.Module, kernel: str) -> torch.nn.Module:
+    """Choose the kernel `packed_attention` routes `model`'s packed rows through (training.attention: sdpa or
+    flash_varlen); flash_varlen is refused in one line where torch has no FlashAttention-2 kernel for the device."""
+    if kernel == "flash_varlen":
+        device = next(model.parameters()).device
+        capable = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        if not capable:
+            raise ValueError(f"training.attention flash_varlen: torch's FlashAttention-2 kernels need an sm80+ CUDA "
+                             f"GPU, and this worker's model is on {device}"
+                             + (f" (sm{''.join(map(str, torch.cuda.get_device_capability(device)))})"
+                                if device.type == "cuda" else "") + "; set training.attention=sdpa")
+    model.packed_attention_kernel = kernel
+    return model
+
+
 def packed_sdpa_supported(model: torch.nn.Module, longest: int) -> bool:
     """True when `model` runs SDPA attention that the packed kernel can stand in for: a known model type,
     and no sliding window shorter than the longest sequence (the per-sequence calls are plain causal)."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "model_type", None) not in PACKED_SDPA_MODEL_TYPES:
         return False
-    if config._attn_implementation not in ("sdpa", PACKED_SDPA):
+    if config._attn_implementation not in ("sdpa", *PACKED_IMPLEMENTATIONS.values()):
         return False  # eager was asked for on purpose; flash-attention handles packed rows itself
     window = getattr(config, "sliding_window", None)
     windowed = getattr(config, "use_sliding_window", window is not None)
@@ -92,11 +152,12 @@ def packed_attention(model: torch.nn.Module, lengths: Sequence[int],
     from transformers import AttentionInterface
 
     AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)  # idempotent: a dict entry
+    AttentionInterface.register(PACKED_VARLEN, packed_varlen_attention)
     bounds = list(bounds) if bounds is not None else sequence_bounds(lengths)
     config = model.config
     previous = config._attn_implementation
     # An implementation with no registered mask function gets no mask built: no T x T tensor either.
-    config._attn_implementation = PACKED_SDPA
+    config._attn_implementation = PACKED_IMPLEMENTATIONS[getattr(model, "packed_attention_kernel", "sdpa")]
     try:
         yield {"sequence_bounds": bounds}
     finally:

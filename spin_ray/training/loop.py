@@ -23,6 +23,7 @@ import torch.distributed as dist
 from spin_ray.algorithms import Algorithm, Example, TrainingDataError, objective
 from spin_ray.config import Config
 from spin_ray.logprobs import answer_logps
+from spin_ray.packed_attention import use_packed_kernel
 from spin_ray.storage import JsonLines, atomic_write_json, join, read_json, read_json_lines
 from spin_ray.adapters import adapter_base, is_adapted
 from spin_ray.training.checkpoint import (committed_steps, copy_export, drop_checkpoints, export_hf, export_merged,
@@ -181,6 +182,7 @@ def train(
     compute_dtype = DTYPES[t.compute_dtype]
     model = load_for_training(model_path, config.model.trust_remote_code, context.device, context.rank,
                               t.load_on_rank0, compute_dtype, t.cpu_offload, layout.activation_checkpointing, t.lora)
+    use_packed_kernel(model, t.attention)
     model.train()
     precision = lambda: compute_context(model, compute_dtype, context.device)  # noqa: E731 (a fresh context per use)
     optimizer = build_optimizer(model, config)

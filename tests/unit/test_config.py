@@ -56,6 +56,8 @@ def test_unknown_section_and_override_key():
         ("training.epochs=zero", "training.epochs: Input should be a valid integer"),
         ("run.name=a/b", "run.name: Value error, run name 'a/b' must be a single path component"),
         ("training.micro_batch_size=128", "micro_batch_size (128) exceeds global_batch_size (64)"),
+        ("training.attention=flash_varlen", "training.attention flash_varlen needs training.use_gpu=true (its kernels "
+         "are CUDA's) and training.compute_dtype bfloat16 or float16; or set training.attention=sdpa"),
     ],
 )
 def test_out_of_range_values_name_the_key(override, culprit):

@@ -135,3 +135,73 @@ def test_a_prefix_segment_reaches_sdpa_as_a_causal_bias_not_a_materialised_mask(
     assert first is None and first_causal
     assert isinstance(second, CausalBias) and second.variant == CausalVariant.LOWER_RIGHT and not second_causal
     assert (second.seq_len_q, second.seq_len_kv) == (2, 6)
+
+
+def _varlen_on_cpu(query, key, value, cu_query, cu_key, longest_query, longest_key, *, scale=None,
+                   window_size=(-1, -1), enable_gqa=False):
+    """FlashAttention-2 varlen's contract (torch.nn.attention.varlen_attn runs on CUDA only), written out: each
+    segment's queries against its keys, window (-1, 0) causal aligned to the lower right, as an explicit mask."""
+    assert window_size == (-1, 0) and int(cu_query[-1]) == query.shape[0] and int(cu_key[-1]) == key.shape[0]
+    outputs = []
+    for i in range(len(cu_query) - 1):
+        q = query[cu_query[i]:cu_query[i + 1]].transpose(0, 1)
+        k, v = (x[cu_key[i]:cu_key[i + 1]].transpose(0, 1) for x in (key, value))
+        assert q.shape[1] <= longest_query and k.shape[1] <= longest_key
+        allowed = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril(diagonal=k.shape[1] - q.shape[1])
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, scale=scale, enable_gqa=enable_gqa).transpose(0, 1))
+    return torch.cat(outputs)
+
+
+def test_one_varlen_call_over_a_row_of_prefix_shared_answers_equals_sdpa_per_sequence():
+    """Row: [prompt 4 + answer 3][answer 5 sharing the prompt][a separate sequence of 6]. The varlen segments attend
+    to keys 0-6, 0-3 + 7-11, 12-17; the outputs and gradients equal the SDPA path's."""
+    from spin_ray.packed_attention import packed_varlen_attention, varlen_segments
+
+    bounds = [(0, 7), (7, 12, 0, 4), (12, 18)]
+    rows, cu_query, cu_key, longest_query, longest_key = varlen_segments(bounds)
+    assert rows.tolist() == [*range(0, 7), *range(0, 4), *range(7, 12), *range(12, 18)]
+    assert cu_query.tolist() == [0, 7, 12, 18] and cu_key.tolist() == [0, 7, 16, 22]
+    assert (longest_query, longest_key) == (7, 9) and cu_query.dtype == torch.int32
+    torch.manual_seed(0)
+    query = torch.randn(1, 4, 18, 8, requires_grad=True)
+    key = torch.randn(1, 2, 18, 8, requires_grad=True)
+    value = torch.randn(1, 2, 18, 8, requires_grad=True)
+    expected, _ = packed_sdpa_attention(_Heads(), query, key, value, None, sequence_bounds=bounds, scaling=8 ** -0.5)
+    got, weights = packed_varlen_attention(_Heads(), query, key, value, None, sequence_bounds=bounds,
+                                           varlen=_varlen_on_cpu, scaling=8 ** -0.5)
+    assert weights is None and got.shape == expected.shape == (1, 18, 4, 8)
+    assert torch.allclose(got, expected, atol=1e-6)
+    upstream = torch.randn_like(got)
+    grads = torch.autograd.grad((got * upstream).sum(), (query, key, value))
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (query, key, value))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, expected_grads, strict=True))
+
+
+def test_a_model_set_to_flash_varlen_routes_prefix_shared_rows_through_it_and_cpu_is_refused(tiny_model, monkeypatch):
+    """training.attention flash_varlen: every layer's packed attention is one varlen call, the log-probs are the SDPA
+    path's; on a CPU the choice is refused in one line naming the key."""
+    from spin_ray.logprobs import shared_prefix_logps
+    from spin_ray.packed_attention import use_packed_kernel
+
+    with pytest.raises(ValueError, match=r"^training.attention flash_varlen: .* on cpu; set training.attention=sdpa$"):
+        use_packed_kernel(tiny_model, "flash_varlen")
+    prompts, answers = [[5, 6, 7], [8, 9]], [[[10, 11], [12, 13, 14]], [[15], [16, 17]]]
+    expected = shared_prefix_logps(tiny_model, prompts, answers)
+    calls = []
+    real_kernel = attention.packed_varlen_attention
+
+    def on_cpu(module, query, key, value, attention_mask, **kwargs):
+        calls.append(kwargs.get("sequence_bounds"))
+        return real_kernel(module, query, key, value, attention_mask, varlen=_varlen_on_cpu, **kwargs)
+
+    monkeypatch.setattr(attention, "packed_varlen_attention", on_cpu)
+    tiny_model.packed_attention_kernel = "flash_varlen"  # what use_packed_kernel sets on a GPU
+    try:
+        got = shared_prefix_logps(tiny_model, prompts, answers)
+    finally:
+        del tiny_model.packed_attention_kernel
+    assert len(calls) == tiny_model.config.num_hidden_layers and all(len(b) == 4 for b in calls)
+    assert any(len(segment) == 4 for segment in calls[0])  # the second answers attend to their prompts
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert tiny_model.config._attn_implementation == "sdpa"
