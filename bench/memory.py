@@ -65,6 +65,8 @@ SETTINGS = {
     # issue 35's LoRA vs full fine-tuning: rank 8 on every projection, against the same shapes trained in full
     "smol_w1_spin_mb2_len256_shared_lora": ("smollm2", 1, "spin", 2, 128, 128, 1, ["training.lora.rank=8"]),
     "smol_w2_lora": ("smollm2", 2, "sft", 2, 128, 128, 1, ["training.lora.rank=8"]),
+    # LoRA's step time on smol_w2_ac_off's shape (longer sequences), rank 16
+    "smol_w2_ac_off_lora16": ("smollm2", 2, "sft", 4, 256, 256, 1, ["training.lora.rank=16"]),
 }
 
 

@@ -201,20 +201,19 @@ def micro_batch_flops(shape: ModelShape, run: TrainingShape, forward_only: bool 
     token forward, 4 backward, 2 more to recompute with checkpointing), causal attention (each sequence its own
     triangle), and the LM head on answer tokens only (chunked: its logits recomputed in backward). `forward_only`:
     the forward alone (the trainer's reference pass)."""
-    passes = 4 if run.checkpointing else 3  # forward, backward (2x), and the recompute
-    if run.lora_rank:  # a frozen weight's backward computes the input's gradient only, not its own
-        passes -= 1
-    if forward_only:
-        passes = 1
-    dense = 2 * shape.layers * shape.layer_parameters * run.tokens * passes
-    dense += 2 * shape.lora_parameters(run.lora_rank, run.lora_targets) * run.tokens * (passes + 1)
+    passes = 1 if forward_only else (4 if run.checkpointing else 3)  # forward, backward (2x), and the recompute
+    # a frozen weight's backward computes its input's gradient only, not its own (attention has no weights: its
+    # backward is whole either way)
+    weight_passes = passes - 1 if run.lora_rank and not forward_only else passes
+    dense = 2 * shape.layers * shape.layer_parameters * run.tokens * weight_passes
+    dense += 2 * shape.lora_parameters(run.lora_rank, run.lora_targets) * run.tokens * passes  # adapters train
     p, a = run.prompt_tokens, run.answer_tokens
     # query-key pairs: a causal sequence of length s has s^2 / 2; a shared answer sees its prompt and itself
     pairs = run.sequences * (p + a) ** 2 / 2
     if run.shared_prefix:
         pairs = run.micro_batch * ((p + a) ** 2 / 2 + (run.answers - 1) * (a * p + a * a / 2))
     attention = 2 * 2 * shape.layers * pairs * shape.q_width * passes  # QK^T and AV
-    head_passes = 1 if forward_only else (4 if run.logits_chunk_rows else 3)
+    head_passes = 1 if forward_only else (4 if run.logits_chunk_rows else 3) - bool(run.lora_rank)  # frozen head
     head = 2 * shape.hidden * shape.vocab * run.answer_token_count * head_passes
     return float(dense + attention + head)
 
