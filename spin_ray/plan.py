@@ -880,8 +880,10 @@ def phase_prediction(config, shape: ModelShape, workers: int, checkpointing: boo
     # one micro-batch at the mean lengths, run micro_batches times a step
     step = replace(worst, micro_batch=min(per_rank, t.micro_batch_size), prompt_tokens=mean[0], answer_tokens=mean[1],
                    accumulating=micro_batches > 1)
+    compute = micro_batch_flops(shape, step) * micro_batches / flops_per_second
     return {"peak_memory_bytes": training_memory(shape, worst, runtime_bytes).device_total,
-            "step_seconds": step_seconds(shape, step, micro_batches, flops_per_second, link_bytes_per_second)}
+            "step_seconds": step_seconds(shape, step, micro_batches, flops_per_second, link_bytes_per_second),
+            "step_compute_seconds": compute, "flops_per_second": flops_per_second}
 
 
 def plan_check(measured: dict, planned: dict) -> dict:

@@ -31,7 +31,7 @@ from spin_ray.training.checkpoint import (committed_steps, copy_export, drop_che
 from spin_ray.training.data import Schedule, examples_from_rows
 from spin_ray.training.parallel import DTYPES, compute_context, load_for_training, set_accumulating
 from spin_ray.plan import AUTO_CHECKPOINT_MIN_S, AUTO_CHECKPOINT_SHARE
-from spin_ray.training.measure import PeakMemory, predict_phase, resident_now
+from spin_ray.training.measure import PeakMemory, predict_phase, resident_now, settle_cpu_rate
 from spin_ray.training.reference import trainer_reference
 
 
@@ -315,6 +315,8 @@ def train(
         pending.commit()
 
     train_seconds = time.perf_counter() - started
+    if context.rank == 0:
+        prediction = settle_cpu_rate(prediction, context.device, t.cpus_per_worker)
     checked = check_against_plan(prediction, peaks, step_times) if context.rank == 0 else {}
     export_started = time.perf_counter()
     stopped = {}

@@ -83,3 +83,19 @@ def predict_phase(config, model: torch.nn.Module, examples, layout, world: int, 
     return phase_prediction(config, shape, world, layout.activation_checkpointing, layout.sharded_accumulation,
                             (max(prompts), max(answers)), (round(statistics.mean(prompts)), round(statistics.mean(answers))),
                             runtime, rate, link)
+
+
+def settle_cpu_rate(prediction: dict | None, device: torch.device, cpus: float) -> dict | None:
+    """The prediction at the faster of two measurements of this CPU's matmul rate: the phase's start (taken while the
+    previous phase's engine processes may still hold the cores: the demo's step read 31% under its plan that way)
+    and now, at its end. Compute time scales with the rate; communication does not."""
+    if not prediction or device.type == "cuda":
+        return prediction
+    from spin_ray.plan import Assumptions, measured_cpu_gflops
+
+    now = max(1, int(cpus)) * measured_cpu_gflops(1) * 1e9 * Assumptions().cpu_training_mfu
+    if now <= prediction["flops_per_second"]:
+        return prediction
+    compute = prediction["step_compute_seconds"] * prediction["flops_per_second"] / now
+    return {**prediction, "step_seconds": prediction["step_seconds"] - prediction["step_compute_seconds"] + compute,
+            "step_compute_seconds": compute, "flops_per_second": now}

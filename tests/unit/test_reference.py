@@ -208,3 +208,19 @@ def test_a_training_phase_sets_its_peak_memory_and_step_time_beside_the_plans(ti
     off = plan_check({"peak_memory": 3.0 * 2**30, "step_seconds": 1.0}, {"peak_memory": 2.0 * 2**30, "step_seconds": 1.1})
     assert off["peak_memory"]["off"] and not off["step_seconds"]["off"]
     assert describe_check(off).startswith("plan check: peak memory 3.22e+09 against 2.15e+09 planned (+50%, beyond 20%)")
+
+
+def test_a_cpu_phases_step_time_is_planned_at_the_faster_of_its_start_and_end_rates():
+    """A rate measured while other processes held the cores (the start of a phase, its engine pass going away) reads
+    low and plans the step too slow; the end's measurement replaces it when faster, scaling the compute part only."""
+    from spin_ray.training.measure import settle_cpu_rate
+
+    slow = {"peak_memory_bytes": 1, "step_seconds": 12.0, "step_compute_seconds": 10.0, "flops_per_second": 1e6}
+    settled = settle_cpu_rate(slow, torch.device("cpu"), 2)
+    rate = settled["flops_per_second"]
+    assert rate > 1e9  # any CPU this runs on beats 1 MFLOP/s
+    assert settled["step_compute_seconds"] == pytest.approx(10.0 * 1e6 / rate)
+    assert settled["step_seconds"] == pytest.approx(2.0 + settled["step_compute_seconds"])  # communication kept
+    fast = {**slow, "flops_per_second": 1e18}
+    assert settle_cpu_rate(fast, torch.device("cpu"), 2) == fast
+    assert settle_cpu_rate(slow, torch.device("cuda"), 2) == slow and settle_cpu_rate(None, torch.device("cpu"), 2) is None
