@@ -94,7 +94,7 @@ def phase_seconds(manifest: dict) -> dict:
 
 def versus(arm_scores: dict, sft_scores: dict) -> dict:
     """Paired differences, arm minus continued SFT, each signed so that positive means the arm is better."""
-    from spin_ray.stats import paired_bootstrap
+    from bench.stats import paired_bootstrap
 
     if arm_scores["prompt_id"] != sft_scores["prompt_id"]:
         raise RuntimeError("the arms were evaluated on different prompts")

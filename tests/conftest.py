@@ -112,6 +112,17 @@ def chat(tokenizer):
     from spin_ray.tokenization import ChatFormat
 
     return ChatFormat(tokenizer)
+
+
+@pytest.fixture
+def pairs(chat):
+    """Two GSM8K-like prompts with a human answer and a generated one each: (prompts, reals, generateds) token ids."""
+    prompts = chat.batch_prompt_ids([[{"role": "user", "content": q}] for q in ("What is 3+4?", "Name a fruit.")])
+    reals = chat.batch_response_ids(["3+4 = 7\n#### 7", "An apple."])
+    generateds = chat.batch_response_ids(["It is 12.", "Potato, I think, or maybe a car."])
+    return prompts, reals, generateds
+
+
 @pytest.fixture
 def ray_session():
     """One local Ray instance shared by the tests that use it; (re)started on demand, because the

@@ -80,14 +80,6 @@ def test_prompt_tokens_cannot_leak_through_a_real_model(tiny_model, tokenizer):
     assert scored.item() == pytest.approx(per_token[mask].sum().item(), abs=1e-5)
 
 
-@pytest.fixture
-def pairs(chat):
-    prompts = chat.batch_prompt_ids([[{"role": "user", "content": q}] for q in ("What is 3+4?", "Name a fruit.")])
-    reals = chat.batch_response_ids(["3+4 = 7\n#### 7", "An apple."])
-    generateds = chat.batch_response_ids(["It is 12.", "Potato, I think, or maybe a car."])
-    return prompts, reals, generateds
-
-
 def test_concatenated_forward_matches_separate_passes(tiny_model, pairs, tokenizer):
     prompts, reals, generateds = pairs
     both = answer_logps(tiny_model, prompts, list(zip(reals, generateds, strict=True)), tokenizer.pad_token_id)

@@ -9,14 +9,6 @@ from spin_ray.logprobs import answer_logps, score_responses
 from spin_ray.losses import sft_loss, spin_loss
 
 
-@pytest.fixture
-def pairs(chat):
-    prompts = chat.batch_prompt_ids([[{"role": "user", "content": q}] for q in ("What is 3+4?", "Name a fruit.")])
-    reals = chat.batch_response_ids(["3+4 = 7\n#### 7", "An apple."])
-    generateds = chat.batch_response_ids(["It is 12.", "Potato, I think, or maybe a car."])
-    return prompts, reals, generateds
-
-
 def test_spin_steps_start_at_log2_and_widen_the_margin(tiny_model, pairs, tokenizer):
     prompts, reals, generateds = pairs
     pad = tokenizer.pad_token_id

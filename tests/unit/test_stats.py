@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from spin_ray.stats import paired_bootstrap
+from bench.stats import paired_bootstrap
 
 
 def test_a_constant_difference_has_a_zero_width_interval():
