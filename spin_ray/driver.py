@@ -246,13 +246,6 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
     `ended_holder`: the lease token of a driver whose job is known to have ended (its lease is waited out). Each call
     is a driver attempt: the actors it starts are named for it, and those an earlier attempt of the run left are
     ended before anything else (`spin_ray.attempts`)."""
-    from spin_ray.generation.shards import read_completion, shards_dataset
-    from spin_ray.evaluation import validation_source
-    from spin_ray.model_card import write_model_card
-    from spin_ray.report import format_table, iteration_rows, write_report
-    from spin_ray.storage import local_copy
-    from spin_ray.trainset import iteration_set, sft_rows
-
     layout = RunLayout.of(config)
     lease = RunLease(layout.lease, config.run.lease_ttl_s, token=lease_token, owner=owner, ray_session=ray_session())
     try:
@@ -260,92 +253,157 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
     except LeaseHeld as error:
         raise RunAlreadyActive(str(error)) from None
     lease.start_heartbeat()
-    tracker = None
-    attempt = Attempt.of(config)
+    run = None
     try:
-        ended = end_earlier_attempts(attempt, config.run.resource_wait_s, echo)
-        manifest = Manifest.open(config, force)
-        if ended:
-            manifest.data.setdefault("ended_earlier_attempts", []).append(ended)
-        tracker = Tracker(config, layout, manifest.data.setdefault("tracking", {}))
+        run = open_run(config, layout, lease, force, echo)
+        opponent = warm_start(run, run.manifest.data["base_model"])
+        answers = baseline(run, opponent)
+        for iteration in range(config.iterations.count):
+            opponent, answers, stopped = run_iteration(run, iteration, opponent, answers)
+            if stopped:
+                break
+        else:
+            run.manifest.set_status(DONE, final_model=opponent)
+        return close_run(run)
+    finally:
+        if run is not None and run.tracker is not None:  # the run failed: what was logged stays, marked failed
+            run.tracker.close(failed=True)
+        lease.release()
+
+
+@dataclass
+class DriverRun:
+    """One driver attempt's run as `run_iterations` drives it."""
+
+    config: Config
+    layout: RunLayout
+    manifest: Manifest
+    phases: Phases
+    tracker: Tracker | None  # None once closed
+    attempt: Attempt
+    echo: Callable[[str], None]
+    validation: str | None  # the validation split's source, with evaluation on
+    evaluate: bool  # held-out evaluation after each model (evaluation.enabled and a held-out set)
+
+
+def open_run(config: Config, layout: RunLayout, lease: RunLease, force: bool, echo) -> DriverRun:
+    """End what an earlier attempt left running, open the manifest and the tracking run."""
+    from spin_ray.evaluation import validation_source
+
+    attempt = Attempt.of(config)
+    ended = end_earlier_attempts(attempt, config.run.resource_wait_s, echo)
+    manifest = Manifest.open(config, force)
+    if ended:
+        manifest.data.setdefault("ended_earlier_attempts", []).append(ended)
+    tracker = Tracker(config, layout, manifest.data.setdefault("tracking", {}))
+    try:
         tracker.params()
         manifest.save()  # the tracking run's ids: a resubmitted job continues it
-        phases = Phases(manifest, lease, echo, config, tracker)
-        opponent = initial_model(config, layout)
-        manifest.data["base_model"] = opponent
+        manifest.data["base_model"] = initial_model(config, layout)
         validation = validation_source(config, layout.validation_data) if config.evaluation.enabled else None
-        evaluate = config.evaluation.enabled and (config.data.eval is not None or validation is not None)
+    except BaseException:  # what was logged stays, the tracking run ends as failed
+        tracker.close(failed=True)
+        raise
+    evaluate = config.evaluation.enabled and (config.data.eval is not None or validation is not None)
+    return DriverRun(config, layout, manifest, Phases(manifest, lease, echo, config, tracker), tracker, attempt, echo,
+                     validation, evaluate)
 
-        if config.iterations.sft_warm_start:
-            it = config.iterations
-            auto = it.sft_epochs == "auto"
-            sft_config = config.model_copy(update={"training": config.training.model_copy(  # SFT takes no stabiliser
-                update={"objective": "sft", "epochs": it.sft_max_epochs if auto else it.sft_epochs, **STABILISERS})})
 
-            def sft() -> Produced:
-                held_out = sft_rows(config, opponent, validation_source(config, layout.validation_data)) if auto else None
-                with tracker.following(layout.train(None), "sft", 0):
-                    return _train(sft_config, layout, None, sft_rows(config, opponent), opponent, config.data.train,
-                                  attempt, validation=held_out)
+def warm_start(run: DriverRun, opponent: str) -> str:
+    """With iterations.sft_warm_start, SFT on the human answers first (epochs by validation NLL with auto); the
+    model p_0 self-play starts from."""
+    from spin_ray.evaluation import validation_source
+    from spin_ray.model_card import write_model_card
+    from spin_ray.trainset import sft_rows
 
-            record, _ = phases.run("sft", None, sft)
-            opponent = record["artifacts"]["model"]
-            write_model_card(layout, manifest.data, None)
+    config, layout = run.config, run.layout
+    if not config.iterations.sft_warm_start:
+        return opponent
+    it = config.iterations
+    auto = it.sft_epochs == "auto"
+    sft_config = config.model_copy(update={"training": config.training.model_copy(  # SFT takes no stabiliser
+        update={"objective": "sft", "epochs": it.sft_max_epochs if auto else it.sft_epochs, **STABILISERS})})
 
-        opponent_answers = None
-        if evaluate:
-            record, _ = phases.run("baseline_eval", None,
-                                   lambda: _evaluate_start(config, opponent, layout, validation, echo, attempt))
-            opponent_answers = record["artifacts"]["answers"]
-            _select(config, manifest, None, opponent, echo)
+    def sft() -> Produced:
+        held_out = sft_rows(config, opponent, validation_source(config, layout.validation_data)) if auto else None
+        with run.tracker.following(layout.train(None), "sft", 0):
+            return _train(sft_config, layout, None, sft_rows(config, opponent), opponent, config.data.train,
+                          run.attempt, validation=held_out)
 
-        for t in range(config.iterations.count):
-            manifest.iteration(t)["opponent"] = opponent
-            pairs = None
-            if objective(config).columns:  # continued SFT (training.objective sft) reads no generated answers
-                _, pairs = phases.run("generate", t, lambda: _generate(config, layout, t, opponent, attempt))
-                if pairs is None:  # generated by an earlier job: read back from its committed shards
-                    pairs = shards_dataset(read_completion(layout.generation(t))["shards"]).materialize()
+    record, _ = run.phases.run("sft", None, sft)
+    write_model_card(layout, run.manifest.data, None)
+    return record["artifacts"]["model"]
 
-            def train() -> Produced:
-                training = iteration_set(config, layout, t, pairs, opponent)
-                with tracker.following(layout.train(t), f"iter_{t}", steps_before(manifest.data, t)):
-                    return _train(iteration_config(config, t), layout, t, training.dataset, opponent, training.source,
-                                  attempt, training.metrics, training.artifacts)
 
-            record, _ = phases.run("train", t, train)
-            next_model = record["artifacts"]["model"]
-            write_model_card(layout, manifest.data, t)
-            if evaluate:
-                record, _ = phases.run("evaluate", t, lambda: _evaluate(config, next_model, layout.evaluation(t),
-                                                                         opponent_answers, attempt, validation,
-                                                                         _next_generation(config, layout, t + 1)))
-                opponent_answers = record["artifacts"]["answers"]
-                _select(config, manifest, t, next_model, echo)
-                write_model_card(layout, manifest.data, t)  # now with its held-out metrics
-                if _collapsing(config, manifest, t, echo):
-                    manifest.set_status("collapsed", final_model=opponent, stopped_after_iteration=t)
-                    break
-                if _converged(config, record["metrics"].get("reward_accuracy"), t, echo):
-                    manifest.set_status("converged", final_model=next_model, stopped_after_iteration=t)
-                    break
-            opponent = next_model
-            echo(format_table(manifest.data))
-        else:
-            manifest.set_status(DONE, final_model=opponent)
-        manifest.data["report"] = write_report(layout)
-        manifest.save()
-        for row in iteration_rows(manifest.data):
-            tracker.scalars("report", row, 0 if row["iteration"] is None else row["iteration"] + 1)
-        with local_copy(manifest.data["report"]["plot"]) as picture:
-            tracker.artifact(picture)
-        tracker.close()
-        tracker = None
-        return manifest.data
-    finally:
-        if tracker is not None:  # the run failed: what was logged stays, the tracking run ends as failed
-            tracker.close(failed=True)
-        lease.release()
+def baseline(run: DriverRun, opponent: str) -> str | None:
+    """p_0's held-out evaluation (its answers are the first opponent answers); None without evaluation."""
+    if not run.evaluate:
+        return None
+    record, _ = run.phases.run("baseline_eval", None, lambda: _evaluate_start(
+        run.config, opponent, run.layout, run.validation, run.echo, run.attempt))
+    _select(run.config, run.manifest, None, opponent, run.echo)
+    return record["artifacts"]["answers"]
+
+
+def run_iteration(run: DriverRun, iteration: int, opponent: str,
+                  opponent_answers: str | None) -> tuple[str, str | None, bool]:
+    """Iteration t: p_t's answers, p_{t+1} trained and exported, then evaluated against p_t. Returns the next
+    opponent, its held-out answers, and whether the run stops here (collapse, convergence)."""
+    from spin_ray.generation.shards import read_completion, shards_dataset
+    from spin_ray.model_card import write_model_card
+    from spin_ray.report import format_table
+    from spin_ray.trainset import iteration_set
+
+    config, layout, manifest, phases, attempt = run.config, run.layout, run.manifest, run.phases, run.attempt
+    manifest.iteration(iteration)["opponent"] = opponent
+    pairs = None
+    if objective(config).columns:  # continued SFT (training.objective sft) reads no generated answers
+        _, pairs = phases.run("generate", iteration, lambda: _generate(config, layout, iteration, opponent, attempt))
+        if pairs is None:  # generated by an earlier job: read back from its committed shards
+            pairs = shards_dataset(read_completion(layout.generation(iteration))["shards"]).materialize()
+
+    def train() -> Produced:
+        training = iteration_set(config, layout, iteration, pairs, opponent)
+        with run.tracker.following(layout.train(iteration), f"iter_{iteration}",
+                                   steps_before(manifest.data, iteration)):
+            return _train(iteration_config(config, iteration), layout, iteration, training.dataset, opponent,
+                          training.source, attempt, training.metrics, training.artifacts)
+
+    record, _ = phases.run("train", iteration, train)
+    next_model = record["artifacts"]["model"]
+    write_model_card(layout, manifest.data, iteration)
+    if run.evaluate:
+        record, _ = phases.run("evaluate", iteration, lambda: _evaluate(
+            config, next_model, layout.evaluation(iteration), opponent_answers, attempt, run.validation,
+            _next_generation(config, layout, iteration + 1)))
+        opponent_answers = record["artifacts"]["answers"]
+        _select(config, manifest, iteration, next_model, run.echo)
+        write_model_card(layout, manifest.data, iteration)  # now with its held-out metrics
+        if _collapsing(config, manifest, iteration, run.echo):
+            manifest.set_status("collapsed", final_model=opponent, stopped_after_iteration=iteration)
+            return opponent, opponent_answers, True
+        if _converged(config, record["metrics"].get("reward_accuracy"), iteration, run.echo):
+            manifest.set_status("converged", final_model=next_model, stopped_after_iteration=iteration)
+            return next_model, opponent_answers, True
+    run.echo(format_table(manifest.data))
+    return next_model, opponent_answers, False
+
+
+def close_run(run: DriverRun) -> dict:
+    """Write the report, log its rows and plot to the tracker, close the tracking run; the final manifest."""
+    from spin_ray.report import iteration_rows, write_report
+    from spin_ray.storage import local_copy
+
+    manifest, tracker = run.manifest, run.tracker
+    manifest.data["report"] = write_report(run.layout)
+    manifest.save()
+    for row in iteration_rows(manifest.data):
+        tracker.scalars("report", row, 0 if row["iteration"] is None else row["iteration"] + 1)
+    with local_copy(manifest.data["report"]["plot"]) as picture:
+        tracker.artifact(picture)
+    tracker.close()
+    run.tracker = None
+    return manifest.data
 
 
 def iteration_config(config: Config, t: int) -> Config:

@@ -48,11 +48,11 @@ class WorkerContext:
 
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
     """Over the trainable parameters: all of them, or the adapters alone with LoRA (no state for the frozen base)."""
-    t = config.training
+    settings = config.training
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    if t.optimizer == "rmsprop":
-        return torch.optim.RMSprop(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+    if settings.optimizer == "rmsprop":
+        return torch.optim.RMSprop(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
@@ -74,15 +74,16 @@ def micro_step(model, examples: list[Example], algorithm: Algorithm, config: Con
     context (`parallel.compute_context`), `scaler` a float16 loss scale. With `check_reference` the largest
     |policy - reference| log-prob per answer token comes back too (`reference_gap`), with where it is
     (`reference_gap_at`: prompt_id, answer index)."""
-    t = config.training
+    settings = config.training
     with precision or contextlib.nullcontext():
         # one concatenated forward over every answer of every example (pairs, triplets, or SFT's single answer)
         policy = answer_logps(model, [e.prompt for e in examples], [e.answers for e in examples], pad_id,
-                              pack=t.pack_sequences, logits_chunk_rows=t.logits_chunk_rows,
-                              share_prefix=t.prefix_sharing, device=device)
+                              pack=settings.pack_sequences, logits_chunk_rows=settings.logits_chunk_rows,
+                              share_prefix=settings.prefix_sharing, device=device)
     policy = policy.float()
     lengths = torch.tensor([[len(a) for a in e.answers] for e in examples], dtype=torch.float32, device=device)
-    refs = torch.tensor([e.ref_logps for e in examples], dtype=torch.float32, device=device) if examples[0].ref_logps else None
+    refs = (torch.tensor([e.ref_logps for e in examples], dtype=torch.float32, device=device)
+            if examples[0].ref_logps else None)
     rates = torch.tensor([e.win_rates for e in examples], device=device) if examples[0].win_rates else None
     losses, metrics = algorithm.loss(policy, refs, rates, lengths, config)
     loss = losses.sum() * scale
@@ -124,18 +125,19 @@ class EarlyStop:
 def validation_nll(model, examples: list[Example], pad_id: int, config: Config, context: WorkerContext) -> float:
     """Per-token NLL of the examples' first answers under `model`. Collective: each rank scores its slice, and every
     rank runs the same number of forwards (FSDP gathers parameters in each), the short ones on a discarded example."""
-    t = config.training
+    settings = config.training
     mine = examples[context.rank::context.world_size]
-    batches = math.ceil(math.ceil(len(examples) / context.world_size) / t.micro_batch_size)
+    batches = math.ceil(math.ceil(len(examples) / context.world_size) / settings.micro_batch_size)
     nll, tokens = 0.0, 0.0
     model.eval()
     with torch.no_grad():
         for number in range(batches):
-            batch = mine[number * t.micro_batch_size:(number + 1) * t.micro_batch_size]
+            batch = mine[number * settings.micro_batch_size:(number + 1) * settings.micro_batch_size]
             counted = bool(batch)
             batch = batch or examples[:1]
             logps = answer_logps(model, [e.prompt for e in batch], [e.answers[:1] for e in batch], pad_id,
-                                 pack=t.pack_sequences, logits_chunk_rows=t.logits_chunk_rows, device=context.device)
+                                 pack=settings.pack_sequences, logits_chunk_rows=settings.logits_chunk_rows,
+                                 device=context.device)
             if counted:
                 nll -= float(logps[:, 0].sum())
                 tokens += sum(len(e.answers[0]) for e in batch)
@@ -159,199 +161,289 @@ def train(
     checkpoint is committed under `train_dir`. Returns the final summary (on every rank). With `early_stop`, the
     validation NLL is measured at each epoch's end (`validation_nll` in that step's record) and training ends once
     it stops improving. With LoRA the export is an adapter; `merged_dir` gets the merged model too."""
+    run = set_up(config, rows, model_path, train_dir, context or WorkerContext(), source, early_stop)
+    for step in range(run.start_step, run.schedule.total_steps):
+        metrics = train_step(run, step)
+        end_step(run, step, metrics)
+        if run.stopping:
+            break
+    return finish(run, export_dir, merged_dir)
+
+
+@dataclass
+class LoopState:
+    """One iteration's training as `train` runs it: what `set_up` built, and what the steps add up."""
+
+    config: Config
+    context: WorkerContext
+    train_dir: str
+    algorithm: Algorithm
+    examples: list[Example]
+    schedule: Schedule
+    tokenizer: object
+    memory_layout: object  # plan.TrainingLayout: checkpointing and accumulation as chosen
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object | None  # float16's loss scale
+    prediction: dict | None  # the plan's figures for this phase (rank 0)
+    reference: dict  # what the trainer's reference pass reports (empty when the rows carry the reference)
+    start_step: int
+    log: JsonLines | None  # rank 0's metrics.jsonl
+    validation: list[Example]
+    patience: int
+    history: list[float]  # validation NLL by epoch, resumed ones included
+    setup_seconds: float
+    started: float = field(default_factory=time.perf_counter)
+    meter: PeakMemory | None = None
+    peaks: list[int] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    cadence: CheckpointCadence | None = None
+    asynchronous: bool = False  # checkpoints written in the background
+    pending: object | None = None  # a background save in flight
+    checkpoint_seconds: float = 0.0  # what saving held training up
+    tokens_this_run: float = 0.0
+    summary: dict = field(default_factory=dict)  # the last step's metrics
+    stopping: bool = False
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def precision(self):
+        """A fresh forward context of the compute dtype (autocast in one process, FSDP2's policy otherwise)."""
+        return compute_context(self.model, DTYPES[self.config.training.compute_dtype], self.context.device)
+
+
+def set_up(config: Config, rows: list[dict], model_path: str, train_dir: str, context: WorkerContext, source: str,
+           early_stop: EarlyStop | None) -> LoopState:
+    """Examples and their schedule, the model (sharded, checkpointed as the plan chose), optimizer and schedule, the
+    plan's prediction, the trainer's reference pass where it is needed, and a committed checkpoint's state."""
     from spin_ray.models import load_tokenizer
 
     setup_started = time.perf_counter()
     resident_before = resident_now() or 0  # the plan's runtime share on a CPU: interpreter, libraries, the rows
-    context = context or WorkerContext()
-    t = config.training
+    settings = config.training
     algorithm = objective(config)
     examples = examples_from_rows(rows, source, config)
-    schedule = Schedule(len(examples), t.global_batch_size, t.micro_batch_size, t.epochs, t.seed)
+    schedule = Schedule(len(examples), settings.global_batch_size, settings.micro_batch_size, settings.epochs,
+                        settings.seed)
     schedule.check_world(context.world_size)
-    torch.manual_seed(t.seed)
-
+    torch.manual_seed(settings.seed)
     refused = read_refusal(train_dir)
     if refused:  # an earlier attempt of this stage was refused; Ray Train's restart must not load the model again
         raise TrainingDataError(refused)
     tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
-    pad_id = tokenizer.pad_token_id
-    layout, shape = training_layout(config, model_path, context.world_size, context.device)
+    memory_layout, shape = training_layout(config, model_path, context.world_size, context.device)
     if context.device.type == "cuda":  # what an earlier phase's process still holds on this GPU, before the load
-        wait_for_gpu_memory(config, shape, layout, context, train_dir)
-    compute_dtype = DTYPES[t.compute_dtype]
+        wait_for_gpu_memory(config, shape, memory_layout, context, train_dir)
     model = load_for_training(model_path, config.model.trust_remote_code, context.device, context.rank,
-                              t.load_on_rank0, compute_dtype, t.cpu_offload, layout.activation_checkpointing, t.lora)
-    use_packed_kernel(model, t.attention)
+                              settings.load_on_rank0, DTYPES[settings.compute_dtype], settings.cpu_offload,
+                              memory_layout.activation_checkpointing, settings.lora)
+    use_packed_kernel(model, settings.attention)
     model.train()
-    precision = lambda: compute_context(model, compute_dtype, context.device)  # noqa: E731 (a fresh context per use)
     optimizer = build_optimizer(model, config)
-    scaler = loss_scaler(model, context.device) if t.compute_dtype == "float16" else None
-    scheduler = build_scheduler(optimizer, schedule.total_steps, t.warmup_ratio)
-
-    # the plan's figures for this phase, to set the measured ones beside (rank 0 measures its CPU's matmul rate)
-    prediction = predict_phase(config, model, examples, layout, context.world_size, context.device,
-                               resident_before) if context.rank == 0 else None
-    meter, peaks, step_times = PeakMemory(context.device), [], []
-    cadence, pending, checkpoint_seconds = CheckpointCadence(t.checkpoint_every), None, 0.0
-    asynchronous = t.async_checkpoint is True or (t.async_checkpoint == "auto" and context.device.type == "cuda")
-    reference = {}
+    run = LoopState(
+        config, context, train_dir, algorithm, examples, schedule, tokenizer, memory_layout, model, optimizer,
+        scheduler=build_scheduler(optimizer, schedule.total_steps, settings.warmup_ratio),
+        scaler=loss_scaler(model, context.device) if settings.compute_dtype == "float16" else None,
+        # the plan's figures for this phase, to set the measured ones beside (rank 0 measures its CPU's matmul rate)
+        prediction=predict_phase(config, model, examples, memory_layout, context.world_size, context.device,
+                                 resident_before) if context.rank == 0 else None,
+        reference={}, start_step=0, log=None,
+        validation=examples_from_rows(early_stop.rows, "validation", config) if early_stop else [],
+        patience=early_stop.patience if early_stop else 0, history=[], setup_seconds=0.0,
+        meter=PeakMemory(context.device), cadence=CheckpointCadence(settings.checkpoint_every),
+        asynchronous=settings.async_checkpoint is True or (settings.async_checkpoint == "auto"
+                                                            and context.device.type == "cuda"))
     if algorithm.uses_reference(config) and not algorithm.reference_in_rows(config):  # before a checkpoint is loaded
-        examples, reference = trainer_reference(model, examples, schedule, config, pad_id, train_dir, context.rank,
-                                                context.world_size, context.device, precision)
+        run.examples, run.reference = trainer_reference(model, examples, schedule, config, run.pad_id, train_dir,
+                                                        context.rank, context.world_size, context.device,
+                                                        run.precision)
+    resume(run)
+    run.started = time.perf_counter()
+    run.setup_seconds = run.started - setup_started  # examples, model and tokenizer, FSDP, optimizer, checkpoint
+    return run
 
-    start_step = 0
-    earlier = read_metrics_log(train_dir)  # read by every rank before rank 0 trims it: the validation history
-    log = JsonLines(join(train_dir, "metrics.jsonl")) if context.rank == 0 else None
-    steps = committed_steps(train_dir)
+
+def resume(run: LoopState) -> None:
+    """Load the last committed checkpoint, if any, and keep the metrics log and validation history up to it."""
+    earlier = read_metrics_log(run.train_dir)  # read by every rank before rank 0 trims it: the validation history
+    steps = committed_steps(run.train_dir)
     if steps:
-        state = load_checkpoint(train_dir, steps[-1], model, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
+        state = load_checkpoint(run.train_dir, steps[-1], run.model, run.optimizer)
+        run.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-        start_step = state["step"]
-    if log is not None:  # drop lines of steps the checkpoint does not contain (all of them on a fresh start)
-        log.keep(lambda record: record["step"] <= start_step)
-    per_rank = t.global_batch_size // context.world_size
-    per_example_scale = 1.0 / per_rank  # FSDP averages over ranks: (1/W) * sum / (G/W) = sum / G
+        run.start_step = state["step"]
+    if run.context.rank == 0:  # drop lines of steps the checkpoint does not contain (all of them on a fresh start)
+        run.log = JsonLines(join(run.train_dir, "metrics.jsonl"))
+        run.log.keep(lambda record: record["step"] <= run.start_step)
+    run.history = [r["validation_nll"] for r in earlier if "validation_nll" in r and r["step"] <= run.start_step]
 
-    validation = examples_from_rows(early_stop.rows, "validation", config) if early_stop else []
-    started = time.perf_counter()
-    setup_seconds = started - setup_started  # examples, model and tokenizer load, FSDP, optimizer, checkpoint load
-    summary = {}
-    tokens_this_run = 0.0
-    history = [r["validation_nll"] for r in earlier if "validation_nll" in r and r["step"] <= start_step]
-    best_dir = join(train_dir, "best_model")
-    stopping = False
-    for step in range(start_step, schedule.total_steps):
-        if context.on_step:
-            context.on_step(step, context, train_dir)
-        step_started = time.perf_counter()
-        meter.reset()
-        global_indices = schedule.global_batch(step)
-        if algorithm.token_average:  # FSDP averages over ranks: W / tokens turns the sum into a token average
-            scale = context.world_size / _answer_tokens(examples, global_indices)
-        else:
-            scale = per_example_scale
-        sums: dict[str, float] = {}
-        reference_gap = None
-        # the step-0 canary: over every micro-batch of the iteration's first step, the largest gap and where it is
-        canary = step == 0 and start_step == 0
-        worst = (-1.0, None)  # no reference log-probs yet (none at all for reference-free T-SPIN and SFT)
-        micros = list(schedule.micro_batches(step, context.rank, context.world_size))
-        for number, micro in enumerate(micros, start=1):
-            # gradients sync on the last micro-batch only, or after each one when accumulation is sharded
-            set_accumulating(model, number < len(micros), layout.sharded_accumulation)
-            part = micro_step(model, [examples[i] for i in micro], algorithm, config, pad_id, scale, context.device,
-                              precision(), scaler, check_reference=canary)
-            if "reference_gap" in part:
-                worst = max(worst, (part.pop("reference_gap"), part.pop("reference_gap_at")), key=lambda g: g[0])
-            for key, value in part.items():
-                sums[key] = sums.get(key, 0.0) + value
-        if canary:  # before the first optimizer step: the policy is still the reference
-            reference_gap = check_reference(worst[0] if worst[1] else None, worst[1], config, context, train_dir)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        if scaler is not None:
-            scaler.step(optimizer)  # skipped when the scaled gradients overflowed; the scale then halves
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        totals = _all_reduce_sums(sums, context.device)
-        tokens_this_run += totals["tokens"]
-        seconds = time.perf_counter() - step_started
-        metrics = _step_metrics(totals, algorithm, t.global_batch_size, step, schedule, lr, float(grad_norm), seconds)
-        peak = _max_over_ranks(meter.peak(), context.device)
-        if peak is not None:
-            metrics["peak_memory_bytes"] = peak
-            peaks.append(peak)
-        step_times.append(seconds)
-        if reference_gap is not None:
-            metrics["reference_gap"] = reference_gap
-        if validation and (step + 1) % schedule.steps_per_epoch == 0:
-            metrics["validation_nll"] = validation_nll(model, validation, pad_id, config, context)
-            history.append(metrics["validation_nll"])
-            if history[-1] == min(history):  # the best epoch so far: its weights are kept until a better one
-                export_hf(model, tokenizer, best_dir, context.rank, config.model.dtype)
-            stopping = len(history) - 1 - history.index(min(history)) >= early_stop.patience
-        summary = metrics
-        if context.rank == 0:
-            record = {**metrics, "world_size": context.world_size,
-                      "prompt_ids": [examples[i].prompt_id for i in global_indices]}
-            log.append(record)
-            # not print(): Ray Train's worker patches it to log as well as print when stdout is wrapped (as in a
-            # job), and every step line came out twice
-            sys.stdout.write(_progress_line(metrics, schedule.total_steps, time.perf_counter() - started, start_step) + "\n")
-            sys.stdout.flush()
-        if context.report:
-            context.report(metrics)
-        done = step + 1
-        blocked = time.monotonic()
-        if pending is not None and pending.written_everywhere(context.device):  # a background save is done
-            cadence.saved(pending.commit())
-            pending = None
-        if done < schedule.total_steps and cadence.due(done, context.device):
-            state = {"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state().tolist(),
-                     "epoch": done // schedule.steps_per_epoch, "samples_seen": done * t.global_batch_size,
-                     "world_size": context.world_size}
-            if pending is not None:  # at most one save in flight
-                cadence.saved(pending.commit())
-                pending = None
-            if asynchronous:
-                pending = save_checkpoint_async(train_dir, done, model, optimizer, state, context.rank,
-                                                t.keep_checkpoints)
-            else:
-                save_checkpoint(train_dir, done, model, optimizer, state, context.rank, t.keep_checkpoints)
-                cadence.saved(time.monotonic() - blocked)
-        checkpoint_seconds += time.monotonic() - blocked
-        if stopping:
-            break
-    if pending is not None:  # the last background save counts before the export supersedes it
-        pending.commit()
 
-    train_seconds = time.perf_counter() - started
+def train_step(run: LoopState, step: int) -> dict:
+    """One optimizer step over this rank's micro-batches (gradients synced as the layout says), clipped and taken;
+    its metrics averaged over every rank, with its peak memory and, at an iteration's first step, the largest gap
+    between policy and reference (the step-0 canary)."""
+    config, context, settings = run.config, run.context, run.config.training
+    if context.on_step:
+        context.on_step(step, context, run.train_dir)
+    step_started = time.perf_counter()
+    run.meter.reset()
+    global_indices = run.schedule.global_batch(step)
+    if run.algorithm.token_average:  # FSDP averages over ranks: W / tokens turns the sum into a token average
+        scale = context.world_size / _answer_tokens(run.examples, global_indices)
+    else:  # FSDP averages over ranks: (1/W) * sum / (G/W) = sum / G
+        scale = 1.0 / (settings.global_batch_size // context.world_size)
+    sums: dict[str, float] = {}
+    canary = step == 0 and run.start_step == 0
+    worst = (-1.0, None)  # no reference log-probs yet (none at all for reference-free T-SPIN and SFT)
+    micros = list(run.schedule.micro_batches(step, context.rank, context.world_size))
+    for number, micro in enumerate(micros, start=1):
+        # gradients sync on the last micro-batch only, or after each one when accumulation is sharded
+        set_accumulating(run.model, number < len(micros), run.memory_layout.sharded_accumulation)
+        part = micro_step(run.model, [run.examples[i] for i in micro], run.algorithm, config, run.pad_id, scale,
+                          context.device, run.precision(), run.scaler, check_reference=canary)
+        if "reference_gap" in part:
+            worst = max(worst, (part.pop("reference_gap"), part.pop("reference_gap_at")), key=lambda g: g[0])
+        for key, value in part.items():
+            sums[key] = sums.get(key, 0.0) + value
+    # before the first optimizer step the policy is still the reference
+    reference_gap = check_reference(worst[0] if worst[1] else None, worst[1], config, context,
+                                    run.train_dir) if canary else None
+    grad_norm, lr = optimizer_step(run)
+    totals = _all_reduce_sums(sums, context.device)
+    run.tokens_this_run += totals["tokens"]
+    seconds = time.perf_counter() - step_started
+    metrics = _step_metrics(totals, run.algorithm, settings.global_batch_size, step, run.schedule, lr, grad_norm,
+                            seconds)
+    peak = _max_over_ranks(run.meter.peak(), context.device)
+    if peak is not None:
+        metrics["peak_memory_bytes"] = peak
+        run.peaks.append(peak)
+    run.step_times.append(seconds)
+    if reference_gap is not None:
+        metrics["reference_gap"] = reference_gap
+    return metrics
+
+
+def optimizer_step(run: LoopState) -> tuple[float, float]:
+    """Clip, step (through float16's loss scale where there is one), zero the gradients, advance the schedule;
+    returns the gradient norm before clipping and the learning rate the step used."""
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.training.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)  # skipped when the scaled gradients overflowed; the scale then halves
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    return float(grad_norm), lr
+
+
+def end_step(run: LoopState, step: int, metrics: dict) -> None:
+    """After a step: at an epoch's end the validation NLL (the best epoch's weights kept, early stop decided), the
+    metrics logged and reported, and a checkpoint when one is due."""
+    context = run.context
+    if run.validation and (step + 1) % run.schedule.steps_per_epoch == 0:
+        metrics["validation_nll"] = validation_nll(run.model, run.validation, run.pad_id, run.config, context)
+        run.history.append(metrics["validation_nll"])
+        if run.history[-1] == min(run.history):  # the best epoch so far: its weights are kept until a better one
+            export_hf(run.model, run.tokenizer, join(run.train_dir, "best_model"), context.rank,
+                      run.config.model.dtype)
+        run.stopping = len(run.history) - 1 - run.history.index(min(run.history)) >= run.patience
+    run.summary = metrics
     if context.rank == 0:
-        prediction = settle_cpu_rate(prediction, context.device, t.cpus_per_worker)
-    checked = check_against_plan(prediction, peaks, step_times) if context.rank == 0 else {}
+        global_indices = run.schedule.global_batch(step)
+        run.log.append({**metrics, "world_size": context.world_size,
+                        "prompt_ids": [run.examples[i].prompt_id for i in global_indices]})
+        # not print(): Ray Train's worker patches it to log as well as print when stdout is wrapped (as in a
+        # job), and every step line came out twice
+        sys.stdout.write(_progress_line(metrics, run.schedule.total_steps, time.perf_counter() - run.started,
+                                        run.start_step) + "\n")
+        sys.stdout.flush()
+    if context.report:
+        context.report(metrics)
+    checkpoint_if_due(run, step + 1)
+
+
+def checkpoint_if_due(run: LoopState, done: int) -> None:
+    """Commit a finished background save; save when the cadence says (at most one save in flight). The time this
+    holds training up adds to `checkpoint_seconds`."""
+    settings, context = run.config.training, run.context
+    blocked = time.monotonic()
+    if run.pending is not None and run.pending.written_everywhere(context.device):  # a background save is done
+        run.cadence.saved(run.pending.commit())
+        run.pending = None
+    if done < run.schedule.total_steps and run.cadence.due(done, context.device):
+        state = {"scheduler": run.scheduler.state_dict(), "torch_rng": torch.get_rng_state().tolist(),
+                 "epoch": done // run.schedule.steps_per_epoch, "samples_seen": done * settings.global_batch_size,
+                 "world_size": context.world_size}
+        if run.pending is not None:  # at most one save in flight
+            run.cadence.saved(run.pending.commit())
+            run.pending = None
+        if run.asynchronous:
+            run.pending = save_checkpoint_async(run.train_dir, done, run.model, run.optimizer, state, context.rank,
+                                                settings.keep_checkpoints)
+        else:
+            save_checkpoint(run.train_dir, done, run.model, run.optimizer, state, context.rank,
+                            settings.keep_checkpoints)
+            run.cadence.saved(time.monotonic() - blocked)
+    run.checkpoint_seconds += time.monotonic() - blocked
+
+
+def finish(run: LoopState, export_dir: str, merged_dir: str | None) -> dict:
+    """The last background save committed, the plan checked, the model exported (the best epoch's where a later
+    one was worse on validation; with LoRA the adapter, and `merged_dir` the merged model), the checkpoints dropped;
+    returns the phase's summary."""
+    config, context, settings = run.config, run.context, run.config.training
+    if run.pending is not None:  # the last background save counts before the export supersedes it
+        run.pending.commit()
+    train_seconds = time.perf_counter() - run.started
+    checked = {}
+    if context.rank == 0:
+        prediction = settle_cpu_rate(run.prediction, context.device, settings.cpus_per_worker)
+        checked = check_against_plan(prediction, run.peaks, run.step_times)
     export_started = time.perf_counter()
     stopped = {}
-    if history:
-        best = history.index(min(history))
-        stopped = {"epochs_run": len(history), "best_epoch": best + 1, "validation_nll": round(history[best], 6),
-                   "validation_nll_by_epoch": [round(v, 6) for v in history]}
-    if history and stopped["best_epoch"] < len(history):
-        copy_export(best_dir, export_dir, context.rank)  # a later epoch was worse on validation
+    if run.history:
+        best = run.history.index(min(run.history))
+        stopped = {"epochs_run": len(run.history), "best_epoch": best + 1,
+                   "validation_nll": round(run.history[best], 6),
+                   "validation_nll_by_epoch": [round(v, 6) for v in run.history]}
+    if run.history and stopped["best_epoch"] < len(run.history):
+        copy_export(join(run.train_dir, "best_model"), export_dir, context.rank)  # a later epoch was worse
     else:
-        export_hf(model, tokenizer, export_dir, context.rank, config.model.dtype)
-    if merged_dir and is_adapted(model):
+        export_hf(run.model, run.tokenizer, export_dir, context.rank, config.model.dtype)
+    if merged_dir and is_adapted(run.model):
         export_merged(export_dir, merged_dir, config.model.dtype, config.model.trust_remote_code, context.rank)
-    drop_checkpoints(train_dir, context.rank)
+    drop_checkpoints(run.train_dir, context.rank)
     return {
-        **summary,
+        **run.summary,
         **stopped,
-        **reference,
-        "reference_source": config.reference_source if algorithm.uses_reference(config) else None,
-        "training_tokens_per_second": round(tokens_this_run / train_seconds, 1) if tokens_this_run else None,
-        "setup_seconds": round(setup_seconds, 2),
-        "compute_dtype": t.compute_dtype,
-        "lora_rank": model.peft_config["default"].r if is_adapted(model) else 0,
-        "trainable_parameters": trainable_parameters(model),
-        "activation_checkpointing": layout.activation_checkpointing,
-        "sharded_accumulation": layout.sharded_accumulation,
+        **run.reference,
+        "reference_source": config.reference_source if run.algorithm.uses_reference(config) else None,
+        "training_tokens_per_second": round(run.tokens_this_run / train_seconds, 1) if run.tokens_this_run else None,
+        "setup_seconds": round(run.setup_seconds, 2),
+        "compute_dtype": settings.compute_dtype,
+        "lora_rank": run.model.peft_config["default"].r if is_adapted(run.model) else 0,
+        "trainable_parameters": trainable_parameters(run.model),
+        "activation_checkpointing": run.memory_layout.activation_checkpointing,
+        "sharded_accumulation": run.memory_layout.sharded_accumulation,
         "training_seconds": round(train_seconds, 2),
-        "checkpoint_seconds": round(checkpoint_seconds, 2),  # what saving held training up (background writes not)
+        "checkpoint_seconds": round(run.checkpoint_seconds, 2),  # what saving held training up (not background writes)
         **({"plan_check": checked} if checked else {}),
         "export_seconds": round(time.perf_counter() - export_started, 2),
-        "steps": summary.get("step", schedule.total_steps) if stopped else schedule.total_steps,
-        "resumed_from_step": start_step,
-        "pairs": len(examples),
-        "pairs_left_out_per_epoch": len(examples) - schedule.steps_per_epoch * t.global_batch_size,
-        "seconds": round(time.perf_counter() - started, 2),
+        "steps": run.summary.get("step", run.schedule.total_steps) if stopped else run.schedule.total_steps,
+        "resumed_from_step": run.start_step,
+        "pairs": len(run.examples),
+        "pairs_left_out_per_epoch": len(run.examples) - run.schedule.steps_per_epoch * settings.global_batch_size,
+        "seconds": round(time.perf_counter() - run.started, 2),
         "export_dir": export_dir,
     }
 
@@ -441,9 +533,9 @@ def read_refusal(train_dir: str) -> str | None:
 
 
 def training_layout(config: Config, model_path: str, world: int, device: torch.device):
-    """(layout, model shape): training.activation_checkpointing and training.gradient_accumulation with auto decided
-    by the memory plan against this worker's GPU (on CPU auto means off and unsharded), and the model's shape as the
-    plan reads it (None on CPU, or for a model the plan does not describe)."""
+    """(memory layout, model shape): training.activation_checkpointing and training.gradient_accumulation with auto
+    decided by the memory plan against this worker's GPU (on CPU auto means off and unsharded), and the model's shape
+    as the plan reads it (None on CPU, or for a model the plan does not describe)."""
     from spin_ray.models import local_model_path
     from spin_ray.plan import GPU_RUNTIME_BYTES, ModelShape, PlanError, choose_layout
 
@@ -460,7 +552,7 @@ def training_layout(config: Config, model_path: str, world: int, device: torch.d
     return choose_layout(config, shape, world, device_bytes, GPU_RUNTIME_BYTES), shape
 
 
-def wait_for_gpu_memory(config: Config, shape, layout, context: WorkerContext, train_dir: str) -> None:
+def wait_for_gpu_memory(config: Config, shape, memory_layout, context: WorkerContext, train_dir: str) -> None:
     """Before the load: wait (bounded) until this worker's GPU has the memory the plan gives a worker free, else refuse
     the stage in one line naming the processes that hold it (no restart: recorded as a refusal). A model the plan does
     not describe needs 90% of the GPU free."""
@@ -469,7 +561,8 @@ def wait_for_gpu_memory(config: Config, shape, layout, context: WorkerContext, t
 
     index = context.device.index if context.device.index is not None else torch.cuda.current_device()
     if shape is not None:
-        run = training_shape(config, context.world_size, layout.activation_checkpointing, layout.sharded_accumulation)
+        run = training_shape(config, context.world_size, memory_layout.activation_checkpointing,
+                             memory_layout.sharded_accumulation)
         # this process's CUDA context is part of the runtime share, and already allocated
         needed = training_memory(shape, run, GPU_RUNTIME_BYTES).device_total - GPU_RUNTIME_BYTES
     else:
@@ -513,15 +606,15 @@ def check_reference(gap: float | None, where: tuple | None, config: Config, cont
         return worst
     prompt_id, answer = at
     names = objective(config).answers.strip("()").split(", ")
-    t = config.training
+    settings = config.training
     if config.reference_source == "trainer":
         cause = ("the reference came from this same forward before training, so the forward is not repeatable: "
                  "dropout (training.lora.dropout) or a nondeterministic kernel; set training.reference_check_tolerance "
                  "to what it varies by")
-    elif config.model.dtype != t.compute_dtype:
+    elif config.model.dtype != settings.compute_dtype:
         cause = (f"the reference was scored in model.dtype {config.model.dtype} and training computes in "
-                 f"training.compute_dtype {t.compute_dtype}; set training.reference=trainer (training scores its "
-                 "own reference), score and train in the same dtype, or raise the tolerance")
+                 f"training.compute_dtype {settings.compute_dtype}; set training.reference=trainer (training scores "
+                 "its own reference), score and train in the same dtype, or raise the tolerance")
     else:
         cause = ("the reference came from another kernel or model than the one training starts from (set "
                  "training.reference=trainer), or from other token ids than training reads (a tokenizer or chat "
