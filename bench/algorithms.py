@@ -65,7 +65,7 @@ def main() -> None:
     import ray
 
     from spin_ray.config import load_config
-    from spin_ray.driver import run_iterations
+    from spin_ray.run.driver import run_iterations
 
     storage = tempfile.mkdtemp(prefix="bench-algorithms-", dir=os.environ.get("RAY_TMPDIR"))
     ray.init(ignore_reinit_error=True, log_to_driver=False)

@@ -124,9 +124,9 @@ def main() -> None:
     import ray
 
     from spin_ray.config import load_config
-    from spin_ray.models import load_model, load_tokenizer, resolve_model
-    from spin_ray.prepare import tokenize_split
-    from spin_ray.tokenization import ChatFormat
+    from spin_ray.models.resolution import load_model, load_tokenizer, resolve_model
+    from spin_ray.data.prepare import tokenize_split
+    from spin_ray.data.tokenization import ChatFormat
 
     storage = tempfile.mkdtemp(prefix="bench-gen-", dir=os.environ.get("RAY_TMPDIR"))
     config = load_config(args.config, [f"data.limit={args.prompts}", f"run.storage_path={storage}", "run.name=bench",

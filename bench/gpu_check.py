@@ -115,9 +115,9 @@ def attention_ops(model_dir: Path, device: str, overrides: list[str], prompt: in
     from torch.profiler import ProfilerActivity, profile
 
     from spin_ray.config import load_config
-    from spin_ray.logprobs import answer_logps
-    from spin_ray.models import load_model
-    from spin_ray.packed_attention import use_packed_kernel
+    from spin_ray.objectives.logprobs import answer_logps
+    from spin_ray.models.resolution import load_model
+    from spin_ray.objectives.packed_attention import use_packed_kernel
     from spin_ray.training.parallel import DTYPES, compute_context
 
     config = load_config(None, [f"model.name={model_dir}", f"training.use_gpu={device == 'cuda'}", *overrides])

@@ -45,7 +45,7 @@ def make_adapter(base: str, rank: int, scratch: str) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from spin_ray.models import load_model, load_tokenizer
+    from spin_ray.models.resolution import load_model, load_tokenizer
 
     torch.manual_seed(0)
     model = get_peft_model(load_model(base, "float32", False),
@@ -69,9 +69,9 @@ def child(model: str, adapter: str | None, rank: int, prompts: int) -> None:
 
     from spin_ray.config import load_config
     from spin_ray.generation.engine import EngineSpec
-    from spin_ray.models import load_tokenizer
-    from spin_ray.prepare import tokenize_split
-    from spin_ray.tokenization import ChatFormat
+    from spin_ray.models.resolution import load_tokenizer
+    from spin_ray.data.prepare import tokenize_split
+    from spin_ray.data.tokenization import ChatFormat
 
     config = load_config(str(ROOT / "jobs" / "gsm8k_smollm2_cpu.yaml"),
                          [f"data.limit={prompts}", "generation.engine=vllm", f"generation.batch_size={prompts}",
@@ -128,7 +128,7 @@ def main() -> int:
     import peft
     import vllm
 
-    from spin_ray.models import resolve_model
+    from spin_ray.models.resolution import resolve_model
 
     base = resolve_model("smollm2-135m-instruct").path
     scratch = tempfile.mkdtemp(prefix="spin-ray-lora-", dir=os.environ.get("RAY_TMPDIR"))

@@ -351,7 +351,7 @@ def main() -> int:
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
         return 0
-    from spin_ray.models import resolve_model
+    from spin_ray.models.resolution import resolve_model
 
     smollm2 = resolve_model("smollm2-135m-instruct").path
     models = {"smollm2": smollm2, "tiny": tiny_model_dir(smollm2, os.path.join(ROOT, ".tmp", "bench-tiny-256"))}

@@ -48,9 +48,9 @@ def demo_config(prompts: int, *overrides: str):
 def child(prompts: int) -> None:
     """The engine terms in one fresh process (a replica's): prints one JSON line."""
     from spin_ray.generation.engine import EngineSpec
-    from spin_ray.models import load_tokenizer, local_model_path
-    from spin_ray.prepare import tokenize_split
-    from spin_ray.tokenization import ChatFormat
+    from spin_ray.models.resolution import load_tokenizer, local_model_path
+    from spin_ray.data.prepare import tokenize_split
+    from spin_ray.data.tokenization import ChatFormat
     from spin_ray.workers import prepare_compute_process
 
     config = demo_config(prompts, f"generation.batch_size={prompts}")
@@ -98,7 +98,7 @@ def engine_terms(prompts: int) -> dict:
 
 def disk_terms(scratch: str) -> dict:
     """Staging, loading and export of the demo's model on this machine's disk."""
-    from spin_ray.models import load_model, load_tokenizer, local_model_path
+    from spin_ray.models.resolution import load_model, load_tokenizer, local_model_path
     from spin_ray.storage import download_folder
     from spin_ray.training.checkpoint import export_hf
 

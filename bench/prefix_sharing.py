@@ -55,7 +55,7 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from spin_ray.models import resolve_model
+    from spin_ray.models.resolution import resolve_model
     from spin_ray.workers import prepare_compute_process
 
     prepare_compute_process(2)

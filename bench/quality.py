@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spin_ray.algorithms import STABILISERS  # noqa: E402
+from spin_ray.objectives.algorithms import STABILISERS  # noqa: E402
 
 # the paper's loss: every stabiliser off, whatever the defaults are
 PAPER = [f"training.{name}={json.dumps(off)}" for name, off in STABILISERS.items()]
@@ -51,7 +51,7 @@ COMPARED = {"correct_strict": ("accuracy_lm_eval_strict", 1), "correct_flexible"
 def run(config) -> dict:
     import ray
 
-    from spin_ray.driver import driver_alive, start_driver
+    from spin_ray.run.driver import driver_alive, start_driver
 
     started = time.perf_counter()
     driver = start_driver(config)
@@ -206,7 +206,7 @@ def main() -> None:
     import ray
 
     from spin_ray.config import load_config
-    from spin_ray.layout import RunLayout
+    from spin_ray.run.layout import RunLayout
 
     arms = {name: ARMS[name] for name in args.arms.split(",")}
     if "sft" not in arms:

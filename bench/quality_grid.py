@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.quality import PAPER, START, run  # noqa: E402  (the same start, the same way of running a phase chain)
-from spin_ray.algorithms import RECOMMENDABLE  # noqa: E402
+from spin_ray.objectives.algorithms import RECOMMENDABLE  # noqa: E402
 
 # every point states the paper's loss first, so a point means the same whatever the algorithms' defaults are
 SPIN_PAPER = ["algorithm=spin", *PAPER]
@@ -102,7 +102,7 @@ def main() -> None:
     import ray
 
     from spin_ray.config import load_config
-    from spin_ray.layout import RunLayout
+    from spin_ray.run.layout import RunLayout
 
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     started = time.perf_counter()

@@ -28,7 +28,7 @@ def tiny_model(folder: str) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from spin_ray.models import load_tokenizer, resolve_model
+    from spin_ray.models.resolution import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model("smollm2-135m-instruct").path)
     torch.manual_seed(0)
@@ -50,7 +50,7 @@ def main() -> None:
     import s3fs
 
     from spin_ray.config import load_config
-    from spin_ray.driver import run_iterations
+    from spin_ray.run.driver import run_iterations
     from tests.servers import MotoS3
 
     work = Path(tempfile.mkdtemp(prefix="bench-storage-", dir=os.environ.get("RAY_TMPDIR")))

@@ -80,9 +80,9 @@ def build_pairs(model_path: str, pairs: int, max_new_tokens: int) -> list[dict]:
     (computed the way the generation stage does: summed while decoding, human answer in the prefill)."""
     from spin_ray.config import load_config
     from spin_ray.generation.hf_engine import HFEngine
-    from spin_ray.models import load_model, load_tokenizer
-    from spin_ray.prepare import tokenize_split
-    from spin_ray.tokenization import ChatFormat
+    from spin_ray.models.resolution import load_model, load_tokenizer
+    from spin_ray.data.prepare import tokenize_split
+    from spin_ray.data.tokenization import ChatFormat
 
     config = load_config(None, [f"data.limit={pairs}", "data.max_prompt_tokens=256", "data.max_response_tokens=256"])
     chat = ChatFormat(load_tokenizer(model_path))
@@ -102,7 +102,7 @@ def model_flops_per_token(model_path: str, mean_sequence: float) -> float:
     """6N (forward + backward of every weight) + 12 L d T (attention scores and values), per token."""
     from transformers import AutoConfig
 
-    from spin_ray.models import load_model
+    from spin_ray.models.resolution import load_model
 
     params = load_model(model_path).num_parameters()
     cfg = AutoConfig.from_pretrained(model_path)
@@ -156,7 +156,7 @@ def run_ours_beside_ray(args, rows, model_path, scratch) -> dict:
 def run_ours_ray(args, rows, model_path, scratch) -> dict:
     import ray
 
-    from spin_ray.layout import RunLayout
+    from spin_ray.run.layout import RunLayout
     from spin_ray.training.trainer import run_training
 
     workers, cpus = args.ray_workers, args.threads / args.ray_workers
@@ -177,7 +177,7 @@ def run_trl(args, rows, model_path, scratch, precompute: bool) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from spin_ray.models import load_model, load_tokenizer
+    from spin_ray.models.resolution import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)
     dataset = Dataset.from_list([
@@ -233,7 +233,7 @@ def main() -> None:
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     os.environ.setdefault("TQDM_DISABLE", "1")
 
-    from spin_ray.models import resolve_model
+    from spin_ray.models.resolution import resolve_model
 
     model_path = resolve_model("smollm2-135m-instruct").path
     torch.manual_seed(0)

@@ -50,9 +50,9 @@ def child(prompts: int, config_path: str, engine_kwargs: dict) -> None:
 
     from spin_ray.config import load_config
     from spin_ray.generation.engine import EngineSpec
-    from spin_ray.models import load_tokenizer, resolve_model
-    from spin_ray.prepare import tokenize_split
-    from spin_ray.tokenization import ChatFormat
+    from spin_ray.models.resolution import load_tokenizer, resolve_model
+    from spin_ray.data.prepare import tokenize_split
+    from spin_ray.data.tokenization import ChatFormat
 
     config = load_config(config_path, [f"data.limit={prompts}", "generation.engine=vllm"])
     spec = EngineSpec.from_config(config, resolve_model(config.model.name, config.model.cache_dir).path,

@@ -9,15 +9,15 @@ import os
 import sys
 
 from spin_ray import __version__
-from spin_ray.adapters import AdapterError
-from spin_ray.algorithms import TrainingDataError
-from spin_ray.cluster import ResourceError
+from spin_ray.models.adapters import AdapterError
+from spin_ray.objectives.algorithms import TrainingDataError
+from spin_ray.run.cluster import ResourceError
 from spin_ray.config import ConfigError, load_config
-from spin_ray.data import DataError
-from spin_ray.driver import RunAlreadyActive
+from spin_ray.data.records import DataError
+from spin_ray.run.driver import RunAlreadyActive
 from spin_ray.generation.shards import GenerationError
-from spin_ray.layout import RunLayout
-from spin_ray.models import ModelResolutionError
+from spin_ray.run.layout import RunLayout
+from spin_ray.models.resolution import ModelResolutionError
 from spin_ray.plan import PlanError
 from spin_ray.storage import StorageError, preflight
 
@@ -46,7 +46,7 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from spin_ray.prepare import format_summary, validate
+    from spin_ray.data.prepare import format_summary, validate
 
     summary = validate(_config(args))
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
@@ -56,7 +56,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_prepare_model(args: argparse.Namespace) -> int:
     import time
 
-    from spin_ray.models import resolve_model
+    from spin_ray.models.resolution import resolve_model
 
     started = time.perf_counter()
     resolved = resolve_model(args.model, args.cache_dir)
@@ -92,14 +92,14 @@ def _init_ray(address: str | None) -> None:
 
 def _check_inputs(config, model: str | None = None, train: bool = True, evaluation: bool | None = None) -> None:
     """Model and data refused in seconds, before Ray starts (and, on a cluster, before any node is provisioned)."""
-    from spin_ray.prepare import check_inputs
+    from spin_ray.data.prepare import check_inputs
 
     print(f"[spin-ray] inputs: {check_inputs(config, model, train, evaluation)}", flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from spin_ray.generation.pipeline import format_generation_summary, run_generation
-    from spin_ray.models import resolve_model
+    from spin_ray.models.resolution import resolve_model
 
     config = _config(args)
     layout = RunLayout.of(config)
@@ -115,7 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from spin_ray.generation.shards import parquet_files, shards_dataset
-    from spin_ray.models import resolve_model
+    from spin_ray.models.resolution import resolve_model
     from spin_ray.training.trainer import run_training
 
     config = _config(args)
@@ -169,10 +169,10 @@ def _check_plan(config) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import ray
 
-    from spin_ray.driver import driver_alive, ray_session, start_driver
-    from spin_ray.lease import describe, live_holder
-    from spin_ray.manifest import check_config, resume_config
-    from spin_ray.report import format_table
+    from spin_ray.run.driver import driver_alive, ray_session, start_driver
+    from spin_ray.run.lease import describe, live_holder
+    from spin_ray.run.manifest import check_config, resume_config
+    from spin_ray.run.report import format_table
     from spin_ray.storage import read_json
 
     config = _config(args)
@@ -211,8 +211,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from spin_ray.evaluation import evaluate_model
-    from spin_ray.models import resolve_model
+    from spin_ray.run.evaluation import evaluate_model
+    from spin_ray.models.resolution import resolve_model
     from spin_ray.storage import join
 
     config = _config(args)
@@ -237,8 +237,8 @@ def _run_folder(target: str) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from spin_ray.manifest import Manifest
-    from spin_ray.report import format_table, write_report
+    from spin_ray.run.manifest import Manifest
+    from spin_ray.run.report import format_table, write_report
 
     folder = _run_folder(args.run)
     manifest = Manifest.read(folder)
@@ -251,9 +251,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from spin_ray.lease import live_holder
-    from spin_ray.manifest import Manifest
-    from spin_ray.report import format_status, run_state
+    from spin_ray.run.lease import live_holder
+    from spin_ray.run.manifest import Manifest
+    from spin_ray.run.report import format_status, run_state
 
     folder = _run_folder(args.run)
     manifest = Manifest.read(folder)
@@ -295,9 +295,9 @@ def holder_job_status(holder: dict | None, address: str | None, timeout_s: float
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from spin_ray.manifest import Manifest
-    from spin_ray.model_card import model_card
-    from spin_ray.models import MODEL_CARD, folder_complete
+    from spin_ray.run.manifest import Manifest
+    from spin_ray.run.model_card import model_card
+    from spin_ray.models.resolution import MODEL_CARD, folder_complete
 
     folder = _run_folder(args.run)
     manifest = Manifest.read(folder)
@@ -335,9 +335,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def export_model(source: str, target: str, config: dict, merged: bool) -> str:
     """Copy a run's model folder to the local folder `target`; a LoRA adapter names the base as the user did (the hub
     id of an alias), or, with `merged`, is written merged into its base. Returns what was written."""
-    from spin_ray.adapters import ADAPTER_CONFIG, adapter_base
-    from spin_ray.model_card import HUB_IDS
-    from spin_ray.models import load_model, load_tokenizer, local_model_path
+    from spin_ray.models.adapters import ADAPTER_CONFIG, adapter_base
+    from spin_ray.run.model_card import HUB_IDS
+    from spin_ray.models.resolution import load_model, load_tokenizer, local_model_path
     from spin_ray.storage import download_folder
 
     model = config["model"]

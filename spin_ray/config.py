@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from spin_ray.algorithms import ALGORITHMS, RECOMMENDABLE, objective
+from spin_ray.objectives.algorithms import ALGORITHMS, RECOMMENDABLE, objective
 
 
 class ConfigError(ValueError):

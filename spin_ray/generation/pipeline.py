@@ -39,9 +39,9 @@ from spin_ray.generation.shards import (
     write_completion,
 )
 from spin_ray.generation.stages import REFERENCE_COLUMNS
-from spin_ray.models import load_tokenizer
-from spin_ray.prepare import TokenizedSplit, tokenize_split
-from spin_ray.tokenization import ChatFormat
+from spin_ray.models.resolution import load_tokenizer
+from spin_ray.data.prepare import TokenizedSplit, tokenize_split
+from spin_ray.data.tokenization import ChatFormat
 
 # Ray 2.60's map_batches takes bounded actor restarts (max_restarts, max_task_retries) only as extra remote
 # args, which it warns are deprecated (to go in 2.64) while offering no named parameter for them; without the
@@ -98,7 +98,7 @@ def run_pass(config: Config, model: str, tasks: list[PassTask], preference_stage
     has its own sampling settings and its own generation folder, committed shard by shard and resumed on its own:
     a restart answers only the prompts without a committed row, in whichever set. `config` sizes the engines.
     `tally_options` name the pass's tally actor, which its engine replicas report to (a driver attempt names it,
-    so a later attempt can end it: `spin_ray.attempts`)."""
+    so a later attempt can end it: `spin_ray.run.attempts`)."""
     results: dict[int, GenerationResult] = {}
     before: set[str] = set()  # shards committed by an earlier job
     open_tasks = []  # (index, task, split, every prompt_id, indices of the prompts still to answer)

@@ -138,7 +138,7 @@ def progress_lines(output_dir: str | list[str], prompts: int, samples: int, shar
     or "stopped") when it ends: answers finished of `prompts` x `samples`, tokens, tokens/s and the ETA from the
     replicas' tally, and shards committed of the `shards` to write; on a terminal Ray Data draws its own bars. An
     engine pass over several prompt sets gives their folders, and its answers as `prompts` with `samples` 1.
-    `tally_options` name the tally (a driver attempt's, `spin_ray.attempts`)."""
+    `tally_options` name the tally (a driver attempt's, `spin_ray.run.attempts`)."""
     import ray
 
     tally = ray.remote(num_cpus=0)(AnswerTally).options(**(tally_options or {})).remote(shards)

@@ -42,7 +42,7 @@ PAIRS_SCHEMA = pa.schema(
         ("oracle_scores", pa.list_(pa.float64())),
         ("win_rates", pa.list_(pa.float64())),
         # log-probs under this row's model of responses a pass was asked to score besides its own (null otherwise):
-        # in evaluation the opponent's answers, in self-play what the next training set mixes in (spin_ray.trainset)
+        # in evaluation the opponent's answers, in self-play what the next training set mixes in (spin_ray.run.trainset)
         ("also_scored_logps", pa.list_(pa.float64())),
     ]
 )

@@ -17,7 +17,7 @@ REFERENCE_COLUMNS = ("ref_logp_real", "ref_logp_generated")
 def score_rows(model, rows: list[dict], pad_id: int, batch_size: int, columns: tuple[str, str] = REFERENCE_COLUMNS) -> None:
     """Set `columns` (the human answer's, then each generated answer's) of each row: forward-only log-probs under
     `model`."""
-    from spin_ray.logprobs import score_responses
+    from spin_ray.objectives.logprobs import score_responses
 
     prompts, responses = [], []
     for row in rows:
@@ -72,8 +72,8 @@ class GenerateStage:
 
     def start_engine(self) -> None:
         """Stage the opponent on this node and build the engine (vLLM, or the HF loop over a loaded model)."""
-        from spin_ray.models import load_tokenizer, local_model_path, merged_model_path
-        from spin_ray.tokenization import ChatFormat
+        from spin_ray.models.resolution import load_tokenizer, local_model_path, merged_model_path
+        from spin_ray.data.tokenization import ChatFormat
 
         spec = self.spec
         path = local_model_path(spec.model, spec.cache_dir)
@@ -81,7 +81,7 @@ class GenerateStage:
         chat = ChatFormat(tokenizer)
         self.pad_id = tokenizer.pad_token_id
         if spec.engine == "vllm":
-            from spin_ray.adapters import adapter_base
+            from spin_ray.models.adapters import adapter_base
             from spin_ray.generation.vllm_engine import VLLMEngine
 
             base = adapter_base(path)  # a LoRA model: the base, staged once per node, plus this adapter
@@ -97,7 +97,7 @@ class GenerateStage:
                                      with_logprobs=spec.score_reference, **adapter)
         else:
             from spin_ray.generation.hf_engine import HFEngine
-            from spin_ray.models import load_model
+            from spin_ray.models.resolution import load_model
 
             self.hf_model = load_model(path, spec.dtype, spec.trust_remote_code)
             self.engine = HFEngine(self.hf_model, chat, spec.max_new_tokens, spec.temperature, spec.top_p, spec.batch_size)
@@ -187,7 +187,7 @@ class GenerateStage:
 
     def _score_also(self, rows: list[dict]) -> None:
         """The HF engine's way to the rows' also-scored responses: one forward-only pass of its model."""
-        from spin_ray.logprobs import score_responses
+        from spin_ray.objectives.logprobs import score_responses
 
         also_in, also_out = ALSO_SCORE_COLUMNS
         pairs = [(row["prompt_token_ids"], response) for row in rows for response in row.get(also_in) or []]
@@ -231,7 +231,7 @@ class ReferenceStage:
 
         started = time.perf_counter()
         prepare_compute_process(threads)
-        from spin_ray.models import load_model, load_tokenizer
+        from spin_ray.models.resolution import load_model, load_tokenizer
 
         self.model = load_model(model, dtype, trust_remote_code, cache_dir).eval().to("cuda" if use_gpu else "cpu")
         self.pad_id = load_tokenizer(model, trust_remote_code, cache_dir).pad_token_id

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from spin_ray.generation.engine import Completion, release_device_memory
-from spin_ray.tokenization import ChatFormat
+from spin_ray.data.tokenization import ChatFormat
 
 # Settings of the CPU build, measured on the 2-core box with SmolLM2 (warm compile cache):
 # - in-process engine core (no EngineCore/worker subprocesses): 300 tok/s and 24 s start-up against
@@ -159,7 +159,7 @@ class VLLMEngine:
             # generation.vllm_engine_kwargs {enforce_eager: false} compiles.
             kwargs["enforce_eager"] = True
         if adapter:  # `model_path` is the base; every request applies the adapter (one LoRA slot, built for its rank)
-            from spin_ray.adapters import adapter_modules, adapter_rank
+            from spin_ray.models.adapters import adapter_modules, adapter_rank
 
             kwargs.update(lora_engine_kwargs(adapter_rank(adapter), adapter_modules(adapter)))
         kwargs.update(engine_kwargs or {})

@@ -23,8 +23,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from spin_ray.adapters import is_adapted, write_adapter
-from spin_ray.models import FOLDER_MARKER, folder_complete, folder_digest, publish_folder
+from spin_ray.models.adapters import is_adapted, write_adapter
+from spin_ray.models.resolution import FOLDER_MARKER, folder_complete, folder_digest, publish_folder
 from spin_ray.storage import (atomic_write_json, download_folder, exists, filesystem, is_local, join, list_dir,
                               read_json, remove)
 
@@ -189,7 +189,7 @@ def export_merged(adapter_url: str, target_url: str, dtype: str, trust_remote_co
     if rank != 0:
         _barrier()
         return None
-    from spin_ray.models import load_model, load_tokenizer
+    from spin_ray.models.resolution import load_model, load_tokenizer
 
     model = load_model(adapter_url, dtype, trust_remote_code)
     tokenizer = load_tokenizer(adapter_url, trust_remote_code)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spin_ray.algorithms import Example, TrainingDataError, objective
+from spin_ray.objectives.algorithms import Example, TrainingDataError, objective
 
 
 def examples_from_rows(rows: list[dict], source: str, config, with_tokens: bool = True) -> list[Example]:

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from spin_ray.algorithms import Algorithm, Example, TrainingDataError, objective
+from spin_ray.objectives.algorithms import Algorithm, Example, TrainingDataError, objective
 from spin_ray.config import Config
-from spin_ray.logprobs import answer_logps
-from spin_ray.packed_attention import use_packed_kernel
+from spin_ray.objectives.logprobs import answer_logps
+from spin_ray.objectives.packed_attention import use_packed_kernel
 from spin_ray.storage import JsonLines, atomic_write_json, join, read_json, read_json_lines
-from spin_ray.adapters import adapter_base, is_adapted
+from spin_ray.models.adapters import adapter_base, is_adapted
 from spin_ray.training.checkpoint import (committed_steps, copy_export, drop_checkpoints, export_hf, export_merged,
                                          load_checkpoint, save_checkpoint, save_checkpoint_async)
 from spin_ray.training.data import Schedule, examples_from_rows
@@ -219,7 +219,7 @@ def set_up(config: Config, rows: list[dict], model_path: str, train_dir: str, co
            early_stop: EarlyStop | None) -> LoopState:
     """Examples and their schedule, the model (sharded, checkpointed as the plan chose), optimizer and schedule, the
     plan's prediction, the trainer's reference pass where it is needed, and a committed checkpoint's state."""
-    from spin_ray.models import load_tokenizer
+    from spin_ray.models.resolution import load_tokenizer
 
     setup_started = time.perf_counter()
     resident_before = resident_now() or 0  # the plan's runtime share on a CPU: interpreter, libraries, the rows
@@ -536,7 +536,7 @@ def training_layout(config: Config, model_path: str, world: int, device: torch.d
     """(memory layout, model shape): training.activation_checkpointing and training.gradient_accumulation with auto
     decided by the memory plan against this worker's GPU (on CPU auto means off and unsharded), and the model's shape
     as the plan reads it (None on CPU, or for a model the plan does not describe)."""
-    from spin_ray.models import local_model_path
+    from spin_ray.models.resolution import local_model_path
     from spin_ray.plan import GPU_RUNTIME_BYTES, ModelShape, PlanError, choose_layout
 
     device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from spin_ray.algorithms import Example
-from spin_ray.logprobs import answer_logps
+from spin_ray.objectives.algorithms import Example
+from spin_ray.objectives.logprobs import answer_logps
 from spin_ray.storage import atomic_write_bytes, join, read_bytes
 from spin_ray.training.data import Schedule
 

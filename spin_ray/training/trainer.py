@@ -10,7 +10,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from spin_ray.algorithms import TrainingDataError, objective
+from spin_ray.objectives.algorithms import TrainingDataError, objective
 from spin_ray.config import Config, build_config
 from spin_ray.logs import quiet_library_logs
 from spin_ray.storage import atomic_write_json, is_local, join, read_json, remove
@@ -181,7 +181,7 @@ def run_training(config: Config, dataset, model_path: str, train_dir: str, expor
 
 class TrainingRun:
     """The actor that runs one training phase: Ray Train's controller, which `run_training` starts, is its own, and so
-    are the controller's workers. Named for its run and driver attempt (`spin_ray.attempts`), it lets a later attempt
+    are the controller's workers. Named for its run and driver attempt (`spin_ray.run.attempts`), it lets a later attempt
     end all of them by name."""
 
     def fit(self, arguments: dict) -> dict:

@@ -54,7 +54,7 @@ def head_node(tmp_path_factory):
 def test_stopped_job_resumes_on_resubmit(storage, head_node, tmp_path, tiny_model_dir, request):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from spin_ray.models import local_model_path, load_model
+    from spin_ray.models.resolution import local_model_path, load_model
     from spin_ray.storage import exists, list_dir
 
     env_vars = {"MALLOC_ARENA_MAX": "2", "SPIN_RAY_CACHE": os.environ["SPIN_RAY_CACHE"]}

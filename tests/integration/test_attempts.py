@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from spin_ray.attempts import NAMESPACE, Attempt, earlier_actors, end_earlier_attempts
+from spin_ray.run.attempts import NAMESPACE, Attempt, earlier_actors, end_earlier_attempts
 
 pytestmark = pytest.mark.ray
 
@@ -51,8 +51,8 @@ def test_a_later_attempt_ends_what_earlier_attempts_of_its_run_left_and_nothing_
     assert lines == [f"[spin-ray] ended 2 actor(s) an earlier attempt of this run left (pass:iter_0/generation, "
                      f"train:iter_0) in {ended['seconds']:.1f}s"]
     # the owner's own actor died with it, and its placement group is an orphan Ray keeps while the job lives: the
-    # driver's resource wait releases it (spin_ray.cluster.release_orphaned_groups)
-    from spin_ray.cluster import release_orphaned_groups
+    # driver's resource wait releases it (spin_ray.run.cluster.release_orphaned_groups)
+    from spin_ray.run.cluster import release_orphaned_groups
 
     deadline = time.monotonic() + 30
     while placement_group_table(group)["state"] != "REMOVED" and time.monotonic() < deadline:

@@ -140,7 +140,7 @@ def test_the_fleet_grows_with_the_work_and_shrinks_after_it(autoscaling_head, tm
     from ray._private import state
 
     from spin_ray.config import load_config
-    from spin_ray.driver import start_driver
+    from spin_ray.run.driver import start_driver
     from spin_ray.storage import read_json
 
     config = load_config(None, _overrides(tmp_path, tiny_model_dir, "scaling", *FLEET_WORK))
@@ -226,7 +226,7 @@ def test_requests_no_node_type_can_hold_fail_at_once(autoscaling_head, tmp_path,
 def test_a_request_that_fits_but_finds_no_room_fails_after_the_wait(autoscaling_head, tmp_path, tiny_model_dir):
     import ray
 
-    from spin_ray.cluster import ResourceError, ensure_resources
+    from spin_ray.run.cluster import ResourceError, ensure_resources
     from spin_ray.config import load_config
 
     # the only train node (max 1) is taken whole by another actor: the request fits the node type, never the cluster
@@ -262,7 +262,7 @@ def test_a_driver_killed_while_its_controller_restarts_workers_restarts_and_redo
     from ray.util.placement_group import placement_group_table
 
     from spin_ray.config import load_config
-    from spin_ray.driver import start_driver
+    from spin_ray.run.driver import start_driver
     from spin_ray.storage import read_json
 
     config = load_config(None, _overrides(tmp_path, tiny_model_dir, "restart", "data.limit=24",
@@ -338,7 +338,7 @@ def test_a_dead_attempts_worker_group_is_ended_not_waited_out(autoscaling_head, 
     import ray
     from ray.util.placement_group import PlacementGroup, placement_group_table
 
-    from spin_ray.cluster import end_earlier_worker_group, ensure_resources
+    from spin_ray.run.cluster import end_earlier_worker_group, ensure_resources
     from spin_ray.config import load_config
     from spin_ray.training.trainer import WORKER_GROUP
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from spin_ray.config import load_config
-from spin_ray.driver import run_iterations
+from spin_ray.run.driver import run_iterations
 from spin_ray.training.loop import read_metrics_log
 
 pytestmark = pytest.mark.ray
@@ -66,7 +66,7 @@ def test_warm_start_mix_previous_then_converged_stop_on_forced_rerun(ray_session
         assert ev["validation_prompts"] == 4 and ev["validation_nll_per_token"] > 0
 
     # the validation split: carved out of data.train, never trained on, and the best model on it is selected
-    from spin_ray.data import load_records
+    from spin_ray.data.records import load_records
 
     validation, _ = load_records(str(run / "validation.jsonl"), load_config(None, overrides).data)
     assert validation.num_rows == 4 and not set(validation.column("prompt_id").to_pylist()) & set(ids)
@@ -120,7 +120,7 @@ def test_with_the_trainers_reference_no_engine_scores_and_every_example_mixed_in
     train phase rescores nothing, and iteration 1's training workers score all 16 examples (its own 8 pairs and
     iteration 0's 8) under p_1 before the first step, which therefore starts at reward 0 and loss log 2 for
     every one of them; the phase runs in an actor named for the run and the driver attempt."""
-    from spin_ray.attempts import run_prefix
+    from spin_ray.run.attempts import run_prefix
     from spin_ray.generation.shards import committed_shards, read_shards
 
     overrides = [

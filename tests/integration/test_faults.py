@@ -141,7 +141,7 @@ def run_with_faults(cluster, tmp_path: Path, model: str, run: str, faults: list)
     import ray
 
     from spin_ray.config import load_config
-    from spin_ray.driver import start_driver
+    from spin_ray.run.driver import start_driver
 
     config = load_config(None, _overrides(tmp_path, model, run))
     driver = start_driver(config)

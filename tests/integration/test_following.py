@@ -28,7 +28,7 @@ def test_tensorboard_and_mlflow_get_every_metric_in_one_tracking_run_across_jobs
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from spin_ray.cli import main
-    from spin_ray.driver import run_iterations
+    from spin_ray.run.driver import run_iterations
 
     overrides = [*COMMON, f"model.name={tiny_model_dir}", f"run.storage_path={tmp_path}", "run.name=tracked",
                  "tracking.backends=[tensorboard,mlflow]"]
@@ -101,7 +101,7 @@ def test_a_job_log_reads_as_a_story(tmp_path, tiny_model_dir):
 
     # The log is ours: phase, progress and step lines, the final table and its two closing lines. Library notes
     # are fixed at the source or filtered (spin_ray/logs.py); what remains must be rare and never an error.
-    from spin_ray.report import format_table
+    from spin_ray.run.report import format_table
     from spin_ray.storage import read_json
 
     header = format_table(read_json(str(tmp_path / "story" / "manifest.json"))).splitlines()[0].split()

@@ -13,9 +13,9 @@ import torch
 from spin_ray.config import load_config
 from spin_ray.generation import pipeline
 from spin_ray.generation.shards import COMPLETE_MARKER, GenerationError, committed_shards
-from spin_ray.layout import RunLayout
-from spin_ray.logprobs import score_responses
-from spin_ray.models import load_model
+from spin_ray.run.layout import RunLayout
+from spin_ray.objectives.logprobs import score_responses
+from spin_ray.models.resolution import load_model
 
 pytestmark = pytest.mark.ray
 
@@ -242,7 +242,7 @@ def test_bad_input_is_refused(ray_session, tmp_path, tiny_model_dir):
 def test_one_engine_pass_answers_several_prompt_sets_as_separate_passes_would(ray_session, tmp_path, varied_model_dir):
     """An evaluation's greedy prompts and the next iteration's sampled ones in one pass: the same rows as two passes,
     each set in its own folder, and a pass cut short resumes only the missing shards of either set."""
-    from spin_ray.evaluation import eval_config
+    from spin_ray.run.evaluation import eval_config
     from spin_ray.generation.shards import read_shards
 
     config = _config(tmp_path, varied_model_dir, **{"generation.temperature": 1.0, "generation.num_samples": 2,

@@ -52,7 +52,7 @@ def test_json_lines_are_whole_objects_on_s3(s3):
 
 
 def test_the_lease_refuses_a_live_holder_and_passes_on_after_expiry(s3):
-    from spin_ray.lease import LeaseHeld, LeaseLost, RunLease
+    from spin_ray.run.lease import LeaseHeld, LeaseLost, RunLease
 
     url = f"s3://{BUCKET}/leased/lease.json"
     first, second = RunLease(url, ttl_s=6, token="job-1"), RunLease(url, ttl_s=6, token="job-2")
@@ -74,7 +74,7 @@ def test_the_lease_refuses_a_live_holder_and_passes_on_after_expiry(s3):
 
 
 def test_only_one_of_two_contenders_takes_an_expired_lease(s3):
-    from spin_ray.lease import RunLease
+    from spin_ray.run.lease import RunLease
 
     url = f"s3://{BUCKET}/contended/lease.json"
     stale = RunLease(url, ttl_s=6, token="old")
@@ -89,7 +89,7 @@ def test_only_one_of_two_contenders_takes_an_expired_lease(s3):
 def test_a_model_folder_is_published_once_and_staged_once_per_node(s3, tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from spin_ray.models import local_model_path, publish_folder
+    from spin_ray.models.resolution import local_model_path, publish_folder
     from spin_ray.storage import filesystem, read_json
 
     url = f"s3://{BUCKET}/models/tiny"
@@ -114,9 +114,9 @@ def test_a_lora_model_in_a_bucket_stages_its_base_once_and_then_only_its_adapter
     plus that adapter."""
     import torch
 
-    from spin_ray.adapters import inject, lora_config, write_adapter
+    from spin_ray.models.adapters import inject, lora_config, write_adapter
     from spin_ray.config import load_config
-    from spin_ray.models import load_model, load_tokenizer, publish_folder
+    from spin_ray.models.resolution import load_model, load_tokenizer, publish_folder
 
     base_url = f"s3://{BUCKET}/lora-run/base_model"
     publish_folder(tiny_model_dir, base_url)
@@ -205,8 +205,8 @@ def test_two_iterations_on_s3_with_nodes_that_share_no_disk(s3, tmp_path, tiny_m
     from transformers import AutoModelForCausalLM
 
     from spin_ray.config import load_config
-    from spin_ray.driver import driver_alive, start_driver
-    from spin_ray.models import local_model_path
+    from spin_ray.run.driver import driver_alive, start_driver
+    from spin_ray.models.resolution import local_model_path
     from spin_ray.storage import exists
 
     if ray.is_initialized():

@@ -9,8 +9,8 @@ import torch
 
 from spin_ray.config import load_config
 from spin_ray.generation.pipeline import run_generation
-from spin_ray.layout import RunLayout
-from spin_ray.models import load_model
+from spin_ray.run.layout import RunLayout
+from spin_ray.models.resolution import load_model
 from spin_ray.training.checkpoint import committed_steps
 from spin_ray.training.loop import read_metrics_log
 from spin_ray.training.trainer import run_training
@@ -108,7 +108,7 @@ def test_bad_pairs_are_refused_before_workers_start(ray_session, tmp_path, tiny_
 
     import ray
 
-    from spin_ray.algorithms import TrainingDataError
+    from spin_ray.objectives.algorithms import TrainingDataError
 
     config = _config(tmp_path, tiny_model_dir, "bad")
     rows = _generate(config, tiny_model_dir).take_all()

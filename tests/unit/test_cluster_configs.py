@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spin_ray.cluster import NodeType, check_feasible, phase_requests
+from spin_ray.run.cluster import NodeType, check_feasible, phase_requests
 from spin_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -215,7 +215,7 @@ def test_the_one_gpu_recipe_has_a_one_gpu_node_type_in_every_cluster_file():
 
 
 def test_a_job_the_cluster_cannot_hold_is_refused_by_the_same_check():
-    from spin_ray.cluster import ResourceError
+    from spin_ray.run.cluster import ResourceError
 
     nodes = [NodeType(n.name, n.resources, n.max_count) for n in _kuberay_node_types(_yaml(RAYJOB)["spec"]["rayClusterSpec"])]
     too_many = load_config(GPU_JOB, ["generation.replicas=[9,12]"])
@@ -228,7 +228,7 @@ def test_a_job_the_cluster_cannot_hold_is_refused_by_the_same_check():
 
 def test_node_types_with_one_name_each_count():
     # fixed clusters name live nodes by address, and several nodes can share one (one machine, one NAT)
-    from spin_ray.cluster import ResourceError
+    from spin_ray.run.cluster import ResourceError
 
     job = load_config(None, ["generation.replicas=[2,2]", "generation.cpus_per_replica=1"])
     two_workers = [NodeType("10.0.0.1", {"CPU": 2.0}, 1), NodeType("10.0.0.1", {"CPU": 2.0}, 1),

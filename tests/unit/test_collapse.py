@@ -1,6 +1,6 @@
 """The collapse watch: it fires on the history that collapsed and stays quiet on ordinary iterations."""
 
-from spin_ray.collapse import collapse_signals
+from spin_ray.run.collapse import collapse_signals
 
 # bench/results/quality.json, the SPIN arm on 195 held-out GSM8K prompts: p1 fine, p2 collapsed
 P0 = {"prompts": 195, "nll_per_token": 1.153168, "share_hit_max_new_tokens": 0.266667, "answer_format_rate": 0.487179}

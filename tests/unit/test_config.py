@@ -98,7 +98,7 @@ def test_the_configuration_reference_is_generated_from_the_schema():
 
 
 def test_a_null_stabiliser_takes_the_trained_objectives_recommended_value():
-    from spin_ray.algorithms import ALGORITHMS
+    from spin_ray.objectives.algorithms import ALGORITHMS
 
     spin = load_config()
     assert (spin.training.nll_weight, spin.training.length_normalize, spin.training.dpop_lambda) == (0.2, True, 0.0)
@@ -123,7 +123,7 @@ def test_a_null_stabiliser_takes_the_trained_objectives_recommended_value():
 
 
 def test_a_stabiliser_is_refused_where_the_algorithm_table_says_it_does_not_apply():
-    from spin_ray.algorithms import ALGORITHMS
+    from spin_ray.objectives.algorithms import ALGORITHMS
 
     assert load_config(overrides=["training.nll_weight=0.5", "training.dpop_lambda=1", "training.length_normalize=true"])
     assert load_config(overrides=["algorithm=tspin", "training.nll_weight=0.5"]).training.nll_weight == 0.5
@@ -137,7 +137,7 @@ def test_a_stabiliser_is_refused_where_the_algorithm_table_says_it_does_not_appl
 def test_the_quality_jobs_recommended_arms_get_the_recommended_loss_and_its_paper_arm_the_papers():
     import importlib.util
 
-    from spin_ray.algorithms import ALGORITHMS, RECOMMENDABLE
+    from spin_ray.objectives.algorithms import ALGORITHMS, RECOMMENDABLE
 
     spec = importlib.util.spec_from_file_location("quality", ROOT / "bench" / "quality.py")
     quality = importlib.util.module_from_spec(spec)

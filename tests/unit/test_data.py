@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from spin_ray.config import DataConfig
-from spin_ray.data import DataError, load_records, record_id
+from spin_ray.data.records import DataError, load_records, record_id
 
 ROWS = [
     {"prompt": "What is 2+2?", "response": "4"},
@@ -181,7 +181,7 @@ def test_multi_turn_conversations_load_as_ultrachat_has_them(tmp_path, chat):
     """A row's prompt is every turn before its last assistant turn, which is the human answer; a templated prompt over
     data.max_prompt_tokens is dropped and counted (overlong: drop), or keeps its end (truncate)."""
     from spin_ray.config import load_config
-    from spin_ray.prepare import tokenize_split
+    from spin_ray.data.prepare import tokenize_split
 
     turns = [{"role": "user", "content": "What is a prime number?"},
              {"role": "assistant", "content": "A number with exactly two divisors."},

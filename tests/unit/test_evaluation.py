@@ -5,7 +5,7 @@ import math
 import pyarrow as pa
 import pytest
 
-from spin_ray.evaluation import reward_columns, score_answers
+from spin_ray.run.evaluation import reward_columns, score_answers
 
 
 def test_score_answers_rows():

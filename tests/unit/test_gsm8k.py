@@ -2,7 +2,7 @@
 
 import pytest
 
-from spin_ray.gsm8k import (
+from spin_ray.data.gsm8k import (
     final_answer,
     harness_flexible,
     harness_match,

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from spin_ray.generation.hf_engine import HFEngine
-from spin_ray.logprobs import score_responses
+from spin_ray.objectives.logprobs import score_responses
 
 
 @pytest.fixture(scope="module")
 def varied_model(varied_model_dir):
-    from spin_ray.models import load_model
+    from spin_ray.models.resolution import load_model
 
     return load_model(varied_model_dir).eval()
 

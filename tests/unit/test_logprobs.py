@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spin_ray.logprobs import (
+from spin_ray.objectives.logprobs import (
     answer_logps,
     chunked_head_supported,
     gathered_logps,
@@ -68,7 +68,7 @@ def test_masked_positions_do_not_matter_but_response_tokens_do():
 def test_prompt_tokens_cannot_leak_through_a_real_model(tiny_model, tokenizer):
     """Perturbing prompt tokens changes the conditioning, not which tokens are summed: only response
     positions count, so a sequence whose response mask is empty scores exactly 0."""
-    from spin_ray.tokenization import collate_sequences
+    from spin_ray.objectives.logprobs import collate_sequences
 
     batch = collate_sequences([[5, 6, 7, 8]], [[9, 10, 11]], tokenizer.pad_token_id)
     logits = tiny_model(input_ids=batch["input_ids"]).logits

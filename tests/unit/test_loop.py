@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from spin_ray.logprobs import answer_logps, score_responses
-from spin_ray.losses import sft_loss, spin_loss
+from spin_ray.objectives.logprobs import answer_logps, score_responses
+from spin_ray.objectives.losses import sft_loss, spin_loss
 
 
 def test_spin_steps_start_at_log2_and_widen_the_margin(tiny_model, pairs, tokenizer):
@@ -53,7 +53,7 @@ def test_sft_step_lowers_the_nll(tiny_model, pairs, tokenizer):
                                        ["algorithm=sppo", "generation.num_samples=2", "generation.temperature=1"],
                                        ["training.objective=sft"]])
 def test_micro_step_is_the_same_packed_or_padded_chunked_or_not_prefix_shared_or_not(tiny_model, pairs, tokenizer, overrides):
-    from spin_ray.algorithms import Example, objective
+    from spin_ray.objectives.algorithms import Example, objective
     from spin_ray.config import load_config
     from spin_ray.training.loop import micro_step
 
@@ -158,10 +158,10 @@ def test_checkpoints_are_taken_while_training_and_dropped_once_the_model_is_expo
 def test_prefix_shared_pairs_give_smollm2_the_losses_and_gradients_of_separate_sequences(smollm2_path, chat, algorithm):
     """The real model (9 heads over 3 KV heads, tied head): each prompt computed once for its 2 or 3 answers, answers
     blind to each other, equals the answers as separate packed sequences (fp32, 1e-5)."""
-    from spin_ray.algorithms import Example, objective
+    from spin_ray.objectives.algorithms import Example, objective
     from spin_ray.config import load_config
-    from spin_ray.logprobs import answer_logps
-    from spin_ray.models import load_model
+    from spin_ray.objectives.logprobs import answer_logps
+    from spin_ray.models.resolution import load_model
     from spin_ray.training.loop import micro_step
 
     overrides = {"spin": ["algorithm=spin"], "tspin": ["algorithm=tspin"],

@@ -39,8 +39,8 @@ def test_lora_trains_the_adapter_alone_exports_it_for_peft_and_trains_on_from_it
     scored) and its adapter's base is still the original one."""
     from peft import PeftModel
 
-    from spin_ray.adapters import adapter_base
-    from spin_ray.models import load_model, load_tokenizer, merged_model_path
+    from spin_ray.models.adapters import adapter_base
+    from spin_ray.models.resolution import load_model, load_tokenizer, merged_model_path
     from spin_ray.training.loop import train
 
     config = _config(tiny_model_dir, "training.lora.export_merged=true")
@@ -175,9 +175,9 @@ def test_a_target_module_the_model_lacks_is_refused_in_one_line_before_ray(tiny_
 def test_export_of_a_lora_run_writes_the_adapter_or_merges_it_and_the_card_says_which(tiny_model_dir, chat, tmp_path,
                                                                                         capsys):
     from spin_ray.cli import main
-    from spin_ray.layout import RunLayout
-    from spin_ray.manifest import Manifest
-    from spin_ray.models import load_model
+    from spin_ray.run.layout import RunLayout
+    from spin_ray.run.manifest import Manifest
+    from spin_ray.models.resolution import load_model
     from spin_ray.training.loop import train
 
     config = _config(tiny_model_dir, f"run.storage_path={tmp_path}", "run.name=lora")
@@ -245,7 +245,7 @@ def test_with_bf16_compute_the_frozen_base_is_held_in_bf16_and_trains_like_fp32(
 def test_every_objective_sends_its_gradient_to_the_adapters_alone(tiny_model_dir, chat, overrides):
     """SPIN, T-SPIN, SPPO and SFT on a LoRA model, one micro-step with prefix-shared packed rows: every B gets a
     gradient (A's is zero while B is: the update starts in B), no base weight has one."""
-    from spin_ray.algorithms import Example, objective
+    from spin_ray.objectives.algorithms import Example, objective
     from spin_ray.training.loop import micro_step
     from spin_ray.training.parallel import load_for_training
 

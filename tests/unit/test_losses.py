@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spin_ray.losses import sft_loss, spin_loss, sppo_loss, tspin_loss
+from spin_ray.objectives.losses import sft_loss, spin_loss, sppo_loss, tspin_loss
 
 
 def _pair(policy_real=-10.0, policy_generated=-12.0, ref_real=-11.0, ref_generated=-11.0):

@@ -7,9 +7,9 @@ import pytest
 
 from spin_ray.cli import main
 from spin_ray.config import ConfigError, differing_keys, load_config
-from spin_ray.layout import RunLayout
-from spin_ray.manifest import Manifest, check_config, resume_config
-from spin_ray.report import format_status, format_table, iteration_rows, write_report
+from spin_ray.run.layout import RunLayout
+from spin_ray.run.manifest import Manifest, check_config, resume_config
+from spin_ray.run.report import format_status, format_table, iteration_rows, write_report
 
 
 def _config(tmp_path, *overrides):
@@ -127,7 +127,7 @@ def test_report_rows_table_and_files(tmp_path):
 
 
 def test_status_tells_a_live_run_from_an_interrupted_one(tmp_path, capsys):
-    from spin_ray.lease import RunLease
+    from spin_ray.run.lease import RunLease
 
     config = _config(tmp_path, "iterations.count=2")
     manifest = Manifest.open(config)
@@ -173,7 +173,7 @@ def _dead_pid() -> int:
 
 
 def test_a_lease_whose_job_has_ended_is_waited_out_not_refused(tmp_path):
-    from spin_ray.lease import LeaseHeld, RunLease
+    from spin_ray.run.lease import LeaseHeld, RunLease
 
     url = str(tmp_path / "run" / "lease.json")
     stopped = RunLease(url, ttl_s=3, token="01000000:spin-ray-driver:/runs:demo", ray_session="session_a")

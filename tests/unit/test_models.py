@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from spin_ray import models
-from spin_ray.models import ModelResolutionError, resolve_model
+from spin_ray.models import resolution as models
+from spin_ray.models.resolution import ModelResolutionError, resolve_model
 
 
 def test_alias_resolves_to_cached_safetensors(smollm2_path):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from spin_ray import packed_attention as attention
-from spin_ray.packed_attention import PACKED_SDPA, packed_attention, packed_sdpa_attention, packed_sdpa_supported
+from spin_ray.objectives import packed_attention as attention
+from spin_ray.objectives.packed_attention import PACKED_SDPA, packed_attention, packed_sdpa_attention, packed_sdpa_supported
 
 
 class _Heads(torch.nn.Module):
@@ -42,7 +42,7 @@ def test_sequence_by_sequence_sdpa_equals_the_block_diagonal_mask():
 
 def test_packed_forward_runs_the_packed_kernel_once_per_layer_with_the_sequence_bounds(
         tiny_model, tokenizer, monkeypatch):
-    from spin_ray.logprobs import packed_response_logps
+    from spin_ray.objectives.logprobs import packed_response_logps
 
     calls = []
     real_kernel = attention.packed_sdpa_attention
@@ -156,7 +156,7 @@ def _varlen_on_cpu(query, key, value, cu_query, cu_key, longest_query, longest_k
 def test_one_varlen_call_over_a_row_of_prefix_shared_answers_equals_sdpa_per_sequence():
     """Row: [prompt 4 + answer 3][answer 5 sharing the prompt][a separate sequence of 6]. The varlen segments attend
     to keys 0-6, 0-3 + 7-11, 12-17; the outputs and gradients equal the SDPA path's."""
-    from spin_ray.packed_attention import packed_varlen_attention, varlen_segments
+    from spin_ray.objectives.packed_attention import packed_varlen_attention, varlen_segments
 
     bounds = [(0, 7), (7, 12, 0, 4), (12, 18)]
     rows, cu_query, cu_key, longest_query, longest_key = varlen_segments(bounds)
@@ -181,8 +181,8 @@ def test_one_varlen_call_over_a_row_of_prefix_shared_answers_equals_sdpa_per_seq
 def test_a_model_set_to_flash_varlen_routes_prefix_shared_rows_through_it_and_cpu_is_refused(tiny_model, monkeypatch):
     """training.attention flash_varlen: every layer's packed attention is one varlen call, the log-probs are the SDPA
     path's; on a CPU the choice is refused in one line naming the key."""
-    from spin_ray.logprobs import shared_prefix_logps
-    from spin_ray.packed_attention import use_packed_kernel
+    from spin_ray.objectives.logprobs import shared_prefix_logps
+    from spin_ray.objectives.packed_attention import use_packed_kernel
 
     with pytest.raises(ValueError, match=r"^training.attention flash_varlen: .* on cpu; set training.attention=sdpa$"):
         use_packed_kernel(tiny_model, "flash_varlen")

@@ -36,7 +36,7 @@ def test_bf16_compute_steps_float32_master_weights_where_bf16_weights_round_ever
     """3 RMSprop steps at lr 5e-7: with bf16 (or fp16) compute on float32 master weights nearly every weight moves,
     and the first step's loss is fp32's to 1e-4; the same steps on a model HELD in bf16 (what training did before) move
     almost none. The export is float32 here (model.dtype), so it shows the master weights as they are."""
-    from spin_ray.models import load_model
+    from spin_ray.models.resolution import load_model
     from spin_ray.training.loop import train
 
     rows = spin_rows(chat, tiny_model_dir)
@@ -81,8 +81,8 @@ def test_the_export_is_stored_in_model_dtype(tiny_model_dir, chat, tmp_path):
 def test_activation_checkpointing_gives_the_same_fp32_gradients(tiny_model_dir, chat, pack, chunk_rows):
     """Packed rows switch the attention kernel for one forward only; the recompute in backward must run the same
     kernel, or the gradients would be those of attention across sequences."""
-    from spin_ray.algorithms import objective
-    from spin_ray.models import load_model
+    from spin_ray.objectives.algorithms import objective
+    from spin_ray.models.resolution import load_model
     from spin_ray.training.data import examples_from_rows
     from spin_ray.training.loop import micro_step
     from spin_ray.training.parallel import enable_activation_checkpointing
@@ -105,7 +105,7 @@ def test_activation_checkpointing_gives_the_same_fp32_gradients(tiny_model_dir, 
 
 def test_the_reference_check_is_silent_on_a_true_reference_and_refuses_a_perturbed_one(tiny_model_dir, chat,
                                                                                        tmp_path):
-    from spin_ray.algorithms import TrainingDataError
+    from spin_ray.objectives.algorithms import TrainingDataError
     from spin_ray.training.loop import REFUSAL, train
 
     rows = spin_rows(chat, tiny_model_dir)
@@ -131,7 +131,7 @@ def test_the_reference_check_is_silent_on_a_true_reference_and_refuses_a_perturb
 
 
 def test_the_dtype_is_named_as_the_likely_cause_when_it_differs(tiny_model_dir, chat, tmp_path):
-    from spin_ray.algorithms import TrainingDataError
+    from spin_ray.objectives.algorithms import TrainingDataError
     from spin_ray.training.loop import train
 
     rows = spin_rows(chat, tiny_model_dir)
@@ -159,7 +159,7 @@ def loaded_weights(rank, world, model_dir, on_rank0_only):
 
 
 def test_rank0_loading_gives_every_rank_the_checkpoints_weights_and_only_its_shards(tiny_model_dir):
-    from spin_ray.models import load_model
+    from spin_ray.models.resolution import load_model
 
     reference = load_model(tiny_model_dir)
     expected = reference.state_dict()

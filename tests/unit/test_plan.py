@@ -34,7 +34,7 @@ ZEPHYR = "alignment-handbook/zephyr-7b-sft-full"
 
 
 def test_parameter_counts_are_exact(smollm2_path, tiny_model_dir):
-    from spin_ray.models import load_model
+    from spin_ray.models.resolution import load_model
 
     for folder in (smollm2_path, tiny_model_dir):
         model = load_model(folder)
@@ -228,8 +228,8 @@ def test_auto_checkpointing_turns_on_where_the_step_does_not_fit():
 def test_the_activation_formula_is_what_autograd_keeps(smollm2_path, checkpointing):
     """Bytes of the tensors autograd saves for backward (storages counted once) on SmolLM2 in fp32, per token: the
     plan's per-layer formula times the layers plus what it counts outside them, within 2%."""
-    from spin_ray.logprobs import answer_logps
-    from spin_ray.models import load_model
+    from spin_ray.objectives.logprobs import answer_logps
+    from spin_ray.models.resolution import load_model
     from spin_ray.training.parallel import enable_activation_checkpointing
 
     model = load_model(smollm2_path)
@@ -271,7 +271,7 @@ def test_the_recipe_job_loads_its_keys():
 
 
 def test_iterations_take_their_learning_rate():
-    from spin_ray.driver import iteration_config
+    from spin_ray.run.driver import iteration_config
 
     config = load_config(RECIPE)
     assert [iteration_config(config, t).training.learning_rate for t in range(4)] == [5e-7, 1e-7, 1e-7, 1e-7]

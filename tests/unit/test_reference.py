@@ -32,7 +32,7 @@ def bf16_engine_rows(chat, model_dir: str, count: int = 6) -> list[dict]:
     """SPIN rows from the HF engine holding the model in bfloat16: its answers, their log-probs summed while decoding
     and the human answers scored in the same prefill, as a fused generation pass gives them."""
     from spin_ray.generation.hf_engine import HFEngine
-    from spin_ray.models import load_model
+    from spin_ray.models.resolution import load_model
 
     prompts = chat.batch_prompt_ids([[{"role": "user", "content": f"What is {i} + {i}? Explain."}] for i in range(count)])
     reals = chat.batch_response_ids([f"{i} + {i} = {2 * i}\n#### {2 * i}" for i in range(count)])
@@ -75,7 +75,7 @@ def test_a_bf16_engines_reference_is_off_at_step_0_where_the_trainers_own_pass_i
     assert gaps["trainer"] < 1e-7
     assert summary["reference_pass"] == "scored" and summary["reference_pass_seconds"] > 0
 
-    from spin_ray.algorithms import TrainingDataError
+    from spin_ray.objectives.algorithms import TrainingDataError
     from spin_ray.training.loop import train
 
     # the engine's reference at its auto tolerance (0.05) passes here; at the trainer's (0.001) it is refused
@@ -191,7 +191,7 @@ def test_a_training_phase_sets_its_peak_memory_and_step_time_beside_the_plans(ti
     holds the largest and the median step time beside the plan's figures for the same lengths, and a warning line
     names what is past the plan's tolerance."""
     from spin_ray.plan import PLAN_TOLERANCE, describe_check, plan_check
-    from spin_ray.report import format_plan_check
+    from spin_ray.run.report import format_plan_check
     from spin_ray.training.loop import train
 
     rows = spin_rows(chat, tiny_model_dir, count=4)

@@ -6,12 +6,12 @@ import pytest
 
 from spin_ray.cli import main
 from spin_ray.config import load_config
-from spin_ray.data import in_validation, load_records
-from spin_ray.layout import RunLayout
-from spin_ray.manifest import Manifest
-from spin_ray.models import FOLDER_MARKER
-from spin_ray.report import format_table
-from spin_ray.selection import better_model
+from spin_ray.data.records import in_validation, load_records
+from spin_ray.run.layout import RunLayout
+from spin_ray.run.manifest import Manifest
+from spin_ray.models.resolution import FOLDER_MARKER
+from spin_ray.run.report import format_table
+from spin_ray.run.selection import better_model
 
 
 def _pick(history, select_by="nll_per_token"):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from spin_ray.tokenization import apply_length_policy, collate_sequences
+from spin_ray.objectives.logprobs import collate_sequences
+from spin_ray.data.tokenization import apply_length_policy
 
 MESSAGES = [{"role": "user", "content": "What is 2+2?"}]
 
@@ -73,7 +74,7 @@ def sentencepiece_style():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from spin_ray.tokenization import ChatFormat
+    from spin_ray.data.tokenization import ChatFormat
 
     backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
@@ -111,7 +112,7 @@ def test_a_human_answer_equal_to_smollm2s_generated_text_gets_its_generated_ids(
     """SmolLM2's byte-level BPE: a greedy answer of the real model, decoded and read back as a human answer, gets the
     engine's ids (and tokenizing alone changes nothing for it, as for every GSM8K answer)."""
     from spin_ray.generation.hf_engine import HFEngine
-    from spin_ray.models import load_model
+    from spin_ray.models.resolution import load_model
 
     prompts = [[{"role": "user", "content": q}] for q in ("What is 12 + 30?", "Name a red fruit.",
                                                            "Say hello in French.")]

@@ -6,8 +6,8 @@ import pytest
 
 from spin_ray.config import load_config
 from spin_ray.generation.shards import PAIRS_SCHEMA, SHARD_COLUMN, commit_shard, committed_shards, read_shards
-from spin_ray.layout import RunLayout
-from spin_ray.trainset import pass_scores, rescore_requests, take_pass_scores
+from spin_ray.run.layout import RunLayout
+from spin_ray.run.trainset import pass_scores, rescore_requests, take_pass_scores
 
 PROMPTS = ["a", "b", "c"]
 

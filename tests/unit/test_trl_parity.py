@@ -7,8 +7,8 @@ import torch
 
 trl = pytest.importorskip("trl", reason="TRL is not installed (pip install trl): the parity check needs its DPOTrainer")
 
-from spin_ray.logprobs import sequence_logps  # noqa: E402
-from spin_ray.losses import spin_loss  # noqa: E402
+from spin_ray.objectives.logprobs import sequence_logps  # noqa: E402
+from spin_ray.objectives.losses import spin_loss  # noqa: E402
 
 PAIRS = {"prompt": ["Tom has 3 apples and buys 4 more. How many apples?", "What is 12 divided by 4?"],
          "chosen": [" He has 3 + 4 = 7 apples.\n#### 7", " 12 / 4 = 3\n#### 3"],

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from spin_ray.layout import RunLayout
-from spin_ray.models import MODEL_CARD
+from spin_ray.run.layout import RunLayout
+from spin_ray.models.resolution import MODEL_CARD
 from spin_ray.storage import atomic_write_bytes, join
 
 # Hub ids of the built-in aliases and datasets, for the card's base_model and datasets fields.

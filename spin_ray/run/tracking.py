@@ -17,7 +17,7 @@ import uuid
 from contextlib import contextmanager
 
 from spin_ray.config import Config, flatten
-from spin_ray.layout import RunLayout
+from spin_ray.run.layout import RunLayout
 from spin_ray.storage import is_local, join, read_json_lines, upload_folder
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from spin_ray.algorithms import objective
+from spin_ray.objectives.algorithms import objective
 
 
 class ResourceError(RuntimeError):

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from spin_ray.gsm8k import final_answer
+from spin_ray.data.gsm8k import final_answer
 
 
 def win_rates(matrix: np.ndarray) -> np.ndarray:
@@ -59,7 +59,7 @@ class RewardModelOracle:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from spin_ray.models import local_model_path
+        from spin_ray.models.resolution import local_model_path
 
         model_path = local_model_path(model_path)  # a reward model in a bucket is staged on this node
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)

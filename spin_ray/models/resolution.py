@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from spin_ray.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_base, merged_model
+from spin_ray.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_base, merged_model
 
 # Marker written last into a converted folder; a folder without it is an interrupted conversion.
 _COMPLETE_MARKER = "spin_ray_converted.json"

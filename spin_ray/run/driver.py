@@ -1,7 +1,7 @@
 """The self-play driver: a named Ray actor that runs the iterations (SPIN, SPPO, T-SPIN) and keeps the run's manifest.
 
 For each iteration t: the opponent p_t answers the training prompts, p_{t+1} is trained on the
-pairs (see `spin_ray.trainset` for what is mixed in), exported, and evaluated against p_t on held-out
+pairs (see `spin_ray.run.trainset` for what is mixed in), exported, and evaluated against p_t on held-out
 data; every phase is recorded in the manifest. Re-running the same config and run name continues
 where the last job stopped. The driver holds the run's lease in storage while it works, so a second
 driver on the same run, from any cluster, is refused.
@@ -16,17 +16,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from spin_ray.algorithms import STABILISERS, objective
-from spin_ray.attempts import Attempt, end_earlier_attempts
-from spin_ray.cluster import end_earlier_worker_group, ensure_resources
-from spin_ray.collapse import collapse_signals
+from spin_ray.objectives.algorithms import STABILISERS, objective
+from spin_ray.run.attempts import Attempt, end_earlier_attempts
+from spin_ray.run.cluster import end_earlier_worker_group, ensure_resources
+from spin_ray.run.collapse import collapse_signals
 from spin_ray.config import Config, build_config
-from spin_ray.layout import RunLayout
-from spin_ray.lease import LeaseHeld, RunLease
+from spin_ray.run.layout import RunLayout
+from spin_ray.run.lease import LeaseHeld, RunLease
 from spin_ray.logs import quiet_library_logs
-from spin_ray.manifest import DONE, Manifest
-from spin_ray.selection import better_model
-from spin_ray.tracking import Tracker
+from spin_ray.run.manifest import DONE, Manifest
+from spin_ray.run.selection import better_model
+from spin_ray.run.tracking import Tracker
 
 DRIVER_NAMESPACE = "spin_ray"
 
@@ -93,7 +93,7 @@ class Phases:
         return self.manifest.phase(name, iteration), out.value
 
 
-# What each phase asks of the cluster (`spin_ray.cluster.phase_requests`).
+# What each phase asks of the cluster (`spin_ray.run.cluster.phase_requests`).
 PHASE_KIND = {"sft": "train", "baseline_eval": "evaluate", "generate": "generate", "train": "train",
               "evaluate": "evaluate"}
 GENERATION_KEYS = ("prompts", "prompts_generated_this_run", "generated_tokens", "seconds", "tokens_per_second",
@@ -113,7 +113,7 @@ def _pick(summary: dict, keys) -> dict:
 def initial_model(config: Config, layout: RunLayout) -> str:
     """p_0 as every node can load it: with a bucket, an alias (converted here once) or a local folder is uploaded
     into the run (`base_model/`, once per content) and nodes stage it from there; else its local path."""
-    from spin_ray.models import publish_folder, resolve_model
+    from spin_ray.models.resolution import publish_folder, resolve_model
     from spin_ray.storage import is_local
 
     resolved = resolve_model(config.model.name, config.model.cache_dir)
@@ -127,11 +127,11 @@ def _generate(config: Config, layout: RunLayout, t: int, opponent: str, attempt:
     """p_t's answers to the training prompts: done already when the engine pass that evaluated p_t generated them."""
     from spin_ray.generation.pipeline import run_generation
     from spin_ray.generation.shards import read_completion
-    from spin_ray.trainset import rescore_requests
+    from spin_ray.run.trainset import rescore_requests
 
     stage = None
     if objective(config).needs_oracle:
-        from spin_ray.oracle import preference_stage
+        from spin_ray.generation.oracle import preference_stage
 
         stage = preference_stage(config)
     in_evaluation_pass = read_completion(layout.generation(t)) is not None
@@ -151,7 +151,7 @@ def _next_generation(config: Config, layout: RunLayout, t: int):
     iteration t mixes in) as a prompt set of the engine pass that evaluates p_t, or None where it cannot join it:
     beyond the last iteration, continued SFT (no answers), SPPO (its oracle scores the answers before they commit)."""
     from spin_ray.generation.pipeline import PassTask
-    from spin_ray.trainset import rescore_requests
+    from spin_ray.run.trainset import rescore_requests
 
     chosen = objective(config)
     if t >= config.iterations.count or not chosen.columns or chosen.needs_oracle:
@@ -183,7 +183,7 @@ def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str
     Without data.eval (a run that must not see the test split: a settings grid) the validation split is the
     held-out set, reward accuracy included. `then_generate` (a PassTask: the next iteration's answers, `model` being
     the next opponent) joins the same engine pass, so the model's engines start once for all of it."""
-    from spin_ray.evaluation import VALIDATION_KEYS, finish_evaluation, plan_evaluation, validation_config
+    from spin_ray.run.evaluation import VALIDATION_KEYS, finish_evaluation, plan_evaluation, validation_config
     from spin_ray.generation.pipeline import run_pass
     from spin_ray.storage import join
 
@@ -223,7 +223,7 @@ def _evaluate_start(config: Config, model: str, layout: RunLayout, validation: s
     """p_0's evaluation, through the cache of start-model evaluations keyed by the model's content, the evaluation
     data and settings: runs that start from the same model (benchmark arms, a resubmitted run under a new name)
     evaluate it once."""
-    from spin_ray.evaluation import start_evaluation_cache
+    from spin_ray.run.evaluation import start_evaluation_cache
     from spin_ray.storage import atomic_write_json, join, read_json
 
     cache = start_evaluation_cache(config, model, validation)
@@ -245,7 +245,7 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
     """The self-play outer loop (a plain function; the driver actor calls it). Returns the final manifest dict.
     `ended_holder`: the lease token of a driver whose job is known to have ended (its lease is waited out). Each call
     is a driver attempt: the actors it starts are named for it, and those an earlier attempt of the run left are
-    ended before anything else (`spin_ray.attempts`)."""
+    ended before anything else (`spin_ray.run.attempts`)."""
     layout = RunLayout.of(config)
     lease = RunLease(layout.lease, config.run.lease_ttl_s, token=lease_token, owner=owner, ray_session=ray_session())
     try:
@@ -288,7 +288,7 @@ class DriverRun:
 
 def open_run(config: Config, layout: RunLayout, lease: RunLease, force: bool, echo) -> DriverRun:
     """End what an earlier attempt left running, open the manifest and the tracking run."""
-    from spin_ray.evaluation import validation_source
+    from spin_ray.run.evaluation import validation_source
 
     attempt = Attempt.of(config)
     ended = end_earlier_attempts(attempt, config.run.resource_wait_s, echo)
@@ -312,9 +312,9 @@ def open_run(config: Config, layout: RunLayout, lease: RunLease, force: bool, ec
 def warm_start(run: DriverRun, opponent: str) -> str:
     """With iterations.sft_warm_start, SFT on the human answers first (epochs by validation NLL with auto); the
     model p_0 self-play starts from."""
-    from spin_ray.evaluation import validation_source
-    from spin_ray.model_card import write_model_card
-    from spin_ray.trainset import sft_rows
+    from spin_ray.run.evaluation import validation_source
+    from spin_ray.run.model_card import write_model_card
+    from spin_ray.run.trainset import sft_rows
 
     config, layout = run.config, run.layout
     if not config.iterations.sft_warm_start:
@@ -350,9 +350,9 @@ def run_iteration(run: DriverRun, iteration: int, opponent: str,
     """Iteration t: p_t's answers, p_{t+1} trained and exported, then evaluated against p_t. Returns the next
     opponent, its held-out answers, and whether the run stops here (collapse, convergence)."""
     from spin_ray.generation.shards import read_completion, shards_dataset
-    from spin_ray.model_card import write_model_card
-    from spin_ray.report import format_table
-    from spin_ray.trainset import iteration_set
+    from spin_ray.run.model_card import write_model_card
+    from spin_ray.run.report import format_table
+    from spin_ray.run.trainset import iteration_set
 
     config, layout, manifest, phases, attempt = run.config, run.layout, run.manifest, run.phases, run.attempt
     manifest.iteration(iteration)["opponent"] = opponent
@@ -391,7 +391,7 @@ def run_iteration(run: DriverRun, iteration: int, opponent: str,
 
 def close_run(run: DriverRun) -> dict:
     """Write the report, log its rows and plot to the tracker, close the tracking run; the final manifest."""
-    from spin_ray.report import iteration_rows, write_report
+    from spin_ray.run.report import iteration_rows, write_report
     from spin_ray.storage import local_copy
 
     manifest, tracker = run.manifest, run.tracker

@@ -15,7 +15,7 @@ import subprocess
 from typing import Any
 
 from spin_ray import __version__
-from spin_ray.algorithms import RECOMMENDABLE
+from spin_ray.objectives.algorithms import RECOMMENDABLE
 from spin_ray.config import (
     Config,
     ConfigError,
@@ -26,7 +26,7 @@ from spin_ray.config import (
     explicit_keys,
     flatten,
 )
-from spin_ray.layout import RunLayout
+from spin_ray.run.layout import RunLayout
 from spin_ray.storage import atomic_write_json, read_json
 
 DONE, RUNNING, FAILED = "done", "running", "failed"

@@ -6,9 +6,9 @@ import io
 import json
 import time
 
-from spin_ray.algorithms import ALGORITHMS, SFT
-from spin_ray.layout import RunLayout
-from spin_ray.manifest import Manifest
+from spin_ray.objectives.algorithms import ALGORITHMS, SFT
+from spin_ray.run.layout import RunLayout
+from spin_ray.run.manifest import Manifest
 from spin_ray.storage import atomic_write_bytes
 
 # (column, header, format) of the printed table

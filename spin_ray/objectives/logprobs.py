@@ -11,8 +11,28 @@ from collections.abc import Sequence
 
 import torch
 
-from spin_ray.packed_attention import packed_attention, packed_sdpa_supported
-from spin_ray.tokenization import collate_sequences
+from spin_ray.objectives.packed_attention import packed_attention, packed_sdpa_supported
+
+
+def collate_sequences(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch of prompt+response sequences.
+
+    Returns input_ids, attention_mask, and loss_mask (1 exactly on response tokens, so that
+    neither prompt nor padding contributes to log-probs or losses).
+    """
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    width = max(lengths)
+    input_ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(lengths), width), dtype=torch.bool)
+    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        n_prompt, n_total = len(prompt), len(prompt) + len(response)
+        input_ids[row, :n_total] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+        attention_mask[row, :n_total] = 1
+        loss_mask[row, n_prompt:n_total] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
 def gathered_logps(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spin_ray.config import Config
-from spin_ray.gsm8k import final_answer, harness_flexible, harness_match, harness_strict, has_answer_format
+from spin_ray.data.gsm8k import final_answer, harness_flexible, harness_match, harness_strict, has_answer_format
 from spin_ray.storage import atomic_write_bytes, atomic_write_json, exists, join, read_json, remove
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ def validation_source(config: Config, carved_file: str) -> str | None:
     """The run's validation data: data.validation, or the records carved out of data.train, written once (up to
     evaluation.validation_prompts of them) to `carved_file`, so every evaluation reads the same file; None when the
     run has no validation split."""
-    from spin_ray.data import load_records
+    from spin_ray.data.records import load_records
 
     if config.data.validation is not None:
         return config.data.validation
@@ -282,7 +282,7 @@ def start_evaluation_cache(config: Config, model: str, validation: str | None) -
     cannot be fingerprinted (a hub id). A changed setting, data file or model gives another key."""
     import os
 
-    from spin_ray.models import content_fingerprint
+    from spin_ray.models.resolution import content_fingerprint
 
     fingerprint = content_fingerprint(model)
     if fingerprint is None:

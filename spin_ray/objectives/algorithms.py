@@ -3,8 +3,8 @@
 A record says which generation columns the objective reads, how a row becomes a training example,
 which loss it minimises, whether it needs reference log-probs, an oracle or T-SPIN's y_0, what the
 trainer reports and how the report explains its margin. Adding an algorithm means one record here
-and one loss function in `spin_ray.losses`. Nothing here imports torch or Ray at module load, so the
-config can consult the table cheaply; the loss adapters import `spin_ray.losses` when called.
+and one loss function in `spin_ray.objectives.losses`. Nothing here imports torch or Ray at module load, so the
+config can consult the table cheaply; the loss adapters import `spin_ray.objectives.losses` when called.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def _tspin_example(row: RowReader, with_reference: bool, with_tokens: bool) -> E
 
 
 def _spin_loss(policy, refs, rates, lengths, config):
-    from spin_ray.losses import spin_loss
+    from spin_ray.objectives.losses import spin_loss
 
     t = config.training
     return spin_loss(policy[:, 0], policy[:, 1], refs[:, 0], refs[:, 1], t.beta, t.loss_type, lengths[:, 0], lengths[:, 1],
@@ -148,7 +148,7 @@ def _spin_loss(policy, refs, rates, lengths, config):
 
 
 def _sppo_loss(policy, refs, rates, lengths, config):
-    from spin_ray.losses import sppo_loss
+    from spin_ray.objectives.losses import sppo_loss
 
     return sppo_loss(policy[:, 0], policy[:, 1], refs[:, 0], refs[:, 1], rates[:, 0], rates[:, 1], config.sppo.beta)
 
@@ -156,7 +156,7 @@ def _sppo_loss(policy, refs, rates, lengths, config):
 def _tspin_loss(policy, refs, rates, lengths, config):
     import torch
 
-    from spin_ray.losses import tspin_loss
+    from spin_ray.objectives.losses import tspin_loss
 
     real_tokens = lengths[:, 0]
     if config.tspin.length_normalize:  # the variant's reward is on per-token means of policy and reference alike
@@ -170,7 +170,7 @@ def _tspin_loss(policy, refs, rates, lengths, config):
 
 
 def _sft_loss(policy, refs, rates, lengths, config):
-    from spin_ray.losses import sft_loss
+    from spin_ray.objectives.losses import sft_loss
 
     return sft_loss(policy[:, 0], lengths[:, 0])
 

@@ -98,7 +98,7 @@ def end_earlier_attempts(attempt: Attempt, limit_s: float, echo=print) -> dict |
         if left:
             time.sleep(0.5)
     if left:
-        from spin_ray.cluster import ResourceError
+        from spin_ray.run.cluster import ResourceError
 
         raise ResourceError(f"actors of an earlier attempt of run {attempt.run_name!r} outlived {limit_s:.0f}s "
                            f"(run.resource_wait_s) after being ended: {', '.join(left)}")

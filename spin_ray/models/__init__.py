@@ -1,0 +1,1 @@
+"""Models: resolving a spec to a loadable checkpoint staged per node, and LoRA adapters through PEFT."""
