@@ -374,7 +374,8 @@ class Accelerator:
 ACCELERATORS = {
     "A100": Accelerator(40, 312, 1555), "A100-40G": Accelerator(40, 312, 1555), "A100-80G": Accelerator(80, 312, 2039),
     "H100": Accelerator(80, 989, 3350), "H200": Accelerator(141, 989, 4800), "B200": Accelerator(180, 2250, 8000),
-    "L4": Accelerator(22.5, 121, 300),  # 24 GB on the datasheet, ~22.5 GiB usable "L40S": Accelerator(48, 362, 864), "A10G": Accelerator(24, 70, 600),
+    "L4": Accelerator(22.5, 121, 300),  # 24 GB on the datasheet, ~22.5 GiB usable
+    "L40S": Accelerator(48, 362, 864), "A10G": Accelerator(24, 70, 600),
     "V100": Accelerator(16, 125, 900), "T4": Accelerator(16, 65, 320),
 }
 

@@ -322,3 +322,14 @@ def test_plan_prints_the_table_and_says_whether_it_fits():
     bad = subprocess.run([sys.executable, "-m", "spin_ray.cli", "plan", str(RECIPE), "--assume", "speed=3"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--assume 'speed=3': expected name=value" in bad.stderr
+
+
+def test_every_node_type_the_docs_name_has_its_datasheet_figures():
+    """The accelerator types a user can name (the cluster files' and the docs'), each with its memory, dense bf16
+    peak and bandwidth; L40S and A10G were once lost to a comment that swallowed them."""
+    from spin_ray.plan import ACCELERATORS, accelerator
+
+    for name in ("A100", "A100-80G", "H100", "H200", "B200", "L4", "L40S", "A10G", "V100", "T4"):
+        label, gpu = accelerator(name, None)
+        assert gpu is ACCELERATORS[name] and gpu.memory_gb > 0 and gpu.peak_tflops > 0 and gpu.bandwidth_gbs > 0
+    assert accelerator("L40S", None) == ("L40S 48 GB", ACCELERATORS["L40S"])
