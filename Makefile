@@ -6,10 +6,13 @@ export SPIN_RAY_CACHE ?= $(CURDIR)/.cache/spin_ray
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 export MALLOC_ARENA_MAX ?= 2
 
-.PHONY: setup demo test test-unit test-integration test-e2e bench bench-training image lock-gpu gpu-check gpu-check-wheels clean
+.PHONY: setup lint demo test test-unit test-integration test-e2e bench bench-training image lock-gpu gpu-check gpu-check-wheels clean
 
 setup:
 	@bash scripts/setup.sh
+
+lint: setup
+	$(VENV)/bin/ruff check spin_ray tests bench scripts
 
 demo: setup
 	@mkdir -p $(RAY_TMPDIR)

@@ -1,4 +1,4 @@
-"""Benchmark: opponent generation, in one run on the same prompts: plain loops against our pipeline, HF and vLLM; prints JSON.
+"""Benchmark: opponent generation on the same prompts: plain loops against our pipeline, HF and vLLM; prints JSON.
 
 Four variants answer the same GSM8K prompts greedily with the same max_new_tokens:
 - plain HF loop: what the official SPIN generate.py does (prompts in file order, batches of 8, left
@@ -12,7 +12,8 @@ Pipeline times are end to end (actor start-up, model load, generation, reference
 commits); "engine" seconds are the engine actors' own time on the shards, start-up excluded.
 Ratios compare variants of this run only (the box's speed drifts by more than the gaps measured).
 
-    python bench/generation.py [--prompts 256] [--variants plain_hf,pipeline_hf,plain_vllm,pipeline_vllm] [key=value ...]
+    python bench/generation.py [--prompts 256] [--variants plain_hf,pipeline_hf,plain_vllm,pipeline_vllm]
+        [key=value ...]
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def plain_hf_loop(model, chat, prompts: list[list[int]], max_new_tokens: int, ba
 
 
 def plain_vllm(config, model_path: str, chat, prompts: list[list[int]], reals: list[list[int]]) -> dict:
-    """vllm.LLM as our engine builds it, on the same work: answers with their log-probs, then the human answers scored."""
+    """vllm.LLM as our engine builds it, on the same work: answers with log-probs, then the human answers scored."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -70,7 +71,9 @@ def plain_vllm(config, model_path: str, chat, prompts: list[list[int]], reals: l
 
     spec = EngineSpec.from_config(config, model_path, score_reference=True)
     started = time.perf_counter()
-    engine = VLLMEngine(model_path, chat, spec.max_new_tokens, 0.0, 1.0, spec.batch_size, spec.dtype, spec.max_model_len)
+    engine = VLLMEngine(
+        model_path, chat, spec.max_new_tokens, 0.0, 1.0, spec.batch_size, spec.dtype, spec.max_model_len
+    )
     startup = time.perf_counter() - started
     params = SamplingParams(**sampling_params(spec.max_new_tokens, 0.0, 1.0, 0, chat.stop_token_ids, True))
     started = time.perf_counter()
@@ -124,9 +127,9 @@ def main() -> None:
     import ray
 
     from spin_ray.config import load_config
-    from spin_ray.models.resolution import load_model, load_tokenizer, resolve_model
     from spin_ray.data.prepare import tokenize_split
     from spin_ray.data.tokenization import ChatFormat
+    from spin_ray.models.resolution import load_model, load_tokenizer, resolve_model
 
     storage = tempfile.mkdtemp(prefix="bench-gen-", dir=os.environ.get("RAY_TMPDIR"))
     config = load_config(args.config, [f"data.limit={args.prompts}", f"run.storage_path={storage}", "run.name=bench",
@@ -148,7 +151,9 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         for engine in ("hf", "vllm"):
             if f"pipeline_{engine}" in variants:
-                engine_config = config.model_copy(update={"generation": config.generation.model_copy(update={"engine": engine})})
+                engine_config = config.model_copy(
+                    update={"generation": config.generation.model_copy(update={"engine": engine})}
+                )
                 results[f"pipeline_{engine}"] = pipeline(engine_config, model_path, f"{storage}/{engine}")
         ray.shutdown()
 
@@ -160,7 +165,10 @@ def main() -> None:
 
     answers = {name: answers_of(r) for name, r in results.items()}
     reference = answers.get("plain_hf") or next(iter(answers.values()))
-    identical = {name: f"{sum(a == b for a, b in zip(found, reference, strict=True))}/{len(ids)}" for name, found in answers.items()}
+    identical = {
+        name: f"{sum(a == b for a, b in zip(found, reference, strict=True))}/{len(ids)}"
+        for name, found in answers.items()
+    }
     ratios = {}
     if "plain_hf" in results:
         base = results["plain_hf"]["tokens_per_second"]
@@ -170,14 +178,25 @@ def main() -> None:
     if "plain_vllm" in results and "pipeline_vllm" in results:
         ratios["pipeline_vllm_vs_plain_vllm_engine_only"] = round(
             results["pipeline_vllm"]["engine_tokens_per_second"] / results["plain_vllm"]["engine_tokens_per_second"], 3)
-    report = json.dumps({
-        "benchmark": "generation", "model": config.model.name, "prompts": len(ids),
-        "max_new_tokens": config.generation.max_new_tokens, "decoding": "greedy",
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
-        "command": "python bench/generation.py " + " ".join(sys.argv[1:]),
-        "variants": results, "ratios": ratios, "identical_greedy_answers_vs_plain_hf": identical,
-        "targets": {"pipeline_vllm_vs_plain_hf_end_to_end": ">= 2.0", "pipeline_vllm_vs_plain_vllm_engine_only": ">= 0.85"},
-    }, indent=2)
+    report = json.dumps(
+        {
+            "benchmark": "generation",
+            "model": config.model.name,
+            "prompts": len(ids),
+            "max_new_tokens": config.generation.max_new_tokens,
+            "decoding": "greedy",
+            "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
+            "command": "python bench/generation.py " + " ".join(sys.argv[1:]),
+            "variants": results,
+            "ratios": ratios,
+            "identical_greedy_answers_vs_plain_hf": identical,
+            "targets": {
+                "pipeline_vllm_vs_plain_hf_end_to_end": ">= 2.0",
+                "pipeline_vllm_vs_plain_vllm_engine_only": ">= 0.85",
+            },
+        },
+        indent=2,
+    )
     if args.out:
         Path(args.out).write_text(report + "\n")
     print(report)

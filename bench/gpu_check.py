@@ -115,8 +115,8 @@ def attention_ops(model_dir: Path, device: str, overrides: list[str], prompt: in
     from torch.profiler import ProfilerActivity, profile
 
     from spin_ray.config import load_config
-    from spin_ray.objectives.logprobs import answer_logps
     from spin_ray.models.resolution import load_model
+    from spin_ray.objectives.logprobs import answer_logps
     from spin_ray.objectives.packed_attention import use_packed_kernel
     from spin_ray.training.parallel import DTYPES, compute_context
 
@@ -132,8 +132,12 @@ def attention_ops(model_dir: Path, device: str, overrides: list[str], prompt: in
                      logits_chunk_rows=t.logits_chunk_rows, share_prefix=t.prefix_sharing,
                      device=torch.device(device)).sum().backward()
     names = {event.key for event in profiler.key_averages()}
-    return sorted(name for name in names if "attention" in name.lower() and ("sdp" in name.lower() or "flash" in
-                                                                               name.lower() or "efficient" in name.lower()))
+    return sorted(
+        name
+        for name in names
+        if "attention" in name.lower()
+        and ("sdp" in name.lower() or "flash" in name.lower() or "efficient" in name.lower())
+    )
 
 
 def check_setting(name: str, overrides: list[str], model_dir: Path, device: str, steps: int, folder: Path,

@@ -73,7 +73,9 @@ def run_once(tree: Path, job: str, overrides: list[str], log: Path, seed_cache: 
                *overrides]
     started = time.perf_counter()
     with open(log, "w") as out:
-        rc = subprocess.run(command, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+        rc = subprocess.run(
+            command, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s
+        ).returncode
     wall = round(time.perf_counter() - started, 1)
     manifests = list(storage.glob("*/manifest.json"))
     phases, metrics, exported = {}, {}, {}

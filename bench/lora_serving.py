@@ -65,13 +65,12 @@ def make_adapter(base: str, rank: int, scratch: str) -> dict:
 
 def child(model: str, adapter: str | None, rank: int, prompts: int) -> None:
     """One variant in its own process: prints one JSON line."""
-    from spin_ray.workers import prepare_compute_process
-
     from spin_ray.config import load_config
-    from spin_ray.generation.engine import EngineSpec
-    from spin_ray.models.resolution import load_tokenizer
     from spin_ray.data.prepare import tokenize_split
     from spin_ray.data.tokenization import ChatFormat
+    from spin_ray.generation.engine import EngineSpec
+    from spin_ray.models.resolution import load_tokenizer
+    from spin_ray.workers import prepare_compute_process
 
     config = load_config(str(ROOT / "jobs" / "gsm8k_smollm2_cpu.yaml"),
                          [f"data.limit={prompts}", "generation.engine=vllm", f"generation.batch_size={prompts}",

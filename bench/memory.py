@@ -330,10 +330,12 @@ def table(report: dict) -> str:
     for r in report["results"]:
         layout = ", ".join(o.removeprefix("training.") for o in SETTINGS[r["setting"]][7]) or "defaults"
         planned = f"{r['predicted_seconds_per_step']}" if r.get("time_predicted") else "(bf16: not planned on CPU)"
-        lines.append(f"| {r['setting']} | {r['workers']} | {r['objective']}, {r['micro_batch']} x "
-                     f"{r['prompt_tokens']}+{r['answer_tokens']} ({r['micro_batches_per_step']}/step) | {layout} | "
-                     f"{r['measured_train_peak_mib']} / {r['predicted_train_peak_mib']} | {r['memory_error']:+.1%} | "
-                     f"{r['measured_load_peak_mib']} | {r['tokens_per_second']} | {r['seconds_per_step']} / {planned} |")
+        lines.append(
+            f"| {r['setting']} | {r['workers']} | {r['objective']}, {r['micro_batch']} x "
+            f"{r['prompt_tokens']}+{r['answer_tokens']} ({r['micro_batches_per_step']}/step) | {layout} | "
+            f"{r['measured_train_peak_mib']} / {r['predicted_train_peak_mib']} | {r['memory_error']:+.1%} | "
+            f"{r['measured_load_peak_mib']} | {r['tokens_per_second']} | {r['seconds_per_step']} / {planned} |"
+        )
     return "\n".join(lines)
 
 

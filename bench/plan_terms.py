@@ -47,10 +47,10 @@ def demo_config(prompts: int, *overrides: str):
 
 def child(prompts: int) -> None:
     """The engine terms in one fresh process (a replica's): prints one JSON line."""
-    from spin_ray.generation.engine import EngineSpec
-    from spin_ray.models.resolution import load_tokenizer, local_model_path
     from spin_ray.data.prepare import tokenize_split
     from spin_ray.data.tokenization import ChatFormat
+    from spin_ray.generation.engine import EngineSpec
+    from spin_ray.models.resolution import load_tokenizer, local_model_path
     from spin_ray.workers import prepare_compute_process
 
     config = demo_config(prompts, f"generation.batch_size={prompts}")

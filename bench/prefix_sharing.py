@@ -51,7 +51,9 @@ def trial(model: str, shape: str, shared: bool, scratch: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / f"prefix-sharing-{datetime.date.today()}.json"))
+    parser.add_argument(
+        "--out", default=str(ROOT / "bench" / "results" / f"prefix-sharing-{datetime.date.today()}.json")
+    )
     args = parser.parse_args()
     import torch
 

@@ -66,7 +66,9 @@ def run(config) -> dict:
 
 def models_of(manifest: dict) -> list[tuple[str, dict, str]]:
     """(label, metrics, eval folder) of every evaluated model of a run: p0, then p(t+1) per iteration."""
-    rows = [("p0", manifest["phases"]["baseline_eval"]["metrics"], manifest["phases"]["baseline_eval"]["artifacts"]["eval"])]
+    rows = [
+        ("p0", manifest["phases"]["baseline_eval"]["metrics"], manifest["phases"]["baseline_eval"]["artifacts"]["eval"])
+    ]
     for record in manifest["iterations"]:
         evaluated = record["phases"].get("evaluate") or {}
         if evaluated.get("status") == "done":
@@ -131,8 +133,10 @@ def markdown(results: dict) -> str:
     def number(value, digits=4):
         return "" if value is None else f"{value:.{digits}f}"
 
-    lines = ["| arm | model | strict EM | flexible EM | format '#### n' | NLL/tok | at limit | mean tokens | val NLL/tok |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arm | model | strict EM | flexible EM | format '#### n' | NLL/tok | at limit | mean tokens | val NLL/tok |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for arm, info in results["arms"].items():
         for m in info["models"]:
             x = m["metrics"]
@@ -147,8 +151,11 @@ def markdown(results: dict) -> str:
         return f"{scale * d['mean']:+.{digits}f}{unit} [{low:+.{digits}f}, {high:+.{digits}f}]" + (
             " *" if d["excludes_zero"] else "")
 
-    lines += ["", "| arm, model | strict EM (arm - SFT) | flexible EM (arm - SFT) | NLL/tok (SFT - arm; > 0: arm better) |",
-              "|---|---|---|---|"]
+    lines += [
+        "",
+        "| arm, model | strict EM (arm - SFT) | flexible EM (arm - SFT) | NLL/tok (SFT - arm; > 0: arm better) |",
+        "|---|---|---|---|",
+    ]
     for arm, roles in results["versus_continued_sft"].items():
         for role, m in roles.items():
             cells = [interval(m["accuracy_lm_eval_strict"], True), interval(m["accuracy_lm_eval_flexible"], True),
@@ -168,13 +175,20 @@ def plot(results: dict) -> bytes:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    panels = (("accuracy_lm_eval_strict", "GSM8K exact match (strict)"), ("answer_format_rate", "answers ending '#### n'"),
-              ("nll_per_token", "NLL/token, human answers"), ("validation_nll_per_token", "validation NLL/token"),
-              ("share_hit_max_new_tokens", "answers at max_new_tokens"), ("mean_answer_tokens", "mean answer tokens"))
+    panels = (
+        ("accuracy_lm_eval_strict", "GSM8K exact match (strict)"),
+        ("answer_format_rate", "answers ending '#### n'"),
+        ("nll_per_token", "NLL/token, human answers"),
+        ("validation_nll_per_token", "validation NLL/token"),
+        ("share_hit_max_new_tokens", "answers at max_new_tokens"),
+        ("mean_answer_tokens", "mean answer tokens"),
+    )
     figure, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for axis, (key, title) in zip(axes.flat, panels, strict=True):
         for arm, info in results["arms"].items():
-            points = [(i, m["metrics"].get(key)) for i, m in enumerate(info["models"]) if m["metrics"].get(key) is not None]
+            points = [
+                (i, m["metrics"].get(key)) for i, m in enumerate(info["models"]) if m["metrics"].get(key) is not None
+            ]
             axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arm)
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("model (p0 = SFT-converged start)", fontsize=8)

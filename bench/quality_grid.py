@@ -42,14 +42,22 @@ LENGTH_ROBUST = (["training.length_normalize=true"], ["training.dpop_lambda=5"])
 def grid() -> dict[str, list[str]]:
     points = {}
     for lr, alpha in itertools.product(LEARNING_RATES, NLL_WEIGHTS):
-        points[f"spin-lr{lr}-nll{alpha}"] = [*SPIN_PAPER, f"training.learning_rate={lr}", f"training.nll_weight={alpha}"]
+        points[f"spin-lr{lr}-nll{alpha}"] = [
+            *SPIN_PAPER,
+            f"training.learning_rate={lr}",
+            f"training.nll_weight={alpha}",
+        ]
     for extra in LENGTH_ROBUST:
         name = extra[0].split(".")[1].split("=")[0]
         points[f"spin-lr2e-6-{name}"] = [*SPIN_PAPER, "training.learning_rate=2e-6", *extra]
         points[f"spin-lr2e-6-{name}-nll0.2"] = [*SPIN_PAPER, "training.learning_rate=2e-6",
                                                 "training.nll_weight=0.2", *extra]
     for alpha in NLL_WEIGHTS:
-        points[f"tspin-lr2e-6-nll{alpha}"] = [*TSPIN_PAPER, "training.learning_rate=2e-6", f"training.nll_weight={alpha}"]
+        points[f"tspin-lr2e-6-nll{alpha}"] = [
+            *TSPIN_PAPER,
+            "training.learning_rate=2e-6",
+            f"training.nll_weight={alpha}",
+        ]
     # T-SPIN's own per-token reward (tspin.length_normalize) with SPIN's best nll_weight: RPO alone let both run long
     points["tspin-lr2e-6-length_normalize-nll0.2"] = [*TSPIN_PAPER, "training.learning_rate=2e-6",
                                                       "training.nll_weight=0.2", "tspin.length_normalize=true"]

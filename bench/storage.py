@@ -80,12 +80,18 @@ def main() -> None:
         ray.shutdown()
         server.stop()
     medians = {k: statistics.median(v) for k, v in seconds.items()}
-    report = json.dumps({
-        "benchmark": "storage", "command": "python bench/storage.py " + " ".join(sys.argv[1:]),
-        "what": "one iteration (baseline eval, generate, train, evaluate, report) of a 2-layer random Llama, 16 prompts",
-        "seconds": seconds, "median_seconds": medians,
-        "ratio_s3_vs_local": round(medians["s3"] / medians["local"], 3),
-    }, indent=2)
+    report = json.dumps(
+        {
+            "benchmark": "storage",
+            "command": "python bench/storage.py " + " ".join(sys.argv[1:]),
+            "what": "one iteration (baseline eval, generate, train, evaluate, report) of a 2-layer random Llama, "
+                    "16 prompts",
+            "seconds": seconds,
+            "median_seconds": medians,
+            "ratio_s3_vs_local": round(medians["s3"] / medians["local"], 3),
+        },
+        indent=2,
+    )
     if args.out:
         Path(args.out).write_text(report + "\n")
     print(report)

@@ -22,7 +22,8 @@ MFU = model FLOPs (6 x parameters + attention, per token) x tokens/s over the fp
 this machine, measured here with torch.mm at the same thread count.
 
 Every variant runs --repeats times, in rounds whose order rotates; the JSON gives each trial's
-speed, the details (seconds, steps, losses) of the median trial, and compares medians, and records per trial the share of CPU time the hypervisor stole (this box is a
+speed, the details (seconds, steps, losses) of the median trial, and compares medians, and records per trial the share
+of CPU time the hypervisor stole (this box is a
 shared VM: a slow spell can halve one trial's speed).
 
     python bench/training.py [--pairs 16] [--global-batch 4] [--repeats 3] [--only ours_ray,trl_default ...]
@@ -79,10 +80,10 @@ def build_pairs(model_path: str, pairs: int, max_new_tokens: int) -> list[dict]:
     """GSM8K prompts, human answers, and SmolLM2's own greedy answers with their reference log-probs
     (computed the way the generation stage does: summed while decoding, human answer in the prefill)."""
     from spin_ray.config import load_config
-    from spin_ray.generation.hf_engine import HFEngine
-    from spin_ray.models.resolution import load_model, load_tokenizer
     from spin_ray.data.prepare import tokenize_split
     from spin_ray.data.tokenization import ChatFormat
+    from spin_ray.generation.hf_engine import HFEngine
+    from spin_ray.models.resolution import load_model, load_tokenizer
 
     config = load_config(None, [f"data.limit={pairs}", "data.max_prompt_tokens=256", "data.max_response_tokens=256"])
     chat = ChatFormat(load_tokenizer(model_path))
@@ -184,11 +185,27 @@ def run_trl(args, rows, model_path, scratch, precompute: bool) -> dict:
         {"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["real"]}],
          "rejected": [{"role": "assistant", "content": r["generated"][0]}]} for r in rows])
     config = DPOConfig(
-        output_dir=f"{scratch}/trl-{precompute}", loss_type=["sigmoid"], beta=0.1, learning_rate=args.lr,
-        per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=args.global_batch // args.micro_batch,
-        num_train_epochs=args.epochs, max_length=1024, optim="adamw_torch", lr_scheduler_type="linear",
-        warmup_steps=math.ceil(0.1 * args.epochs * (len(rows) // args.global_batch)), max_grad_norm=1.0, seed=0, precompute_ref_log_probs=precompute, report_to="none",
-        save_strategy="no", logging_steps=1, use_cpu=True, bf16=False, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=f"{scratch}/trl-{precompute}",
+        loss_type=["sigmoid"],
+        beta=0.1,
+        learning_rate=args.lr,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.global_batch // args.micro_batch,
+        num_train_epochs=args.epochs,
+        max_length=1024,
+        optim="adamw_torch",
+        lr_scheduler_type="linear",
+        warmup_steps=math.ceil(0.1 * args.epochs * (len(rows) // args.global_batch)),
+        max_grad_norm=1.0,
+        seed=0,
+        precompute_ref_log_probs=precompute,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        bf16=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
 
     class StepClock(TrainerCallback):
@@ -207,14 +224,22 @@ def run_trl(args, rows, model_path, scratch, precompute: bool) -> dict:
         result = trainer.train()
     wall = time.perf_counter() - started
     prepared = trainer.train_dataset
-    tokens = args.epochs * sum(2 * len(p) + len(c) + len(r) for p, c, r in
-                               zip(prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"], strict=True))
+    tokens = args.epochs * sum(
+        2 * len(p) + len(c) + len(r)
+        for p, c, r in zip(prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"], strict=True)
+    )
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"steps": trainer.state.global_step, "seconds": round(wall, 2), "step_seconds": round(StepClock.seconds, 2),
-            "tokens": tokens, "tokens_per_second": round(tokens / wall, 2),
-            "tokens_per_second_steps_only": round(tokens / StepClock.seconds, 2),
-            "final_loss": round(losses[-1], 5) if losses else None, "train_runtime": result.metrics.get("train_runtime"),
-            "precompute_ref_log_probs": precompute}
+    return {
+        "steps": trainer.state.global_step,
+        "seconds": round(wall, 2),
+        "step_seconds": round(StepClock.seconds, 2),
+        "tokens": tokens,
+        "tokens_per_second": round(tokens / wall, 2),
+        "tokens_per_second_steps_only": round(tokens / StepClock.seconds, 2),
+        "final_loss": round(losses[-1], 5) if losses else None,
+        "train_runtime": result.metrics.get("train_runtime"),
+        "precompute_ref_log_probs": precompute,
+    }
 
 
 def main() -> None:

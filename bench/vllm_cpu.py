@@ -14,7 +14,8 @@ On CPU vLLM traces the model with Dynamo and warms up Inductor code at every eng
 runs it eager there (vllm_engine.py); a variant ending in `+compiled` sets `enforce_eager: false`
 (vLLM's own default), one ending in `+eager` sets it true: a shorter start against a slower decode.
 
-    python bench/vllm_cpu.py [--prompts 64] [--rounds 2] [--variants tcmalloc+compiled,tcmalloc+eager,...] [--out bench/results/vllm-cpu.json]
+    python bench/vllm_cpu.py [--prompts 64] [--rounds 2] [--variants tcmalloc+compiled,tcmalloc+eager,...]
+        [--out bench/results/vllm-cpu.json]
 """
 
 from __future__ import annotations
@@ -46,13 +47,12 @@ def child(prompts: int, config_path: str, engine_kwargs: dict) -> None:
     """One variant's run, in the process whose LD_PRELOAD it measures: prints one JSON line."""
     started = time.perf_counter()
     preloaded = os.environ.get("LD_PRELOAD", "")  # vLLM appends its own choice to the variable later
-    from spin_ray.workers import prepare_compute_process
-
     from spin_ray.config import load_config
-    from spin_ray.generation.engine import EngineSpec
-    from spin_ray.models.resolution import load_tokenizer, resolve_model
     from spin_ray.data.prepare import tokenize_split
     from spin_ray.data.tokenization import ChatFormat
+    from spin_ray.generation.engine import EngineSpec
+    from spin_ray.models.resolution import load_tokenizer, resolve_model
+    from spin_ray.workers import prepare_compute_process
 
     config = load_config(config_path, [f"data.limit={prompts}", "generation.engine=vllm"])
     spec = EngineSpec.from_config(config, resolve_model(config.model.name, config.model.cache_dir).path,
@@ -174,11 +174,15 @@ def main() -> None:
         pairs = [(r, next(d for d in runs if d["variant"] == baseline and d["round"] == r["round"]))
                  for r in runs if r["variant"] == name]
         ratios[name] = {
-            f"decode_tokens_per_second_vs_{baseline}": [round(r["tokens_per_second"] / d["tokens_per_second"], 3) for r, d in pairs],
+            f"decode_tokens_per_second_vs_{baseline}": [
+                round(r["tokens_per_second"] / d["tokens_per_second"], 3) for r, d in pairs
+            ],
             f"startup_s_vs_{baseline}": [round(r["startup_s"] / d["startup_s"], 3) for r, d in pairs],
         }
     for run in runs:
-        run[f"answers_identical_to_{baseline}"] = f"{sum(a == b for a, b in zip(run.pop('answers'), reference))}/{len(reference)}"
+        run[f"answers_identical_to_{baseline}"] = (
+            f"{sum(a == b for a, b in zip(run.pop('answers'), reference))}/{len(reference)}"
+        )
     report = json.dumps({
         "benchmark": "vllm_cpu_preload", "prompts": args.prompts, "rounds": args.rounds, "libraries": libs,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},

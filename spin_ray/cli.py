@@ -9,16 +9,16 @@ import os
 import sys
 
 from spin_ray import __version__
-from spin_ray.models.adapters import AdapterError
-from spin_ray.objectives.algorithms import TrainingDataError
-from spin_ray.run.cluster import ResourceError
 from spin_ray.config import ConfigError, load_config
 from spin_ray.data.records import DataError
-from spin_ray.run.driver import RunAlreadyActive
 from spin_ray.generation.shards import GenerationError
-from spin_ray.run.layout import RunLayout
+from spin_ray.models.adapters import AdapterError
 from spin_ray.models.resolution import ModelResolutionError
+from spin_ray.objectives.algorithms import TrainingDataError
 from spin_ray.plan import PlanError
+from spin_ray.run.cluster import ResourceError
+from spin_ray.run.driver import RunAlreadyActive
+from spin_ray.run.layout import RunLayout
 from spin_ray.storage import StorageError, preflight
 
 
@@ -81,7 +81,11 @@ def _init_ray(address: str | None) -> None:
     # Every process of the job (engines, trainers, Ray Train's controller, Ray Data tasks) runs the library-log
     # filters when it starts: a job-level hook (Ray runs no actor-level one). A job that brings its own keeps it.
     job_env = (json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {})
-    hook = {} if job_env.get("worker_process_setup_hook") else {"worker_process_setup_hook": "spin_ray.logs.quiet_library_logs"}
+    hook = (
+        {}
+        if job_env.get("worker_process_setup_hook")
+        else {"worker_process_setup_hook": "spin_ray.logs.quiet_library_logs"}
+    )
     # Ray's own INFO lines go to stderr, where a refusal must stand alone as one line; say where we are instead
     context = ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True,
                        logging_level=logging.WARNING, runtime_env=hook)
@@ -211,15 +215,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from spin_ray.run.evaluation import evaluate_model
     from spin_ray.models.resolution import resolve_model
+    from spin_ray.run.evaluation import evaluate_model
     from spin_ray.storage import join
 
     config = _config(args)
     model = resolve_model(args.model, config.model.cache_dir)
     output = args.output or join(config.run.storage_path, "eval", os.path.basename(model.path.rstrip("/")))
     preflight(output)
-    held_out = config.model_copy(update={"data": config.data.model_copy(update={"eval": args.data or config.data.eval})})
+    held_out = config.model_copy(
+        update={"data": config.data.model_copy(update={"eval": args.data or config.data.eval})}
+    )
     _check_inputs(held_out, args.model, train=False, evaluation=True)
     _init_ray(args.address)
     metrics = evaluate_model(config, model.path, output, opponent_answers=args.opponent_answers,
@@ -295,15 +301,17 @@ def holder_job_status(holder: dict | None, address: str | None, timeout_s: float
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from spin_ray.models.resolution import MODEL_CARD, folder_complete
     from spin_ray.run.manifest import Manifest
     from spin_ray.run.model_card import model_card
-    from spin_ray.models.resolution import MODEL_CARD, folder_complete
 
     folder = _run_folder(args.run)
     manifest = Manifest.read(folder)
     if manifest is None:
         raise ConfigError(f"{folder}: no manifest.json; not a spin-ray run folder")
-    trained = [r["iteration"] for r in manifest.data["iterations"] if (r["phases"].get("train") or {}).get("status") == "done"]
+    trained = [
+        r["iteration"] for r in manifest.data["iterations"] if (r["phases"].get("train") or {}).get("status") == "done"
+    ]
     selected = manifest.data.get("selected_model")
     keep = (manifest.data["config"].get("evaluation") or {}).get("keep", "best")
     use_selected = (args.iteration is None and not args.last and keep == "best" and selected is not None
@@ -336,8 +344,8 @@ def export_model(source: str, target: str, config: dict, merged: bool) -> str:
     """Copy a run's model folder to the local folder `target`; a LoRA adapter names the base as the user did (the hub
     id of an alias), or, with `merged`, is written merged into its base. Returns what was written."""
     from spin_ray.models.adapters import ADAPTER_CONFIG, adapter_base
-    from spin_ray.run.model_card import HUB_IDS
     from spin_ray.models.resolution import load_model, load_tokenizer, local_model_path
+    from spin_ray.run.model_card import HUB_IDS
     from spin_ray.storage import download_folder
 
     model = config["model"]
@@ -438,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except USER_ERRORS as exc:

@@ -55,7 +55,8 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     train: str = Field(
         "gsm8k",
-        description="SFT data: built-in name (gsm8k, gsm8k:test) or an fsspec path/URL to jsonl, json, parquet or a saved HF dataset.",
+        description="SFT data: built-in name (gsm8k, gsm8k:test) or an fsspec path/URL to jsonl, json, parquet or a "
+        "saved HF dataset.",
     )
     eval: str | None = Field("gsm8k:test", description="Held-out data, same forms as data.train; null for none.")
     validation: str | None = Field(
@@ -73,7 +74,8 @@ class DataConfig(_Section):
     response_column: str = Field("response", description="Column holding the human response text.")
     messages_column: str = Field(
         "messages",
-        description="Column holding a chat list [{role, content}, ...] whose last turn is the assistant's (chat layout). Used when present.",
+        description="Column holding a chat list [{role, content}, ...] whose last turn is the assistant's (chat "
+                    "layout). Used when present.",
     )
     system_prompt: str | None = Field(
         None, description="System message prepended to prompts that have none; null keeps the chat template's default."
@@ -106,7 +108,8 @@ class GenerationConfig(_Section):
     batch_size: int = Field(
         64,
         ge=1,
-        description="Sequences decoding at once in one engine replica (HF: continuous-batching slots; vLLM: rows per request batch).",
+        description="Sequences decoding at once in one engine replica (HF: continuous-batching slots; vLLM: rows per "
+        "request batch).",
     )
     seed: int = Field(0, description="Base seed; each prompt's sampling seed derives from it and the prompt_id.")
     replicas: MinMax = Field(
@@ -121,7 +124,9 @@ class GenerationConfig(_Section):
         "evaluation the opponent's answers under the new model, saving a second model copy and pass; false runs a "
         "separate forward-only pool for each.",
     )
-    reference_batch_size: int = Field(8, ge=1, description="Sequences per forward pass when scoring reference log-probs.")
+    reference_batch_size: int = Field(
+        8, ge=1, description="Sequences per forward pass when scoring reference log-probs."
+    )
     cpus_per_replica: float = Field(1.0, gt=0.0, description="CPUs Ray reserves for each engine or reference actor.")
     threads_per_replica: int = Field(
         0, ge=0, description="torch threads in each actor; 0 means the actor's CPU count (at least 1)."
@@ -168,7 +173,9 @@ class GenerationConfig(_Section):
     @model_validator(mode="after")
     def _engine_fits_device(self) -> "GenerationConfig":
         if self.engine == "hf" and self.use_gpu:
-            raise ValueError("generation.engine hf runs on CPU only; use generation.engine=vllm with generation.use_gpu")
+            raise ValueError(
+                "generation.engine hf runs on CPU only; use generation.engine=vllm with generation.use_gpu"
+            )
         return self
 
 
@@ -185,21 +192,32 @@ class LoRAConfig(_Section):
     """Low-rank adapters (PEFT's LoRA) instead of full fine-tuning: training.lora.rank > 0 turns it on."""
 
     rank: int = Field(
-        0, ge=0, description="LoRA rank r; 0 trains every weight (full fine-tuning). With r > 0 only the adapters train "
+        0,
+        ge=0,
+        description="LoRA rank r; 0 trains every weight (full fine-tuning). With r > 0 only the adapters train "
         "(fp32, whatever model.dtype), each iteration exports its adapter (a few MB) instead of the model, and the "
         "engines apply it to the base they stage once (vLLM LoRA requests; the HF engine merges it through PEFT). "
-        "One adapter is trained on across iterations: p_t is the base plus iteration t-1's adapter.")
+        "One adapter is trained on across iterations: p_t is the base plus iteration t-1's adapter.",
+    )
     alpha: float | None = Field(None, gt=0.0, description="LoRA alpha (the update is scaled by alpha / rank); null "
                                 "takes the rank (scale 1).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input while training. Above 0 the "
-                           "policy at an iteration's first step is no longer exactly its reference, so the step-0 "
-                           "check (training.reference_check_tolerance) may need raising.")
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the adapters' input while training. Above 0 the "
+        "policy at an iteration's first step is no longer exactly its reference, so the step-0 "
+        "check (training.reference_check_tolerance) may need raising.",
+    )
     target_modules: str | list[str] = Field(
         "all-linear", description="Modules that get adapters: all-linear (every linear layer but the LM head) or a "
         "list of module names (Llama: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj). A name the "
         "model does not have is refused before training, with the names it has.")
-    export_merged: bool = Field(False, description="Also export each iteration's merged model (base + adapter, in "
-                                "model.dtype) beside its adapter, as model_merged/: a whole model for serving elsewhere.")
+    export_merged: bool = Field(
+        False,
+        description="Also export each iteration's merged model (base + adapter, in "
+        "model.dtype) beside its adapter, as model_merged/: a whole model for serving elsewhere.",
+    )
 
 
 class TrainingConfig(_Section):
@@ -306,12 +324,16 @@ class TrainingConfig(_Section):
         "run 20x as long as the last save took, and at least 10 minutes, so saving stays within ~5% of training "
         "(each save writes the weights and the optimizer state: ~58 GB for a 7B model with RMSprop).")
     async_checkpoint: bool | Literal["auto"] = Field(
-        "auto", description="Write checkpoints in the background (torch.distributed.checkpoint.async_save: the state is "
+        "auto",
+        description="Write checkpoints in the background (torch.distributed.checkpoint.async_save: the state is "
         "copied to host memory, then written while training goes on; it counts once every rank's writes are done). "
-        "auto: on GPUs; CPU workers save in the step that takes the checkpoint.")
+        "auto: on GPUs; CPU workers save in the step that takes the checkpoint.",
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Committed checkpoints to keep while an iteration trains "
                                   "(the newest); all are removed once its model is exported.")
-    max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before the run fails.")
+    max_failures: int = Field(
+        3, ge=0, description="Worker-group restarts from the last checkpoint before the run fails."
+    )
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
 
 
@@ -437,7 +459,8 @@ class IterationsConfig(_Section):
         None, gt=0.0, le=1.0, description="Stop early once held-out reward accuracy falls to this (e.g. 0.55)."
     )
     sft_warm_start: bool = Field(
-        False, description="Before iteration 0, fine-tune the initial model on the SFT data (objective sft); it becomes p_0."
+        False,
+        description="Before iteration 0, fine-tune the initial model on the SFT data (objective sft); it becomes p_0.",
     )
     sft_epochs: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         1, description="Epochs of the SFT warm start, or auto: until the validation split's NLL stops improving "
@@ -477,7 +500,9 @@ class TrackingConfig(_Section):
         None, description="MLflow tracking server or store; null keeps a file store in the run folder (local runs; a "
         "bucket run needs a server)."
     )
-    mlflow_experiment: str = Field("spin_ray", min_length=1, description="MLflow experiment the run's tracking run joins.")
+    mlflow_experiment: str = Field(
+        "spin_ray", min_length=1, description="MLflow experiment the run's tracking run joins."
+    )
     wandb_project: str = Field("spin_ray", min_length=1, description="W&B project.")
     wandb_mode: Literal["offline", "online"] = Field(
         "offline", description="W&B mode: offline writes under {run}/wandb (upload later with `wandb sync`)."

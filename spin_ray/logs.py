@@ -67,7 +67,9 @@ def vllm_logging_config(level: str = "WARNING") -> str:
         "loggers": {"vllm": {"handlers": ["vllm"], "level": level, "propagate": False}},
     }
     text = json.dumps(config, sort_keys=True)
-    path = os.path.join(tempfile.gettempdir(), f"spin_ray_vllm_logging_{hashlib.sha256(text.encode()).hexdigest()[:12]}.json")
+    path = os.path.join(
+        tempfile.gettempdir(), f"spin_ray_vllm_logging_{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+    )
     if not os.path.exists(path):
         staging = f"{path}.{os.getpid()}"
         with open(staging, "w") as handle:

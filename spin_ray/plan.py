@@ -3,7 +3,8 @@ iteration, from the config and the model's config.json alone (no Ray, no weights
 
 Activation memory is counted tensor by tensor from what autograd saves in a Llama-style decoder layer (RMSNorm,
 rotary attention through SDPA, gated MLP), checked against torch's saved-tensor hooks on SmolLM2 (within 2% in fp32,
-tests/unit/test_plan.py) and against the measured peak RSS of training workers (within 9%, bench/memory.py). Per token and layer, with e the compute
+tests/unit/test_plan.py) and against the measured peak RSS of training workers (within 9%, bench/memory.py). Per token
+and layer, with e the compute
 dtype's bytes, h hidden, q and kv the query and key/value widths, i the MLP width:
 
     no checkpointing:   2 * (4 + 2e) * h  +  e * (3q + 2kv + 4i)  +  4 * heads
@@ -176,19 +177,32 @@ def training_shape(config, workers: int | None = None, checkpointing: bool | Non
     t, d = config.training, config.data
     chosen = objective(config)
     answers = len([name for name in chosen.answers.strip("()").split(",") if name.strip()])  # SPPO: winner, loser
-    answer = max(d.max_response_tokens, config.generation.max_new_tokens + 1) if chosen.columns else d.max_response_tokens
+    answer = (
+        max(d.max_response_tokens, config.generation.max_new_tokens + 1) if chosen.columns else d.max_response_tokens
+    )
     world = workers or t.num_workers[1]
     per_rank = t.global_batch_size // max(1, world)
     return TrainingShape(
-        workers=world, micro_batch=t.micro_batch_size, answers=answers, prompt_tokens=d.max_prompt_tokens,
-        answer_tokens=answer, compute_bytes=DTYPE_BYTES[t.compute_dtype],
+        workers=world,
+        micro_batch=t.micro_batch_size,
+        answers=answers,
+        prompt_tokens=d.max_prompt_tokens,
+        answer_tokens=answer,
+        compute_bytes=DTYPE_BYTES[t.compute_dtype],
         checkpointing=bool(checkpointing if checkpointing is not None else t.activation_checkpointing is True),
-        sharded_accumulation=bool(sharded_accumulation if sharded_accumulation is not None
-                                  else t.gradient_accumulation == "sharded"),
-        accumulating=per_rank > t.micro_batch_size, cpu_offload=t.cpu_offload,
-        optimizer_states=OPTIMIZER_STATES[t.optimizer], logits_chunk_rows=t.logits_chunk_rows,
-        shared_prefix=t.prefix_sharing and t.pack_sequences and answers > 1, lora_rank=t.lora.rank,
-        lora_targets=tuple([t.lora.target_modules] if isinstance(t.lora.target_modules, str) else t.lora.target_modules))
+        sharded_accumulation=bool(
+            sharded_accumulation if sharded_accumulation is not None else t.gradient_accumulation == "sharded"
+        ),
+        accumulating=per_rank > t.micro_batch_size,
+        cpu_offload=t.cpu_offload,
+        optimizer_states=OPTIMIZER_STATES[t.optimizer],
+        logits_chunk_rows=t.logits_chunk_rows,
+        shared_prefix=t.prefix_sharing and t.pack_sequences and answers > 1,
+        lora_rank=t.lora.rank,
+        lora_targets=tuple(
+            [t.lora.target_modules] if isinstance(t.lora.target_modules, str) else t.lora.target_modules
+        ),
+    )
 
 
 def trainable_parameters(shape: ModelShape, run: TrainingShape) -> int:
@@ -292,7 +306,9 @@ def training_memory(shape: ModelShape, run: TrainingShape, runtime_bytes: int = 
         extra = run.micro_batch * (run.answers - 1) * (run.prompt_tokens + run.answer_tokens)
         activations += extra * 2 * shape.kv_width * e * shape.layers
     # outside the layers: the final norm's float32 input and cast, rotary tables, the head's input rows
-    activations += run.tokens * ((4 + e) * shape.hidden + 8 * shape.head_dim) + run.answer_token_count * e * shape.hidden
+    activations += (
+        run.tokens * ((4 + e) * shape.hidden + 8 * shape.head_dim) + run.answer_token_count * e * shape.hidden
+    )
     if run.checkpointing:  # one layer's full activations exist while it is recomputed in backward
         activations += run.tokens * shape.activation_bytes_per_token(e, False)
     memory.device["activations"] = activations
@@ -476,7 +492,9 @@ def engine_plan(config, shape: ModelShape, gpu: Accelerator | None, assumptions:
     sequences = max(0, int(budget // kv_per_sequence))
     fits = sequences >= 1
     batch = max(1, min(sequences, gen.batch_size))
-    context = config.data.max_prompt_tokens * assumptions.prompt_share + gen.max_new_tokens * assumptions.answer_share / 2
+    context = (
+        config.data.max_prompt_tokens * assumptions.prompt_share + gen.max_new_tokens * assumptions.answer_share / 2
+    )
     step = max((shape.parameters * element / tp + batch * kv_per_token * context) / (gpu.bandwidth_gbs * 1e9),
                2 * shape.parameters * batch / tp / (gpu.peak_tflops * 1e12 * assumptions.engine_mfu),
                assumptions.engine_step_ms / 1e3)
@@ -831,19 +849,28 @@ def format_plan(plan: Plan, config) -> str:
                  f"(training.gradient_accumulation {t.gradient_accumulation})"
                  + (f"; {plan.layout.reason}" if plan.layout.reason else ""))
     e = plan.engine
-    lines += ["", f"generation, each engine replica ({gen.replicas[1]} at most, {plan.generation_gpu}, "
-                  f"tensor_parallel_size {gen.tensor_parallel_size}, {config.model.dtype})",
-              f"  {'weights' + (' per GPU' if gen.use_gpu else ''):<40}{gb(e.weights)}",
-              f"  {'KV cache' + (' per GPU' if gen.use_gpu else ''):<40}{gb(e.kv_cache)}"
-              + (f"  (gpu_memory_utilization {gen.gpu_memory_utilization})" if gen.use_gpu else ""),
-              f"  sequences of {config.data.max_prompt_tokens}+{gen.max_new_tokens} tokens at once: {e.sequences}"
-              f" ({e.kv_per_sequence / 2**20:.1f} MB of KV cache each)",
-              f"  decoding: ~{e.tokens_per_second:,.0f} tokens/s per replica; prefill ~{e.prefill_tokens_per_second:,.0f}"
-              f", scoring ~{e.scoring_tokens_per_second:,.0f}",
-              *([f"  {'prompt scoring (outside the profile)':<40}{gb(e.scoring_bytes)}  (of {e.scoring_room / GB:.2f} "
-                 f"GiB gpu_memory_utilization leaves)"] if gen.use_gpu else []),
-              "",
-              f"time per iteration ({plan.prompts:,} prompts, from {plan.prompts_source}; an estimate)"]
+    lines += [
+        "",
+        f"generation, each engine replica ({gen.replicas[1]} at most, {plan.generation_gpu}, "
+        f"tensor_parallel_size {gen.tensor_parallel_size}, {config.model.dtype})",
+        f"  {'weights' + (' per GPU' if gen.use_gpu else ''):<40}{gb(e.weights)}",
+        f"  {'KV cache' + (' per GPU' if gen.use_gpu else ''):<40}{gb(e.kv_cache)}"
+        + (f"  (gpu_memory_utilization {gen.gpu_memory_utilization})" if gen.use_gpu else ""),
+        f"  sequences of {config.data.max_prompt_tokens}+{gen.max_new_tokens} tokens at once: {e.sequences}"
+        f" ({e.kv_per_sequence / 2**20:.1f} MB of KV cache each)",
+        f"  decoding: ~{e.tokens_per_second:,.0f} tokens/s per replica; prefill ~{e.prefill_tokens_per_second:,.0f}"
+        f", scoring ~{e.scoring_tokens_per_second:,.0f}",
+        *(
+            [
+                f"  {'prompt scoring (outside the profile)':<40}{gb(e.scoring_bytes)}  (of {e.scoring_room / GB:.2f} "
+                f"GiB gpu_memory_utilization leaves)"
+            ]
+            if gen.use_gpu
+            else []
+        ),
+        "",
+        f"time per iteration ({plan.prompts:,} prompts, from {plan.prompts_source}; an estimate)",
+    ]
     for name, value in plan.seconds.items():
         lines.append(f"  {name:<40}{value / 3600:8.2f} h ({value:,.0f} s)")
     lines += ["", "bytes per iteration in run.storage_path"]
@@ -903,6 +930,10 @@ def plan_check(measured: dict, planned: dict) -> dict:
 
 def describe_check(checked: dict) -> str | None:
     """One warning line for the quantities past their tolerance, or None."""
-    off = [f"{key.replace('_', ' ')} {entry['measured']:.3g} against {entry['planned']:.3g} planned "
-           f"({entry['error']:+.0%}, beyond {entry['tolerance']:.0%})" for key, entry in checked.items() if entry["off"]]
+    off = [
+        f"{key.replace('_', ' ')} {entry['measured']:.3g} against {entry['planned']:.3g} planned "
+        f"({entry['error']:+.0%}, beyond {entry['tolerance']:.0%})"
+        for key, entry in checked.items()
+        if entry["off"]
+    ]
     return ("plan check: " + "; ".join(off) + " (spin-ray plan's assumptions: --assume)") if off else None

@@ -246,7 +246,8 @@ def describe_storage_error(url: str, error: BaseException) -> str:
     name = type(error).__name__
     text = " ".join(str(error).split()) or name
     if name == "NoCredentialsError" or "Unable to locate credentials" in text:
-        return f"{where}: no credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)"
+        return (f"{where}: no credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an "
+                "instance role)")
     if "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text or "invalid_grant" in text:
         return f"{where}: the credentials were rejected ({text})"
     if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError") or (

@@ -1,4 +1,4 @@
-"""Compute processes under Ray: normal CPU priority, a torch thread pool of their size, no library bars in the job log."""
+"""Compute processes under Ray: normal CPU priority, a torch thread pool of their size, no library bars in job logs."""
 
 from __future__ import annotations
 

@@ -160,7 +160,9 @@ class MotoS3:
         self.log = open(log, "w")
         self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                         stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        wait_for(lambda: _port_open(self.port) or self.process.poll() is not None, 60, f"moto's S3 server on {self.port}")
+        wait_for(
+            lambda: _port_open(self.port) or self.process.poll() is not None, 60, f"moto's S3 server on {self.port}"
+        )
         if self.process.poll() is not None:
             raise RuntimeError(f"moto.server exited with {self.process.returncode}; see {log}")
 

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 
 def spin_rows(chat, model_dir: str, count: int = 4) -> list[dict]:
     """SPIN rows whose reference log-probs are the model's own (fp32, padded), as an engine pass gives them."""
-    from spin_ray.objectives.logprobs import score_responses
     from spin_ray.models.resolution import load_model
+    from spin_ray.objectives.logprobs import score_responses
 
     prompts = chat.batch_prompt_ids([[{"role": "user", "content": f"What is {i} + {i}?"}] for i in range(count)])
     reals = chat.batch_response_ids([f"{i} + {i} = {2 * i}\n#### {2 * i}" for i in range(count)])

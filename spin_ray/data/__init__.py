@@ -1,1 +1,1 @@
-"""The inputs: SFT records from files or the built-in sets, chat-template tokenization, the tokenized splits, GSM8K answers."""
+"""The inputs: SFT records from files or built-in sets, chat-template tokenization, tokenized splits, GSM8K answers."""

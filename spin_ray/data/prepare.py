@@ -8,8 +8,8 @@ import pyarrow as pa
 
 from spin_ray.config import Config
 from spin_ray.data.records import LoadReport, check_records, load_records
-from spin_ray.models.resolution import ResolvedModel, check_model, load_tokenizer, local_model_path, resolve_model
 from spin_ray.data.tokenization import ChatFormat, LengthReport, apply_length_policy
+from spin_ray.models.resolution import ResolvedModel, check_model, load_tokenizer, local_model_path, resolve_model
 
 
 @dataclass

@@ -73,7 +73,9 @@ class ChatFormat:
         """
         texts = [self.prompt_text(m) for m in prompts]
         prompt_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        joint = self.tokenizer([t + r for t, r in zip(texts, responses, strict=True)], add_special_tokens=False)["input_ids"]
+        joint = self.tokenizer([t + r for t, r in zip(texts, responses, strict=True)], add_special_tokens=False)[
+            "input_ids"
+        ]
         response_ids, alone = [], []
         for index, (prompt, both) in enumerate(zip(prompt_ids, joint, strict=True)):
             if both[:len(prompt)] == prompt:

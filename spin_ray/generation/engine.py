@@ -61,20 +61,35 @@ class EngineSpec:
     def from_config(cls, config, model: str, score_reference: bool) -> "EngineSpec":
         gen, data = config.generation, config.data
         return cls(
-            engine=gen.engine, model=model, dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code,
-            cache_dir=config.model.cache_dir, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
-            top_p=gen.top_p, batch_size=gen.batch_size, num_samples=gen.num_samples, seed=gen.seed,
-            threads=replica_threads(gen), score_reference=score_reference, reference_batch_size=gen.reference_batch_size,
+            engine=gen.engine,
+            model=model,
+            dtype=config.model.dtype,
+            trust_remote_code=config.model.trust_remote_code,
+            cache_dir=config.model.cache_dir,
+            max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            batch_size=gen.batch_size,
+            num_samples=gen.num_samples,
+            seed=gen.seed,
+            threads=replica_threads(gen),
+            score_reference=score_reference,
+            reference_batch_size=gen.reference_batch_size,
             max_model_len=data.max_prompt_tokens + max(gen.max_new_tokens, data.max_response_tokens),
-            use_gpu=gen.use_gpu, tensor_parallel_size=gen.tensor_parallel_size,
-            gpu_memory_utilization=gen.gpu_memory_utilization, engine_kwargs=dict(gen.vllm_engine_kwargs),
+            use_gpu=gen.use_gpu,
+            tensor_parallel_size=gen.tensor_parallel_size,
+            gpu_memory_utilization=gen.gpu_memory_utilization,
+            engine_kwargs=dict(gen.vllm_engine_kwargs),
             serve_merged=gen.lora_serving == "merged" or (gen.lora_serving == "auto" and not gen.use_gpu),
         )
 
 
 # Where the distributions put tcmalloc's minimal build (Debian/Ubuntu libtcmalloc-minimal4, RHEL gperftools-libs).
-TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
-                  "/usr/lib64/libtcmalloc_minimal.so.4")
+TCMALLOC_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib64/libtcmalloc_minimal.so.4",
+)
 
 
 def cpu_preload(gen) -> list[str]:

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from spin_ray.data.tokenization import ChatFormat
 from spin_ray.generation.engine import Completion, release_device_memory
 from spin_ray.objectives.logprobs import gathered_logps
-from spin_ray.data.tokenization import ChatFormat
 
 
 def sample_next(
@@ -41,7 +41,9 @@ def sample_next(
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the first token always stays
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.stack([torch.multinomial(row, 1, generator=gen)[0] for row, gen in zip(probs, generators, strict=True)])
+    return torch.stack(
+        [torch.multinomial(row, 1, generator=gen)[0] for row, gen in zip(probs, generators, strict=True)]
+    )
 
 
 class SeededSampler:
@@ -204,7 +206,9 @@ class HFEngine:
                     new = [_Slot(i, self._generator(seeds[i])) for i in chunk]
                     next_tokens = sample_next(first, [s.generator for s in new], self.temperature, self.top_p)
                     first_logps = gathered_logps(first, next_tokens)
-                    for slot, token, lp, sc in zip(new, next_tokens.tolist(), first_logps.tolist(), scored, strict=True):
+                    for slot, token, lp, sc in zip(
+                        new, next_tokens.tolist(), first_logps.tolist(), scored, strict=True
+                    ):
                         slot.tokens.append(token)
                         slot.logp += lp
                         slot.scored_logp = sc
@@ -346,6 +350,8 @@ class HFEngine:
                         break
                 yield index, self._completion(row[: self.max_new_tokens], reason)
 
-    def _completion(self, tokens: list[int], reason: str, logp: float | None = None, scored: float | None = None) -> Completion:
+    def _completion(
+        self, tokens: list[int], reason: str, logp: float | None = None, scored: float | None = None
+    ) -> Completion:
         text = self.chat.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         return Completion(token_ids=list(tokens), text=text, finish_reason=reason, logp=logp, scored_logp=scored)

@@ -41,7 +41,9 @@ class GSM8KRuleOracle:
 
     comparison = "rule"
 
-    def scores(self, prompts: Sequence, answers: Sequence[Sequence[str]], references: Sequence[str]) -> list[list[float]]:
+    def scores(
+        self, prompts: Sequence, answers: Sequence[Sequence[str]], references: Sequence[str]
+    ) -> list[list[float]]:
         out = []
         for reference, group in zip(references, answers, strict=True):
             truth = final_answer(reference)

@@ -1,4 +1,4 @@
-"""Opponent generation as a Ray Data pipeline: prompts -> engine pool (-> reference pool) (-> oracle) -> committed shards.
+"""Opponent generation as a Ray Data pipeline: prompts -> engines (-> reference) (-> oracle) -> committed shards.
 
 Output lives in one generation folder (see `spin_ray.generation.shards`): one parquet shard per
 committed batch, and _COMPLETE.json once every prompt has exactly one row. A restart skips the
@@ -21,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 
 from spin_ray.config import Config, GenerationConfig
+from spin_ray.data.prepare import TokenizedSplit, tokenize_split
+from spin_ray.data.tokenization import ChatFormat
 from spin_ray.generation.engine import EngineSpec, cpu_preload, replica_threads
 from spin_ray.generation.progress import engine_shutdowns, progress_lines
 from spin_ray.generation.shards import (
@@ -40,8 +42,6 @@ from spin_ray.generation.shards import (
 )
 from spin_ray.generation.stages import REFERENCE_COLUMNS
 from spin_ray.models.resolution import load_tokenizer
-from spin_ray.data.prepare import TokenizedSplit, tokenize_split
-from spin_ray.data.tokenization import ChatFormat
 
 # Ray 2.60's map_batches takes bounded actor restarts (max_restarts, max_task_retries) only as extra remote
 # args, which it warns are deprecated (to go in 2.64) while offering no named parameter for them; without the
@@ -199,8 +199,9 @@ def _prompt_table(split: TokenizedSplit, todo: list[int], shard_rows: int,
     if task is not None:
         extra[TASK_COLUMN] = pa.array([task] * len(todo), pa.int32())
     if also_score is not None:
-        extra[ALSO_SCORE_COLUMNS[0]] = pa.array([also_score.get(pid, []) for pid in records.column("prompt_id").to_pylist()],
-                                                pa.list_(pa.list_(pa.int32())))
+        extra[ALSO_SCORE_COLUMNS[0]] = pa.array(
+            [also_score.get(pid, []) for pid in records.column("prompt_id").to_pylist()], pa.list_(pa.list_(pa.int32()))
+        )
     return pa.table({
         "prompt_id": records.column("prompt_id"),
         "prompt": records.column("prompt"),
@@ -248,7 +249,7 @@ _NODE_MEMORY = re.compile(r"was (\d+(?:\.\d+)?GB / \d+(?:\.\d+)?GB)")
 
 
 def memory_failure(error: BaseException, gen: GenerationConfig) -> GenerationError | None:
-    """A one-line GenerationError when `error` (or what caused it) is Ray's memory monitor killing an actor, else None."""
+    """A one-line GenerationError when `error` (or its cause) is Ray's memory monitor killing an actor, else None."""
     seen, chain = set(), [error]
     while chain:
         current = chain.pop()
@@ -258,7 +259,9 @@ def memory_failure(error: BaseException, gen: GenerationConfig) -> GenerationErr
         text = str(current)
         if type(current).__name__ == "OutOfMemoryError" or "low on memory" in text:
             usage = _NODE_MEMORY.search(text)
-            reserved = f"{gen.memory_per_replica_gb} GiB reserved" if gen.memory_per_replica_gb else "no memory reserved"
+            reserved = (
+                f"{gen.memory_per_replica_gb} GiB reserved" if gen.memory_per_replica_gb else "no memory reserved"
+            )
             return GenerationError(
                 f"a generation actor was killed for memory (node memory {usage.group(1) if usage else 'exhausted'}) "
                 f"and restarted until generation.max_restarts ({gen.max_restarts}) ran out; each replica had "
@@ -278,8 +281,10 @@ def _plan(config: Config, blocks: list[pa.Table], model: str, tasks: list[PassTa
     from spin_ray.generation.stages import GenerateStage
 
     gen = config.generation
-    specs = tuple(EngineSpec.from_config(task.config, model, score_reference=task.score_reference and gen.fuse_reference)
-                  for task in tasks)
+    specs = tuple(
+        EngineSpec.from_config(task.config, model, score_reference=task.score_reference and gen.fuse_reference)
+        for task in tasks
+    )
     # the engines are built once for every set: the longest sequence and any set's log-probs
     engine = dataclasses.replace(specs[0], max_model_len=max(spec.max_model_len for spec in specs),
                                  score_reference=any(spec.score_reference for spec in specs))
@@ -316,9 +321,16 @@ def score_under(dataset, config: Config, model: str, columns: tuple[str, str] = 
     gen = config.generation
     return dataset.map_batches(
         ReferenceStage,
-        fn_constructor_kwargs={"model": model, "dtype": config.model.dtype, "trust_remote_code": config.model.trust_remote_code,
-                               "batch_size": gen.reference_batch_size, "threads": replica_threads(gen),
-                               "use_gpu": gen.use_gpu, "cache_dir": config.model.cache_dir, "columns": columns},
+        fn_constructor_kwargs={
+            "model": model,
+            "dtype": config.model.dtype,
+            "trust_remote_code": config.model.trust_remote_code,
+            "batch_size": gen.reference_batch_size,
+            "threads": replica_threads(gen),
+            "use_gpu": gen.use_gpu,
+            "cache_dir": config.model.cache_dir,
+            "columns": columns,
+        },
         batch_format="pyarrow",
         batch_size=gen.shard_rows,
         compute=ray.data.ActorPoolStrategy(min_size=gen.reference_replicas[0], max_size=gen.reference_replicas[1]),
@@ -357,9 +369,14 @@ def _summarise(config: Config, shards: list[str], split: TokenizedSplit, model: 
         "share_hit_max_new_tokens": round(reasons.count("length") / max(len(reasons), 1), 4),
         "max_new_tokens": gen.max_new_tokens,
         **timings,
-        "engine_tokens_per_second": round(total / timings["engine_seconds"], 2) if timings["engine_seconds"] > 0 else None,
-        "engine": gen.engine, "model": model, "answers_per_prompt": gen.num_samples,
-        "overlong_dropped": split.lengths.dropped, "overlong_truncated": split.lengths.truncated,
+        "engine_tokens_per_second": round(total / timings["engine_seconds"], 2)
+        if timings["engine_seconds"] > 0
+        else None,
+        "engine": gen.engine,
+        "model": model,
+        "answers_per_prompt": gen.num_samples,
+        "overlong_dropped": split.lengths.dropped,
+        "overlong_truncated": split.lengths.truncated,
     }
     if with_oracle:
         summary.update(_oracle_summary(read_shards(shards, ["oracle_scores", "win_rates"])))
@@ -386,8 +403,10 @@ def format_generation_summary(summary: dict) -> str:
         f"({summary['prompts_generated_this_run']} generated this run), "
         f"{summary['generated_tokens']:,} tokens in {summary['seconds']}s"
         + (f" = {tps} tok/s end to end" if tps else "")
-        + f"; engines {summary.get('engine_seconds', 0)}s" + (f" ({engine_tps} tok/s)" if engine_tps else "")
-        + f", start-up {summary.get('startup_seconds', 0)}s, reference {summary.get('reference_seconds', 0)}s of actor time"
+        + f"; engines {summary.get('engine_seconds', 0)}s"
+        + (f" ({engine_tps} tok/s)" if engine_tps else "")
+        + f", start-up {summary.get('startup_seconds', 0)}s,"
+        + f" reference {summary.get('reference_seconds', 0)}s of actor time"
         + f"; response tokens mean {summary['mean_response_tokens']}, max {summary['max_response_tokens']}; "
         f"{summary['share_hit_max_new_tokens']:.1%} hit max_new_tokens ({summary['max_new_tokens']})"
     )

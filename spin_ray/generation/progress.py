@@ -66,7 +66,9 @@ class TallySender:
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
 
     def started(self) -> None:
-        self._call("engine_started", self.replica, f"pid {self.replica.rsplit(':', 1)[1]} on {self.replica.rsplit(':', 1)[0]}")
+        self._call(
+            "engine_started", self.replica, f"pid {self.replica.rsplit(':', 1)[1]} on {self.replica.rsplit(':', 1)[0]}"
+        )
 
     def pass_answered(self) -> bool:
         """Whether every shard of the pass has been answered (by any replica); False when the tally is gone."""

@@ -1,4 +1,4 @@
-"""The shard store of a generation folder: the row schema, atomic shard commits, listing, reading, the completion marker.
+"""The shard store of a generation folder: row schema, atomic shard commits, listing, reading, the completion marker.
 
 A generation folder holds `shard-<hash>.parquet` files, each written whole (one PUT, or a rename on a
 local disk) and named by the hash of its prompt_ids, so a retried task rewrites the same file
@@ -80,7 +80,9 @@ def commit_shard(batch: pa.Table, output_dir: str | list[str]) -> pa.Table:
     for shard in sorted(set(shards)):
         part = batch.filter(pa.array([s == shard for s in shards]))
         folder = output_dir if isinstance(output_dir, str) else output_dir[part.column(TASK_COLUMN)[0].as_py()]
-        timing = {c.lstrip("_"): round(float(part.column(c)[0].as_py()), 4) for c in TIMING_COLUMNS if c in part.column_names}
+        timing = {
+            c.lstrip("_"): round(float(part.column(c)[0].as_py()), 4) for c in TIMING_COLUMNS if c in part.column_names
+        }
         table = part.select(PAIRS_SCHEMA.names).cast(PAIRS_SCHEMA)
         table = table.replace_schema_metadata({b"spin_ray": json.dumps(timing).encode()})
         sink = pa.BufferOutputStream()

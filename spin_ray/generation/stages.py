@@ -10,11 +10,12 @@ from spin_ray.generation.engine import EngineSpec, release_device_memory, sample
 from spin_ray.generation.progress import TallySender
 from spin_ray.generation.shards import ALSO_SCORE_COLUMNS, SHARD_COLUMN, TASK_COLUMN
 
-
 REFERENCE_COLUMNS = ("ref_logp_real", "ref_logp_generated")
 
 
-def score_rows(model, rows: list[dict], pad_id: int, batch_size: int, columns: tuple[str, str] = REFERENCE_COLUMNS) -> None:
+def score_rows(
+    model, rows: list[dict], pad_id: int, batch_size: int, columns: tuple[str, str] = REFERENCE_COLUMNS
+) -> None:
     """Set `columns` (the human answer's, then each generated answer's) of each row: forward-only log-probs under
     `model`."""
     from spin_ray.objectives.logprobs import score_responses
@@ -72,8 +73,8 @@ class GenerateStage:
 
     def start_engine(self) -> None:
         """Stage the opponent on this node and build the engine (vLLM, or the HF loop over a loaded model)."""
-        from spin_ray.models.resolution import load_tokenizer, local_model_path, merged_model_path
         from spin_ray.data.tokenization import ChatFormat
+        from spin_ray.models.resolution import load_tokenizer, local_model_path, merged_model_path
 
         spec = self.spec
         path = local_model_path(spec.model, spec.cache_dir)
@@ -81,8 +82,8 @@ class GenerateStage:
         chat = ChatFormat(tokenizer)
         self.pad_id = tokenizer.pad_token_id
         if spec.engine == "vllm":
-            from spin_ray.models.adapters import adapter_base
             from spin_ray.generation.vllm_engine import VLLMEngine
+            from spin_ray.models.adapters import adapter_base
 
             base = adapter_base(path)  # a LoRA model: the base, staged once per node, plus this adapter
             adapter = {"adapter": path} if base and not spec.serve_merged else {}
@@ -100,7 +101,9 @@ class GenerateStage:
             from spin_ray.models.resolution import load_model
 
             self.hf_model = load_model(path, spec.dtype, spec.trust_remote_code)
-            self.engine = HFEngine(self.hf_model, chat, spec.max_new_tokens, spec.temperature, spec.top_p, spec.batch_size)
+            self.engine = HFEngine(
+                self.hf_model, chat, spec.max_new_tokens, spec.temperature, spec.top_p, spec.batch_size
+            )
 
     def close(self) -> None:
         """Shut the engine down and free its model (its memory, on a GPU), then tell the pass's tally."""

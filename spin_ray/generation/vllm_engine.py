@@ -21,8 +21,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from spin_ray.generation.engine import Completion, release_device_memory
 from spin_ray.data.tokenization import ChatFormat
+from spin_ray.generation.engine import Completion, release_device_memory
 
 # Settings of the CPU build, measured on the 2-core box with SmolLM2 (warm compile cache):
 # - in-process engine core (no EngineCore/worker subprocesses): 300 tok/s and 24 s start-up against
@@ -113,10 +113,24 @@ def scored_logp(output: Any, answer: Sequence[int]) -> float:
 class VLLMEngine:
     """Answers tokenized prompts with vLLM; results stream back as they finish, with the HF engine's interface."""
 
-    def __init__(self, model_path: str, chat: ChatFormat, max_new_tokens: int, temperature: float, top_p: float,
-                 batch_size: int, dtype: str, max_model_len: int, trust_remote_code: bool = False, use_gpu: bool = False,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 engine_kwargs: dict | None = None, with_logprobs: bool = True, adapter: str | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        chat: ChatFormat,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        batch_size: int,
+        dtype: str,
+        max_model_len: int,
+        trust_remote_code: bool = False,
+        use_gpu: bool = False,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        engine_kwargs: dict | None = None,
+        with_logprobs: bool = True,
+        adapter: str | None = None,
+    ):
         if not use_gpu:
             os.environ.update(CPU_ENVIRONMENT)
         elif tensor_parallel_size == 1:

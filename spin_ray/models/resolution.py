@@ -155,7 +155,8 @@ def resolve_model(spec: str | os.PathLike, cache_dir: str | Path | None = None) 
         return ResolvedModel(spec=spec, path=spec, source="hub")
     known = ", ".join(sorted(ALIASES))
     raise ModelResolutionError(
-        f"model {spec!r} is neither an alias ({known}), a local checkpoint folder, a storage URL, nor a hub id (org/name)"
+        f"model {spec!r} is neither an alias ({known}), a local checkpoint folder, a storage URL, "
+        "nor a hub id (org/name)"
     )
 
 
@@ -256,8 +257,11 @@ def _content_key(url: str) -> str:
     if marker and marker.get("content_hash"):
         return marker["content_hash"][:32]
     fs, path = filesystem(url)
-    entries = sorted((info["name"].rsplit("/", 1)[-1], info.get("size"), str(info.get("ETag") or info.get("mtime") or ""))
-                     for info in fs.ls(path, detail=True) if info.get("type") == "file")
+    entries = sorted(
+        (info["name"].rsplit("/", 1)[-1], info.get("size"), str(info.get("ETag") or info.get("mtime") or ""))
+        for info in fs.ls(path, detail=True)
+        if info.get("type") == "file"
+    )
     return hashlib.sha256(json.dumps([url, entries]).encode()).hexdigest()[:32]
 
 
@@ -271,9 +275,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 def stage_model(url: str, cache_dir: str | Path | None = None, weights: bool = True) -> str:
     """This node's local copy of the model folder at a storage URL (downloaded once per content); with
     `weights=False` only its config and tokenizer files."""
-    from spin_ray.storage import download_folder
-
-    from spin_ray.storage import join, read_json
+    from spin_ray.storage import download_folder, join, read_json
 
     root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "staged"
     target = root / (_content_key(url) + ("" if weights else "-tokenizer"))

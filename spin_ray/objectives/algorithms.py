@@ -120,11 +120,13 @@ def _sppo_example(row: RowReader, with_reference: bool, with_tokens: bool) -> Ex
     rates = [row.number("win_rates", k) for k in range(count)]
     if any(not 0.0 <= r <= 1.0 for r in rates):
         raise row.error("win_rates", f"win rates must lie in [0, 1], got {rates}")
-    w, l = winner_and_loser(rates)
+    winner, loser = winner_and_loser(rates)
     prompt, _ = _prompt_and_real(row, with_tokens)
-    answers = (row.tokens("generated_token_ids", w), row.tokens("generated_token_ids", l)) if with_tokens else ()
-    refs = (row.number("ref_logp_generated", w), row.number("ref_logp_generated", l)) if with_reference else ()
-    return Example(row.pid, prompt, answers, refs, (rates[w], rates[l]))
+    answers = ((row.tokens("generated_token_ids", winner), row.tokens("generated_token_ids", loser)) if with_tokens
+               else ())
+    refs = ((row.number("ref_logp_generated", winner), row.number("ref_logp_generated", loser)) if with_reference
+            else ())
+    return Example(row.pid, prompt, answers, refs, (rates[winner], rates[loser]))
 
 
 def _tspin_example(row: RowReader, with_reference: bool, with_tokens: bool) -> Example:
@@ -143,8 +145,19 @@ def _spin_loss(policy, refs, rates, lengths, config):
     from spin_ray.objectives.losses import spin_loss
 
     t = config.training
-    return spin_loss(policy[:, 0], policy[:, 1], refs[:, 0], refs[:, 1], t.beta, t.loss_type, lengths[:, 0], lengths[:, 1],
-                     nll_weight=t.nll_weight, dpop_lambda=t.dpop_lambda, length_normalize=t.length_normalize)
+    return spin_loss(
+        policy[:, 0],
+        policy[:, 1],
+        refs[:, 0],
+        refs[:, 1],
+        t.beta,
+        t.loss_type,
+        lengths[:, 0],
+        lengths[:, 1],
+        nll_weight=t.nll_weight,
+        dpop_lambda=t.dpop_lambda,
+        length_normalize=t.length_normalize,
+    )
 
 
 def _sppo_loss(policy, refs, rates, lengths, config):
@@ -236,17 +249,25 @@ class Algorithm:
 # The loss stabilisers of training.* and their off values (the paper's loss).
 STABILISERS: dict[str, Any] = {"nll_weight": 0.0, "dpop_lambda": 0.0, "length_normalize": False}
 # Config keys whose default is null: each takes the trained objective's recommended value, else the paper's (here).
-RECOMMENDABLE: dict[str, Any] = {**{f"training.{name}": STABILISERS[name] for name in ("nll_weight", "length_normalize")},
-                                 "tspin.reward_scale": 1.0, "tspin.length_normalize": False,
-                                 "tspin.reference_free": True}
+RECOMMENDABLE: dict[str, Any] = {
+    **{f"training.{name}": STABILISERS[name] for name in ("nll_weight", "length_normalize")},
+    "tspin.reward_scale": 1.0,
+    "tspin.length_normalize": False,
+    "tspin.reference_free": True,
+}
 
 _REWARD_METRICS = ("rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies", "logps/real",
                    "logps/generated")
 
 SPIN = Algorithm(
-    name="spin", answers="(human, generated)",
-    columns=("generated_token_ids",), reference_columns=("ref_logp_real", "ref_logp_generated"),
-    build=_spin_example, loss=_spin_loss, metrics=(*_REWARD_METRICS, "nll/real", "dpop/penalty"), options=tuple(STABILISERS),
+    name="spin",
+    answers="(human, generated)",
+    columns=("generated_token_ids",),
+    reference_columns=("ref_logp_real", "ref_logp_generated"),
+    build=_spin_example,
+    loss=_spin_loss,
+    metrics=(*_REWARD_METRICS, "nll/real", "dpop/penalty"),
+    options=tuple(STABILISERS),
     # the grid's winner (docs/performance.md): SPIN's only point with no collapse signal in 2 iterations
     recommended={"training.nll_weight": 0.2, "training.length_normalize": True},
     margin_caption="reward of the human answer minus the opponent's answer (beta x log-ratio)",

@@ -1,4 +1,4 @@
-"""Log-prob math in plain torch, shared by generation and training: token and answer log-probs, packing, the chunked LM head.
+"""Log-prob math in plain torch for generation and training: token and answer log-probs, packing, the chunked LM head.
 
 No Ray here. Every log-prob in the project goes through `gathered_logps` (or its chunked twin
 `linear_token_logps`), so the engine's on-the-fly reference log-probs, the reference scorer and the
@@ -97,7 +97,9 @@ class _LinearTokenLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+def linear_token_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, chunk_rows: int
+) -> torch.Tensor:
     """log p(token) per row of `hidden` [N, d] under an LM head `weight` [V, d], in fp32, without ever
     holding the [N, V] logits: rows go through the head `chunk_rows` at a time, and backward recomputes
     each chunk's logits from the saved hidden states (one extra head matmul per chunk).
@@ -120,7 +122,9 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) 
     with masked positions set to 0.
     """
     if logits.shape[:2] != labels.shape or labels.shape != mask.shape:
-        raise ValueError(f"shape mismatch: logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, mask {tuple(mask.shape)}")
+        raise ValueError(
+            f"shape mismatch: logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, mask {tuple(mask.shape)}"
+        )
     mask = mask[:, 1:].bool()
     # gather - logsumexp avoids materialising a full [B, T, V] log_softmax.
     logps = gathered_logps(logits[:, :-1], labels[:, 1:]) * mask
@@ -247,7 +251,9 @@ def shared_prefix_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int]]
         token_lps = _kept_token_logps(model, {**inputs, **extra}, torch.arange(len(targets), device=device),
                                       row[torch.tensor(targets, device=device)], logits_chunk_rows)
     owner = torch.tensor(owners, device=device)
-    return torch.zeros(len(prompts) * n, dtype=token_lps.dtype, device=device).index_add(0, owner, token_lps).view(-1, n)
+    return (
+        torch.zeros(len(prompts) * n, dtype=token_lps.dtype, device=device).index_add(0, owner, token_lps).view(-1, n)
+    )
 
 
 def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], logits_chunk_rows: int = 0) -> torch.Tensor:
@@ -274,7 +280,9 @@ def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], logit
     except TypeError:  # no logits_to_keep in this model's forward
         return sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                               batch["input_ids"], mask)
-    return torch.zeros(mask.shape[0], dtype=token_lps.dtype, device=mask.device).index_add(0, rows // len(keep), token_lps)
+    return torch.zeros(mask.shape[0], dtype=token_lps.dtype, device=mask.device).index_add(
+        0, rows // len(keep), token_lps
+    )
 
 
 # Causal LMs whose forward ends in exactly `logits = self.lm_head(hidden_states[:, logits_to_keep])`: no

@@ -1,4 +1,4 @@
-"""Objectives in plain torch: SPIN (sigmoid/hinge/ipo), SPPO, T-SPIN and SFT, each a loss per example plus named metrics.
+"""Objectives in plain torch: SPIN (sigmoid/hinge/ipo), SPPO, T-SPIN and SFT, a loss per example plus named metrics.
 
 No Ray here: these functions run the same in a unit test, a single process, torchrun or a Ray Train
 worker. Inputs are summed answer log-probs (`spin_ray.objectives.logprobs`). Metric names are TRL's with

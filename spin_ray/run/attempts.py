@@ -78,7 +78,8 @@ def _alive(name: str) -> bool:
 
 def end_earlier_attempts(attempt: Attempt, limit_s: float, echo=print) -> dict | None:
     """End every live actor of this run's earlier attempts (and with a TrainingRun the Ray Train controller it owns,
-    and its workers) and wait at most `limit_s` until each is gone. Returns what was ended and how long it took, or None when
+    and its workers) and wait at most `limit_s` until each is gone. Returns what was ended and how long it took, or
+    None when
     nothing of an earlier attempt was alive. Raises ResourceError naming what outlived the limit."""
     import ray
 

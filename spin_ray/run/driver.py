@@ -16,14 +16,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from spin_ray.config import Config, build_config
+from spin_ray.logs import quiet_library_logs
 from spin_ray.objectives.algorithms import STABILISERS, objective
 from spin_ray.run.attempts import Attempt, end_earlier_attempts
 from spin_ray.run.cluster import end_earlier_worker_group, ensure_resources
 from spin_ray.run.collapse import collapse_signals
-from spin_ray.config import Config, build_config
 from spin_ray.run.layout import RunLayout
 from spin_ray.run.lease import LeaseHeld, RunLease
-from spin_ray.logs import quiet_library_logs
 from spin_ray.run.manifest import DONE, Manifest
 from spin_ray.run.selection import better_model
 from spin_ray.run.tracking import Tracker
@@ -183,8 +183,8 @@ def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str
     Without data.eval (a run that must not see the test split: a settings grid) the validation split is the
     held-out set, reward accuracy included. `then_generate` (a PassTask: the next iteration's answers, `model` being
     the next opponent) joins the same engine pass, so the model's engines start once for all of it."""
-    from spin_ray.run.evaluation import VALIDATION_KEYS, finish_evaluation, plan_evaluation, validation_config
     from spin_ray.generation.pipeline import run_pass
+    from spin_ray.run.evaluation import VALIDATION_KEYS, finish_evaluation, plan_evaluation, validation_config
     from spin_ray.storage import join
 
     if config.data.eval is None:
@@ -212,7 +212,9 @@ def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str
                                    default=0)
     if then_generate is not None:
         metrics["pass_generated"] = then_generate.output_dir
-    return Produced({k: v for k, v in metrics.items() if k != "key"}, {"eval": output_dir, "answers": metrics["answers"]})
+    return Produced(
+        {k: v for k, v in metrics.items() if k != "key"}, {"eval": output_dir, "answers": metrics["answers"]}
+    )
 
 
 START_METRICS = "start_metrics.json"  # written last into a start-evaluation cache folder: the whole phase's metrics
@@ -428,7 +430,9 @@ def _select(config: Config, manifest: Manifest, t: int | None, model: str, echo)
     metrics = (manifest.phase("baseline_eval") if t is None else manifest.iteration(t)["phases"]["evaluate"])["metrics"]
     label = "p0" if t is None else f"p{t + 1}"
     current = manifest.data.get("selected_model")
-    chosen = better_model(current, {"model": label, "iteration": t, "path": model}, metrics, config.evaluation.select_by)
+    chosen = better_model(
+        current, {"model": label, "iteration": t, "path": model}, metrics, config.evaluation.select_by
+    )
     if chosen is not current:
         manifest.data["selected_model"] = chosen
         manifest.save()
@@ -439,8 +443,11 @@ def _select(config: Config, manifest: Manifest, t: int | None, model: str, echo)
 
 def _collapsing(config: Config, manifest: Manifest, t: int, echo) -> bool:
     """The collapse watch after iteration t's evaluation: p_{t+1} against its opponent p_t (the baseline evaluation for
-    t = 0). Signals go to the job log and the manifest; True when they should end the run (iterations.stop_on_collapse)."""
-    previous = manifest.data["phases"].get("baseline_eval") if t == 0 else manifest.iteration(t - 1)["phases"].get("evaluate")
+    t = 0). Signals go to the job log and the manifest; True when they should end the run
+    (iterations.stop_on_collapse)."""
+    previous = (
+        manifest.data["phases"].get("baseline_eval") if t == 0 else manifest.iteration(t - 1)["phases"].get("evaluate")
+    )
     current = manifest.iteration(t)["phases"].get("evaluate")
     if not previous or not current:
         return False
@@ -458,7 +465,8 @@ def _collapsing(config: Config, manifest: Manifest, t: int, echo) -> bool:
 
 
 def _converged(config: Config, accuracy: float | None, t: int, echo) -> bool:
-    """The paper's fixed point: p_{t+1} no longer tells its opponent's answers from human ones (iterations.converged_accuracy)."""
+    """The paper's fixed point: p_{t+1} no longer tells its opponent's answers from human ones
+    (iterations.converged_accuracy)."""
     threshold = config.iterations.converged_accuracy
     if threshold is None or accuracy is None or accuracy > threshold:
         return False

@@ -1,4 +1,4 @@
-"""Held-out evaluation as Ray Data stages: GSM8K exact match (ours and lm-eval's), NLL of the human answers, reward accuracy.
+"""Held-out evaluation as Ray Data stages: GSM8K exact match (ours and lm-eval's), human answers' NLL, reward accuracy.
 
 One engine pass of model M over the held-out prompts (the generation pipeline, greedy) gives M's
 answers (-> exact match, format, length) and, in the same pass, log p_M(human answer) (-> NLL per
@@ -50,9 +50,15 @@ def score_answers(batch: pa.Table) -> pa.Table:
         rows["correct_flexible"].append(float(harness_match(harness_flexible(answer), human)))
         rows["formatted"].append(float(has_answer_format(answer)))
         rows["nll_per_token"].append(-logp / tokens if logp is not None and tokens else math.nan)
-    return pa.table({"prompt_id": batch.column("prompt_id"), **rows, "real_tokens": real_tokens,
-                     "answer_tokens": [g[0] for g in batch.column("generated_tokens").to_pylist()],
-                     "hit_max_new_tokens": [float(f[0] == "length") for f in batch.column("finish_reasons").to_pylist()]})
+    return pa.table(
+        {
+            "prompt_id": batch.column("prompt_id"),
+            **rows,
+            "real_tokens": real_tokens,
+            "answer_tokens": [g[0] for g in batch.column("generated_tokens").to_pylist()],
+            "hit_max_new_tokens": [float(f[0] == "length") for f in batch.column("finish_reasons").to_pylist()],
+        }
+    )
 
 
 NEW_MODEL_COLUMNS = ("new_logp_real", "new_logp_generated")
@@ -88,9 +94,13 @@ def evaluation_key(config: Config, model: str, source: str, opponent_answers: st
     settings = eval_config(config)
     # the model is named by `model` (its path) below, and by its content in the start-evaluation cache: its spec
     # (an alias, a run's export folder) is not a setting
-    shaping = {"model": settings.model.model_dump(exclude={"cache_dir", "name"}), "data": settings.data.model_dump(exclude={"train", "eval"}),
-               "max_new_tokens": settings.generation.max_new_tokens, "engine": settings.generation.engine,
-               "beta": config.training.beta}
+    shaping = {
+        "model": settings.model.model_dump(exclude={"cache_dir", "name"}),
+        "data": settings.data.model_dump(exclude={"train", "eval"}),
+        "max_new_tokens": settings.generation.max_new_tokens,
+        "engine": settings.generation.engine,
+        "beta": config.training.beta,
+    }
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
     return {"model": model, "data": source, "opponent_answers": opponent_answers, "settings": digest}
 
@@ -144,7 +154,9 @@ def plan_evaluation(config: Config, model: str, output_dir: str, opponent_answer
                                                            strict=True)} if fused else None
     task = PassTask(eval_config(config), join(output_dir, "answers"), source, score_reference=True,
                     also_score=also_score)
-    return PlannedEvaluation(config, model, output_dir, source, key, opponent_answers, opponent if fused else None, task)
+    return PlannedEvaluation(
+        config, model, output_dir, source, key, opponent_answers, opponent if fused else None, task
+    )
 
 
 def evaluate_model(config: Config, model: str, output_dir: str, opponent_answers: str | None = None,
@@ -171,7 +183,9 @@ def finish_evaluation(planned: PlannedEvaluation, result) -> dict:
     config, model, opponent_answers = planned.config, planned.model, planned.opponent_answers
     # The light per-row stages reserve no CPU (num_cpus=0): on a small node the scoring actor holds
     # every CPU, and a stage that waits for one would wait forever.
-    scored = result.dataset.map_batches(score_answers, batch_format="pyarrow", batch_size=None, num_cpus=0).to_arrow_refs()
+    scored = result.dataset.map_batches(
+        score_answers, batch_format="pyarrow", batch_size=None, num_cpus=0
+    ).to_arrow_refs()
     scores = pa.concat_tables(ray.get(scored)).sort_by("prompt_id")
     metrics = {
         "key": planned.key, "model": model, "data": planned.source, "prompts": scores.num_rows,
@@ -236,7 +250,13 @@ def _fused_rewards(dataset, opponent: dict, beta: float) -> pa.Table | None:
         return None
     table = pa.concat_tables(ray.get(dataset.select_columns(["prompt_id", "ref_logp_real", also]).to_arrow_refs()))
     mine = {pid: (real, scored) for pid, real, scored in zip(*table.to_pydict().values(), strict=True)}
-    rows = {"prompt_id": [], "ref_logp_real": [], "ref_logp_generated": [], "new_logp_real": [], "new_logp_generated": []}
+    rows = {
+        "prompt_id": [],
+        "ref_logp_real": [],
+        "ref_logp_generated": [],
+        "new_logp_real": [],
+        "new_logp_generated": [],
+    }
     for pid, real, generated in zip(opponent["prompt_id"], opponent["ref_logp_real"], opponent["ref_logp_generated"],
                                     strict=True):
         if pid not in mine:
@@ -298,9 +318,13 @@ def start_evaluation_cache(config: Config, model: str, validation: str | None) -
     data = config.data
     carved = validation is not None and data.validation is None
     key = {
-        "model": fingerprint, "settings": evaluation_key(config, model, config.data.eval or "", None)["settings"],
-        "eval": data_identity(config.data.eval), "prompts": config.evaluation.prompts,
-        "validation": [data_identity(data.train), data.validation_fraction] if carved else data_identity(data.validation),
+        "model": fingerprint,
+        "settings": evaluation_key(config, model, config.data.eval or "", None)["settings"],
+        "eval": data_identity(config.data.eval),
+        "prompts": config.evaluation.prompts,
+        "validation": [data_identity(data.train), data.validation_fraction]
+        if carved
+        else data_identity(data.validation),
         "validation_prompts": config.evaluation.validation_prompts if validation is not None else None,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]

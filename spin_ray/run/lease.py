@@ -39,8 +39,11 @@ class LeaseLost(RuntimeError):
 
 def describe(holder: dict) -> str:
     left = holder.get("expires_at", 0) - time.time()
-    return (f"{holder.get('owner')} (host {holder.get('host')}, pid {holder.get('pid')}, ray job {holder.get('ray_job_id')}, "
-            f"since {holder.get('acquired')}, lease expires in {max(0, round(left))}s)")
+    return (
+        f"{holder.get('owner')} (host {holder.get('host')}, pid {holder.get('pid')}, "
+        f"ray job {holder.get('ray_job_id')}, "
+        f"since {holder.get('acquired')}, lease expires in {max(0, round(left))}s)"
+    )
 
 
 def live_holder(url: str) -> dict | None:

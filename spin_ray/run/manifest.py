@@ -15,7 +15,6 @@ import subprocess
 from typing import Any
 
 from spin_ray import __version__
-from spin_ray.objectives.algorithms import RECOMMENDABLE
 from spin_ray.config import (
     Config,
     ConfigError,
@@ -26,6 +25,7 @@ from spin_ray.config import (
     explicit_keys,
     flatten,
 )
+from spin_ray.objectives.algorithms import RECOMMENDABLE
 from spin_ray.run.layout import RunLayout
 from spin_ray.storage import atomic_write_json, read_json
 
@@ -40,7 +40,7 @@ def _now() -> str:
 
 
 def code_version() -> str:
-    """Package version, plus the git commit when running from a checkout (as `ray job submit --working-dir` ships it)."""
+    """Package version, plus the git commit when run from a checkout (as `ray job submit --working-dir` ships it)."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

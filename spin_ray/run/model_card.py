@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from spin_ray.run.layout import RunLayout
 from spin_ray.models.resolution import MODEL_CARD
+from spin_ray.run.layout import RunLayout
 from spin_ray.storage import atomic_write_bytes, join
 
 # Hub ids of the built-in aliases and datasets, for the card's base_model and datasets fields.
 HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 DATASET_IDS = {"gsm8k": "openai/gsm8k", "gsm8k:train": "openai/gsm8k", "gsm8k:test": "openai/gsm8k"}
-METRICS = (("accuracy", "GSM8K exact match (spin_ray's rule)"), ("accuracy_lm_eval_strict", "exact match, lm-eval strict"),
-           ("accuracy_lm_eval_flexible", "exact match, lm-eval flexible"), ("nll_per_token", "NLL per token of human answers"),
-           ("reward_accuracy", "reward accuracy vs its opponent"), ("answer_format_rate", "answers ending in #### <number>"))
+METRICS = (
+    ("accuracy", "GSM8K exact match (spin_ray's rule)"),
+    ("accuracy_lm_eval_strict", "exact match, lm-eval strict"),
+    ("accuracy_lm_eval_flexible", "exact match, lm-eval flexible"),
+    ("nll_per_token", "NLL per token of human answers"),
+    ("reward_accuracy", "reward accuracy vs its opponent"),
+    ("answer_format_rate", "answers ending in #### <number>"),
+)
 
 
 def model_card(manifest: dict, iteration: int | None, merged: bool = False):
@@ -49,11 +54,16 @@ def model_card(manifest: dict, iteration: int | None, merged: bool = False):
         data.library_name = "peft"
         data.tags = [*data.tags, "lora"]
     opponent = manifest["base_model"] if iteration is None else manifest["iterations"][iteration].get("opponent")
-    lines = [f"# {name}", "",
-             f"Trained by spin_ray (Ray-native self-play fine-tuning) with **{algorithm}**"
-             + ("" if iteration is None else f", self-play iteration {iteration}, against opponent `{opponent}`")
-             + f", on `{config['data']['train']}`.", "",
-             f"Run `{manifest['run']}`, config hash `{manifest['config_hash']}`, code {manifest.get('code_version')}.", ""]
+    lines = [
+        f"# {name}",
+        "",
+        f"Trained by spin_ray (Ray-native self-play fine-tuning) with **{algorithm}**"
+        + ("" if iteration is None else f", self-play iteration {iteration}, against opponent `{opponent}`")
+        + f", on `{config['data']['train']}`.",
+        "",
+        f"Run `{manifest['run']}`, config hash `{manifest['config_hash']}`, code {manifest.get('code_version')}.",
+        "",
+    ]
     if lora and merged:
         lines += [f"Base `{data.base_model}` with the run's LoRA adapter (rank {lora}) merged into its weights.", ""]
     elif lora:
@@ -65,7 +75,12 @@ def model_card(manifest: dict, iteration: int | None, merged: bool = False):
                           if isinstance(training.get(k), (int, float)))
         lines += [f"Training: {shown}.", ""]
     if results:
-        lines += [f"Held out (`{held_out}`, {evaluation.get('prompts')} prompts):", "", "| metric | value |", "|---|---|"]
+        lines += [
+            f"Held out (`{held_out}`, {evaluation.get('prompts')} prompts):",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
         lines += [f"| {r.metric_name} | {r.metric_value:.4g} |" for r in results] + [""]
     if evaluation.get("validation_prompts"):
         shown = ", ".join(f"{key} {evaluation[f'validation_{key}']:.4g}" for key in ("nll_per_token", "accuracy")

@@ -1,4 +1,4 @@
-"""Run report from the manifest: a per-iteration table (metrics and timing split) as report.md, report.json and a PNG."""
+"""Run report from the manifest: a per-iteration table (metrics, timing split) as report.md, report.json and a PNG."""
 
 from __future__ import annotations
 
@@ -51,7 +51,11 @@ def iteration_rows(manifest: dict) -> list[dict]:
                      "train_loss": _metrics(sft).get("loss"), "training_s": _metrics(sft).get("training_seconds")})
     for record in manifest["iterations"]:
         phases = record["phases"]
-        gen, train, ev = _metrics(phases.get("generate")), _metrics(phases.get("train")), _metrics(phases.get("evaluate"))
+        gen, train, ev = (
+            _metrics(phases.get("generate")),
+            _metrics(phases.get("train")),
+            _metrics(phases.get("evaluate")),
+        )
         statuses = {name: phase["status"] for name, phase in phases.items()}
         rows.append({
             "model": f"p{record['iteration'] + 1}",
@@ -153,7 +157,9 @@ def write_report(layout: RunLayout) -> dict:
     rows = iteration_rows(data)
     paths = {kind: layout.report(kind) for kind in ("json", "markdown", "plot")}
     stored = data["config"]
-    algorithm = SFT if stored.get("training", {}).get("objective") == "sft" else ALGORITHMS[stored.get("algorithm", "spin")]
+    algorithm = (
+        SFT if stored.get("training", {}).get("objective") == "sft" else ALGORITHMS[stored.get("algorithm", "spin")]
+    )
     payload = {"run": data["run"], "algorithm": algorithm.name, "status": data["status"],
                "config_hash": data["config_hash"], "code_version": data.get("code_version"),
                "final_model": data.get("final_model"), "rows": rows}
@@ -231,8 +237,12 @@ def format_plan_check(checked: dict | None) -> str | None:
     if not checked:
         return None
     shown = {"peak_memory": lambda v: f"{v / 2**30:.2f} GiB", "step_seconds": lambda v: f"{v:.2f}s"}
-    parts = [f"{key.replace('_', ' ')} {shown[key](entry['measured'])} (plan {shown[key](entry['planned'])}, "
-             f"{entry['error']:+.0%}{', OFF' if entry['off'] else ''})" for key, entry in checked.items() if key in shown]
+    parts = [
+        f"{key.replace('_', ' ')} {shown[key](entry['measured'])} (plan {shown[key](entry['planned'])}, "
+        f"{entry['error']:+.0%}{', OFF' if entry['off'] else ''})"
+        for key, entry in checked.items()
+        if key in shown
+    ]
     return "measured vs plan: " + "; ".join(parts)
 
 

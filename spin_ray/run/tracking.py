@@ -62,7 +62,8 @@ class TensorBoard:
 
 
 class MLflow:
-    """One MLflow run per spin-ray run: a local file store in the run folder, or the server tracking.mlflow_tracking_uri names."""
+    """One MLflow run per spin-ray run: a local file store in the run folder, or the server
+    tracking.mlflow_tracking_uri names."""
 
     def __init__(self, config: Config, layout: RunLayout, state: dict):
         from mlflow.tracking import MlflowClient
@@ -190,7 +191,9 @@ class Tracker:
             for record in read_json_lines(join(train_dir, "metrics.jsonl")):
                 if record["step"] > logged.get(key, 0):
                     skip = ("step", "epoch", "world_size", "samples_seen")
-                    self.scalars("train", {k: v for k, v in record.items() if k not in skip}, step_offset + record["step"])
+                    self.scalars(
+                        "train", {k: v for k, v in record.items() if k not in skip}, step_offset + record["step"]
+                    )
                     logged[key] = record["step"]
 
         def follow() -> None:

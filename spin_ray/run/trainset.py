@@ -1,4 +1,4 @@
-"""What a training phase trains on: the SFT rows, or an iteration's pairs plus the previous iteration's and T-SPIN's y_0.
+"""What a training phase trains on: the SFT rows, or an iteration's pairs plus the previous one's and T-SPIN's y_0.
 
 Everything here is a Ray Dataset in the object store, materialized before training reserves the
 CPUs: run lazily inside the trainer, a rescoring actor pool would wait forever for CPUs the training
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from spin_ray.objectives.algorithms import objective
 from spin_ray.config import Config
 from spin_ray.generation.pipeline import score_under
 from spin_ray.generation.shards import ALSO_SCORE_COLUMNS, PAIRS_SCHEMA, committed_shards, read_shards, shards_dataset
+from spin_ray.objectives.algorithms import objective
 from spin_ray.run.layout import RunLayout
 
 
@@ -41,9 +41,9 @@ def sft_rows(config: Config, model: str, source: str | None = None):
     """The SFT data (data.train, or `source`) as token-id rows (no generated answer) for the warm start."""
     import ray
 
-    from spin_ray.models.resolution import load_tokenizer
     from spin_ray.data.prepare import tokenize_split
     from spin_ray.data.tokenization import ChatFormat
+    from spin_ray.models.resolution import load_tokenizer
 
     chat = ChatFormat(load_tokenizer(model, config.model.trust_remote_code, config.model.cache_dir))
     if source is not None:  # a validation file: already cut to its size, whatever data.limit says of data.train
@@ -163,7 +163,7 @@ def take_pass_scores(batch, scores, proto: bool = False):
 
 
 def tag_prompt_ids(batch, prefix: str):
-    """Ray Data stage: prefix every prompt_id, so mixed-in rows stay distinct from this iteration's of the same prompt."""
+    """Ray Data stage: prefix every prompt_id, so mixed-in rows stay distinct from this iteration's of one prompt."""
     ids = pa.array([f"{prefix}{pid}" for pid in batch.column("prompt_id").to_pylist()], pa.string())
     return batch.set_column(batch.schema.get_field_index("prompt_id"), "prompt_id", ids)
 

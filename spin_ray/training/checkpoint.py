@@ -25,8 +25,17 @@ from torch.distributed.checkpoint.state_dict import (
 
 from spin_ray.models.adapters import is_adapted, write_adapter
 from spin_ray.models.resolution import FOLDER_MARKER, folder_complete, folder_digest, publish_folder
-from spin_ray.storage import (atomic_write_json, download_folder, exists, filesystem, is_local, join, list_dir,
-                              read_json, remove)
+from spin_ray.storage import (
+    atomic_write_json,
+    download_folder,
+    exists,
+    filesystem,
+    is_local,
+    join,
+    list_dir,
+    read_json,
+    remove,
+)
 
 COMMITTED = "_COMMITTED.json"
 

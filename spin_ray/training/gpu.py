@@ -19,7 +19,7 @@ GPU_RELEASE_WAIT_S = 120.0
 
 
 class GPUBusyError(RuntimeError):
-    """The GPU a training worker was given holds less free memory than training needs; the message names who holds it."""
+    """The GPU a training worker was given has less free memory than training needs; the message names who holds it."""
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,12 @@ def busy_message(index: int, free: int, total: int, needed: int, holders: list[H
     """The one-line refusal: the GPU, what is free of what training needs, and who holds the rest."""
     held = "; ".join(f"pid {h.pid} ({h.name}) {h.bytes / GB:.1f} GiB" for h in sorted(holders, key=lambda h: -h.bytes))
     who = f"held by {held}" if held else "held by processes NVML does not list (another container's)"
-    return (f"training: GPU {index} has {free / GB:.1f} GiB free of {total / GB:.1f} GiB after waiting {waited_s:.0f}s, "
-            f"and a worker needs {needed / GB:.1f} GiB (spin-ray plan); the rest is {who}. An engine of the last "
-            "generation pass that did not exit would show here: end that process, or give training a GPU of its own "
-            "(training.accelerator_type)")
+    return (
+        f"training: GPU {index} has {free / GB:.1f} GiB free of {total / GB:.1f} GiB after waiting {waited_s:.0f}s, "
+        f"and a worker needs {needed / GB:.1f} GiB (spin-ray plan); the rest is {who}. An engine of the last "
+        "generation pass that did not exit would show here: end that process, or give training a GPU of its own "
+        "(training.accelerator_type)"
+    )
 
 
 def wait_for_free_gpu(index: int, needed: int, limit_s: float = GPU_RELEASE_WAIT_S,

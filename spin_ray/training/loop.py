@@ -20,18 +20,26 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from spin_ray.objectives.algorithms import Algorithm, Example, TrainingDataError, objective
 from spin_ray.config import Config
+from spin_ray.models.adapters import adapter_base, is_adapted
+from spin_ray.objectives.algorithms import Algorithm, Example, TrainingDataError, objective
 from spin_ray.objectives.logprobs import answer_logps
 from spin_ray.objectives.packed_attention import use_packed_kernel
-from spin_ray.storage import JsonLines, atomic_write_json, join, read_json, read_json_lines
-from spin_ray.models.adapters import adapter_base, is_adapted
-from spin_ray.training.checkpoint import (committed_steps, copy_export, drop_checkpoints, export_hf, export_merged,
-                                         load_checkpoint, save_checkpoint, save_checkpoint_async)
-from spin_ray.training.data import Schedule, examples_from_rows
-from spin_ray.training.parallel import DTYPES, compute_context, load_for_training, set_accumulating
 from spin_ray.plan import AUTO_CHECKPOINT_MIN_S, AUTO_CHECKPOINT_SHARE
+from spin_ray.storage import JsonLines, atomic_write_json, join, read_json, read_json_lines
+from spin_ray.training.checkpoint import (
+    committed_steps,
+    copy_export,
+    drop_checkpoints,
+    export_hf,
+    export_merged,
+    load_checkpoint,
+    save_checkpoint,
+    save_checkpoint_async,
+)
+from spin_ray.training.data import Schedule, examples_from_rows
 from spin_ray.training.measure import PeakMemory, predict_phase, resident_now, settle_cpu_rate
+from spin_ray.training.parallel import DTYPES, compute_context, load_for_training, set_accumulating
 from spin_ray.training.reference import trainer_reference
 
 

@@ -61,8 +61,7 @@ def predict_phase(config, model: torch.nn.Module, examples, layout, world: int, 
     for the model as loaded (None for a model the plan does not describe, or a GPU it has no rate for).
     `runtime_bytes` is what the process held before the model (its interpreter, libraries and rows on a CPU); on a
     GPU the allocator's peak is compared with the planned tensors alone (the CUDA context is not the allocator's)."""
-    from spin_ray.plan import (ACCELERATORS, Assumptions, ModelShape, PlanError, measured_cpu_gflops,
-                               phase_prediction)
+    from spin_ray.plan import ACCELERATORS, Assumptions, ModelShape, PlanError, measured_cpu_gflops, phase_prediction
 
     try:
         shape = ModelShape.from_config(model.config.to_dict())
@@ -80,9 +79,18 @@ def predict_phase(config, model: torch.nn.Module, examples, layout, world: int, 
         per_core = measured_cpu_gflops(1) * 1e9
         rate = max(1, int(t.cpus_per_worker)) * per_core * assumptions.cpu_training_mfu
         link, runtime = assumptions.cpu_link_gbs * 1e9, runtime_bytes
-    return phase_prediction(config, shape, world, layout.activation_checkpointing, layout.sharded_accumulation,
-                            (max(prompts), max(answers)), (round(statistics.mean(prompts)), round(statistics.mean(answers))),
-                            runtime, rate, link)
+    return phase_prediction(
+        config,
+        shape,
+        world,
+        layout.activation_checkpointing,
+        layout.sharded_accumulation,
+        (max(prompts), max(answers)),
+        (round(statistics.mean(prompts)), round(statistics.mean(answers))),
+        runtime,
+        rate,
+        link,
+    )
 
 
 def settle_cpu_rate(prediction: dict | None, device: torch.device, cpus: float) -> dict | None:

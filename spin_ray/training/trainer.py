@@ -10,9 +10,9 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from spin_ray.objectives.algorithms import TrainingDataError, objective
 from spin_ray.config import Config, build_config
 from spin_ray.logs import quiet_library_logs
+from spin_ray.objectives.algorithms import TrainingDataError, objective
 from spin_ray.storage import atomic_write_json, is_local, join, read_json, remove
 from spin_ray.training.checkpoint import export_complete
 from spin_ray.training.parallel import process_group_backend
@@ -99,7 +99,8 @@ def validate_pairs(config: Config, dataset, source: str) -> None:
     if missing:
         hint = "is this a generation output?"
         if "proto_token_ids" in missing:
-            hint = "T-SPIN examples need each prompt's y_0 (proto_token_ids), which `spin-ray run` attaches from iteration 0"
+            hint = ("T-SPIN examples need each prompt's y_0 (proto_token_ids), which `spin-ray run` attaches from "
+                    "iteration 0")
         elif "win_rates" in missing:
             hint = "SPPO examples need the oracle's win_rates: generate with algorithm sppo"
         raise TrainingDataError(f"{source}: no column(s) {missing}; {hint}")
@@ -181,7 +182,8 @@ def run_training(config: Config, dataset, model_path: str, train_dir: str, expor
 
 class TrainingRun:
     """The actor that runs one training phase: Ray Train's controller, which `run_training` starts, is its own, and so
-    are the controller's workers. Named for its run and driver attempt (`spin_ray.run.attempts`), it lets a later attempt
+    are the controller's workers. Named for its run and driver attempt (`spin_ray.run.attempts`), it lets a later
+    attempt
     end all of them by name."""
 
     def fit(self, arguments: dict) -> dict:

@@ -3,7 +3,8 @@
 Tiny model, one iteration, on a local folder and on S3 (moto's server). The first job is stopped during
 iteration 0's training once a checkpoint is committed; `spin-ray status` then says interrupted at once; the
 second job (same config, same run name) must finish the run. The manifest then shows the baseline evaluation
-and the generation ran once, and the training ran twice, resumed from its checkpoint. On S3, while the first job runs, a `spin-ray run` of the same run from another Ray
+and the generation ran once, and the training ran twice, resumed from its checkpoint. On S3, while the first job runs,
+a `spin-ray run` of the same run from another Ray
 instance is refused naming the lease holder; the second job takes the lease over once it has expired.
 """
 
@@ -17,7 +18,8 @@ import sys
 import pytest
 
 from tests.conftest import BUCKET
-from tests.servers import RayHead, wait_for as _wait
+from tests.servers import RayHead
+from tests.servers import wait_for as _wait
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
@@ -54,7 +56,7 @@ def head_node(tmp_path_factory):
 def test_stopped_job_resumes_on_resubmit(storage, head_node, tmp_path, tiny_model_dir, request):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from spin_ray.models.resolution import local_model_path, load_model
+    from spin_ray.models.resolution import load_model, local_model_path
     from spin_ray.storage import exists, list_dir
 
     env_vars = {"MALLOC_ARENA_MAX": "2", "SPIN_RAY_CACHE": os.environ["SPIN_RAY_CACHE"]}

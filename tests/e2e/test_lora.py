@@ -28,10 +28,10 @@ def test_a_lora_demo_run_serves_base_plus_adapter_merged_as_vllm_lora_requests_d
     with the training forward of base + adapter. p_2's held-out answers must equal those vLLM gives through a LoRA
     request on the base (generation.lora_serving=adapter) on at least 7 of the 8 prompts, and the base's own answers
     must differ on some, or the adapter proved nothing."""
-    from spin_ray.run.driver import start_driver
-    from spin_ray.run.evaluation import eval_config
     from spin_ray.generation.pipeline import run_generation
     from spin_ray.models.resolution import default_cache_dir, merged_model_key
+    from spin_ray.run.driver import start_driver
+    from spin_ray.run.evaluation import eval_config
 
     config = load_config(ROOT / "jobs" / "gsm8k_smollm2_cpu.yaml", [
         f"run.storage_path={tmp_path}", "data.limit=4", "generation.max_new_tokens=32", "evaluation.prompts=8",

@@ -95,12 +95,12 @@ def test_generation_on_16_gsm8k_prompts(ray_session, smollm2_path, tmp_path, eng
 def test_training_two_steps_on_real_gsm8k_pairs(ray_session, smollm2_path, tmp_path):
     import torch
 
+    from spin_ray.data.tokenization import ChatFormat
     from spin_ray.generation.hf_engine import HFEngine
     from spin_ray.generation.pipeline import run_generation
-    from spin_ray.run.layout import RunLayout
-    from spin_ray.objectives.logprobs import score_responses
     from spin_ray.models.resolution import load_model, load_tokenizer
-    from spin_ray.data.tokenization import ChatFormat
+    from spin_ray.objectives.logprobs import score_responses
+    from spin_ray.run.layout import RunLayout
     from spin_ray.training.trainer import run_training
 
     config = load_config(

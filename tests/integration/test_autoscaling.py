@@ -1,6 +1,7 @@
-"""Ray's own autoscaler (fake multi-node provider): a fleet that grows and shrinks, preflight refusals, a driver restart.
+"""Ray's own autoscaler (fake multi-node provider): a fleet that grows and shrinks, preflight refusals, driver restart.
 
-The head is the one `ray.cluster_utils.AutoscalingCluster` describes (see fake_provider_config), started by the test itself as a child
+The head is the one `ray.cluster_utils.AutoscalingCluster` describes (see fake_provider_config), started by the test
+itself as a child
 process (`ray start --head --autoscaling-config=...` with the fake provider's environment): AutoscalingCluster's
 own start() runs a machine-wide `ray stop`, which would end every Ray instance here. The head has no CPUs; a
 "gen" node type (max 3) carries accelerator_type:GEN and a "train" type (max 1) accelerator_type:TRAIN, which
@@ -226,8 +227,8 @@ def test_requests_no_node_type_can_hold_fail_at_once(autoscaling_head, tmp_path,
 def test_a_request_that_fits_but_finds_no_room_fails_after_the_wait(autoscaling_head, tmp_path, tiny_model_dir):
     import ray
 
-    from spin_ray.run.cluster import ResourceError, ensure_resources
     from spin_ray.config import load_config
+    from spin_ray.run.cluster import ResourceError, ensure_resources
 
     # the only train node (max 1) is taken whole by another actor: the request fits the node type, never the cluster
     hog = ray.remote(num_cpus=2, resources={TRAIN: 1})(Hog).remote()
@@ -257,8 +258,8 @@ def test_a_driver_killed_while_its_controller_restarts_workers_restarts_and_redo
     """The interleaving of the flake: a training worker dies, Ray Train's controller starts a new worker group, and
     the driver is killed at that moment. The restarted driver ends what the dead attempt left (its TrainingRun, and
     with it the controller and its groups) and its own workers start within 90 s of the kill."""
-    import ray
     import psutil
+    import ray
     from ray.util.placement_group import placement_group_table
 
     from spin_ray.config import load_config
@@ -338,8 +339,8 @@ def test_a_dead_attempts_worker_group_is_ended_not_waited_out(autoscaling_head, 
     import ray
     from ray.util.placement_group import PlacementGroup, placement_group_table
 
-    from spin_ray.run.cluster import end_earlier_worker_group, ensure_resources
     from spin_ray.config import load_config
+    from spin_ray.run.cluster import end_earlier_worker_group, ensure_resources
     from spin_ray.training.trainer import WORKER_GROUP
 
     config = load_config(None, _overrides(tmp_path, tiny_model_dir, "ended", "run.resource_wait_s=30"))

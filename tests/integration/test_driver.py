@@ -22,7 +22,8 @@ def test_warm_start_mix_previous_then_converged_stop_on_forced_rerun(ray_session
         "iterations.sft_warm_start=true", "evaluation.prompts=4",
         "data.validation_fraction=0.05", "evaluation.validation_prompts=4",
         "iterations.sft_epochs=auto", "iterations.sft_max_epochs=2",
-        "generation.engine=hf",  # the loop is the point; vLLM starts in ~20-60 s each of 5 times (test_generation has it)
+        # the loop is the point; vLLM starts in ~20-60 s each of 5 times (test_generation has it)
+        "generation.engine=hf",
     ]
     manifest = run_iterations(load_config(None, overrides), echo=lambda line: None)
     run = Path(tmp_path) / "loop"
@@ -50,7 +51,9 @@ def test_warm_start_mix_previous_then_converged_stop_on_forced_rerun(ray_session
     assert trained["rescored_in_engine_pass"] is True
     first = read_metrics_log(str(run / "iter_1" / "train"))[0]
     assert any(pid.startswith("iter0/") for pid in first["prompt_ids"])
-    assert first["rewards/real"] == pytest.approx(0.0, abs=1e-3) and first["rewards/generated"] == pytest.approx(0.0, abs=1e-3)
+    assert first["rewards/real"] == pytest.approx(0.0, abs=1e-3) and first["rewards/generated"] == pytest.approx(
+        0.0, abs=1e-3
+    )
     # a training phase's fixed cost, reported apart from its steps: the pairs' ingest and the model load
     assert trained["ingest_seconds"] > 0 and trained["setup_seconds"] > 0 and trained["training_seconds"] > 0
     # one engine start per model: p0's pass evaluates it and answers iteration 0's prompts, p1's the same for
@@ -91,8 +94,15 @@ def test_warm_start_mix_previous_then_converged_stop_on_forced_rerun(ray_session
 
 
 def test_the_start_models_evaluation_is_cached_by_content_data_and_settings(ray_session, tmp_path, tiny_model_dir):
-    common = [f"model.name={tiny_model_dir}", f"run.storage_path={tmp_path}", "iterations.count=0",
-              "generation.max_new_tokens=6", "generation.replicas=[1,1]", "generation.engine=hf", "evaluation.prompts=4"]
+    common = [
+        f"model.name={tiny_model_dir}",
+        f"run.storage_path={tmp_path}",
+        "iterations.count=0",
+        "generation.max_new_tokens=6",
+        "generation.replicas=[1,1]",
+        "generation.engine=hf",
+        "evaluation.prompts=4",
+    ]
 
     def baseline(name: str, *extra: str) -> tuple[dict, list[str]]:
         lines: list[str] = []
@@ -120,8 +130,8 @@ def test_with_the_trainers_reference_no_engine_scores_and_every_example_mixed_in
     train phase rescores nothing, and iteration 1's training workers score all 16 examples (its own 8 pairs and
     iteration 0's 8) under p_1 before the first step, which therefore starts at reward 0 and loss log 2 for
     every one of them; the phase runs in an actor named for the run and the driver attempt."""
-    from spin_ray.run.attempts import run_prefix
     from spin_ray.generation.shards import committed_shards, read_shards
+    from spin_ray.run.attempts import run_prefix
 
     overrides = [
         f"model.name={tiny_model_dir}", f"run.storage_path={tmp_path}", "run.name=trainer-ref",
@@ -152,8 +162,9 @@ def test_with_the_trainers_reference_no_engine_scores_and_every_example_mixed_in
     for t in (0, 1):
         rows = read_shards(committed_shards(str(run / f"iter_{t}" / "generation")),
                            ["ref_logp_real", "ref_logp_generated"]).to_pylist()
-        assert rows and all(row["ref_logp_real"] is None and not any(row["ref_logp_generated"] or []) for row in rows), \
-            rows[:2]
+        assert rows and all(
+            row["ref_logp_real"] is None and not any(row["ref_logp_generated"] or []) for row in rows
+        ), rows[:2]
     trained = manifest["iterations"][1]["phases"]["train"]["metrics"]
     assert trained["pairs"] == 16 and "rescored_in_engine_pass" not in trained
     first = read_metrics_log(str(run / "iter_1" / "train"))[0]

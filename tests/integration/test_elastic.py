@@ -7,8 +7,8 @@ import time
 import pytest
 
 from spin_ray.config import load_config
-from spin_ray.training.loop import read_metrics_log
 from spin_ray.run.layout import RunLayout
+from spin_ray.training.loop import read_metrics_log
 from spin_ray.training.trainer import run_training
 
 pytestmark = pytest.mark.ray

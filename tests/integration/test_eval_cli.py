@@ -35,8 +35,12 @@ def test_eval_baseline_and_self_reward_is_zero(ray_session, tmp_path, tiny_model
 def test_eval_on_a_users_own_math_file(ray_session, tmp_path, tiny_model_dir, capsys):
     # any held-out file whose answers end in '#### <number>' gets the same metrics as GSM8K
     data = tmp_path / "my_math.jsonl"
-    data.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "solution": f"{i} + {i} = {2 * i}\n#### {2 * i}"})
-                            + "\n" for i in range(5)))
+    data.write_text(
+        "".join(
+            json.dumps({"question": f"What is {i} + {i}?", "solution": f"{i} + {i} = {2 * i}\n#### {2 * i}"}) + "\n"
+            for i in range(5)
+        )
+    )
     out = tmp_path / "mine"
     assert main(["eval", "--data", str(data), "--output", str(out), tiny_model_dir, "data.prompt_column=question",
                  "data.response_column=solution", "evaluation.prompts=5", "generation.max_new_tokens=8",
@@ -70,7 +74,10 @@ def test_rewards_scored_in_the_engine_pass_equal_a_separate_scorers(ray_session,
     scores, metrics = {}, {}
     for scored_in, overrides in runs.items():
         out = tmp_path / scored_in.replace(" ", "_")
-        assert main(["eval", "--output", str(out), "--opponent-answers", answers, tiny_model_dir, *common, *overrides]) == 0
+        assert (
+            main(["eval", "--output", str(out), "--opponent-answers", answers, tiny_model_dir, *common, *overrides])
+            == 0
+        )
         metrics[scored_in] = json.loads((out / "metrics.json").read_text())
         scores[scored_in] = pq.read_table(out / "scores.parquet").sort_by("prompt_id").to_pydict()
         assert metrics[scored_in]["reward_scoring"] == scored_in and metrics[scored_in]["reward_pairs"] == 6

@@ -20,11 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from spin_ray.training.loop import read_metrics_log
-from tests.servers import wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -35,8 +33,11 @@ ORDER = [("pass", "iter_0/generation", 2), ("train", "iter_0", 2), ("train", "it
          ("pass", "iter_1/generation", 2), ("train", "iter_1", 2), ("train", "iter_1", 6)]
 PASS_MOMENTS = [moment for moment in ORDER if moment[0] == "pass"]
 TRAIN_MOMENTS = [moment for moment in ORDER if moment[0] == "train"]
-PHASE_OF = {("pass", "iter_0/generation", 2): ("baseline_eval", None), ("pass", "iter_1/generation", 2): ("evaluate", 0),
-            **{moment: ("train", int(moment[1][-1])) for moment in TRAIN_MOMENTS}}
+PHASE_OF = {
+    ("pass", "iter_0/generation", 2): ("baseline_eval", None),
+    ("pass", "iter_1/generation", 2): ("evaluate", 0),
+    **{moment: ("train", int(moment[1][-1])) for moment in TRAIN_MOMENTS},
+}
 KINDS = ("engine replica", "training worker", "driver", "worker node")
 
 
@@ -172,9 +173,11 @@ def _weights(path: Path) -> dict:
 
 
 def _phase_seconds(manifest: dict) -> dict:
-    return {name + (f" {t}" if t is not None else ""): record["seconds"]
-            for t, phases in [(None, manifest["phases"]), *((t, i["phases"]) for t, i in enumerate(manifest["iterations"]))]
-            for name, record in phases.items()}
+    return {
+        name + (f" {t}" if t is not None else ""): record["seconds"]
+        for t, phases in [(None, manifest["phases"]), *((t, i["phases"]) for t, i in enumerate(manifest["iterations"]))]
+        for name, record in phases.items()
+    }
 
 
 @pytest.fixture(scope="module")

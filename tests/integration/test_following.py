@@ -87,7 +87,9 @@ def test_a_job_log_reads_as_a_story(tmp_path, tiny_model_dir):
     story = [line for line in lines if line.startswith("[spin-ray]") or line.startswith("train:")]
     doubled = sorted({line for line in story if story.count(line) > 1})
     assert not doubled, f"lines printed twice: {doubled[:5]}"
-    assert not [line for line in lines if "Reporting training result" in line], "Ray Train's per-report line repeats each step"
+    assert not [line for line in lines if "Reporting training result" in line], (
+        "Ray Train's per-report line repeats each step"
+    )
     for phase in ("baseline_eval: started", "iteration 0: generate: done", "iteration 0: train: done",
                   "iteration 0: evaluate: done"):
         assert any(phase in line for line in story), phase
@@ -110,7 +112,9 @@ def test_a_job_log_reads_as_a_story(tmp_path, tiny_model_dir):
     def report_line(line: str) -> bool:  # the table printed after each iteration and at the end: header or model row
         return line.split() == header or re.match(r"^\s*p\d+\s{2}", line) is not None
 
-    ours = [line for line in shown if line.startswith(("[spin-ray]", "train:", "status: ", "report: ")) or report_line(line)]
+    ours = [
+        line for line in shown if line.startswith(("[spin-ray]", "train:", "status: ", "report: ")) or report_line(line)
+    ]
     others = [line for line in shown if line not in ours]
     # Measured: 93% ours (83 of 89 lines). What remains is C++ notes no Python filter reaches: core_worker's E note
     # below (once per actor pool) and vLLM's NUMA binding line (once per engine start); and Ray's token-auth note.

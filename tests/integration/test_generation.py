@@ -13,9 +13,9 @@ import torch
 from spin_ray.config import load_config
 from spin_ray.generation import pipeline
 from spin_ray.generation.shards import COMPLETE_MARKER, GenerationError, committed_shards
-from spin_ray.run.layout import RunLayout
-from spin_ray.objectives.logprobs import score_responses
 from spin_ray.models.resolution import load_model
+from spin_ray.objectives.logprobs import score_responses
+from spin_ray.run.layout import RunLayout
 
 pytestmark = pytest.mark.ray
 
@@ -54,7 +54,9 @@ def _engine_processes_gone(within_s: float) -> bool:
 
     deadline = time.monotonic() + within_s
     while True:
-        alive = [p.pid for p in psutil.process_iter(["cmdline"]) if "GenerateStage" in " ".join(p.info["cmdline"] or [])]
+        alive = [
+            p.pid for p in psutil.process_iter(["cmdline"]) if "GenerateStage" in " ".join(p.info["cmdline"] or [])
+        ]
         if not alive or time.monotonic() > deadline:
             return not alive
         time.sleep(0.5)
@@ -79,7 +81,9 @@ def test_every_prompt_once_with_exact_reference_logps(ray_session, tmp_path, tin
     real = score_responses(model, prompts, [r["real_token_ids"] for r in rows], pad_id=2)
     generated = score_responses(model, prompts, [r["generated_token_ids"][0] for r in rows], pad_id=2)
     assert torch.allclose(torch.tensor([r["ref_logp_real"] for r in rows], dtype=torch.float32), real, atol=1e-4)
-    assert torch.allclose(torch.tensor([r["ref_logp_generated"][0] for r in rows], dtype=torch.float32), generated, atol=1e-4)
+    assert torch.allclose(
+        torch.tensor([r["ref_logp_generated"][0] for r in rows], dtype=torch.float32), generated, atol=1e-4
+    )
     for r in rows:
         assert r["finish_reasons"][0] in ("stop", "length")
         assert r["generated_tokens"][0] == len(r["generated_token_ids"][0]) <= 8
@@ -95,7 +99,9 @@ def test_resume_generates_only_the_missing_prompts(ray_session, tmp_path, tiny_m
     config = _config(tmp_path, tiny_model_dir, run="resume", **{"generation.fuse_reference": False})
     first = run_generation(config)
     assert first.summary["reference_seconds"] > 0 and first.summary["engine_seconds"] > 0
-    fused = {r["prompt_id"]: r for r in run_generation(_config(tmp_path, tiny_model_dir, run="fused")).dataset.take_all()}
+    fused = {
+        r["prompt_id"]: r for r in run_generation(_config(tmp_path, tiny_model_dir, run="fused")).dataset.take_all()
+    }
     for row in first.dataset.take_all():
         assert row["ref_logp_real"] == pytest.approx(fused[row["prompt_id"]]["ref_logp_real"], abs=1e-4)
         assert row["ref_logp_generated"][0] == pytest.approx(fused[row["prompt_id"]]["ref_logp_generated"][0], abs=1e-4)
@@ -155,7 +161,10 @@ def test_progress_lines_count_every_answer_and_token_of_a_non_terminal_log(ray_s
 
 def test_vllm_engine_answers_as_the_hf_engine_with_exact_reference_logps(ray_session, tmp_path, varied_model_dir):
     one = {"generation.replicas": "[1,1]"}
-    hf = {r["prompt_id"]: r for r in run_generation(_config(tmp_path, varied_model_dir, run="hf-twin", **one)).dataset.take_all()}
+    hf = {
+        r["prompt_id"]: r
+        for r in run_generation(_config(tmp_path, varied_model_dir, run="hf-twin", **one)).dataset.take_all()
+    }
     config = _config(tmp_path, varied_model_dir, run="vllm", **one, **{"generation.engine": "vllm"})
     # the pass also scores two more responses a prompt (as it does for the pairs the next training set mixes in)
     also = {pid: [row["real_token_ids"][::-1], row["real_token_ids"][:3]] for pid, row in hf.items()}
@@ -163,7 +172,9 @@ def test_vllm_engine_answers_as_the_hf_engine_with_exact_reference_logps(ray_ses
     rows = result.dataset.take_all()
     ids = [r["prompt_id"] for r in rows]
     assert len(ids) == 12 and set(ids) == set(hf)  # every prompt exactly once
-    assert len(committed_shards(result.output_dir)) == 3 and os.path.exists(os.path.join(result.output_dir, COMPLETE_MARKER))
+    assert len(committed_shards(result.output_dir)) == 3 and os.path.exists(
+        os.path.join(result.output_dir, COMPLETE_MARKER)
+    )
     assert len({tuple(r["generated_token_ids"][0]) for r in rows}) > 3  # answers that differ: a real comparison
     for row in rows:
         assert row["engine"] == "vllm" and row["finish_reasons"][0] in ("stop", "length")
@@ -174,7 +185,9 @@ def test_vllm_engine_answers_as_the_hf_engine_with_exact_reference_logps(ray_ses
     real = score_responses(model, prompts, [r["real_token_ids"] for r in rows], pad_id=2)
     generated = score_responses(model, prompts, [r["generated_token_ids"][0] for r in rows], pad_id=2)
     assert torch.allclose(torch.tensor([r["ref_logp_real"] for r in rows], dtype=torch.float32), real, atol=1e-4)
-    assert torch.allclose(torch.tensor([r["ref_logp_generated"][0] for r in rows], dtype=torch.float32), generated, atol=1e-4)
+    assert torch.allclose(
+        torch.tensor([r["ref_logp_generated"][0] for r in rows], dtype=torch.float32), generated, atol=1e-4
+    )
     for k in (0, 1):
         expected = score_responses(model, prompts, [also[r["prompt_id"]][k] for r in rows], pad_id=2)
         assert torch.allclose(torch.tensor([r["also_scored_logps"][k] for r in rows], dtype=torch.float32), expected,
@@ -242,8 +255,8 @@ def test_bad_input_is_refused(ray_session, tmp_path, tiny_model_dir):
 def test_one_engine_pass_answers_several_prompt_sets_as_separate_passes_would(ray_session, tmp_path, varied_model_dir):
     """An evaluation's greedy prompts and the next iteration's sampled ones in one pass: the same rows as two passes,
     each set in its own folder, and a pass cut short resumes only the missing shards of either set."""
-    from spin_ray.run.evaluation import eval_config
     from spin_ray.generation.shards import read_shards
+    from spin_ray.run.evaluation import eval_config
 
     config = _config(tmp_path, varied_model_dir, **{"generation.temperature": 1.0, "generation.num_samples": 2,
                                                      "generation.replicas": "[1,1]", "training.beta": 0.1})
@@ -290,7 +303,10 @@ def test_cpu_engine_replicas_start_with_the_preloaded_libraries_and_keep_the_dri
 
     config = load_config(None, [f"model.name={tiny_model_dir}", "generation.engine=vllm"])
     assert pipeline.engine_environment(config.generation.model_copy(update={"cpu_preload": []})) == {}
-    assert pipeline.engine_environment(config.generation.model_copy(update={"engine": "hf", "cpu_preload": ["/x.so"]})) == {}
+    assert (
+        pipeline.engine_environment(config.generation.model_copy(update={"engine": "hf", "cpu_preload": ["/x.so"]}))
+        == {}
+    )
     library = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")))[0]
     options = pipeline.engine_environment(config.generation.model_copy(update={"cpu_preload": [library]}))
     assert options == {"runtime_env": {"env_vars": {"LD_PRELOAD": library}}}

@@ -1,4 +1,4 @@
-"""Runs on object storage, against a real S3-protocol server (moto's, on 127.0.0.1) reached through s3fs as AWS would be.
+"""Runs on object storage: a real S3-protocol server (moto's, on 127.0.0.1) reached through s3fs as AWS would be.
 
 Storage primitives (fresh listings, whole-object logs, the lease with conditional writes, model staging), the
 one-line refusals of bad storage, and a 2-iteration run on a multi-node Ray cluster whose nodes each have their
@@ -101,7 +101,9 @@ def test_a_model_folder_is_published_once_and_staged_once_per_node(s3, tmp_path,
     assert fs.info(f"{path}/model.safetensors")["LastModified"] == before
     node_a, node_b = tmp_path / "node-a", tmp_path / "node-b"
     staged = local_model_path(url, node_a)
-    assert Path(staged).parent == node_a / "staged" and AutoModelForCausalLM.from_pretrained(staged).num_parameters() > 0
+    assert (
+        Path(staged).parent == node_a / "staged" and AutoModelForCausalLM.from_pretrained(staged).num_parameters() > 0
+    )
     assert local_model_path(url, node_a) == staged  # staged once per content, per node
     assert Path(local_model_path(url, node_b)).is_relative_to(node_b)  # another node stages its own copy
     tokenizer_only = local_model_path(url, node_a, weights=False)
@@ -114,8 +116,8 @@ def test_a_lora_model_in_a_bucket_stages_its_base_once_and_then_only_its_adapter
     plus that adapter."""
     import torch
 
-    from spin_ray.models.adapters import inject, lora_config, write_adapter
     from spin_ray.config import load_config
+    from spin_ray.models.adapters import inject, lora_config, write_adapter
     from spin_ray.models.resolution import load_model, load_tokenizer, publish_folder
 
     base_url = f"s3://{BUCKET}/lora-run/base_model"
@@ -205,8 +207,8 @@ def test_two_iterations_on_s3_with_nodes_that_share_no_disk(s3, tmp_path, tiny_m
     from transformers import AutoModelForCausalLM
 
     from spin_ray.config import load_config
-    from spin_ray.run.driver import driver_alive, start_driver
     from spin_ray.models.resolution import local_model_path
+    from spin_ray.run.driver import driver_alive, start_driver
     from spin_ray.storage import exists
 
     if ray.is_initialized():
@@ -224,16 +226,33 @@ def test_two_iterations_on_s3_with_nodes_that_share_no_disk(s3, tmp_path, tiny_m
     ray.init(address=cluster.address, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     run = f"s3://{BUCKET}/runs/two-nodes"
-    config = load_config(None, [
-        f"model.name={tiny_model_dir}", f"run.storage_path=s3://{BUCKET}/runs", "run.name=two-nodes", "data.limit=8",
-        "generation.max_new_tokens=6", "generation.batch_size=8", "generation.replicas=[1,1]", "generation.shard_rows=4",
-        "training.global_batch_size=4", "training.epochs=1", "training.num_workers=[2,2]", "training.checkpoint_every=1",
-        "training.learning_rate=1e-3", "iterations.count=2", "evaluation.prompts=4",
-        "generation.engine=hf"])  # storage is the point: the HF engine stages its model from the bucket the same way
+    config = load_config(
+        None,
+        [
+            f"model.name={tiny_model_dir}",
+            f"run.storage_path=s3://{BUCKET}/runs",
+            "run.name=two-nodes",
+            "data.limit=8",
+            "generation.max_new_tokens=6",
+            "generation.batch_size=8",
+            "generation.replicas=[1,1]",
+            "generation.shard_rows=4",
+            "training.global_batch_size=4",
+            "training.epochs=1",
+            "training.num_workers=[2,2]",
+            "training.checkpoint_every=1",
+            "training.learning_rate=1e-3",
+            "iterations.count=2",
+            "evaluation.prompts=4",
+            "generation.engine=hf",
+        ],
+    )  # storage is the point: the HF engine stages its model from the bucket the same way
     try:
         # iteration 0 in a first driver; then the driver's node loses its cache (as a replaced head node does), and
         # a second driver continues the run from what the bucket holds
-        first = start_driver(config.model_copy(update={"iterations": config.iterations.model_copy(update={"count": 1})}))
+        first = start_driver(
+            config.model_copy(update={"iterations": config.iterations.model_copy(update={"count": 1})})
+        )
         assert ray.get(first.run.remote(), timeout=900)["status"] == "done"
         ray.kill(first)
         wait_for(lambda: not driver_alive(config), 60, "the first driver actor to be gone")

@@ -9,8 +9,8 @@ import torch
 
 from spin_ray.config import load_config
 from spin_ray.generation.pipeline import run_generation
-from spin_ray.run.layout import RunLayout
 from spin_ray.models.resolution import load_model
+from spin_ray.run.layout import RunLayout
 from spin_ray.training.checkpoint import committed_steps
 from spin_ray.training.loop import read_metrics_log
 from spin_ray.training.trainer import run_training
@@ -47,8 +47,12 @@ def _dir(config, kind):
 def _config(tmp_path, tiny_model_dir, run, **extra):
     data = tmp_path / "pairs.jsonl"
     if not data.exists():
-        data.write_text("".join(json.dumps({"prompt": f"What is {i} times 3?", "response": f"{3 * i}.\n#### {3 * i}"}) + "\n"
-                                for i in range(8)))
+        data.write_text(
+            "".join(
+                json.dumps({"prompt": f"What is {i} times 3?", "response": f"{3 * i}.\n#### {3 * i}"}) + "\n"
+                for i in range(8)
+            )
+        )
     overrides = [f"model.name={tiny_model_dir}", f"data.train={data}", "data.eval=null",
                  f"run.storage_path={tmp_path / 'runs'}", f"run.name={run}", "generation.max_new_tokens=6",
                  "generation.replicas=[1,1]", "training.global_batch_size=4", "training.micro_batch_size=1",

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spin_ray.run.cluster import NodeType, check_feasible, phase_requests
 from spin_ray.config import load_config
+from spin_ray.run.cluster import NodeType, check_feasible, phase_requests
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHERS = [ROOT / "cluster" / "aws.yaml", ROOT / "cluster" / "gcp.yaml"]
@@ -47,7 +47,9 @@ def test_launcher_yaml_passes_rays_validator_and_holds_the_gpu_job(path):
     types = cluster["available_node_types"]
     head = cluster["head_node_type"]
     assert types[head]["resources"].get("GPU", 0) == 0, "the head is a CPU node"
-    nodes = [NodeType(name, spec["resources"], 1 if name == head else spec["max_workers"]) for name, spec in types.items()]
+    nodes = [
+        NodeType(name, spec["resources"], 1 if name == head else spec["max_workers"]) for name, spec in types.items()
+    ]
     for phase in PHASES:  # the LoRA recipe: its engine and its training worker take turns on one 80 GB GPU
         check_feasible(phase_requests(load_config(LORA_RECIPE), phase), path.name, nodes)
     for job in (load_config(GPU_JOB), load_config(RECIPE)):  # the recipe trains on the 80 GB node type
@@ -163,7 +165,6 @@ def test_the_gpu_install_is_one_resolved_list_that_the_image_and_every_cluster_f
     launcher files install exactly that list (spin_ray itself --no-deps) on the same pinned Ray image; the RayJob
     runs that image, named once; no file under cluster/ waits for a CHANGE-ME."""
     import tomllib
-
     from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
 
@@ -194,7 +195,9 @@ def test_the_gpu_install_is_one_resolved_list_that_the_image_and_every_cluster_f
     text = RAYJOB.read_text()
     images = re.findall(r"image: (\S+)", text)
     assert images[0].startswith("&image ") or images[0] == "&image", images
-    assert set(images[1:]) == {"*image"} and len(images) == 1 + len(_yaml(RAYJOB)["spec"]["rayClusterSpec"]["workerGroupSpecs"])
+    assert set(images[1:]) == {"*image"} and len(images) == 1 + len(
+        _yaml(RAYJOB)["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    )
     assert not [p.name for p in (ROOT / "cluster").iterdir() if "CHANGE-ME" in p.read_text()]
 
 
@@ -206,7 +209,9 @@ def test_the_one_gpu_recipe_has_a_one_gpu_node_type_in_every_cluster_file():
     assert job.generation.accelerator_type == job.training.accelerator_type
     for path in LAUNCHERS:
         types = _yaml(path)["available_node_types"]
-        single = [name for name, spec in types.items() if spec["resources"].get(label) and spec["resources"]["GPU"] == 1]
+        single = [
+            name for name, spec in types.items() if spec["resources"].get(label) and spec["resources"]["GPU"] == 1
+        ]
         assert single, path.name
     groups = _kuberay_node_types(_yaml(RAYJOB)["spec"]["rayClusterSpec"])
     assert any(g.resources.get(label) and g.resources["GPU"] == 1 for g in groups)
@@ -217,7 +222,9 @@ def test_the_one_gpu_recipe_has_a_one_gpu_node_type_in_every_cluster_file():
 def test_a_job_the_cluster_cannot_hold_is_refused_by_the_same_check():
     from spin_ray.run.cluster import ResourceError
 
-    nodes = [NodeType(n.name, n.resources, n.max_count) for n in _kuberay_node_types(_yaml(RAYJOB)["spec"]["rayClusterSpec"])]
+    nodes = [
+        NodeType(n.name, n.resources, n.max_count) for n in _kuberay_node_types(_yaml(RAYJOB)["spec"]["rayClusterSpec"])
+    ]
     too_many = load_config(GPU_JOB, ["generation.replicas=[9,12]"])
     with pytest.raises(ResourceError, match="9 x generation engine replica.*lower generation.replicas"):
         check_feasible(phase_requests(too_many, "generate"), "the RayJob's groups", nodes)

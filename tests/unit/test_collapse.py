@@ -20,7 +20,12 @@ def test_quiet_on_an_improving_iteration_and_on_small_sample_noise():
     assert collapse_signals(P0, P1) == {}  # p1 improved NLL and format; +1.5 points of length-capped answers
     # the demo evaluates 16 prompts: one answer more at the limit (+6 points) is noise, not a signal
     demo_before = {"prompts": 16, "nll_per_token": 1.02, "share_hit_max_new_tokens": 0.25, "answer_format_rate": 0.5}
-    demo_after = {"prompts": 16, "nll_per_token": 1.019, "share_hit_max_new_tokens": 0.3125, "answer_format_rate": 0.4375}
+    demo_after = {
+        "prompts": 16,
+        "nll_per_token": 1.019,
+        "share_hit_max_new_tokens": 0.3125,
+        "answer_format_rate": 0.4375,
+    }
     assert collapse_signals(demo_before, demo_after) == {}
     # but the same +6 points over 2,000 prompts is more than noise
     big = {**demo_after, "prompts": 2000}

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from spin_ray.config import Config, ConfigError, config_keys, load_config
+from spin_ray.config import ConfigError, config_keys, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -125,10 +125,14 @@ def test_a_null_stabiliser_takes_the_trained_objectives_recommended_value():
 def test_a_stabiliser_is_refused_where_the_algorithm_table_says_it_does_not_apply():
     from spin_ray.objectives.algorithms import ALGORITHMS
 
-    assert load_config(overrides=["training.nll_weight=0.5", "training.dpop_lambda=1", "training.length_normalize=true"])
+    assert load_config(
+        overrides=["training.nll_weight=0.5", "training.dpop_lambda=1", "training.length_normalize=true"]
+    )
     assert load_config(overrides=["algorithm=tspin", "training.nll_weight=0.5"]).training.nll_weight == 0.5
     assert ALGORITHMS["tspin"].options == ("nll_weight",) and not ALGORITHMS["sppo"].options
-    with pytest.raises(ConfigError, match=r"training.dpop_lambda does not apply to algorithm tspin \(it applies to: spin\)"):
+    with pytest.raises(
+        ConfigError, match=r"training.dpop_lambda does not apply to algorithm tspin \(it applies to: spin\)"
+    ):
         load_config(overrides=["algorithm=tspin", "training.dpop_lambda=1"])
     with pytest.raises(ConfigError, match="training.nll_weight does not apply to training.objective sft"):
         load_config(overrides=["training.objective=sft", "training.nll_weight=0.5"])

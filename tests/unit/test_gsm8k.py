@@ -1,4 +1,4 @@
-"""GSM8K answer extraction: our numeric rule and lm-evaluation-harness's strict and flexible rules, on their edge cases."""
+"""GSM8K answer extraction: our numeric rule and lm-evaluation-harness's strict and flexible rules, on edge cases."""
 
 import pytest
 

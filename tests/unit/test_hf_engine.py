@@ -70,7 +70,9 @@ def test_sampling_depends_on_the_seed_not_the_batch(varied_model, chat, prompts)
     a = HFEngine(tiny_model, chat, 8, temperature=1.0, top_p=0.9, batch_size=7).generate(prompts, seeds)
     b = HFEngine(tiny_model, chat, 8, temperature=1.0, top_p=0.9, batch_size=2, prefill_rows=1).generate(prompts, seeds)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
-    other = HFEngine(tiny_model, chat, 8, temperature=1.0, top_p=0.9, batch_size=7).generate(prompts, [s + 100 for s in seeds])
+    other = HFEngine(tiny_model, chat, 8, temperature=1.0, top_p=0.9, batch_size=7).generate(
+        prompts, [s + 100 for s in seeds]
+    )
     assert [c.token_ids for c in other] != [c.token_ids for c in a]
     greedy = HFEngine(tiny_model, chat, 8, batch_size=7).generate(prompts, seeds)
     assert [c.token_ids for c in greedy] != [c.token_ids for c in a]

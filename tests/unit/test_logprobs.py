@@ -84,7 +84,9 @@ def test_concatenated_forward_matches_separate_passes(tiny_model, pairs, tokeniz
     prompts, reals, generateds = pairs
     both = answer_logps(tiny_model, prompts, list(zip(reals, generateds, strict=True)), tokenizer.pad_token_id)
     assert torch.allclose(both[:, 0], score_responses(tiny_model, prompts, reals, tokenizer.pad_token_id), atol=1e-5)
-    assert torch.allclose(both[:, 1], score_responses(tiny_model, prompts, generateds, tokenizer.pad_token_id), atol=1e-5)
+    assert torch.allclose(
+        both[:, 1], score_responses(tiny_model, prompts, generateds, tokenizer.pad_token_id), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("chunk_rows", [0, 3])  # 3: the LM head runs in many chunks of 3 positions
@@ -123,7 +125,9 @@ def test_chunked_lm_head_equals_full_logits_in_values_and_gradients(tiny_model, 
         logps, grads = results[chunk_rows]
         assert torch.allclose(logps, full_logps, atol=1e-5), chunk_rows
         # fp32 rounding of a different summation order: ~5e-5 on gradients of size ~14
-        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-4) for a, b in zip(grads, full_grads, strict=True)), chunk_rows
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-4) for a, b in zip(grads, full_grads, strict=True)), (
+            chunk_rows
+        )
 
 
 def test_models_outside_the_list_or_with_a_head_bias_keep_the_full_logits(tiny_model_dir):

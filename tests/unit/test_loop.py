@@ -1,4 +1,4 @@
-"""The training step without Ray: log 2 at the start, margins that move, and micro-steps equal whichever way they run."""
+"""The training step without Ray: log 2 at the start, margins that move, micro-steps equal whichever way they run."""
 
 import math
 
@@ -52,9 +52,11 @@ def test_sft_step_lowers_the_nll(tiny_model, pairs, tokenizer):
                                         "tspin.reference_free=true"],
                                        ["algorithm=sppo", "generation.num_samples=2", "generation.temperature=1"],
                                        ["training.objective=sft"]])
-def test_micro_step_is_the_same_packed_or_padded_chunked_or_not_prefix_shared_or_not(tiny_model, pairs, tokenizer, overrides):
-    from spin_ray.objectives.algorithms import Example, objective
+def test_micro_step_is_the_same_packed_or_padded_chunked_or_not_prefix_shared_or_not(
+    tiny_model, pairs, tokenizer, overrides
+):
     from spin_ray.config import load_config
+    from spin_ray.objectives.algorithms import Example, objective
     from spin_ray.training.loop import micro_step
 
     prompts, reals, generateds = pairs
@@ -100,7 +102,9 @@ def test_progress_line_is_a_tqdm_meter_with_this_runs_eta():
 
 
 def _sft_rows(chat, answers: list[str], prefix: str) -> list[dict]:
-    prompts = chat.batch_prompt_ids([[{"role": "user", "content": f"Say something ({i})."}] for i in range(len(answers))])
+    prompts = chat.batch_prompt_ids(
+        [[{"role": "user", "content": f"Say something ({i})."}] for i in range(len(answers))]
+    )
     return [{"prompt_id": f"{prefix}{i}", "prompt_token_ids": p, "real_token_ids": r}
             for i, (p, r) in enumerate(zip(prompts, chat.batch_response_ids(answers), strict=True))]
 
@@ -113,12 +117,25 @@ def test_early_stop_keeps_the_best_epoch_and_stops_when_validation_nll_rises(tin
     from spin_ray.config import load_config
     from spin_ray.training.loop import EarlyStop, read_metrics_log, train
 
-    config = load_config(None, [f"model.name={tiny_model_dir}", "training.objective=sft", "training.epochs=4",
-                                "training.global_batch_size=4", "training.micro_batch_size=2", "training.optimizer=adamw",
-                                "training.learning_rate=5e-2", "training.warmup_ratio=0", "training.checkpoint_every=100"])
+    config = load_config(
+        None,
+        [
+            f"model.name={tiny_model_dir}",
+            "training.objective=sft",
+            "training.epochs=4",
+            "training.global_batch_size=4",
+            "training.micro_batch_size=2",
+            "training.optimizer=adamw",
+            "training.learning_rate=5e-2",
+            "training.warmup_ratio=0",
+            "training.checkpoint_every=100",
+        ],
+    )
     rows = _sft_rows(chat, ["blue blue blue blue"] * 4, "t")
     # validation answers the training data pushes away from (NLL rises every epoch), or the training answers themselves
-    validation = _sft_rows(chat, ["blue blue blue blue"] * 3 if validation_like_training else ["seven 7 seven 7"] * 3, "v")
+    validation = _sft_rows(
+        chat, ["blue blue blue blue"] * 3 if validation_like_training else ["seven 7 seven 7"] * 3, "v"
+    )
     summary = train(config, rows, tiny_model_dir, str(tmp_path / "train"), str(tmp_path / "model"),
                     early_stop=EarlyStop(validation, patience=1))
     history = summary["validation_nll_by_epoch"]
@@ -158,10 +175,10 @@ def test_checkpoints_are_taken_while_training_and_dropped_once_the_model_is_expo
 def test_prefix_shared_pairs_give_smollm2_the_losses_and_gradients_of_separate_sequences(smollm2_path, chat, algorithm):
     """The real model (9 heads over 3 KV heads, tied head): each prompt computed once for its 2 or 3 answers, answers
     blind to each other, equals the answers as separate packed sequences (fp32, 1e-5)."""
-    from spin_ray.objectives.algorithms import Example, objective
     from spin_ray.config import load_config
-    from spin_ray.objectives.logprobs import answer_logps
     from spin_ray.models.resolution import load_model
+    from spin_ray.objectives.algorithms import Example, objective
+    from spin_ray.objectives.logprobs import answer_logps
     from spin_ray.training.loop import micro_step
 
     overrides = {"spin": ["algorithm=spin"], "tspin": ["algorithm=tspin"],

@@ -175,9 +175,9 @@ def test_a_target_module_the_model_lacks_is_refused_in_one_line_before_ray(tiny_
 def test_export_of_a_lora_run_writes_the_adapter_or_merges_it_and_the_card_says_which(tiny_model_dir, chat, tmp_path,
                                                                                         capsys):
     from spin_ray.cli import main
+    from spin_ray.models.resolution import load_model
     from spin_ray.run.layout import RunLayout
     from spin_ray.run.manifest import Manifest
-    from spin_ray.models.resolution import load_model
     from spin_ray.training.loop import train
 
     config = _config(tiny_model_dir, f"run.storage_path={tmp_path}", "run.name=lora")

@@ -40,7 +40,9 @@ def test_ipo_averages_per_token_in_the_loss_and_reports_summed_rewards_as_trl():
                              generated_tokens=torch.tensor([4.0]))
     assert ipo.item() == pytest.approx((0.75 - 5) ** 2, abs=1e-5)
     # rewards are beta x summed log-ratios whatever the loss, as TRL's rewards/chosen and rewards/rejected
-    assert metrics["rewards/real"].item() == pytest.approx(0.1) and metrics["rewards/generated"].item() == pytest.approx(-0.1)
+    assert metrics["rewards/real"].item() == pytest.approx(0.1) and metrics[
+        "rewards/generated"
+    ].item() == pytest.approx(-0.1)
     with pytest.raises(ValueError, match="answer lengths"):
         spin_loss(*_pair(), beta=0.1, loss_type="ipo")
 
@@ -173,7 +175,9 @@ def test_nll_weight_adds_rpos_per_token_nll_of_the_human_answer():
     h = torch.tensor([(-10 + 11) - (-12 + 11), (-6 + 6.5) - (-9 + 8)])  # 2.0 and 1.5
     expected = -torch.nn.functional.logsigmoid(0.1 * h) + 0.5 * torch.tensor([2.0, 3.0])
     assert torch.allclose(rpo, expected, atol=1e-6) and torch.allclose(rpo - plain, torch.tensor([1.0, 1.5]))
-    assert metrics["nll/real"].item() == pytest.approx(2.5) and metrics["loss"].item() == pytest.approx(expected.mean().item())
+    assert metrics["nll/real"].item() == pytest.approx(2.5) and metrics["loss"].item() == pytest.approx(
+        expected.mean().item()
+    )
     with pytest.raises(ValueError, match="need real_tokens"):
         spin_loss(policy_real, policy_generated, ref_real, ref_generated, nll_weight=0.5)
 
@@ -200,7 +204,9 @@ def test_dpop_penalises_the_human_answer_falling_below_the_opponent():
     plain, _ = spin_loss(*_pair(policy_real=-10.0, policy_generated=-12.0), beta=0.1)
     assert raised.item() == pytest.approx(plain.item())  # no penalty while the human answer's log-ratio is >= 0
     policy_real = torch.tensor([-12.0], requires_grad=True)
-    spin_loss(policy_real, torch.tensor([-14.0]), torch.tensor([-11.0]), torch.tensor([-11.0]), dpop_lambda=5.0)[0].backward()
+    spin_loss(policy_real, torch.tensor([-14.0]), torch.tensor([-11.0]), torch.tensor([-11.0]), dpop_lambda=5.0)[
+        0
+    ].backward()
     free = torch.tensor([-12.0], requires_grad=True)
     spin_loss(free, torch.tensor([-14.0]), torch.tensor([-11.0]), torch.tensor([-11.0]))[0].backward()
     assert policy_real.grad.item() < free.grad.item() < 0  # a stronger push up on the human answer

@@ -140,14 +140,18 @@ def test_status_tells_a_live_run_from_an_interrupted_one(tmp_path, capsys):
     assert ": interrupted," in out and "continues it with iteration 0 train (running, attempt 2)" in out
     assert "iteration 0/2 train" in out and "stopped" in out
     # a driver's token is its job id and actor name, which holds the run's path
-    lease = RunLease(layout.lease, ttl_s=60, token=f"07000000:spin-ray-driver:{layout.root}", owner="ray job raysubmit_7")
+    lease = RunLease(
+        layout.lease, ttl_s=60, token=f"07000000:spin-ray-driver:{layout.root}", owner="ray job raysubmit_7"
+    )
     lease.acquire()
     assert main(["status", layout.root]) == 0
     out = capsys.readouterr().out
     assert ": running," in out and "driven by spin-ray driver of ray job raysubmit_7" in out
     # Ray's word on the holder's job outranks the lease's freshness: a stopped job's run is interrupted at once
     holder = json.loads(open(layout.lease).read())
-    assert format_status(manifest.data, holder, "RUNNING").startswith(f"run {config.run.name} ({layout.root}): running,")
+    assert format_status(manifest.data, holder, "RUNNING").startswith(
+        f"run {config.run.name} ({layout.root}): running,"
+    )
     stopped = format_status(manifest.data, holder, "STOPPED")
     assert ": interrupted," in stopped and "its driver's Ray job is STOPPED; submitting the same config" in stopped
     assert main(["status", layout.root, "--address", "http://127.0.0.1:1"]) == 0  # nobody answers: this host's pid does

@@ -4,8 +4,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from spin_ray.generation.oracle import (
+    GSM8KRuleOracle,
+    RewardModelOracle,
+    gsm8k_rule_preferences,
+    matrix_from_scores,
+    win_rates,
+)
 from spin_ray.objectives.algorithms import winner_and_loser
-from spin_ray.generation.oracle import GSM8KRuleOracle, RewardModelOracle, gsm8k_rule_preferences, matrix_from_scores, win_rates
 
 QUESTION = [{"role": "user", "content": "Tom has 3 apples and buys 4. How many?"}]
 HUMAN = "3 + 4 = 7\n#### 7"

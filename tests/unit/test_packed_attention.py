@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from spin_ray.objectives import packed_attention as attention
-from spin_ray.objectives.packed_attention import PACKED_SDPA, packed_attention, packed_sdpa_attention, packed_sdpa_supported
+from spin_ray.objectives.packed_attention import (
+    PACKED_SDPA,
+    packed_attention,
+    packed_sdpa_attention,
+    packed_sdpa_supported,
+)
 
 
 class _Heads(torch.nn.Module):

@@ -81,8 +81,8 @@ def test_the_export_is_stored_in_model_dtype(tiny_model_dir, chat, tmp_path):
 def test_activation_checkpointing_gives_the_same_fp32_gradients(tiny_model_dir, chat, pack, chunk_rows):
     """Packed rows switch the attention kernel for one forward only; the recompute in backward must run the same
     kernel, or the gradients would be those of attention across sequences."""
-    from spin_ray.objectives.algorithms import objective
     from spin_ray.models.resolution import load_model
+    from spin_ray.objectives.algorithms import objective
     from spin_ray.training.data import examples_from_rows
     from spin_ray.training.loop import micro_step
     from spin_ray.training.parallel import enable_activation_checkpointing
@@ -127,7 +127,9 @@ def test_the_reference_check_is_silent_on_a_true_reference_and_refuses_a_perturb
         train(config, rows, "/nonexistent/model", str(train_dir), str(tmp_path / "bad" / "model"))
     # off: trains
     off = config.model_copy(update={"training": config.training.model_copy(update={"reference_check_tolerance": None})})
-    assert train(off, bad, tiny_model_dir, str(tmp_path / "off" / "train"), str(tmp_path / "off" / "model"))["steps"] == 1
+    assert (
+        train(off, bad, tiny_model_dir, str(tmp_path / "off" / "train"), str(tmp_path / "off" / "model"))["steps"] == 1
+    )
 
 
 def test_the_dtype_is_named_as_the_likely_cause_when_it_differs(tiny_model_dir, chat, tmp_path):

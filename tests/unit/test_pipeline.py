@@ -7,7 +7,9 @@ from spin_ray.generation.pipeline import memory_failure, placement, rows_per_cal
 
 
 def test_engine_calls_take_whole_shards_and_spread_a_small_run_over_the_pool():
-    gen = load_config(overrides=["generation.shard_rows=4", "generation.batch_size=2", "generation.replicas=[1,3]"]).generation
+    gen = load_config(
+        overrides=["generation.shard_rows=4", "generation.batch_size=2", "generation.replicas=[1,3]"]
+    ).generation
     assert rows_per_call(gen, 72) == 8  # 4 x batch, in whole shards
     assert rows_per_call(gen, 10) == 4  # a small run spreads over the 3 replicas, a shard each at least
     big = load_config(overrides=["generation.shard_rows=32", "generation.batch_size=64"]).generation

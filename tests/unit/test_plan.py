@@ -23,7 +23,6 @@ from spin_ray.plan import (
     make_plan,
     micro_batch_flops,
     read_model_config,
-    training_memory,
     training_shape,
 )
 
@@ -49,7 +48,9 @@ def test_the_recipe_workers_states_are_sixteen_bytes_a_parameter_over_eight_rank
     n = 7_241_732_096
     shard = -(-n // 8)
     memory = plan.memory.device
-    assert memory["master weights (fp32)"] == memory["gradients (fp32)"] == memory["optimizer state (fp32)"] == 4 * shard
+    assert (
+        memory["master weights (fp32)"] == memory["gradients (fp32)"] == memory["optimizer state (fp32)"] == 4 * shard
+    )
     shape = plan.shape
     layer = 218_112_000  # q, k, v, o, gate, up, down and two norms of a Mistral layer
     assert shape.layer_parameters == layer
@@ -228,8 +229,8 @@ def test_auto_checkpointing_turns_on_where_the_step_does_not_fit():
 def test_the_activation_formula_is_what_autograd_keeps(smollm2_path, checkpointing):
     """Bytes of the tensors autograd saves for backward (storages counted once) on SmolLM2 in fp32, per token: the
     plan's per-layer formula times the layers plus what it counts outside them, within 2%."""
-    from spin_ray.objectives.logprobs import answer_logps
     from spin_ray.models.resolution import load_model
+    from spin_ray.objectives.logprobs import answer_logps
     from spin_ray.training.parallel import enable_activation_checkpointing
 
     model = load_model(smollm2_path)
@@ -311,10 +312,18 @@ def test_plan_prints_the_table_and_says_whether_it_fits():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for line in ("7,241,732,096 parameters", "master weights (fp32)", "activations", "KV cache per GPU",
-                 "sequences of 512+256 tokens at once", "time per iteration (50,000 prompts, from data.limit",
-                 "checkpoints (while training)", "reference pass (training workers)",
-                 "prompt scoring (outside the profile)", "verdict: fits (A100-80G for training, L4 22.5 GB for generation)"):
+    for line in (
+        "7,241,732,096 parameters",
+        "master weights (fp32)",
+        "activations",
+        "KV cache per GPU",
+        "sequences of 512+256 tokens at once",
+        "time per iteration (50,000 prompts, from data.limit",
+        "checkpoints (while training)",
+        "reference pass (training workers)",
+        "prompt scoring (outside the profile)",
+        "verdict: fits (A100-80G for training, L4 22.5 GB for generation)",
+    ):
         assert line in out, line
     refused = subprocess.run([sys.executable, "-m", "spin_ray.cli", "plan", str(RECIPE),
                               "training.activation_checkpointing=false"], capture_output=True, text=True, timeout=120)

@@ -34,7 +34,9 @@ def bf16_engine_rows(chat, model_dir: str, count: int = 6) -> list[dict]:
     from spin_ray.generation.hf_engine import HFEngine
     from spin_ray.models.resolution import load_model
 
-    prompts = chat.batch_prompt_ids([[{"role": "user", "content": f"What is {i} + {i}? Explain."}] for i in range(count)])
+    prompts = chat.batch_prompt_ids(
+        [[{"role": "user", "content": f"What is {i} + {i}? Explain."}] for i in range(count)]
+    )
     reals = chat.batch_response_ids([f"{i} + {i} = {2 * i}\n#### {2 * i}" for i in range(count)])
     engine = HFEngine(load_model(model_dir, "bfloat16"), chat, max_new_tokens=16)
     answers = engine.generate(prompts, score=reals)
@@ -54,7 +56,9 @@ def test_auto_takes_the_engines_reference_for_the_cpu_demo_and_the_trainers_pass
     # on CPU, a dtype below float32 on either side is a mismatch as well
     assert load_config(None, ["model.dtype=bfloat16"]).reference_source == "trainer"
     assert load_config(None, ["training.compute_dtype=bfloat16"]).reference_source == "trainer"
-    assert load_config(None, ["training.reference=engine", "training.compute_dtype=bfloat16"]).reference_source == "engine"
+    assert (
+        load_config(None, ["training.reference=engine", "training.compute_dtype=bfloat16"]).reference_source == "engine"
+    )
 
 
 def test_a_bf16_engines_reference_is_off_at_step_0_where_the_trainers_own_pass_is_exact(tiny_model_dir, chat, tmp_path):
@@ -68,7 +72,9 @@ def test_a_bf16_engines_reference_is_off_at_step_0_where_the_trainers_own_pass_i
                          "training.reference_check_tolerance=null")
         from spin_ray.training.loop import train
 
-        summary = train(config, rows, tiny_model_dir, str(tmp_path / source / "train"), str(tmp_path / source / "model"))
+        summary = train(
+            config, rows, tiny_model_dir, str(tmp_path / source / "train"), str(tmp_path / source / "model")
+        )
         gaps[source] = _first_step(tmp_path / source / "train")["reference_gap"]
         assert summary["reference_source"] == source
     assert gaps["engine"] > 1e-4
@@ -149,7 +155,8 @@ def test_two_fsdp2_ranks_score_the_same_reference_as_one_process_and_bf16_meets_
 def test_a_restarted_stage_reads_its_reference_back_and_ends_where_an_uninterrupted_one_does(tiny_model_dir, chat,
                                                                                            tmp_path):
     """The reference is p_t's, scored before the first step and stored; a stage restarted after a checkpoint (its
-    model now that checkpoint) reads it back instead of scoring the checkpoint, and exports the uninterrupted weights."""
+    model now that checkpoint) reads it back instead of scoring the checkpoint, and exports the uninterrupted
+    weights."""
     from spin_ray.training.loop import train
 
     rows = spin_rows(chat, tiny_model_dir, count=4)
@@ -182,7 +189,9 @@ def test_a_gpu_another_process_holds_is_waited_for_then_refused_in_one_line_nami
         wait_for_free_gpu(3, 30 * GB, limit_s=0.2, memory=lambda: (int(7.5 * GB), 80 * GB), holders=lambda: leftover)
     message = str(refused.value)
     assert "\n" not in message
-    assert message.startswith("training: GPU 3 has 7.5 GiB free of 80.0 GiB after waiting 0s, and a worker needs 30.0 GiB")
+    assert message.startswith(
+        "training: GPU 3 has 7.5 GiB free of 80.0 GiB after waiting 0s, and a worker needs 30.0 GiB"
+    )
     assert "pid 4242 (ray::MapWorker(MapBatches(GenerateStage))) 71.5 GiB; pid 17 (python) 1.0 GiB" in message
 
 
@@ -205,9 +214,13 @@ def test_a_training_phase_sets_its_peak_memory_and_step_time_beside_the_plans(ti
     assert checked["peak_memory"]["tolerance"] == PLAN_TOLERANCE["peak_memory"]
     assert abs(checked["peak_memory"]["error"]) < 0.5  # a tiny model: the runtime it measured before the load dominates
     assert "measured vs plan: peak memory" in format_plan_check(checked)
-    off = plan_check({"peak_memory": 3.0 * 2**30, "step_seconds": 1.0}, {"peak_memory": 2.0 * 2**30, "step_seconds": 1.1})
+    off = plan_check(
+        {"peak_memory": 3.0 * 2**30, "step_seconds": 1.0}, {"peak_memory": 2.0 * 2**30, "step_seconds": 1.1}
+    )
     assert off["peak_memory"]["off"] and not off["step_seconds"]["off"]
-    assert describe_check(off).startswith("plan check: peak memory 3.22e+09 against 2.15e+09 planned (+50%, beyond 20%)")
+    assert describe_check(off).startswith(
+        "plan check: peak memory 3.22e+09 against 2.15e+09 planned (+50%, beyond 20%)"
+    )
 
 
 def test_a_cpu_phases_step_time_is_planned_at_the_faster_of_its_start_and_end_rates():
@@ -223,4 +236,6 @@ def test_a_cpu_phases_step_time_is_planned_at_the_faster_of_its_start_and_end_ra
     assert settled["step_seconds"] == pytest.approx(2.0 + settled["step_compute_seconds"])  # communication kept
     fast = {**slow, "flops_per_second": 1e18}
     assert settle_cpu_rate(fast, torch.device("cpu"), 2) == fast
-    assert settle_cpu_rate(slow, torch.device("cuda"), 2) == slow and settle_cpu_rate(None, torch.device("cpu"), 2) is None
+    assert (
+        settle_cpu_rate(slow, torch.device("cuda"), 2) == slow and settle_cpu_rate(None, torch.device("cpu"), 2) is None
+    )

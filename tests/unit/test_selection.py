@@ -7,9 +7,9 @@ import pytest
 from spin_ray.cli import main
 from spin_ray.config import load_config
 from spin_ray.data.records import in_validation, load_records
+from spin_ray.models.resolution import FOLDER_MARKER
 from spin_ray.run.layout import RunLayout
 from spin_ray.run.manifest import Manifest
-from spin_ray.models.resolution import FOLDER_MARKER
 from spin_ray.run.report import format_table
 from spin_ray.run.selection import better_model
 
@@ -38,7 +38,10 @@ def test_the_validation_carve_is_disjoint_stable_and_about_its_fraction():
     config = load_config(None, ["data.validation_fraction=0.1"])
     train, _ = load_records("gsm8k", config.data, part="train")
     validation, _ = load_records("gsm8k", config.data, part="validation")
-    train_ids, validation_ids = set(train.column("prompt_id").to_pylist()), set(validation.column("prompt_id").to_pylist())
+    train_ids, validation_ids = (
+        set(train.column("prompt_id").to_pylist()),
+        set(validation.column("prompt_id").to_pylist()),
+    )
     assert not train_ids & validation_ids and len(train_ids) + len(validation_ids) == 7473
     assert 0.08 < len(validation_ids) / 7473 < 0.12
     assert all(in_validation(pid, 0.1) for pid in validation_ids)
@@ -62,7 +65,9 @@ def trained_run(tmp_path):
         manifest.finish("train", t, 1.0, {"steps": 1}, {"model": str(folder)})
         metrics = {"validation_prompts": 64, "validation_nll_per_token": value}
         manifest.finish("evaluate", t, 1.0, metrics, {})
-        chosen = better_model(chosen, {"model": f"p{t + 1}", "iteration": t, "path": str(folder)}, metrics, "nll_per_token")
+        chosen = better_model(
+            chosen, {"model": f"p{t + 1}", "iteration": t, "path": str(folder)}, metrics, "nll_per_token"
+        )
     manifest.data["selected_model"] = chosen
     manifest.save()
     return layout, manifest
@@ -71,7 +76,10 @@ def trained_run(tmp_path):
 def test_export_report_and_card_follow_the_selection_and_last_is_a_flag_away(trained_run, tmp_path, capsys):
     layout, manifest = trained_run
     assert main(["export", layout.root, str(tmp_path / "best")]) == 0
-    assert "exported the best model on the validation split, p1 (validation nll_per_token 1.0800)" in capsys.readouterr().out
+    assert (
+        "exported the best model on the validation split, p1 (validation nll_per_token 1.0800)"
+        in capsys.readouterr().out
+    )
     assert json.loads((tmp_path / "best" / "config.json").read_text()) == {"iteration": 0}
     card = (tmp_path / "best" / "README.md").read_text()
     assert "This is the run's selected model" in card and "selected: true" in card

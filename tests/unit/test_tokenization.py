@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from spin_ray.objectives.logprobs import collate_sequences
 from spin_ray.data.tokenization import apply_length_policy
+from spin_ray.objectives.logprobs import collate_sequences
 
 MESSAGES = [{"role": "user", "content": "What is 2+2?"}]
 

@@ -1,4 +1,4 @@
-"""Training examples: validation names the prompt_id and field; the (seed, epoch) schedule is exact for any world size."""
+"""Training examples: validation names the prompt_id and field; the (seed, epoch) schedule holds at any world size."""
 
 import math
 
@@ -63,11 +63,16 @@ def test_sppo_trains_on_the_winner_and_the_loser_by_win_rate():
     assert tied.answers == ([10], [13]) and tied.win_rates == (0.5, 0.5)
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"win_rates": None}, "win_rates"), ({"win_rates": [0.5, math.nan, 0.5, 0.5]}, "win_rates"),
-    ({"win_rates": [0.5, 1.5, 0.5, 0.5]}, "win_rates"), ({"ref_logp_generated": [-1.0, None, -3.0, -4.0]}, "ref_logp_generated"),
-    ({"generated_token_ids": [[10]], "win_rates": [0.5]}, "generated_token_ids"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"win_rates": None}, "win_rates"),
+        ({"win_rates": [0.5, math.nan, 0.5, 0.5]}, "win_rates"),
+        ({"win_rates": [0.5, 1.5, 0.5, 0.5]}, "win_rates"),
+        ({"ref_logp_generated": [-1.0, None, -3.0, -4.0]}, "ref_logp_generated"),
+        ({"generated_token_ids": [[10]], "win_rates": [0.5]}, "generated_token_ids"),
+    ],
+)
 def test_bad_sppo_rows_name_the_field(change, field):
     with pytest.raises(TrainingDataError, match=f"prompt_id p00, field '{field}'"):
         examples_from_rows([_sppo_row([0.25, 0.75, 0.5, 0.5], **change)], "d", SPPO)
@@ -75,7 +80,9 @@ def test_bad_sppo_rows_name_the_field(change, field):
 
 def test_rows_checked_without_token_ids_validate_their_numbers():
     # what the driver does before training: no token ids are read, the numbers are still checked
-    light = {key: value for key, value in _sppo_row([0.375, 0.625, 0.625, 0.375]).items() if not key.endswith("token_ids")}
+    light = {
+        key: value for key, value in _sppo_row([0.375, 0.625, 0.625, 0.375]).items() if not key.endswith("token_ids")
+    }
     (example,) = examples_from_rows([light], "d", SPPO, with_tokens=False)
     assert example.answers == () and example.ref_logps == (-2.0, -4.0) and example.win_rates == (0.625, 0.375)
     with pytest.raises(TrainingDataError, match="field 'ref_logp_real': not finite"):
@@ -115,4 +122,5 @@ def test_schedule_covers_each_pair_once_per_epoch_on_any_world_size():
         one = np.concatenate(schedule.micro_batches(step, 0, 1))
         two = np.concatenate([np.concatenate(schedule.micro_batches(step, r, 2)) for r in range(2)])
         assert np.array_equal(one, two) and np.array_equal(one, schedule.global_batch(step))
-    assert np.array_equal(Schedule(10, 4, 1, 2, 7).epoch_order(1), schedule.epoch_order(1))  # a function of (seed, epoch)
+    # a function of (seed, epoch)
+    assert np.array_equal(Schedule(10, 4, 1, 2, 7).epoch_order(1), schedule.epoch_order(1))

@@ -1,4 +1,4 @@
-"""The vLLM engine's mapping, with real vLLM types: our settings -> SamplingParams, RequestOutputs -> our Completions."""
+"""The vLLM engine's mapping, with real vLLM types: settings -> SamplingParams, RequestOutputs -> Completions."""
 
 import pytest
 from transformers import LlamaConfig
@@ -57,7 +57,9 @@ def test_the_human_answer_is_scored_from_the_tail_of_the_prompt_logprobs():
 def test_kv_cache_holds_the_batch_at_full_length():
     config = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
     per_token = 2 * 30 * 3 * 64 * 4  # keys and values, fp32
-    assert kv_cache_bytes(config, sequences=64, max_model_len=512, dtype_bytes=4) == int(per_token * (64 * 512 + 128) * 1.1)
+    assert kv_cache_bytes(config, sequences=64, max_model_len=512, dtype_bytes=4) == int(
+        per_token * (64 * 512 + 128) * 1.1
+    )
     # one sequence whose length is not whole blocks: rounded up to blocks, plus the reserved one
     assert kv_cache_bytes(config, sequences=1, max_model_len=1000, dtype_bytes=4) == int(per_token * 9 * 128 * 1.1)
 
@@ -87,7 +89,10 @@ def test_cpu_preload_finds_tcmalloc_for_cpu_vllm_only_and_obeys_the_config(tmp_p
     gen = load_config(None, ["generation.engine=vllm"]).generation
     assert engine.cpu_preload(gen) == [str(found)]
     assert engine.cpu_preload(gen.model_copy(update={"cpu_preload": []})) == []
-    assert engine.cpu_preload(gen.model_copy(update={"cpu_preload": ["/opt/a.so", "/opt/b.so"]})) == ["/opt/a.so", "/opt/b.so"]
+    assert engine.cpu_preload(gen.model_copy(update={"cpu_preload": ["/opt/a.so", "/opt/b.so"]})) == [
+        "/opt/a.so",
+        "/opt/b.so",
+    ]
     assert engine.cpu_preload(gen.model_copy(update={"engine": "hf"})) == []
     assert engine.cpu_preload(gen.model_copy(update={"use_gpu": True})) == []
     found.unlink()

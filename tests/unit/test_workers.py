@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 PREPARE = "from spin_ray.workers import prepare_compute_process; prepare_compute_process(1)\n"
-LOAD_AND_SAVE = "from spin_ray.models.resolution import load_model\nload_model({source!r}).save_pretrained({target!r})\n"
+LOAD_AND_SAVE = (
+    "from spin_ray.models.resolution import load_model\nload_model({source!r}).save_pretrained({target!r})\n"
+)
 
 
 def stderr_of(code: str) -> str:
