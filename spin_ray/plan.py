@@ -174,33 +174,35 @@ def training_shape(config, workers: int | None = None, checkpointing: bool | Non
                    sharded_accumulation: bool | None = None) -> TrainingShape:
     """The worst-case micro-batch of a config: every sequence at the longest prompt and answer it allows. Layout
     choices left to auto are taken as given here (None: off, unsharded)."""
-    t, d = config.training, config.data
+    training, d = config.training, config.data
     chosen = objective(config)
     answers = len([name for name in chosen.answers.strip("()").split(",") if name.strip()])  # SPPO: winner, loser
     answer = (
         max(d.max_response_tokens, config.generation.max_new_tokens + 1) if chosen.columns else d.max_response_tokens
     )
-    world = workers or t.num_workers[1]
-    per_rank = t.global_batch_size // max(1, world)
+    world = workers or training.num_workers[1]
+    per_rank = training.global_batch_size // max(1, world)
     return TrainingShape(
         workers=world,
-        micro_batch=t.micro_batch_size,
+        micro_batch=training.micro_batch_size,
         answers=answers,
         prompt_tokens=d.max_prompt_tokens,
         answer_tokens=answer,
-        compute_bytes=DTYPE_BYTES[t.compute_dtype],
-        checkpointing=bool(checkpointing if checkpointing is not None else t.activation_checkpointing is True),
+        compute_bytes=DTYPE_BYTES[training.compute_dtype],
+        checkpointing=bool(checkpointing if checkpointing is not None else training.activation_checkpointing is True),
         sharded_accumulation=bool(
-            sharded_accumulation if sharded_accumulation is not None else t.gradient_accumulation == "sharded"
+            sharded_accumulation if sharded_accumulation is not None else training.gradient_accumulation == "sharded"
         ),
-        accumulating=per_rank > t.micro_batch_size,
-        cpu_offload=t.cpu_offload,
-        optimizer_states=OPTIMIZER_STATES[t.optimizer],
-        logits_chunk_rows=t.logits_chunk_rows,
-        shared_prefix=t.prefix_sharing and t.pack_sequences and answers > 1,
-        lora_rank=t.lora.rank,
+        accumulating=per_rank > training.micro_batch_size,
+        cpu_offload=training.cpu_offload,
+        optimizer_states=OPTIMIZER_STATES[training.optimizer],
+        logits_chunk_rows=training.logits_chunk_rows,
+        shared_prefix=training.prefix_sharing and training.pack_sequences and answers > 1,
+        lora_rank=training.lora.rank,
         lora_targets=tuple(
-            [t.lora.target_modules] if isinstance(t.lora.target_modules, str) else t.lora.target_modules
+            [training.lora.target_modules]
+            if isinstance(training.lora.target_modules, str)
+            else training.lora.target_modules
         ),
     )
 
@@ -346,19 +348,21 @@ def choose_layout(config, shape: ModelShape | None, workers: int, device_bytes: 
     """training.activation_checkpointing and training.gradient_accumulation, auto resolved against `device_bytes`
     (a GPU's memory; None on CPU, where auto means off and unsharded). A model the plan cannot describe (`shape`
     None) gets the safe choices on a GPU: checkpointing on, sharded accumulation."""
-    t = config.training
+    training = config.training
     if device_bytes and shape is None:
-        return TrainingLayout(t.activation_checkpointing in ("auto", True),
-                              t.gradient_accumulation in ("auto", "sharded") and workers > 1,
+        return TrainingLayout(training.activation_checkpointing in ("auto", True),
+                              training.gradient_accumulation in ("auto", "sharded") and workers > 1,
                               "auto: the plan does not know this model, so checkpointing on and sharded accumulation")
-    checkpointing = t.activation_checkpointing
-    accumulation = t.gradient_accumulation
+    checkpointing = training.activation_checkpointing
+    accumulation = training.gradient_accumulation
     reasons = []
     if accumulation == "auto":
         sharded = False
         if device_bytes and workers > 1:
             full_run = training_shape(config, workers)
-            full_copy = DTYPE_BYTES[t.compute_dtype] * shape.parameters + 4 * trainable_parameters(shape, full_run)
+            full_copy = DTYPE_BYTES[training.compute_dtype] * shape.parameters + 4 * trainable_parameters(
+                shape, full_run
+            )
             sharded = full_copy > UNSHARDED_ACCUMULATION_SHARE * device_bytes
             reasons.append(f"accumulation {'sharded' if sharded else 'unsharded'}: the full copy is "
                            f"{full_copy / GB:.1f} GiB of {device_bytes / GB:.0f} GiB")
@@ -573,7 +577,7 @@ class Plan:
     training_gpu: str
     generation_gpu: str
     workers: int
-    layout: TrainingLayout
+    memory_layout: TrainingLayout
     memory: Memory
     memory_without_checkpointing: Memory
     engine: EnginePlan
@@ -595,14 +599,18 @@ def make_plan(config, assumptions: Assumptions | None = None, model_config: dict
     assumptions = assumptions or Assumptions()
     raw = model_config or read_model_config(config.model.name, config.model.cache_dir, config.model.trust_remote_code)
     shape = ModelShape.from_config(raw, config.model.name)
-    t, gen = config.training, config.generation
-    workers = t.num_workers[1]
-    train_label, train_gpu = accelerator(t.accelerator_type, t.gpu_memory_gb) if t.use_gpu else ("CPU", None)
+    training, gen = config.training, config.generation
+    workers = training.num_workers[1]
+    train_label, train_gpu = (
+        accelerator(training.accelerator_type, training.gpu_memory_gb) if training.use_gpu else ("CPU", None)
+    )
     gen_label, gen_gpu = accelerator(gen.accelerator_type, gen.gpu_memory_gb) if gen.use_gpu else ("CPU", None)
     problems, notes = [], []
-    if t.use_gpu and train_gpu is None:
-        notes.append(f"training.accelerator_type {t.accelerator_type!r}: its GPU memory is unknown, training memory "
-                     f"not checked; set training.gpu_memory_gb (known types: {', '.join(ACCELERATORS)})")
+    if training.use_gpu and train_gpu is None:
+        notes.append(
+            f"training.accelerator_type {training.accelerator_type!r}: its GPU memory is unknown, training memory "
+            f"not checked; set training.gpu_memory_gb (known types: {', '.join(ACCELERATORS)})"
+        )
         train_gpu = ACCELERATORS["A100"]  # for the time estimate only
         device_known = False
     else:
@@ -611,13 +619,15 @@ def make_plan(config, assumptions: Assumptions | None = None, model_config: dict
         notes.append(f"generation.accelerator_type {gen.accelerator_type!r}: its GPU memory is unknown, the engines "
                      f"not checked; set generation.gpu_memory_gb (known types: {', '.join(ACCELERATORS)})")
     device_bytes = int(train_gpu.memory_gb * GB) if train_gpu and device_known else None
-    runtime = GPU_RUNTIME_BYTES if t.use_gpu else 0
-    layout = choose_layout(config, shape, workers, device_bytes, runtime)
-    run = training_shape(config, workers, layout.activation_checkpointing, layout.sharded_accumulation)
+    runtime = GPU_RUNTIME_BYTES if training.use_gpu else 0
+    memory_layout = choose_layout(config, shape, workers, device_bytes, runtime)
+    run = training_shape(config, workers, memory_layout.activation_checkpointing, memory_layout.sharded_accumulation)
     memory = training_memory(shape, run, runtime)
-    without = training_memory(shape, training_shape(config, workers, False, layout.sharded_accumulation), runtime)
+    without = training_memory(
+        shape, training_shape(config, workers, False, memory_layout.sharded_accumulation), runtime
+    )
     if device_bytes and memory.device_total > FIT_SHARE * device_bytes:
-        problems.append(_training_refusal(config, memory, device_bytes, train_label, layout))
+        problems.append(_training_refusal(config, memory, device_bytes, train_label, memory_layout))
     cpu_rate = assumptions.cpu_engine_gflops or (measured_cpu_gflops(gen.threads_per_replica or
                                                                      int(gen.cpus_per_replica) or 1)
                                                 if not gen.use_gpu else 0.0)
@@ -630,22 +640,37 @@ def make_plan(config, assumptions: Assumptions | None = None, model_config: dict
     except PlanError as error:
         prompts, source = 0, "nowhere"
         notes.append(f"the time and bytes per iteration: {error}")
-    seconds = iteration_seconds(config, shape, train_gpu, engine, prompts, layout, assumptions)
-    return Plan(shape, assumptions, train_label, gen_label, workers, layout, memory, without, engine, prompts, source,
-                seconds, iteration_bytes(config, shape, prompts, assumptions), problems, notes)
+    seconds = iteration_seconds(config, shape, train_gpu, engine, prompts, memory_layout, assumptions)
+    return Plan(
+        shape,
+        assumptions,
+        train_label,
+        gen_label,
+        workers,
+        memory_layout,
+        memory,
+        without,
+        engine,
+        prompts,
+        source,
+        seconds,
+        iteration_bytes(config, shape, prompts, assumptions),
+        problems,
+        notes,
+    )
 
 
-def _training_refusal(config, memory: Memory, device_bytes: int, label: str, layout: TrainingLayout) -> str:
-    t = config.training
+def _training_refusal(config, memory: Memory, device_bytes: int, label: str, memory_layout: TrainingLayout) -> str:
+    training = config.training
     biggest = max(memory.device, key=memory.device.get)
     keys = []
     if biggest == "activations":
         keys += ["training.micro_batch_size", "data.max_prompt_tokens / data.max_response_tokens"]
-        if not layout.activation_checkpointing:
+        if not memory_layout.activation_checkpointing:
             keys.append("training.activation_checkpointing=true")
-    if not t.cpu_offload and t.num_workers[0] > 1:
+    if not training.cpu_offload and training.num_workers[0] > 1:
         keys.append("training.cpu_offload=true")
-    if not layout.sharded_accumulation and t.num_workers[0] > 1:
+    if not memory_layout.sharded_accumulation and training.num_workers[0] > 1:
         keys.append("training.gradient_accumulation=sharded")
     keys += ["more training.num_workers", "a GPU with more memory (training.accelerator_type)"]
     return (f"training: a worker needs {memory.device_total / GB:.1f} GiB of its {label} GPU, over the "
@@ -676,35 +701,39 @@ def measured_cpu_gflops(threads: int) -> float:
 
 
 def iteration_seconds(config, shape: ModelShape, gpu: Accelerator | None, engine: EnginePlan, prompts: int,
-                      layout: TrainingLayout, assumptions: Assumptions) -> dict[str, float]:
+                      memory_layout: TrainingLayout, assumptions: Assumptions) -> dict[str, float]:
     """One iteration, one line per kind of work, in the order they run: p_t staged on the nodes, the engines' start,
     generation's prefill and scoring (prompts, the reference's human answers and what the iteration mixes in, with
     training.reference engine) and its decoding, the trainer's reference pass, rank 0 loading p_t, training, the
     checkpoints' hold-ups, the export of p_t+1, evaluation (its answers and scoring)."""
-    t, gen, d = config.training, config.generation, config.data
+    training, gen, d = config.training, config.generation, config.data
     seconds = handoff_seconds(config, shape, gpu, engine, assumptions)
     seconds.update(generation_seconds(config, engine, prompts, assumptions))
     pairs = prompts * (2 if config.iterations.mix_previous else 1)
-    workers = t.num_workers[1]
-    per_rank = max(1, t.global_batch_size // workers)  # examples a rank computes per step, at the mean lengths
-    micro_batches = max(1, per_rank // t.micro_batch_size)
+    workers = training.num_workers[1]
+    per_rank = max(1, training.global_batch_size // workers)  # examples a rank computes per step, at the mean lengths
+    micro_batches = max(1, per_rank // training.micro_batch_size)
     # the worst-case shape at the mean lengths, with a rank's whole share of the step as one micro-batch
-    step = replace(training_shape(config, workers), micro_batch=per_rank,
-                   prompt_tokens=int(d.max_prompt_tokens * assumptions.prompt_share),
-                   answer_tokens=int(max(d.max_response_tokens, gen.max_new_tokens) * assumptions.answer_share),
-                   checkpointing=layout.activation_checkpointing, sharded_accumulation=layout.sharded_accumulation,
-                   accumulating=micro_batches > 1)
+    step = replace(
+        training_shape(config, workers),
+        micro_batch=per_rank,
+        prompt_tokens=int(d.max_prompt_tokens * assumptions.prompt_share),
+        answer_tokens=int(max(d.max_response_tokens, gen.max_new_tokens) * assumptions.answer_share),
+        checkpointing=memory_layout.activation_checkpointing,
+        sharded_accumulation=memory_layout.sharded_accumulation,
+        accumulating=micro_batches > 1,
+    )
     rate, link = training_rates(config, gpu, assumptions)
     if objective(config).uses_reference(config) and config.reference_source == "trainer":
         # once per iteration over every example: each micro-batch's forward, its parameters all-gathered once
         gathers = (workers - 1) / workers * micro_batches * step.compute_bytes * shape.parameters
-        seconds["reference pass (training workers)"] = pairs / t.global_batch_size * (
+        seconds["reference pass (training workers)"] = pairs / training.global_batch_size * (
             micro_batch_flops(shape, step, forward_only=True) / rate + gathers / link)
     # rank 0 reads the weights and broadcasts them to the others in float32 (FSDP2's rank-0 loading)
     seconds["loading (rank 0 reads, broadcasts)"] = (shape.parameters * DTYPE_BYTES[config.model.dtype]
                                                      / (assumptions.disk_read_gbs * 1e9)
                                                      + (workers > 1) * shape.parameters * 4 / link)
-    steps = pairs * t.epochs / t.global_batch_size
+    steps = pairs * training.epochs / training.global_batch_size
     seconds["training"] = steps * (micro_batch_flops(shape, step) / rate
                                    + step_communication_bytes(shape, step, micro_batches) / link)
     seconds["checkpoints (training held up)"] = checkpoint_seconds(config, shape, steps, seconds["training"],
@@ -791,63 +820,68 @@ def checkpoint_seconds(config, shape: ModelShape, steps: float, training_seconds
     their optimizer state (at checkpoint_write_gbs a rank); a blocking save stops training for all of it, a
     background one (training.async_checkpoint, auto on GPUs) for the copy to host memory. Saves come every
     checkpoint_every steps, or with auto once training has run 20x a save's time and at least 10 minutes."""
-    t = config.training
+    training = config.training
     trained = trainable_parameters(shape, training_shape(config))
-    per_rank = trained * 4 * (1 + OPTIMIZER_STATES[t.optimizer]) / max(1, t.num_workers[1])
+    per_rank = trained * 4 * (1 + OPTIMIZER_STATES[training.optimizer]) / max(1, training.num_workers[1])
     save = per_rank / (assumptions.checkpoint_write_gbs * 1e9)
-    if t.checkpoint_every == "auto":
+    if training.checkpoint_every == "auto":
         saves = training_seconds / max(AUTO_CHECKPOINT_MIN_S, AUTO_CHECKPOINT_SHARE * save)
     else:
-        saves = steps / t.checkpoint_every
-    background = t.async_checkpoint is True or (t.async_checkpoint == "auto" and t.use_gpu)
+        saves = steps / training.checkpoint_every
+    background = training.async_checkpoint is True or (training.async_checkpoint == "auto" and training.use_gpu)
     return saves * (per_rank / (assumptions.host_copy_gbs * 1e9) if background else save)
 
 
 def iteration_bytes(config, shape: ModelShape, prompts: int, assumptions: Assumptions) -> dict[str, int]:
     """What one iteration writes to run.storage_path: the export, the checkpoints while it trains (removed once the
     export is complete), the generation shards (int32 token ids and float log-probs, before parquet's compression)."""
-    t, gen, d = config.training, config.generation, config.data
+    training, gen, d = config.training, config.generation, config.data
     n = shape.parameters
     trained = trainable_parameters(shape, training_shape(config))
-    checkpoint = trained * 4 * (1 + OPTIMIZER_STATES[t.optimizer])  # with LoRA: the adapters and their state
+    checkpoint = trained * 4 * (1 + OPTIMIZER_STATES[training.optimizer])  # with LoRA: the adapters and their state
     row = 4 * (d.max_prompt_tokens * assumptions.prompt_share + d.max_response_tokens * assumptions.answer_share
                + gen.num_samples * gen.max_new_tokens * assumptions.answer_share) + 8 * (gen.num_samples + 2)
-    export = trained * 4 if t.lora.rank else n * DTYPE_BYTES[config.model.dtype]  # adapters are kept in float32
+    export = trained * 4 if training.lora.rank else n * DTYPE_BYTES[config.model.dtype]  # adapters are kept in float32
     return {"export": export,
-            "checkpoints (while training)": checkpoint * t.keep_checkpoints,
+            "checkpoints (while training)": checkpoint * training.keep_checkpoints,
             "generation shards": int(row * prompts)}
 
 
 def format_plan(plan: Plan, config) -> str:
     """The table `spin-ray plan` prints."""
-    t, gen = config.training, config.generation
+    training, gen = config.training, config.generation
     gb = lambda value: f"{value / GB:8.2f} GiB"  # noqa: E731
     s = plan.shape
-    lines = [f"model {config.model.name}: {s.model_type}, {s.parameters:,} parameters ({s.layers} layers, hidden "
-             f"{s.hidden}, {s.heads} heads / {s.kv_heads} kv, vocab {s.vocab}{', tied' if s.tied else ''})",
-             "",
-             f"training, per worker ({plan.workers} x {plan.training_gpu}; compute {t.compute_dtype}, "
-             f"{'adapters float32, frozen base ' + t.compute_dtype if t.lora.rank else 'master weights float32'}, "
-             f"micro-batch {t.micro_batch_size} x {training_shape(config).answers} answers x "
-             f"{config.data.max_prompt_tokens}+{training_shape(config).answer_tokens} tokens)"]
-    if t.lora.rank:
-        adapters = s.lora_parameters(t.lora.rank, training_shape(config).lora_targets)
-        lines.append(f"  LoRA rank {t.lora.rank}: {adapters:,} trainable parameters ({adapters / s.parameters:.2%}); "
-                     f"gradients and optimizer state for them only")
+    held = f"adapters float32, frozen base {training.compute_dtype}" if training.lora.rank else "master weights float32"
+    lines = [
+        f"model {config.model.name}: {s.model_type}, {s.parameters:,} parameters ({s.layers} layers, hidden "
+        f"{s.hidden}, {s.heads} heads / {s.kv_heads} kv, vocab {s.vocab}{', tied' if s.tied else ''})",
+        "",
+        f"training, per worker ({plan.workers} x {plan.training_gpu}; compute {training.compute_dtype}, "
+        f"{held}, "
+        f"micro-batch {training.micro_batch_size} x {training_shape(config).answers} answers x "
+        f"{config.data.max_prompt_tokens}+{training_shape(config).answer_tokens} tokens)",
+    ]
+    if training.lora.rank:
+        adapters = s.lora_parameters(training.lora.rank, training_shape(config).lora_targets)
+        lines.append(
+            f"  LoRA rank {training.lora.rank}: {adapters:,} trainable parameters ({adapters / s.parameters:.2%}); "
+            f"gradients and optimizer state for them only"
+        )
     for name, value in plan.memory.device.items():
         lines.append(f"  {name:<40}{gb(value)}")
     for name, value in plan.memory.host.items():
         lines.append(f"  {name + ' (host, offloaded)':<40}{gb(value)}")
-    lines.append(f"  {'total per GPU' if t.use_gpu else 'total per worker':<40}{gb(plan.memory.device_total)}"
+    lines.append(f"  {'total per GPU' if training.use_gpu else 'total per worker':<40}{gb(plan.memory.device_total)}"
                  + (f"  (+ {plan.memory.host_total / GB:.2f} GiB of host memory)" if plan.memory.host else ""))
-    checkpointing = "on" if plan.layout.activation_checkpointing else "off"
+    checkpointing = "on" if plan.memory_layout.activation_checkpointing else "off"
     lines.append(f"  activation checkpointing {checkpointing} (training.activation_checkpointing "
-                 f"{t.activation_checkpointing}); without it the activations are "
+                 f"{training.activation_checkpointing}); without it the activations are "
                  f"{plan.memory_without_checkpointing.device['activations'] / GB:.2f} GiB, total "
                  f"{plan.memory_without_checkpointing.device_total / GB:.2f} GiB")
-    lines.append(f"  gradient accumulation {'sharded' if plan.layout.sharded_accumulation else 'unsharded'} "
-                 f"(training.gradient_accumulation {t.gradient_accumulation})"
-                 + (f"; {plan.layout.reason}" if plan.layout.reason else ""))
+    lines.append(f"  gradient accumulation {'sharded' if plan.memory_layout.sharded_accumulation else 'unsharded'} "
+                 f"(training.gradient_accumulation {training.gradient_accumulation})"
+                 + (f"; {plan.memory_layout.reason}" if plan.memory_layout.reason else ""))
     e = plan.engine
     lines += [
         "",
@@ -900,14 +934,19 @@ def phase_prediction(config, shape: ModelShape, workers: int, checkpointing: boo
                      link_bytes_per_second: float) -> dict:
     """The plan for a training phase as it runs: peak memory of a worker at the phase's longest micro-batch
     (`longest`: prompt and answer tokens), and the step time at its mean lengths (`mean`), at the given rates."""
-    t = config.training
+    training = config.training
     worst = replace(training_shape(config, workers, checkpointing, sharded_accumulation),
                     prompt_tokens=longest[0], answer_tokens=longest[1])
-    per_rank = max(1, t.global_batch_size // workers)
-    micro_batches = max(1, per_rank // t.micro_batch_size)
+    per_rank = max(1, training.global_batch_size // workers)
+    micro_batches = max(1, per_rank // training.micro_batch_size)
     # one micro-batch at the mean lengths, run micro_batches times a step
-    step = replace(worst, micro_batch=min(per_rank, t.micro_batch_size), prompt_tokens=mean[0], answer_tokens=mean[1],
-                   accumulating=micro_batches > 1)
+    step = replace(
+        worst,
+        micro_batch=min(per_rank, training.micro_batch_size),
+        prompt_tokens=mean[0],
+        answer_tokens=mean[1],
+        accumulating=micro_batches > 1,
+    )
     compute = micro_batch_flops(shape, step) * micro_batches / flops_per_second
     return {"peak_memory_bytes": training_memory(shape, worst, runtime_bytes).device_total,
             "step_seconds": step_seconds(shape, step, micro_batches, flops_per_second, link_bytes_per_second),

@@ -73,9 +73,8 @@ class ChatFormat:
         """
         texts = [self.prompt_text(m) for m in prompts]
         prompt_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        joint = self.tokenizer([t + r for t, r in zip(texts, responses, strict=True)], add_special_tokens=False)[
-            "input_ids"
-        ]
+        joined = [text + response for text, response in zip(texts, responses, strict=True)]
+        joint = self.tokenizer(joined, add_special_tokens=False)["input_ids"]
         response_ids, alone = [], []
         for index, (prompt, both) in enumerate(zip(prompt_ids, joint, strict=True)):
             if both[:len(prompt)] == prompt:

@@ -262,7 +262,7 @@ class HFEngine:
         input_ids, new_mask = _left_pad([prompts[i] for i in admitted], self.pad_id)
         width = input_ids.shape[1]
         targets = [list(score[i]) if score[i] is not None else [] for i in admitted]
-        extra = max(len(t) for t in targets)
+        extra = max(len(target) for target in targets)
         if extra:
             tail = torch.full((len(admitted), extra), self.pad_id, dtype=torch.long)
             tail_mask = torch.zeros_like(tail)

@@ -138,8 +138,8 @@ def run_pass(config: Config, model: str, tasks: list[PassTask], preference_stage
         try:
             with progress_lines([task.output_dir for _, task, *_ in open_tasks], answers, 1, shard_count,
                                 config.tracking.interval_s, tally_options) as tally:
-                plan = _plan(config, blocks, model, tasks, preference_stage, tally)
-                new_rows = plan.materialize()
+                pipeline = _pipeline(config, blocks, model, tasks, preference_stage, tally)
+                new_rows = pipeline.materialize()
                 shutdowns = engine_shutdowns(tally)
         except Exception as error:
             failure = memory_failure(error, gen)
@@ -271,7 +271,7 @@ def memory_failure(error: BaseException, gen: GenerationConfig) -> GenerationErr
     return None
 
 
-def _plan(config: Config, blocks: list[pa.Table], model: str, tasks: list[PassTask],
+def _pipeline(config: Config, blocks: list[pa.Table], model: str, tasks: list[PassTask],
           preference_stage: RowStage | None, tally=None):
     """The lazy Ray Data plan: engine pool (-> reference pool) (-> preference stage) -> shard commit. `blocks`: one
     per future shard (a shard is the unit of commit and of resume), of `tasks`' prompt sets. The engine replicas

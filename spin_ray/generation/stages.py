@@ -203,7 +203,7 @@ class GenerateStage:
         startup, self.startup_seconds = self.startup_seconds, 0.0  # counted once, with this replica's first shard
         sampling = sampling_description(spec.max_new_tokens, spec.temperature, spec.top_p, spec.num_samples, spec.seed)
         for row in rows:
-            row["generated_tokens"] = [len(t) for t in row["generated_token_ids"]]
+            row["generated_tokens"] = [len(answer) for answer in row["generated_token_ids"]]
             row["engine"] = spec.engine
             row["model"] = spec.model
             row["sampling"] = sampling

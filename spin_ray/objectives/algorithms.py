@@ -144,19 +144,19 @@ def _tspin_example(row: RowReader, with_reference: bool, with_tokens: bool) -> E
 def _spin_loss(policy, refs, rates, lengths, config):
     from spin_ray.objectives.losses import spin_loss
 
-    t = config.training
+    training = config.training
     return spin_loss(
         policy[:, 0],
         policy[:, 1],
         refs[:, 0],
         refs[:, 1],
-        t.beta,
-        t.loss_type,
+        training.beta,
+        training.loss_type,
         lengths[:, 0],
         lengths[:, 1],
-        nll_weight=t.nll_weight,
-        dpop_lambda=t.dpop_lambda,
-        length_normalize=t.length_normalize,
+        nll_weight=training.nll_weight,
+        dpop_lambda=training.dpop_lambda,
+        length_normalize=training.length_normalize,
     )
 
 

@@ -132,9 +132,9 @@ def _show(resources: dict) -> str:
 def check_feasible(requests: list[Request], source: str, types: list[NodeType]) -> None:
     """Raise ResourceError if some request can never be met by these node types."""
     for request in requests:
-        capacity = sum(_fits(request.bundle, t.resources) * t.max_count for t in types)
+        capacity = sum(_fits(request.bundle, kind.resources) * kind.max_count for kind in types)
         if capacity == 0:
-            offered = "; ".join(f"{t.name}: {_show(t.resources)}" for t in types) or "no nodes"
+            offered = "; ".join(f"{kind.name}: {_show(kind.resources)}" for kind in types) or "no nodes"
             raise ResourceError(f"no node type can hold a {request.what} needing {_show(request.bundle)} (set by "
                                 f"{request.key}); {source} offers {offered}")
         if capacity < request.count:

@@ -184,25 +184,26 @@ def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str
     held-out set, reward accuracy included. `then_generate` (a PassTask: the next iteration's answers, `model` being
     the next opponent) joins the same engine pass, so the model's engines start once for all of it."""
     from spin_ray.generation.pipeline import run_pass
-    from spin_ray.run.evaluation import VALIDATION_KEYS, finish_evaluation, plan_evaluation, validation_config
+    from spin_ray.run.evaluation import VALIDATION_KEYS, finish_evaluation, prepare_evaluation, validation_config
     from spin_ray.storage import join
 
     if config.data.eval is None:
-        plans = {"held_out": plan_evaluation(validation_config(config), model, output_dir, opponent_answers,
-                                             data=validation)}
+        evaluations = {"held_out": prepare_evaluation(validation_config(config), model, output_dir, opponent_answers,
+                                                      data=validation)}
     else:
-        plans = {"held_out": plan_evaluation(config, model, output_dir, opponent_answers)}
+        evaluations = {"held_out": prepare_evaluation(config, model, output_dir, opponent_answers)}
         if validation is not None:
-            plans["validation"] = plan_evaluation(validation_config(config), model, join(output_dir, "validation"),
-                                                  data=validation)
-    planned = {name: plan for name, plan in plans.items() if not isinstance(plan, dict)}
-    names = [*planned, *(["then_generate"] if then_generate is not None else [])]
-    tasks = [plan.task for plan in planned.values()] + ([then_generate] if then_generate is not None else [])
+            evaluations["validation"] = prepare_evaluation(validation_config(config), model,
+                                                           join(output_dir, "validation"), data=validation)
+    # a dict is a set evaluated by an earlier job (its metrics); the others need this engine pass
+    pending = {name: evaluation for name, evaluation in evaluations.items() if not isinstance(evaluation, dict)}
+    names = [*pending, *(["then_generate"] if then_generate is not None else [])]
+    tasks = [evaluation.task for evaluation in pending.values()] + ([then_generate] if then_generate else [])
     label = "/".join(output_dir.rstrip("/").split("/")[-2:])
     results = dict(zip(names, run_pass(config, model, tasks, tally_options=attempt.options(f"pass:{label}")),
                        strict=True)) if tasks else {}
-    done = {name: finish_evaluation(planned[name], results[name]) if name in planned else plan
-            for name, plan in plans.items()}
+    done = {name: finish_evaluation(pending[name], results[name]) if name in pending else evaluation
+            for name, evaluation in evaluations.items()}
     metrics = dict(done["held_out"])
     validated = done["held_out"] if config.data.eval is None else done.get("validation")
     if validated is not None:
@@ -365,11 +366,11 @@ def run_iteration(run: DriverRun, iteration: int, opponent: str,
             pairs = shards_dataset(read_completion(layout.generation(iteration))["shards"]).materialize()
 
     def train() -> Produced:
-        training = iteration_set(config, layout, iteration, pairs, opponent)
+        trainset = iteration_set(config, layout, iteration, pairs, opponent)
         with run.tracker.following(layout.train(iteration), f"iter_{iteration}",
                                    steps_before(manifest.data, iteration)):
-            return _train(iteration_config(config, iteration), layout, iteration, training.dataset, opponent,
-                          training.source, attempt, training.metrics, training.artifacts)
+            return _train(iteration_config(config, iteration), layout, iteration, trainset.dataset, opponent,
+                          trainset.source, attempt, trainset.metrics, trainset.artifacts)
 
     record, _ = phases.run("train", iteration, train)
     next_model = record["artifacts"]["model"]

@@ -111,7 +111,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 @dataclass
-class PlannedEvaluation:
+class PendingEvaluation:
     """An evaluation still to run: the engine-pass `task` that answers its prompts, and what `finish_evaluation`
     needs to turn the answers into metrics."""
 
@@ -125,8 +125,8 @@ class PlannedEvaluation:
     task: object  # generation.pipeline.PassTask
 
 
-def plan_evaluation(config: Config, model: str, output_dir: str, opponent_answers: str | None = None,
-                    data: str | None = None) -> PlannedEvaluation | dict:
+def prepare_evaluation(config: Config, model: str, output_dir: str, opponent_answers: str | None = None,
+                       data: str | None = None) -> PendingEvaluation | dict:
     """The evaluation of `model` on `data` (default data.eval) into `output_dir`: its metrics when a finished one
     there has the same model, data and settings, else the plan of its engine pass (an earlier result of another
     model or settings is removed). With `opponent_answers` (the answers folder of the opponent's own evaluation)
@@ -154,33 +154,33 @@ def plan_evaluation(config: Config, model: str, output_dir: str, opponent_answer
                                                            strict=True)} if fused else None
     task = PassTask(eval_config(config), join(output_dir, "answers"), source, score_reference=True,
                     also_score=also_score)
-    return PlannedEvaluation(
+    return PendingEvaluation(
         config, model, output_dir, source, key, opponent_answers, opponent if fused else None, task
     )
 
 
 def evaluate_model(config: Config, model: str, output_dir: str, opponent_answers: str | None = None,
                    data: str | None = None) -> dict:
-    """Evaluate `model` on the held-out split (`plan_evaluation`, one engine pass, `finish_evaluation`). Results go to
-    {output_dir}/metrics.json and scores.parquet (per prompt)."""
+    """Evaluate `model` on the held-out split (`prepare_evaluation`, one engine pass, `finish_evaluation`). Results go
+    to {output_dir}/metrics.json and scores.parquet (per prompt)."""
     from spin_ray.generation.pipeline import run_pass
 
-    planned = plan_evaluation(config, model, output_dir, opponent_answers, data)
-    if isinstance(planned, dict):
-        return planned
-    (result,) = run_pass(config, model, [planned.task])
-    return finish_evaluation(planned, result)
+    pending = prepare_evaluation(config, model, output_dir, opponent_answers, data)
+    if isinstance(pending, dict):
+        return pending
+    (result,) = run_pass(config, model, [pending.task])
+    return finish_evaluation(pending, result)
 
 
-def finish_evaluation(planned: PlannedEvaluation, result) -> dict:
-    """Metrics of a planned evaluation from its engine pass's `result` (a GenerationResult): exact match, format,
+def finish_evaluation(pending: PendingEvaluation, result) -> dict:
+    """Metrics of a prepared evaluation from its engine pass's `result` (a GenerationResult): exact match, format,
     length and NLL per prompt, and the rewards against the opponent; written to metrics.json and scores.parquet."""
     import ray
 
     from spin_ray.generation.pipeline import score_under
     from spin_ray.generation.shards import committed_shards, shards_dataset
 
-    config, model, opponent_answers = planned.config, planned.model, planned.opponent_answers
+    config, model, opponent_answers = pending.config, pending.model, pending.opponent_answers
     # The light per-row stages reserve no CPU (num_cpus=0): on a small node the scoring actor holds
     # every CPU, and a stage that waits for one would wait forever.
     scored = result.dataset.map_batches(
@@ -188,7 +188,7 @@ def finish_evaluation(planned: PlannedEvaluation, result) -> dict:
     ).to_arrow_refs()
     scores = pa.concat_tables(ray.get(scored)).sort_by("prompt_id")
     metrics = {
-        "key": planned.key, "model": model, "data": planned.source, "prompts": scores.num_rows,
+        "key": pending.key, "model": model, "data": pending.source, "prompts": scores.num_rows,
         "accuracy": _mean(scores.column("correct").to_pylist()),
         "accuracy_lm_eval_strict": _mean(scores.column("correct_strict").to_pylist()),
         "accuracy_lm_eval_flexible": _mean(scores.column("correct_flexible").to_pylist()),
@@ -202,8 +202,8 @@ def finish_evaluation(planned: PlannedEvaluation, result) -> dict:
     }
     if opponent_answers is not None:
         started = time.perf_counter()
-        fused = planned.opponent is not None
-        rewards = _fused_rewards(result.dataset, planned.opponent, config.training.beta) if fused else None
+        fused = pending.opponent is not None
+        rewards = _fused_rewards(result.dataset, pending.opponent, config.training.beta) if fused else None
         scored_in = "engine pass" if rewards is not None else "reference pool"
         if rewards is None:  # a separate forward-only pool; also for answers committed without the fused scores
             rewards = score_under(shards_dataset(committed_shards(opponent_answers)), config, model, NEW_MODEL_COLUMNS)
@@ -223,7 +223,7 @@ def finish_evaluation(planned: PlannedEvaluation, result) -> dict:
         scores = scores.join(rewards, "prompt_id", join_type="left outer").sort_by("prompt_id")
     sink = pa.BufferOutputStream()
     pq.write_table(scores, sink)
-    output_dir = planned.output_dir
+    output_dir = pending.output_dir
     atomic_write_bytes(join(output_dir, SCORES_FILE), sink.getvalue().to_pybytes())
     atomic_write_json(join(output_dir, METRICS_FILE), metrics)
     return metrics

@@ -31,7 +31,7 @@ def model_card(manifest: dict, iteration: int | None, merged: bool = False):
         algorithm = config.get("algorithm", "spin")
     phases = manifest["phases"] if iteration is None else manifest["iterations"][iteration]["phases"]
     evaluation = (phases.get("evaluate" if iteration is not None else "baseline_eval") or {}).get("metrics") or {}
-    training = (phases.get("sft" if iteration is None else "train") or {}).get("metrics") or {}
+    train_metrics = (phases.get("sft" if iteration is None else "train") or {}).get("metrics") or {}
     name = f"{manifest['run']}-{'sft' if iteration is None else f'iter{iteration}'}"
     chosen = manifest.get("selected_model") or {}
     selected_here = chosen.get("value") is not None and chosen.get("iteration") == iteration
@@ -70,9 +70,10 @@ def model_card(manifest: dict, iteration: int | None, merged: bool = False):
         lines += [f"A LoRA adapter (rank {lora}, PEFT's layout) of `{data.base_model}`: load it with "
                   f"`PeftModel.from_pretrained(base, folder)`, or serve it with vLLM's LoRA requests; "
                   f"`spin-ray export --merged` writes base + adapter as one model.", ""]
-    if training:
-        shown = ", ".join(f"{k} {training[k]:.4g}" for k in ("steps", "loss", "rewards/margins", "rewards/accuracies")
-                          if isinstance(training.get(k), (int, float)))
+    if train_metrics:
+        shown = ", ".join(f"{k} {train_metrics[k]:.4g}" for k in ("steps", "loss", "rewards/margins",
+                                                                  "rewards/accuracies")
+                          if isinstance(train_metrics.get(k), (int, float)))
         lines += [f"Training: {shown}.", ""]
     if results:
         lines += [

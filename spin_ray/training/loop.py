@@ -56,11 +56,11 @@ class WorkerContext:
 
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
     """Over the trainable parameters: all of them, or the adapters alone with LoRA (no state for the frozen base)."""
-    settings = config.training
+    training = config.training
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    if settings.optimizer == "rmsprop":
-        return torch.optim.RMSprop(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    return torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    if training.optimizer == "rmsprop":
+        return torch.optim.RMSprop(trainable, lr=training.learning_rate, weight_decay=training.weight_decay)
+    return torch.optim.AdamW(trainable, lr=training.learning_rate, weight_decay=training.weight_decay)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
@@ -82,12 +82,12 @@ def micro_step(model, examples: list[Example], algorithm: Algorithm, config: Con
     context (`parallel.compute_context`), `scaler` a float16 loss scale. With `check_reference` the largest
     |policy - reference| log-prob per answer token comes back too (`reference_gap`), with where it is
     (`reference_gap_at`: prompt_id, answer index)."""
-    settings = config.training
+    training = config.training
     with precision or contextlib.nullcontext():
         # one concatenated forward over every answer of every example (pairs, triplets, or SFT's single answer)
         policy = answer_logps(model, [e.prompt for e in examples], [e.answers for e in examples], pad_id,
-                              pack=settings.pack_sequences, logits_chunk_rows=settings.logits_chunk_rows,
-                              share_prefix=settings.prefix_sharing, device=device)
+                              pack=training.pack_sequences, logits_chunk_rows=training.logits_chunk_rows,
+                              share_prefix=training.prefix_sharing, device=device)
     policy = policy.float()
     lengths = torch.tensor([[len(a) for a in e.answers] for e in examples], dtype=torch.float32, device=device)
     refs = (torch.tensor([e.ref_logps for e in examples], dtype=torch.float32, device=device)
@@ -133,18 +133,18 @@ class EarlyStop:
 def validation_nll(model, examples: list[Example], pad_id: int, config: Config, context: WorkerContext) -> float:
     """Per-token NLL of the examples' first answers under `model`. Collective: each rank scores its slice, and every
     rank runs the same number of forwards (FSDP gathers parameters in each), the short ones on a discarded example."""
-    settings = config.training
+    training = config.training
     mine = examples[context.rank::context.world_size]
-    batches = math.ceil(math.ceil(len(examples) / context.world_size) / settings.micro_batch_size)
+    batches = math.ceil(math.ceil(len(examples) / context.world_size) / training.micro_batch_size)
     nll, tokens = 0.0, 0.0
     model.eval()
     with torch.no_grad():
         for number in range(batches):
-            batch = mine[number * settings.micro_batch_size:(number + 1) * settings.micro_batch_size]
+            batch = mine[number * training.micro_batch_size:(number + 1) * training.micro_batch_size]
             counted = bool(batch)
             batch = batch or examples[:1]
             logps = answer_logps(model, [e.prompt for e in batch], [e.answers[:1] for e in batch], pad_id,
-                                 pack=settings.pack_sequences, logits_chunk_rows=settings.logits_chunk_rows,
+                                 pack=training.pack_sequences, logits_chunk_rows=training.logits_chunk_rows,
                                  device=context.device)
             if counted:
                 nll -= float(logps[:, 0].sum())
@@ -231,13 +231,13 @@ def set_up(config: Config, rows: list[dict], model_path: str, train_dir: str, co
 
     setup_started = time.perf_counter()
     resident_before = resident_now() or 0  # the plan's runtime share on a CPU: interpreter, libraries, the rows
-    settings = config.training
+    training = config.training
     algorithm = objective(config)
     examples = examples_from_rows(rows, source, config)
-    schedule = Schedule(len(examples), settings.global_batch_size, settings.micro_batch_size, settings.epochs,
-                        settings.seed)
+    schedule = Schedule(len(examples), training.global_batch_size, training.micro_batch_size, training.epochs,
+                        training.seed)
     schedule.check_world(context.world_size)
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(training.seed)
     refused = read_refusal(train_dir)
     if refused:  # an earlier attempt of this stage was refused; Ray Train's restart must not load the model again
         raise TrainingDataError(refused)
@@ -246,23 +246,23 @@ def set_up(config: Config, rows: list[dict], model_path: str, train_dir: str, co
     if context.device.type == "cuda":  # what an earlier phase's process still holds on this GPU, before the load
         wait_for_gpu_memory(config, shape, memory_layout, context, train_dir)
     model = load_for_training(model_path, config.model.trust_remote_code, context.device, context.rank,
-                              settings.load_on_rank0, DTYPES[settings.compute_dtype], settings.cpu_offload,
-                              memory_layout.activation_checkpointing, settings.lora)
-    use_packed_kernel(model, settings.attention)
+                              training.load_on_rank0, DTYPES[training.compute_dtype], training.cpu_offload,
+                              memory_layout.activation_checkpointing, training.lora)
+    use_packed_kernel(model, training.attention)
     model.train()
     optimizer = build_optimizer(model, config)
     run = LoopState(
         config, context, train_dir, algorithm, examples, schedule, tokenizer, memory_layout, model, optimizer,
-        scheduler=build_scheduler(optimizer, schedule.total_steps, settings.warmup_ratio),
-        scaler=loss_scaler(model, context.device) if settings.compute_dtype == "float16" else None,
+        scheduler=build_scheduler(optimizer, schedule.total_steps, training.warmup_ratio),
+        scaler=loss_scaler(model, context.device) if training.compute_dtype == "float16" else None,
         # the plan's figures for this phase, to set the measured ones beside (rank 0 measures its CPU's matmul rate)
         prediction=predict_phase(config, model, examples, memory_layout, context.world_size, context.device,
                                  resident_before) if context.rank == 0 else None,
         reference={}, start_step=0, log=None,
         validation=examples_from_rows(early_stop.rows, "validation", config) if early_stop else [],
         patience=early_stop.patience if early_stop else 0, history=[], setup_seconds=0.0,
-        meter=PeakMemory(context.device), cadence=CheckpointCadence(settings.checkpoint_every),
-        asynchronous=settings.async_checkpoint is True or (settings.async_checkpoint == "auto"
+        meter=PeakMemory(context.device), cadence=CheckpointCadence(training.checkpoint_every),
+        asynchronous=training.async_checkpoint is True or (training.async_checkpoint == "auto"
                                                             and context.device.type == "cuda"))
     if algorithm.uses_reference(config) and not algorithm.reference_in_rows(config):  # before a checkpoint is loaded
         run.examples, run.reference = trainer_reference(model, examples, schedule, config, run.pad_id, train_dir,
@@ -293,7 +293,7 @@ def train_step(run: LoopState, step: int) -> dict:
     """One optimizer step over this rank's micro-batches (gradients synced as the layout says), clipped and taken;
     its metrics averaged over every rank, with its peak memory and, at an iteration's first step, the largest gap
     between policy and reference (the step-0 canary)."""
-    config, context, settings = run.config, run.context, run.config.training
+    config, context, training = run.config, run.context, run.config.training
     if context.on_step:
         context.on_step(step, context, run.train_dir)
     step_started = time.perf_counter()
@@ -302,7 +302,7 @@ def train_step(run: LoopState, step: int) -> dict:
     if run.algorithm.token_average:  # FSDP averages over ranks: W / tokens turns the sum into a token average
         scale = context.world_size / _answer_tokens(run.examples, global_indices)
     else:  # FSDP averages over ranks: (1/W) * sum / (G/W) = sum / G
-        scale = 1.0 / (settings.global_batch_size // context.world_size)
+        scale = 1.0 / (training.global_batch_size // context.world_size)
     sums: dict[str, float] = {}
     canary = step == 0 and run.start_step == 0
     worst = (-1.0, None)  # no reference log-probs yet (none at all for reference-free T-SPIN and SFT)
@@ -323,7 +323,7 @@ def train_step(run: LoopState, step: int) -> dict:
     totals = _all_reduce_sums(sums, context.device)
     run.tokens_this_run += totals["tokens"]
     seconds = time.perf_counter() - step_started
-    metrics = _step_metrics(totals, run.algorithm, settings.global_batch_size, step, run.schedule, lr, grad_norm,
+    metrics = _step_metrics(totals, run.algorithm, training.global_batch_size, step, run.schedule, lr, grad_norm,
                             seconds)
     peak = _max_over_ranks(run.meter.peak(), context.device)
     if peak is not None:
@@ -383,24 +383,24 @@ def end_step(run: LoopState, step: int, metrics: dict) -> None:
 def checkpoint_if_due(run: LoopState, done: int) -> None:
     """Commit a finished background save; save when the cadence says (at most one save in flight). The time this
     holds training up adds to `checkpoint_seconds`."""
-    settings, context = run.config.training, run.context
+    training, context = run.config.training, run.context
     blocked = time.monotonic()
     if run.pending is not None and run.pending.written_everywhere(context.device):  # a background save is done
         run.cadence.saved(run.pending.commit())
         run.pending = None
     if done < run.schedule.total_steps and run.cadence.due(done, context.device):
         state = {"scheduler": run.scheduler.state_dict(), "torch_rng": torch.get_rng_state().tolist(),
-                 "epoch": done // run.schedule.steps_per_epoch, "samples_seen": done * settings.global_batch_size,
+                 "epoch": done // run.schedule.steps_per_epoch, "samples_seen": done * training.global_batch_size,
                  "world_size": context.world_size}
         if run.pending is not None:  # at most one save in flight
             run.cadence.saved(run.pending.commit())
             run.pending = None
         if run.asynchronous:
             run.pending = save_checkpoint_async(run.train_dir, done, run.model, run.optimizer, state, context.rank,
-                                                settings.keep_checkpoints)
+                                                training.keep_checkpoints)
         else:
             save_checkpoint(run.train_dir, done, run.model, run.optimizer, state, context.rank,
-                            settings.keep_checkpoints)
+                            training.keep_checkpoints)
             run.cadence.saved(time.monotonic() - blocked)
     run.checkpoint_seconds += time.monotonic() - blocked
 
@@ -409,13 +409,13 @@ def finish(run: LoopState, export_dir: str, merged_dir: str | None) -> dict:
     """The last background save committed, the plan checked, the model exported (the best epoch's where a later
     one was worse on validation; with LoRA the adapter, and `merged_dir` the merged model), the checkpoints dropped;
     returns the phase's summary."""
-    config, context, settings = run.config, run.context, run.config.training
+    config, context, training = run.config, run.context, run.config.training
     if run.pending is not None:  # the last background save counts before the export supersedes it
         run.pending.commit()
     train_seconds = time.perf_counter() - run.started
     checked = {}
     if context.rank == 0:
-        prediction = settle_cpu_rate(run.prediction, context.device, settings.cpus_per_worker)
+        prediction = settle_cpu_rate(run.prediction, context.device, training.cpus_per_worker)
         checked = check_against_plan(prediction, run.peaks, run.step_times)
     export_started = time.perf_counter()
     stopped = {}
@@ -438,7 +438,7 @@ def finish(run: LoopState, export_dir: str, merged_dir: str | None) -> dict:
         "reference_source": config.reference_source if run.algorithm.uses_reference(config) else None,
         "training_tokens_per_second": round(run.tokens_this_run / train_seconds, 1) if run.tokens_this_run else None,
         "setup_seconds": round(run.setup_seconds, 2),
-        "compute_dtype": settings.compute_dtype,
+        "compute_dtype": training.compute_dtype,
         "lora_rank": run.model.peft_config["default"].r if is_adapted(run.model) else 0,
         "trainable_parameters": trainable_parameters(run.model),
         "activation_checkpointing": run.memory_layout.activation_checkpointing,
@@ -450,7 +450,7 @@ def finish(run: LoopState, export_dir: str, merged_dir: str | None) -> dict:
         "steps": run.summary.get("step", run.schedule.total_steps) if stopped else run.schedule.total_steps,
         "resumed_from_step": run.start_step,
         "pairs": len(run.examples),
-        "pairs_left_out_per_epoch": len(run.examples) - run.schedule.steps_per_epoch * settings.global_batch_size,
+        "pairs_left_out_per_epoch": len(run.examples) - run.schedule.steps_per_epoch * training.global_batch_size,
         "seconds": round(time.perf_counter() - run.started, 2),
         "export_dir": export_dir,
     }
@@ -614,14 +614,14 @@ def check_reference(gap: float | None, where: tuple | None, config: Config, cont
         return worst
     prompt_id, answer = at
     names = objective(config).answers.strip("()").split(", ")
-    settings = config.training
+    training = config.training
     if config.reference_source == "trainer":
         cause = ("the reference came from this same forward before training, so the forward is not repeatable: "
                  "dropout (training.lora.dropout) or a nondeterministic kernel; set training.reference_check_tolerance "
                  "to what it varies by")
-    elif config.model.dtype != settings.compute_dtype:
+    elif config.model.dtype != training.compute_dtype:
         cause = (f"the reference was scored in model.dtype {config.model.dtype} and training computes in "
-                 f"training.compute_dtype {settings.compute_dtype}; set training.reference=trainer (training scores "
+                 f"training.compute_dtype {training.compute_dtype}; set training.reference=trainer (training scores "
                  "its own reference), score and train in the same dtype, or raise the tolerance")
     else:
         cause = ("the reference came from another kernel or model than the one training starts from (set "

@@ -55,7 +55,7 @@ def _status(field: str) -> int | None:
     return None
 
 
-def predict_phase(config, model: torch.nn.Module, examples, layout, world: int, device: torch.device,
+def predict_phase(config, model: torch.nn.Module, examples, memory_layout, world: int, device: torch.device,
                   runtime_bytes: int) -> dict | None:
     """The plan's peak memory per worker at this phase's longest micro-batch and its step time at the mean lengths,
     for the model as loaded (None for a model the plan does not describe, or a GPU it has no rate for).
@@ -69,22 +69,22 @@ def predict_phase(config, model: torch.nn.Module, examples, layout, world: int, 
         return None
     prompts = [len(e.prompt) for e in examples]
     answers = [len(answer) for e in examples for answer in e.answers]
-    assumptions, t = Assumptions(), config.training
+    assumptions, training = Assumptions(), config.training
     if device.type == "cuda":
-        gpu = ACCELERATORS.get(t.accelerator_type or "")
+        gpu = ACCELERATORS.get(training.accelerator_type or "")
         if gpu is None:
             return None
         rate, link, runtime = gpu.peak_tflops * 1e12 * assumptions.training_mfu, assumptions.gpu_link_gbs * 1e9, 0
     else:
         per_core = measured_cpu_gflops(1) * 1e9
-        rate = max(1, int(t.cpus_per_worker)) * per_core * assumptions.cpu_training_mfu
+        rate = max(1, int(training.cpus_per_worker)) * per_core * assumptions.cpu_training_mfu
         link, runtime = assumptions.cpu_link_gbs * 1e9, runtime_bytes
     return phase_prediction(
         config,
         shape,
         world,
-        layout.activation_checkpointing,
-        layout.sharded_accumulation,
+        memory_layout.activation_checkpointing,
+        memory_layout.sharded_accumulation,
         (max(prompts), max(answers)),
         (round(statistics.mean(prompts)), round(statistics.mean(answers))),
         runtime,

@@ -48,7 +48,7 @@ def score_reference(model, examples: list[Example], schedule: Schedule, config, 
                     device: torch.device, precision) -> torch.Tensor:
     """Summed log-probs [examples, answers] of every example's answers under `model` (float64, on every rank).
     `precision` makes the forward's dtype context, as for a training micro-batch."""
-    t = config.training
+    training = config.training
     answers = len(examples[0].answers)
     scores = torch.zeros(len(examples), answers, dtype=torch.float64, device=device)
     was_training = model.training
@@ -58,8 +58,8 @@ def score_reference(model, examples: list[Example], schedule: Schedule, config, 
             batch = [examples[i] for i in micro] if micro is not None and len(micro) else examples[:1]
             with precision():
                 logps = answer_logps(model, [e.prompt for e in batch], [e.answers for e in batch], pad_id,
-                                     pack=t.pack_sequences, logits_chunk_rows=t.logits_chunk_rows,
-                                     share_prefix=t.prefix_sharing, device=device)
+                                     pack=training.pack_sequences, logits_chunk_rows=training.logits_chunk_rows,
+                                     share_prefix=training.prefix_sharing, device=device)
             if micro is not None and len(micro):
                 scores[torch.as_tensor(micro, device=device)] = logps.to(torch.float64)
     model.train(was_training)

@@ -92,7 +92,7 @@ def validate_pairs(config: Config, dataset, source: str) -> None:
     """
     from spin_ray.training.data import Schedule, examples_from_rows
 
-    t = config.training
+    training = config.training
     needed = objective(config).needed_columns(config)
     names = dataset.schema().names if dataset.schema() is not None else []
     missing = [c for c in needed if c not in names]
@@ -106,8 +106,10 @@ def validate_pairs(config: Config, dataset, source: str) -> None:
         raise TrainingDataError(f"{source}: no column(s) {missing}; {hint}")
     light_columns = [c for c in needed if not c.endswith("token_ids")]
     examples = examples_from_rows(dataset.select_columns(light_columns).take_all(), source, config, with_tokens=False)
-    schedule = Schedule(len(examples), t.global_batch_size, t.micro_batch_size, t.epochs, t.seed)
-    low, high = t.num_workers
+    schedule = Schedule(
+        len(examples), training.global_batch_size, training.micro_batch_size, training.epochs, training.seed
+    )
+    low, high = training.num_workers
     for workers in range(low, high + 1):  # an elastic group may run at any size in [min, max]
         schedule.check_world(workers)
 
@@ -135,22 +137,22 @@ def run_training(config: Config, dataset, model_path: str, train_dir: str, expor
 
     if export_complete(export_dir):
         return read_json(join(train_dir, "summary.json")) or {"export_dir": export_dir}
-    t = config.training
+    training = config.training
     validate_pairs(config, dataset, source)
-    low, high = t.num_workers
+    low, high = training.num_workers
     # The workers' ingest of the (already computed) pairs needs no progress bars in the job log; the
     # dataset carries its own copy of the DataContext into the workers.
     dataset.context.enable_progress_bars = False
-    resources = {"CPU": t.cpus_per_worker}
-    if t.accelerator_type:
-        resources[f"accelerator_type:{t.accelerator_type}"] = 0.001
+    resources = {"CPU": training.cpus_per_worker}
+    if training.accelerator_type:
+        resources[f"accelerator_type:{training.accelerator_type}"] = 0.001
     trainer = TorchTrainer(
         train_loop_per_worker=_worker_entry,
         train_loop_config={"config": config.to_dict(), "model_path": model_path, "train_dir": train_dir,
                            "export_dir": export_dir, "source": source, "on_step": on_step, "merged_dir": merged_dir,
                            "early_stop_patience": patience if validation is not None else None},
-        torch_config=TorchConfig(backend=process_group_backend(t.use_gpu, t.cpu_offload)),
-        scaling_config=ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=t.use_gpu,
+        torch_config=TorchConfig(backend=process_group_backend(training.use_gpu, training.cpu_offload)),
+        scaling_config=ScalingConfig(num_workers=low if low == high else (low, high), use_gpu=training.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name="ray_train", storage_path=_ray_train_storage(train_dir),
                              # Ray Train's worker-group notes (starting, started, shutting down, per fit) stay in
@@ -158,7 +160,7 @@ def run_training(config: Config, dataset, model_path: str, train_dir: str, expor
                              logging_config=LoggingConfig(log_level="WARNING"),
                              # a worker group that cannot start times out after 60 s and counts as a controller
                              # failure; bounded, so an unplaceable group fails after about run.resource_wait_s
-                             failure_config=FailureConfig(max_failures=t.max_failures, controller_failure_limit=
+                             failure_config=FailureConfig(max_failures=training.max_failures, controller_failure_limit=
                                                           max(1, math.ceil(config.run.resource_wait_s / 60)))),
         datasets={"train": dataset, **({"validation": validation} if validation is not None else {})},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),

@@ -61,7 +61,7 @@ def test_the_recipe_workers_states_are_sixteen_bytes_a_parameter_over_eight_rank
     per_token_layer = 2 * (4 + 4) * 4096 + 2 * (3 * 4096 + 2 * 1024 + 4 * 14336) + 4 * 32  # no checkpointing
     outside = (4 + 2) * 4096 + 8 * 128
     expected = tokens * (32 * 2 * 4096 + outside) + 8 * 2 * 512 * 2 * 4096 + tokens * per_token_layer
-    assert memory["activations"] == expected and plan.layout.activation_checkpointing
+    assert memory["activations"] == expected and plan.memory_layout.activation_checkpointing
     without = plan.memory_without_checkpointing.device["activations"]
     # without checkpointing the second answer's attention also saves its own copy of the prompt's keys and values
     second_answer_keys_values = 8 * (512 + 512) * 2 * 1024 * 2 * 32
