@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from spin_ray.config import Config, build_config
 from spin_ray.logs import quiet_library_logs
@@ -39,13 +39,76 @@ class RunAlreadyActive(RuntimeError):
     """Another live driver (this cluster's named actor, or any cluster's lease holder) drives the same run."""
 
 
+@dataclass(frozen=True)
+class GeneratedPairs:
+    """What a generate phase leaves: p_t's answers (and their scores) in a generation folder."""
+
+    pairs: str
+
+    def to_record(self) -> dict:
+        return {"pairs": self.pairs}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "GeneratedPairs":
+        return cls(record["pairs"])
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """What a train (or sft) phase leaves: the export, its training folder, and what it trained on besides."""
+
+    model: str  # p_{t+1}: a Hugging Face folder, or an adapter folder with LoRA
+    train: str  # metrics.jsonl and, while it trains, the checkpoints
+    merged_model: str | None = None  # with training.lora.export_merged
+    inputs: dict[str, str] = field(default_factory=dict)  # folders the training set drew on (T-SPIN's proto, ...)
+
+    def to_record(self) -> dict:
+        merged = {"merged_model": self.merged_model} if self.merged_model else {}
+        return {"model": self.model, "train": self.train, **merged, **self.inputs}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "TrainedModel":
+        own = ("model", "train", "merged_model")
+        return cls(record["model"], record["train"], record.get("merged_model"),
+                   {key: value for key, value in record.items() if key not in own})
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What an evaluation phase leaves: its folder (metrics, per-prompt scores) and the model's held-out answers,
+    the opponent answers of the next evaluation."""
+
+    eval: str
+    answers: str
+
+    def to_record(self) -> dict:
+        return {"eval": self.eval, "answers": self.answers}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Evaluation":
+        return cls(record["eval"], record["answers"])
+
+
+Artifacts = GeneratedPairs | TrainedModel | Evaluation
+
+
 @dataclass
 class Produced:
-    """What a phase body returns: metrics and artifact paths for the manifest, and its result for the next phase."""
+    """What a phase body returns: its metrics for the manifest, what it left in storage, and (a generate phase) the
+    pairs as a Ray Dataset for the train phase after it."""
 
     metrics: dict
-    artifacts: dict
-    value: object = None
+    artifacts: Artifacts
+    dataset: object | None = None  # ray.data.Dataset
+
+
+@dataclass
+class Outcome:
+    """A phase's result as the driver reads it: produced now, or read back from the manifest of an earlier job."""
+
+    metrics: dict
+    artifacts: Artifacts
+    dataset: object | None = None  # the pairs of a generate phase run now (None when read back)
 
 
 @dataclass
@@ -58,14 +121,15 @@ class Phases:
     config: Config
     tracker: Tracker
 
-    def run(self, name: str, iteration: int | None, body: Callable[[], Produced]) -> tuple[dict, object]:
-        """(the phase's manifest record, what its body produced now, or None when an earlier job did it)."""
+    def run(self, name: str, iteration: int | None, body: Callable[[], Produced]) -> Outcome:
+        """Run the phase's body and record it, or read back what an earlier job recorded."""
         if self.lease.lost:
             raise RunAlreadyActive(str(self.lease.lost))
         label = name if iteration is None else f"iteration {iteration}: {name}"
         if self.manifest.is_done(name, iteration):
             self.echo(f"[spin-ray] {label}: done in an earlier job, skipped")
-            return self.manifest.phase(name, iteration), None
+            record = self.manifest.phase(name, iteration)
+            return Outcome(record["metrics"], PHASE_ARTIFACTS[name].from_record(record["artifacts"]))
         self.echo(f"[spin-ray] {label}: started")
         self.manifest.start(name, iteration)
         started = time.perf_counter()
@@ -82,7 +146,7 @@ class Phases:
             self.manifest.fail(name, iteration, error)
             raise
         seconds = time.perf_counter() - started
-        self.manifest.finish(name, iteration, seconds, out.metrics, out.artifacts)
+        self.manifest.finish(name, iteration, seconds, out.metrics, out.artifacts.to_record())
         # a step per model: p0 at 0, p(t+1) at t+1; generation of iteration t is p_t's, at t
         step = 0 if iteration is None else iteration + (name != "generate")
         # train/* are the per-step metrics at global steps: the training phase's summary goes beside them
@@ -90,12 +154,14 @@ class Phases:
         self.tracker.scalars(prefix, {**out.metrics, "seconds": seconds}, step)
         self.tracker.flush()
         self.echo(f"[spin-ray] {label}: done in {seconds:.1f}s")
-        return self.manifest.phase(name, iteration), out.value
+        return Outcome(out.metrics, out.artifacts, out.dataset)
 
 
 # What each phase asks of the cluster (`spin_ray.run.cluster.phase_requests`).
 PHASE_KIND = {"sft": "train", "baseline_eval": "evaluate", "generate": "generate", "train": "train",
               "evaluate": "evaluate"}
+PHASE_ARTIFACTS = {"sft": TrainedModel, "baseline_eval": Evaluation, "generate": GeneratedPairs, "train": TrainedModel,
+                   "evaluate": Evaluation}
 GENERATION_KEYS = ("prompts", "prompts_generated_this_run", "generated_tokens", "seconds", "tokens_per_second",
                    "engine_seconds", "reference_seconds", "startup_seconds", "engine_tokens_per_second",
                    "mean_response_tokens", "share_hit_max_new_tokens", "answers_per_prompt", "oracle_mean_score",
@@ -143,7 +209,7 @@ def _generate(config: Config, layout: RunLayout, t: int, opponent: str, attempt:
     metrics["engine_starts"] = 0 if in_evaluation_pass else result.summary.get("engine_starts", 0)
     if in_evaluation_pass:
         metrics["answered_in"] = "the engine pass that evaluated the opponent"
-    return Produced(metrics, {"pairs": result.output_dir}, result.dataset)
+    return Produced(metrics, GeneratedPairs(result.output_dir), result.dataset)
 
 
 def _next_generation(config: Config, layout: RunLayout, t: int):
@@ -171,10 +237,8 @@ def _train(config: Config, layout: RunLayout, t: int | None, dataset, opponent: 
                                  export_dir=layout.model(t), source=source, validation=validation,
                                  patience=config.iterations.sft_patience, merged_dir=merged)
     keys = TRAINING_KEYS + objective(config).metrics + EARLY_STOP_KEYS
-    artifacts = {"model": summary["export_dir"], "train": layout.train(t)}
-    if merged:
-        artifacts["merged_model"] = merged
-    return Produced({**_pick(summary, keys), **(extra_metrics or {})}, {**artifacts, **(extra_artifacts or {})})
+    trained = TrainedModel(summary["export_dir"], layout.train(t), merged, dict(extra_artifacts or {}))
+    return Produced({**_pick(summary, keys), **(extra_metrics or {})}, trained)
 
 
 def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str | None, attempt: Attempt,
@@ -213,9 +277,7 @@ def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str
                                    default=0)
     if then_generate is not None:
         metrics["pass_generated"] = then_generate.output_dir
-    return Produced(
-        {k: v for k, v in metrics.items() if k != "key"}, {"eval": output_dir, "answers": metrics["answers"]}
-    )
+    return Produced({k: v for k, v in metrics.items() if k != "key"}, Evaluation(output_dir, metrics["answers"]))
 
 
 START_METRICS = "start_metrics.json"  # written last into a start-evaluation cache folder: the whole phase's metrics
@@ -237,7 +299,7 @@ def _evaluate_start(config: Config, model: str, layout: RunLayout, validation: s
     if cached is not None:
         echo(f"[spin-ray] baseline_eval: the same model, data and settings were evaluated before: reusing {cache}")
         return Produced({**cached, "model": model, "cached": True, "engine_starts": 0},
-                        {"eval": cache, "answers": cached["answers"]})
+                        Evaluation(cache, cached["answers"]))
     produced = _evaluate(config, model, cache, None, attempt, validation, then_generate)
     atomic_write_json(join(cache, START_METRICS), {k: v for k, v in produced.metrics.items() if k != "pass_generated"})
     return produced
@@ -333,19 +395,19 @@ def warm_start(run: DriverRun, opponent: str) -> str:
             return _train(sft_config, layout, None, sft_rows(config, opponent), opponent, config.data.train,
                           run.attempt, validation=held_out)
 
-    record, _ = run.phases.run("sft", None, sft)
+    trained = run.phases.run("sft", None, sft).artifacts
     write_model_card(layout, run.manifest.data, None)
-    return record["artifacts"]["model"]
+    return trained.model
 
 
 def baseline(run: DriverRun, opponent: str) -> str | None:
     """p_0's held-out evaluation (its answers are the first opponent answers); None without evaluation."""
     if not run.evaluate:
         return None
-    record, _ = run.phases.run("baseline_eval", None, lambda: _evaluate_start(
+    outcome = run.phases.run("baseline_eval", None, lambda: _evaluate_start(
         run.config, opponent, run.layout, run.validation, run.echo, run.attempt))
     _select(run.config, run.manifest, None, opponent, run.echo)
-    return record["artifacts"]["answers"]
+    return outcome.artifacts.answers
 
 
 def run_iteration(run: DriverRun, iteration: int, opponent: str,
@@ -361,9 +423,10 @@ def run_iteration(run: DriverRun, iteration: int, opponent: str,
     manifest.iteration(iteration)["opponent"] = opponent
     pairs = None
     if objective(config).columns:  # continued SFT (training.objective sft) reads no generated answers
-        _, pairs = phases.run("generate", iteration, lambda: _generate(config, layout, iteration, opponent, attempt))
+        generated = phases.run("generate", iteration, lambda: _generate(config, layout, iteration, opponent, attempt))
+        pairs = generated.dataset
         if pairs is None:  # generated by an earlier job: read back from its committed shards
-            pairs = shards_dataset(read_completion(layout.generation(iteration))["shards"]).materialize()
+            pairs = shards_dataset(read_completion(generated.artifacts.pairs)["shards"]).materialize()
 
     def train() -> Produced:
         trainset = iteration_set(config, layout, iteration, pairs, opponent)
@@ -372,20 +435,19 @@ def run_iteration(run: DriverRun, iteration: int, opponent: str,
             return _train(iteration_config(config, iteration), layout, iteration, trainset.dataset, opponent,
                           trainset.source, attempt, trainset.metrics, trainset.artifacts)
 
-    record, _ = phases.run("train", iteration, train)
-    next_model = record["artifacts"]["model"]
+    next_model = phases.run("train", iteration, train).artifacts.model
     write_model_card(layout, manifest.data, iteration)
     if run.evaluate:
-        record, _ = phases.run("evaluate", iteration, lambda: _evaluate(
+        evaluated = phases.run("evaluate", iteration, lambda: _evaluate(
             config, next_model, layout.evaluation(iteration), opponent_answers, attempt, run.validation,
             _next_generation(config, layout, iteration + 1)))
-        opponent_answers = record["artifacts"]["answers"]
+        opponent_answers = evaluated.artifacts.answers
         _select(config, manifest, iteration, next_model, run.echo)
         write_model_card(layout, manifest.data, iteration)  # now with its held-out metrics
         if _collapsing(config, manifest, iteration, run.echo):
             manifest.set_status("collapsed", final_model=opponent, stopped_after_iteration=iteration)
             return opponent, opponent_answers, True
-        if _converged(config, record["metrics"].get("reward_accuracy"), iteration, run.echo):
+        if _converged(config, evaluated.metrics.get("reward_accuracy"), iteration, run.echo):
             manifest.set_status("converged", final_model=next_model, stopped_after_iteration=iteration)
             return next_model, opponent_answers, True
     run.echo(format_table(manifest.data))

@@ -190,3 +190,22 @@ def test_a_lease_whose_job_has_ended_is_waited_out_not_refused(tmp_path):
     assert time.monotonic() - started >= 2  # waited for the expiry, then took it
     assert "whose job has ended: taking it over" in lines[0]
     assert json.loads(open(url).read())["token"] == "03000000:y"
+
+
+def test_a_phases_artifacts_keep_their_manifest_record_and_come_back_typed():
+    """What the driver reads back from an earlier job's manifest is what the phase produced: the records keep the
+    keys reports, status and earlier manifests use (model, train, merged_model, a training set's extra folders;
+    eval, answers; pairs)."""
+    from spin_ray.run.driver import PHASE_ARTIFACTS, Evaluation, GeneratedPairs, TrainedModel
+
+    trained = TrainedModel("runs/r/iter_0/model", "runs/r/iter_0/train", None, {"proto": "runs/r/iter_0/generation"})
+    assert trained.to_record() == {"model": "runs/r/iter_0/model", "train": "runs/r/iter_0/train",
+                                   "proto": "runs/r/iter_0/generation"}
+    merged = TrainedModel("m", "t", "m_merged")
+    for artifacts in (trained, merged, Evaluation("runs/r/eval_1", "runs/r/eval_1/answers"),
+                      GeneratedPairs("runs/r/iter_1/generation")):
+        assert type(artifacts).from_record(json.loads(json.dumps(artifacts.to_record()))) == artifacts
+    assert merged.to_record()["merged_model"] == "m_merged"
+    assert {name: kind.__name__ for name, kind in PHASE_ARTIFACTS.items()} == {
+        "sft": "TrainedModel", "baseline_eval": "Evaluation", "generate": "GeneratedPairs", "train": "TrainedModel",
+        "evaluate": "Evaluation"}
