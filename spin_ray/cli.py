@@ -10,16 +10,32 @@ import sys
 
 from spin_ray import __version__
 from spin_ray.config import ConfigError, load_config
+from spin_ray.data.prepare import check_inputs, format_summary, validate
 from spin_ray.data.records import DataError
-from spin_ray.generation.shards import GenerationError
-from spin_ray.models.adapters import AdapterError
-from spin_ray.models.resolution import ModelResolutionError
+from spin_ray.generation.pipeline import format_generation_summary, run_generation
+from spin_ray.generation.shards import GenerationError, parquet_files, shards_dataset
+from spin_ray.logs import quiet_library_logs
+from spin_ray.models.adapters import ADAPTER_CONFIG, AdapterError, adapter_base
+from spin_ray.models.resolution import (
+    MODEL_CARD,
+    ModelResolutionError,
+    folder_complete,
+    load_model,
+    load_tokenizer,
+    local_model_path,
+    resolve_model,
+)
 from spin_ray.objectives.algorithms import TrainingDataError
-from spin_ray.plan import PlanError
+from spin_ray.plan import Assumptions, PlanError, format_plan, make_plan
 from spin_ray.run.cluster import ResourceError
-from spin_ray.run.driver import RunAlreadyActive
+from spin_ray.run.driver import RunAlreadyActive, driver_alive, ray_session, start_driver
+from spin_ray.run.evaluation import evaluate_model
 from spin_ray.run.layout import RunLayout
-from spin_ray.storage import StorageError, preflight
+from spin_ray.run.lease import describe, live_holder
+from spin_ray.run.manifest import Manifest, check_config, resume_config
+from spin_ray.run.model_card import HUB_IDS, model_card
+from spin_ray.run.report import format_status, format_table, run_state, write_report
+from spin_ray.storage import StorageError, download_folder, join, preflight, read_json
 
 
 class PlanRefused(PlanError):
@@ -46,8 +62,6 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from spin_ray.data.prepare import format_summary, validate
-
     summary = validate(_config(args))
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
@@ -55,8 +69,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:
     import time
-
-    from spin_ray.models.resolution import resolve_model
 
     started = time.perf_counter()
     resolved = resolve_model(args.model, args.cache_dir)
@@ -76,7 +88,6 @@ def _init_ray(address: str | None) -> None:
         import colorama
 
         colorama.init(strip=True, convert=False)
-    from spin_ray.logs import quiet_library_logs
 
     # Every process of the job (engines, trainers, Ray Train's controller, Ray Data tasks) runs the library-log
     # filters when it starts: a job-level hook (Ray runs no actor-level one). A job that brings its own keeps it.
@@ -96,15 +107,10 @@ def _init_ray(address: str | None) -> None:
 
 def _check_inputs(config, model: str | None = None, train: bool = True, evaluation: bool | None = None) -> None:
     """Model and data refused in seconds, before Ray starts (and, on a cluster, before any node is provisioned)."""
-    from spin_ray.data.prepare import check_inputs
-
     print(f"[spin-ray] inputs: {check_inputs(config, model, train, evaluation)}", flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from spin_ray.generation.pipeline import format_generation_summary, run_generation
-    from spin_ray.models.resolution import resolve_model
-
     config = _config(args)
     layout = RunLayout.of(config)
     preflight(layout.root)
@@ -118,8 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from spin_ray.generation.shards import parquet_files, shards_dataset
-    from spin_ray.models.resolution import resolve_model
+    # torch.distributed's checkpoint modules come with it: 0.75 s of every spin-ray command's start otherwise
     from spin_ray.training.trainer import run_training
 
     config = _config(args)
@@ -143,8 +148,6 @@ def _unwrap_remote(error: Exception) -> Exception:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from spin_ray.plan import Assumptions, format_plan, make_plan
-
     config = _config(args)
     plan = make_plan(config, Assumptions.parse(args.assume or []))
     print(format_plan(plan, config))
@@ -153,8 +156,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _check_plan(config) -> None:
     """Refuse, before any model loads or any GPU is paid for, a config whose plan does not fit its node types."""
-    from spin_ray.plan import make_plan
-
     if not (config.training.use_gpu or config.generation.use_gpu):
         return  # CPU runs: host memory is the node's, not checked here
     try:
@@ -172,12 +173,6 @@ def _check_plan(config) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import ray
-
-    from spin_ray.run.driver import driver_alive, ray_session, start_driver
-    from spin_ray.run.lease import describe, live_holder
-    from spin_ray.run.manifest import check_config, resume_config
-    from spin_ray.run.report import format_table
-    from spin_ray.storage import read_json
 
     config = _config(args)
     layout = RunLayout.of(config)
@@ -215,10 +210,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from spin_ray.models.resolution import resolve_model
-    from spin_ray.run.evaluation import evaluate_model
-    from spin_ray.storage import join
-
     config = _config(args)
     model = resolve_model(args.model, config.model.cache_dir)
     output = args.output or join(config.run.storage_path, "eval", os.path.basename(model.path.rstrip("/")))
@@ -243,9 +234,6 @@ def _run_folder(target: str) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from spin_ray.run.manifest import Manifest
-    from spin_ray.run.report import format_table, write_report
-
     folder = _run_folder(args.run)
     manifest = Manifest.read(folder)
     if manifest is None:
@@ -257,10 +245,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from spin_ray.run.lease import live_holder
-    from spin_ray.run.manifest import Manifest
-    from spin_ray.run.report import format_status, run_state
-
     folder = _run_folder(args.run)
     manifest = Manifest.read(folder)
     if manifest is None:
@@ -301,10 +285,6 @@ def holder_job_status(holder: dict | None, address: str | None, timeout_s: float
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from spin_ray.models.resolution import MODEL_CARD, folder_complete
-    from spin_ray.run.manifest import Manifest
-    from spin_ray.run.model_card import model_card
-
     folder = _run_folder(args.run)
     manifest = Manifest.read(folder)
     if manifest is None:
@@ -343,11 +323,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 def export_model(source: str, target: str, config: dict, merged: bool) -> str:
     """Copy a run's model folder to the local folder `target`; a LoRA adapter names the base as the user did (the hub
     id of an alias), or, with `merged`, is written merged into its base. Returns what was written."""
-    from spin_ray.models.adapters import ADAPTER_CONFIG, adapter_base
-    from spin_ray.models.resolution import load_model, load_tokenizer, local_model_path
-    from spin_ray.run.model_card import HUB_IDS
-    from spin_ray.storage import download_folder
-
     model = config["model"]
     staged = local_model_path(source, model.get("cache_dir"), weights=False)
     if adapter_base(staged) is None:

@@ -17,16 +17,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from spin_ray.config import Config, build_config
+from spin_ray.generation.oracle import preference_stage
+from spin_ray.generation.pipeline import PassTask, run_generation, run_pass
+from spin_ray.generation.shards import read_completion, shards_dataset
 from spin_ray.logs import quiet_library_logs
+from spin_ray.models.resolution import publish_folder, resolve_model
 from spin_ray.objectives.algorithms import STABILISERS, objective
 from spin_ray.run.attempts import Attempt, end_earlier_attempts
 from spin_ray.run.cluster import end_earlier_worker_group, ensure_resources
 from spin_ray.run.collapse import collapse_signals
+from spin_ray.run.evaluation import (
+    VALIDATION_KEYS,
+    finish_evaluation,
+    prepare_evaluation,
+    start_evaluation_cache,
+    validation_config,
+    validation_source,
+)
 from spin_ray.run.layout import RunLayout
 from spin_ray.run.lease import LeaseHeld, RunLease
 from spin_ray.run.manifest import DONE, Manifest
+from spin_ray.run.model_card import write_model_card
+from spin_ray.run.report import format_table, iteration_rows, write_report
 from spin_ray.run.selection import better_model
 from spin_ray.run.tracking import Tracker
+from spin_ray.run.trainset import iteration_set, rescore_requests, sft_rows
+from spin_ray.storage import atomic_write_json, is_local, join, local_copy, read_json
 
 DRIVER_NAMESPACE = "spin_ray"
 
@@ -42,7 +58,6 @@ class RunAlreadyActive(RuntimeError):
 @dataclass(frozen=True)
 class GeneratedPairs:
     """What a generate phase leaves: p_t's answers (and their scores) in a generation folder."""
-
     pairs: str
 
     def to_record(self) -> dict:
@@ -56,7 +71,6 @@ class GeneratedPairs:
 @dataclass(frozen=True)
 class TrainedModel:
     """What a train (or sft) phase leaves: the export, its training folder, and what it trained on besides."""
-
     model: str  # p_{t+1}: a Hugging Face folder, or an adapter folder with LoRA
     train: str  # metrics.jsonl and, while it trains, the checkpoints
     merged_model: str | None = None  # with training.lora.export_merged
@@ -77,7 +91,6 @@ class TrainedModel:
 class Evaluation:
     """What an evaluation phase leaves: its folder (metrics, per-prompt scores) and the model's held-out answers,
     the opponent answers of the next evaluation."""
-
     eval: str
     answers: str
 
@@ -96,7 +109,6 @@ Artifacts = GeneratedPairs | TrainedModel | Evaluation
 class Produced:
     """What a phase body returns: its metrics for the manifest, what it left in storage, and (a generate phase) the
     pairs as a Ray Dataset for the train phase after it."""
-
     metrics: dict
     artifacts: Artifacts
     dataset: object | None = None  # ray.data.Dataset
@@ -105,7 +117,6 @@ class Produced:
 @dataclass
 class Outcome:
     """A phase's result as the driver reads it: produced now, or read back from the manifest of an earlier job."""
-
     metrics: dict
     artifacts: Artifacts
     dataset: object | None = None  # the pairs of a generate phase run now (None when read back)
@@ -114,7 +125,6 @@ class Outcome:
 @dataclass
 class Phases:
     """Runs each phase unless the manifest says it is done, recording its outcome either way."""
-
     manifest: Manifest
     lease: RunLease
     echo: Callable[[str], None]
@@ -179,9 +189,6 @@ def _pick(summary: dict, keys) -> dict:
 def initial_model(config: Config, layout: RunLayout) -> str:
     """p_0 as every node can load it: with a bucket, an alias (converted here once) or a local folder is uploaded
     into the run (`base_model/`, once per content) and nodes stage it from there; else its local path."""
-    from spin_ray.models.resolution import publish_folder, resolve_model
-    from spin_ray.storage import is_local
-
     resolved = resolve_model(config.model.name, config.model.cache_dir)
     if resolved.source in ("alias", "local") and not is_local(layout.root):
         publish_folder(resolved.path, layout.base_model)
@@ -191,13 +198,8 @@ def initial_model(config: Config, layout: RunLayout) -> str:
 
 def _generate(config: Config, layout: RunLayout, t: int, opponent: str, attempt: Attempt) -> Produced:
     """p_t's answers to the training prompts: done already when the engine pass that evaluated p_t generated them."""
-    from spin_ray.generation.pipeline import run_generation
-    from spin_ray.generation.shards import read_completion
-    from spin_ray.run.trainset import rescore_requests
-
     stage = None
     if objective(config).needs_oracle:
-        from spin_ray.generation.oracle import preference_stage
 
         stage = preference_stage(config)
     in_evaluation_pass = read_completion(layout.generation(t)) is not None
@@ -216,9 +218,6 @@ def _next_generation(config: Config, layout: RunLayout, t: int):
     """The generation of iteration t (p_t's answers to the training prompts, and the log-probs under p_t of what
     iteration t mixes in) as a prompt set of the engine pass that evaluates p_t, or None where it cannot join it:
     beyond the last iteration, continued SFT (no answers), SPPO (its oracle scores the answers before they commit)."""
-    from spin_ray.generation.pipeline import PassTask
-    from spin_ray.run.trainset import rescore_requests
-
     chosen = objective(config)
     if t >= config.iterations.count or not chosen.columns or chosen.needs_oracle:
         return None
@@ -229,6 +228,7 @@ def _next_generation(config: Config, layout: RunLayout, t: int):
 def _train(config: Config, layout: RunLayout, t: int | None, dataset, opponent: str, source: str, attempt: Attempt,
            extra_metrics: dict | None = None, extra_artifacts: dict | None = None, validation=None) -> Produced:
     """Train p_{t+1} (the SFT warm start's model when t is None) in a TrainingRun actor named for the attempt."""
+    # torch.distributed's checkpoint modules come with it: 0.75 s of every spin-ray command's start otherwise
     from spin_ray.training.trainer import run_training_named
 
     merged = layout.merged_model(t) if config.training.lora.export_merged else None
@@ -247,10 +247,6 @@ def _evaluate(config: Config, model: str, output_dir: str, opponent_answers: str
     Without data.eval (a run that must not see the test split: a settings grid) the validation split is the
     held-out set, reward accuracy included. `then_generate` (a PassTask: the next iteration's answers, `model` being
     the next opponent) joins the same engine pass, so the model's engines start once for all of it."""
-    from spin_ray.generation.pipeline import run_pass
-    from spin_ray.run.evaluation import VALIDATION_KEYS, finish_evaluation, prepare_evaluation, validation_config
-    from spin_ray.storage import join
-
     if config.data.eval is None:
         evaluations = {"held_out": prepare_evaluation(validation_config(config), model, output_dir, opponent_answers,
                                                       data=validation)}
@@ -288,9 +284,6 @@ def _evaluate_start(config: Config, model: str, layout: RunLayout, validation: s
     """p_0's evaluation, through the cache of start-model evaluations keyed by the model's content, the evaluation
     data and settings: runs that start from the same model (benchmark arms, a resubmitted run under a new name)
     evaluate it once."""
-    from spin_ray.run.evaluation import start_evaluation_cache
-    from spin_ray.storage import atomic_write_json, join, read_json
-
     cache = start_evaluation_cache(config, model, validation)
     then_generate = _next_generation(config, layout, 0)
     if cache is None:  # a hub model: no content to key on
@@ -339,7 +332,6 @@ def run_iterations(config: Config, force: bool = False, echo: Callable[[str], No
 @dataclass
 class DriverRun:
     """One driver attempt's run as `run_iterations` drives it."""
-
     config: Config
     layout: RunLayout
     manifest: Manifest
@@ -353,8 +345,6 @@ class DriverRun:
 
 def open_run(config: Config, layout: RunLayout, lease: RunLease, force: bool, echo) -> DriverRun:
     """End what an earlier attempt left running, open the manifest and the tracking run."""
-    from spin_ray.run.evaluation import validation_source
-
     attempt = Attempt.of(config)
     ended = end_earlier_attempts(attempt, config.run.resource_wait_s, echo)
     manifest = Manifest.open(config, force)
@@ -377,10 +367,6 @@ def open_run(config: Config, layout: RunLayout, lease: RunLease, force: bool, ec
 def warm_start(run: DriverRun, opponent: str) -> str:
     """With iterations.sft_warm_start, SFT on the human answers first (epochs by validation NLL with auto); the
     model p_0 self-play starts from."""
-    from spin_ray.run.evaluation import validation_source
-    from spin_ray.run.model_card import write_model_card
-    from spin_ray.run.trainset import sft_rows
-
     config, layout = run.config, run.layout
     if not config.iterations.sft_warm_start:
         return opponent
@@ -414,11 +400,6 @@ def run_iteration(run: DriverRun, iteration: int, opponent: str,
                   opponent_answers: str | None) -> tuple[str, str | None, bool]:
     """Iteration t: p_t's answers, p_{t+1} trained and exported, then evaluated against p_t. Returns the next
     opponent, its held-out answers, and whether the run stops here (collapse, convergence)."""
-    from spin_ray.generation.shards import read_completion, shards_dataset
-    from spin_ray.run.model_card import write_model_card
-    from spin_ray.run.report import format_table
-    from spin_ray.run.trainset import iteration_set
-
     config, layout, manifest, phases, attempt = run.config, run.layout, run.manifest, run.phases, run.attempt
     manifest.iteration(iteration)["opponent"] = opponent
     pairs = None
@@ -456,9 +437,6 @@ def run_iteration(run: DriverRun, iteration: int, opponent: str,
 
 def close_run(run: DriverRun) -> dict:
     """Write the report, log its rows and plot to the tracker, close the tracking run; the final manifest."""
-    from spin_ray.run.report import iteration_rows, write_report
-    from spin_ray.storage import local_copy
-
     manifest, tracker = run.manifest, run.tracker
     manifest.data["report"] = write_report(run.layout)
     manifest.save()
@@ -543,7 +521,6 @@ class DriverActor:
 
     Restarted by Ray after a crash (run.driver_max_restarts), it continues from the manifest as a
     resubmitted job does, and takes the lease back: its token is the job's, which survives the restart."""
-
     def __init__(self, config: dict, force: bool, lease_token: str, owner: str, progress_bars: bool = False,
                  ended_holder: str | None = None):
         import ray
