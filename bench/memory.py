@@ -259,7 +259,7 @@ def bounded_matmul_flops(dtype: str, limit_s: float = 10.0) -> float:
 
 def predict(result: dict, model: str, rates: dict, link: float) -> dict:
     """The plan's peak memory and step time for a measured setting (with the runtime measured in that run)."""
-    from spin_ray.plan import ModelShape, read_model_config, step_seconds, training_memory, training_shape
+    from spin_ray.plan import Assumptions, ModelShape, read_model_config, step_seconds, training_memory, training_shape
 
     name = result["setting"]
     workers, accumulation = SETTINGS[name][1], SETTINGS[name][6]
@@ -278,7 +278,8 @@ def predict(result: dict, model: str, rates: dict, link: float) -> dict:
     runtime = int(statistics.median(r["rss_loaded"] for r in result["ranks"])) - weights
     plan = training_memory(shape, run, runtime_bytes=runtime)
     predicted = round((plan.device_total + plan.host_total) / MIB)
-    seconds = step_seconds(shape, run, accumulation, rates[t.compute_dtype] * CPU_MFU, link)
+    share = Assumptions().cpu_single_process_mfu if workers == 1 else CPU_MFU  # the plan's two CPU shares
+    seconds = step_seconds(shape, run, accumulation, rates[t.compute_dtype] * share, link)
     return {"predicted_train_peak_mib": predicted,
             "predicted_components_mib": {k: round(v / MIB, 1) for k, v in {**plan.device, **plan.host}.items()},
             "memory_error": round(predicted / result["measured_train_peak_mib"] - 1, 3),

@@ -405,7 +405,11 @@ class Assumptions:
     """What the plan cannot read from a config; each can be set with `spin-ray plan --assume name=value`."""
 
     training_mfu: float = 0.40  # GPU training (FSDP2, bf16); the CPU's measured share is cpu_training_mfu
-    cpu_training_mfu: float = 0.45  # this loop on 2 CPU cores: 37-51% measured (docs/performance.md)
+    # this loop's share of a CPU's measured matmul rate: FSDP2 ranks (2+ workers; bench/memory.py's two-worker settings
+    # fit it within 10%), and one unsharded worker, which ran 24-42% faster than that in all its bench/memory.py
+    # settings and the demo's trainings (docs/performance.md)
+    cpu_training_mfu: float = 0.45
+    cpu_single_process_mfu: float = 0.60
     engine_mfu: float = 0.30  # decoding's share of the peak when compute-bound (large batches)
     cpu_engine_gflops: float = 0.0  # a CPU engine's matmul rate; 0 measures this machine's
     cpu_training_gflops: float = 0.0  # a CPU worker's matmul rate (per core); 0 measures this machine's
@@ -751,9 +755,18 @@ def training_rates(config, gpu: Accelerator | None, assumptions: Assumptions) ->
     """A training worker's effective FLOP/s and its link's bytes/s."""
     if gpu is not None:
         return gpu.peak_tflops * 1e12 * assumptions.training_mfu, assumptions.gpu_link_gbs * 1e9
-    per_core = assumptions.cpu_training_gflops or measured_cpu_gflops(1)
-    rate = max(1, int(config.training.cpus_per_worker)) * per_core * 1e9 * assumptions.cpu_training_mfu
+    training = config.training
+    rate = cpu_training_flops(training.cpus_per_worker, training.num_workers[1], assumptions)
     return rate, assumptions.cpu_link_gbs * 1e9
+
+
+def cpu_training_flops(cpus: float, workers: int, assumptions: Assumptions, per_core_gflops: float = 0.0) -> float:
+    """A CPU training worker's effective FLOP/s: its cores at torch.mm's fp32 rate on one thread (measured here unless
+    given) times this loop's share, cpu_single_process_mfu for one unsharded worker, cpu_training_mfu for FSDP2 ranks
+    (their per-layer gathers and reductions cost more than the link time the plan adds for them)."""
+    per_core = per_core_gflops or assumptions.cpu_training_gflops or measured_cpu_gflops(1)
+    share = assumptions.cpu_single_process_mfu if workers == 1 else assumptions.cpu_training_mfu
+    return max(1, int(cpus)) * per_core * 1e9 * share
 
 
 def handoff_seconds(config, shape: ModelShape, gpu: Accelerator | None, engine: EnginePlan,

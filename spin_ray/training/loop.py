@@ -415,7 +415,8 @@ def finish(run: LoopState, export_dir: str, merged_dir: str | None) -> dict:
     train_seconds = time.perf_counter() - run.started
     checked = {}
     if context.rank == 0:
-        prediction = settle_cpu_rate(run.prediction, context.device, training.cpus_per_worker)
+        prediction = settle_cpu_rate(run.prediction, context.device, training.cpus_per_worker,
+                                     context.world_size)
         checked = check_against_plan(prediction, run.peaks, run.step_times)
     export_started = time.perf_counter()
     stopped = {}

@@ -61,7 +61,7 @@ def predict_phase(config, model: torch.nn.Module, examples, memory_layout, world
     for the model as loaded (None for a model the plan does not describe, or a GPU it has no rate for).
     `runtime_bytes` is what the process held before the model (its interpreter, libraries and rows on a CPU); on a
     GPU the allocator's peak is compared with the planned tensors alone (the CUDA context is not the allocator's)."""
-    from spin_ray.plan import ACCELERATORS, Assumptions, ModelShape, PlanError, measured_cpu_gflops, phase_prediction
+    from spin_ray.plan import ACCELERATORS, Assumptions, ModelShape, PlanError, cpu_training_flops, phase_prediction
 
     try:
         shape = ModelShape.from_config(model.config.to_dict())
@@ -76,8 +76,7 @@ def predict_phase(config, model: torch.nn.Module, examples, memory_layout, world
             return None
         rate, link, runtime = gpu.peak_tflops * 1e12 * assumptions.training_mfu, assumptions.gpu_link_gbs * 1e9, 0
     else:
-        per_core = measured_cpu_gflops(1) * 1e9
-        rate = max(1, int(training.cpus_per_worker)) * per_core * assumptions.cpu_training_mfu
+        rate = cpu_training_flops(training.cpus_per_worker, world, assumptions)
         link, runtime = assumptions.cpu_link_gbs * 1e9, runtime_bytes
     return phase_prediction(
         config,
@@ -93,15 +92,15 @@ def predict_phase(config, model: torch.nn.Module, examples, memory_layout, world
     )
 
 
-def settle_cpu_rate(prediction: dict | None, device: torch.device, cpus: float) -> dict | None:
+def settle_cpu_rate(prediction: dict | None, device: torch.device, cpus: float, workers: int) -> dict | None:
     """The prediction at the faster of two measurements of this CPU's matmul rate: the phase's start (taken while the
     previous phase's engine processes may still hold the cores: the demo's step read 31% under its plan that way)
     and now, at its end. Compute time scales with the rate; communication does not."""
     if not prediction or device.type == "cuda":
         return prediction
-    from spin_ray.plan import Assumptions, measured_cpu_gflops
+    from spin_ray.plan import Assumptions, cpu_training_flops
 
-    now = max(1, int(cpus)) * measured_cpu_gflops(1) * 1e9 * Assumptions().cpu_training_mfu
+    now = cpu_training_flops(cpus, workers, Assumptions())
     if now <= prediction["flops_per_second"]:
         return prediction
     compute = prediction["step_compute_seconds"] * prediction["flops_per_second"] / now

@@ -229,13 +229,12 @@ def test_a_cpu_phases_step_time_is_planned_at_the_faster_of_its_start_and_end_ra
     from spin_ray.training.measure import settle_cpu_rate
 
     slow = {"peak_memory_bytes": 1, "step_seconds": 12.0, "step_compute_seconds": 10.0, "flops_per_second": 1e6}
-    settled = settle_cpu_rate(slow, torch.device("cpu"), 2)
+    settled = settle_cpu_rate(slow, torch.device("cpu"), 2, 1)
     rate = settled["flops_per_second"]
     assert rate > 1e9  # any CPU this runs on beats 1 MFLOP/s
     assert settled["step_compute_seconds"] == pytest.approx(10.0 * 1e6 / rate)
     assert settled["step_seconds"] == pytest.approx(2.0 + settled["step_compute_seconds"])  # communication kept
     fast = {**slow, "flops_per_second": 1e18}
-    assert settle_cpu_rate(fast, torch.device("cpu"), 2) == fast
-    assert (
-        settle_cpu_rate(slow, torch.device("cuda"), 2) == slow and settle_cpu_rate(None, torch.device("cpu"), 2) is None
-    )
+    assert settle_cpu_rate(fast, torch.device("cpu"), 2, 1) == fast
+    assert settle_cpu_rate(slow, torch.device("cuda"), 2, 1) == slow
+    assert settle_cpu_rate(None, torch.device("cpu"), 2, 1) is None
