@@ -760,11 +760,12 @@ def training_rates(config, gpu: Accelerator | None, assumptions: Assumptions) ->
     return rate, assumptions.cpu_link_gbs * 1e9
 
 
-def cpu_training_flops(cpus: float, workers: int, assumptions: Assumptions, per_core_gflops: float = 0.0) -> float:
+def cpu_training_flops(cpus: float, workers: int, assumptions: Assumptions) -> float:
     """A CPU training worker's effective FLOP/s: its cores at torch.mm's fp32 rate on one thread (measured here unless
-    given) times this loop's share, cpu_single_process_mfu for one unsharded worker, cpu_training_mfu for FSDP2 ranks
-    (their per-layer gathers and reductions cost more than the link time the plan adds for them)."""
-    per_core = per_core_gflops or assumptions.cpu_training_gflops or measured_cpu_gflops(1)
+    --assume cpu_training_gflops) times this loop's share: cpu_single_process_mfu for one unsharded worker,
+    cpu_training_mfu for FSDP2 ranks (their per-layer gathers and reductions cost more than the link time the plan
+    adds for them)."""
+    per_core = assumptions.cpu_training_gflops or measured_cpu_gflops(1)
     share = assumptions.cpu_single_process_mfu if workers == 1 else assumptions.cpu_training_mfu
     return max(1, int(cpus)) * per_core * 1e9 * share
 
