@@ -170,6 +170,11 @@ class GenerationConfig(_Section):
         "(e.g. {enforce_eager: true} to skip compilation)."
     )
 
+    @property
+    def serves_lora_merged(self) -> bool:
+        """Whether vLLM engines serve a LoRA model merged on the node (generation.lora_serving, auto decided)."""
+        return self.lora_serving == "merged" or (self.lora_serving == "auto" and not self.use_gpu)
+
     @model_validator(mode="after")
     def _engine_fits_device(self) -> "GenerationConfig":
         if self.engine == "hf" and self.use_gpu:

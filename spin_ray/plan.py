@@ -744,8 +744,8 @@ def iteration_seconds(config, shape: ModelShape, gpu: Accelerator | None, engine
                                                                    assumptions)
     # rank 0 gathers the trained weights in float32 and writes them in model.dtype (adapters in float32) from one stream
     trained = trainable_parameters(shape, training_shape(config))
-    seconds["export (rank 0 writes p_t+1)"] = ((workers - 1) / workers * trained * 4 / link + iteration_bytes(
-        config, shape, 0, assumptions)["export"] / (assumptions.checkpoint_write_gbs * 1e9))
+    seconds["export (rank 0 writes p_t+1)"] = ((workers - 1) / workers * trained * 4 / link
+                                               + export_bytes(config, shape) / (assumptions.checkpoint_write_gbs * 1e9))
     seconds["evaluation"] = evaluation_seconds(config, engine, assumptions) if config.evaluation.enabled else 0.0
     seconds["total"] = sum(seconds.values())
     return seconds
@@ -777,11 +777,8 @@ def handoff_seconds(config, shape: ModelShape, gpu: Accelerator | None, engine: 
     replica starts (in parallel): vLLM's start (compile, graphs, profiling) and reading the staged weights."""
     element = DTYPE_BYTES[config.model.dtype]
     lora = config.training.lora.rank > 0
-    export = iteration_bytes(config, shape, 0, assumptions)["export"]
-    staging = export / (assumptions.staging_gbs * 1e9)
-    served_merged = config.generation.lora_serving == "merged" or (config.generation.lora_serving == "auto"
-                                                                   and not config.generation.use_gpu)
-    if lora and served_merged and config.generation.engine == "vllm":
+    staging = export_bytes(config, shape) / (assumptions.staging_gbs * 1e9)
+    if lora and config.generation.serves_lora_merged and config.generation.engine == "vllm":
         staging += 2 * shape.parameters * element / (assumptions.disk_read_gbs * 1e9)
     start = assumptions.engine_start_s if config.generation.use_gpu else assumptions.cpu_engine_start_s
     start += engine.weights / (assumptions.disk_read_gbs * 1e9)
@@ -846,17 +843,22 @@ def checkpoint_seconds(config, shape: ModelShape, steps: float, training_seconds
     return saves * (per_rank / (assumptions.host_copy_gbs * 1e9) if background else save)
 
 
+def export_bytes(config, shape: ModelShape) -> int:
+    """An iteration's export: the model in model.dtype, or with LoRA its adapters (kept in float32)."""
+    if config.training.lora.rank:
+        return trainable_parameters(shape, training_shape(config)) * 4
+    return shape.parameters * DTYPE_BYTES[config.model.dtype]
+
+
 def iteration_bytes(config, shape: ModelShape, prompts: int, assumptions: Assumptions) -> dict[str, int]:
     """What one iteration writes to run.storage_path: the export, the checkpoints while it trains (removed once the
     export is complete), the generation shards (int32 token ids and float log-probs, before parquet's compression)."""
     training, gen, d = config.training, config.generation, config.data
-    n = shape.parameters
     trained = trainable_parameters(shape, training_shape(config))
     checkpoint = trained * 4 * (1 + OPTIMIZER_STATES[training.optimizer])  # with LoRA: the adapters and their state
     row = 4 * (d.max_prompt_tokens * assumptions.prompt_share + d.max_response_tokens * assumptions.answer_share
                + gen.num_samples * gen.max_new_tokens * assumptions.answer_share) + 8 * (gen.num_samples + 2)
-    export = trained * 4 if training.lora.rank else n * DTYPE_BYTES[config.model.dtype]  # adapters are kept in float32
-    return {"export": export,
+    return {"export": export_bytes(config, shape),
             "checkpoints (while training)": checkpoint * training.keep_checkpoints,
             "generation shards": int(row * prompts)}
 

@@ -80,7 +80,7 @@ class EngineSpec:
             tensor_parallel_size=gen.tensor_parallel_size,
             gpu_memory_utilization=gen.gpu_memory_utilization,
             engine_kwargs=dict(gen.vllm_engine_kwargs),
-            serve_merged=gen.lora_serving == "merged" or (gen.lora_serving == "auto" and not gen.use_gpu),
+            serve_merged=gen.serves_lora_merged,
         )
 
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,36 +282,52 @@ def stage_model(url: str, cache_dir: str | Path | None = None, weights: bool = T
     target = root / (_content_key(url) + ("" if weights else "-tokenizer"))
     published = (read_json(join(url, FOLDER_MARKER)) or {}).get("files") or {}
     expected = {name: info["size"] for name, info in published.items() if weights or not name.endswith(WEIGHT_SUFFIXES)}
+
+    def download(staging: Path, last: bool) -> dict | None:
+        download_folder(url, str(staging), skip=() if weights else WEIGHT_SUFFIXES)
+        missing = [n for n, size in expected.items()
+                   if not (staging / n).is_file() or (staging / n).stat().st_size != size]
+        if missing and last:
+            raise ModelResolutionError(f"model {url!r}: staging into {root} lost {missing[:3]} {STAGE_ATTEMPTS} "
+                                       "times (is the cache being deleted, or full?)")
+        return None if missing else {"source": url}  # the cache was cleaned under the download, or the disk filled
+
     for attempt in range(1, STAGE_ATTEMPTS + 1):
-        if (target / _COMPLETE_MARKER).is_file():
-            return str(target)
-        root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(root / f".{target.name}.lock")):
-            if (target / _COMPLETE_MARKER).is_file():
-                return str(target)
-            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
-            try:
-                started = time.perf_counter()
-                download_folder(url, str(staging), skip=() if weights else WEIGHT_SUFFIXES)
-                missing = [n for n, size in expected.items()
-                           if not (staging / n).is_file() or (staging / n).stat().st_size != size]
-                if missing:  # the cache was cleaned under the download, or the disk filled: stage again
-                    if attempt == STAGE_ATTEMPTS:
-                        raise ModelResolutionError(f"model {url!r}: staging into {root} lost {missing[:3]} "
-                                                   f"{STAGE_ATTEMPTS} times (is the cache being deleted, or full?)")
-                    continue
-                (staging / _COMPLETE_MARKER).write_text(
-                    json.dumps({"source": url, "seconds": round(time.perf_counter() - started, 2)}))
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(staging, target)
-            except FileNotFoundError:  # the staging folder itself went away under the download
-                if attempt == STAGE_ATTEMPTS:
-                    raise
-            finally:
-                if staging.exists():
-                    shutil.rmtree(staging, ignore_errors=True)
+        try:
+            if build_once(target, lambda staging: download(staging, attempt == STAGE_ATTEMPTS)):
+                break
+        except FileNotFoundError:  # the staging folder itself went away under the download
+            if attempt == STAGE_ATTEMPTS:
+                raise
     return str(target)
+
+
+def build_once(target: Path, build: Callable[[Path], dict | None]) -> bool:
+    """Build the folder `target` once on this node: under a file lock beside it, `build(staging)` fills a temporary
+    folder and returns the record of the completion marker, written last before the folder is renamed into place, so
+    concurrent processes build it once and nobody reads half of it. `build` returns None for a folder to build
+    again (nothing is kept). True when `target` is complete."""
+    if (target / _COMPLETE_MARKER).is_file():
+        return True
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if (target / _COMPLETE_MARKER).is_file():
+            return True
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            started = time.perf_counter()
+            record = build(staging)
+            if record is None:
+                return False
+            (staging / _COMPLETE_MARKER).write_text(
+                json.dumps({**record, "seconds": round(time.perf_counter() - started, 2)}))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+            return True
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 def local_model_path(spec: str, cache_dir: str | Path | None = None, weights: bool = True) -> str:
@@ -353,28 +370,17 @@ def merged_model_path(adapter_folder: str, dtype: str, trust_remote_code: bool =
                       cache_dir: str | Path | None = None) -> str:
     """A whole-model folder on this node that answers as base + the adapter in `adapter_folder` (a local folder, e.g.
     staged by `local_model_path`): merged once per content (`load_model`'s float32 merge, then cast to `dtype`) and
-    renamed into place under a file lock, so the replicas of one node merge it once and nobody loads half of it."""
+    renamed into place under a file lock (`build_once`), so the replicas of one node merge it once and nobody loads
+    half of it."""
     root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "merged"
     target = root / merged_model_key(adapter_folder, dtype)
-    if (target / _COMPLETE_MARKER).is_file():
-        return str(target)
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{target.name}.lock")):
-        if (target / _COMPLETE_MARKER).is_file():
-            return str(target)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
-        try:
-            started = time.perf_counter()
-            load_model(adapter_folder, dtype, trust_remote_code, cache_dir).save_pretrained(staging)
-            load_tokenizer(adapter_folder, trust_remote_code, cache_dir).save_pretrained(staging)
-            (staging / _COMPLETE_MARKER).write_text(json.dumps(
-                {"source": adapter_folder, "merged": True, "seconds": round(time.perf_counter() - started, 2)}))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+
+    def merge(staging: Path) -> dict:
+        load_model(adapter_folder, dtype, trust_remote_code, cache_dir).save_pretrained(staging)
+        load_tokenizer(adapter_folder, trust_remote_code, cache_dir).save_pretrained(staging)
+        return {"source": adapter_folder, "merged": True}
+
+    build_once(target, merge)
     return str(target)
 
 
