@@ -100,14 +100,13 @@ def pipeline(config, model_path: str, output_dir: str) -> dict:
     seconds = time.perf_counter() - started
     rows = {r["prompt_id"]: r["generated_token_ids"][0] for r in result.dataset.take_all()}
     summary = result.summary
-    tokens = summary["generated_tokens"]
+    tokens = summary.generated_tokens
     gen = config.generation
     return {
         "seconds_end_to_end": round(seconds, 2), "generated_tokens": tokens,
         "tokens_per_second": round(tokens / seconds, 2),
-        "startup_seconds": summary["startup_seconds"], "engine_seconds": summary["engine_seconds"],
-        "reference_seconds": summary["reference_seconds"],
-        "engine_tokens_per_second": summary.get("engine_tokens_per_second"),
+        "startup_seconds": summary.startup_seconds, "engine_seconds": summary.engine_seconds,
+        "reference_seconds": summary.reference_seconds, "engine_tokens_per_second": summary.engine_tokens_per_second,
         "settings": {k: getattr(gen, k) for k in ("engine", "batch_size", "replicas", "cpus_per_replica",
                                                   "threads_per_replica", "shard_rows", "fuse_reference")},
         "answers_by_id": rows,

@@ -169,22 +169,22 @@ def check_setting(name: str, overrides: list[str], model_dir: Path, device: str,
                     WorkerContext(0, 1, torch.device(device)))
     log = read_metrics_log(str(folder / name / "train"))
     shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
-    run = training_shape(config, 1, summary["activation_checkpointing"], summary["sharded_accumulation"])
+    run = training_shape(config, 1, summary.activation_checkpointing, summary.sharded_accumulation)
     step_flops = micro_batch_flops(shape, run) * (global_batch // micro_batch)
     seconds = statistics.median(line["seconds"] for line in log[1:] or log)  # step 1 warms the kernels up
     peak = ACCELERATORS[accelerator].peak_tflops * 1e12 if accelerator in ACCELERATORS else None
-    checked = summary.get("plan_check", {})
+    checked = summary.plan_check
     memory = checked.get("peak_memory", {})
     return {
         "setting": name, "overrides": overrides, "compute_dtype": COMPUTE_DTYPE[device],
-        "steps": summary["steps"], "tokens_per_second": round(summary["training_tokens_per_second"] or 0, 1),
+        "steps": summary.steps, "tokens_per_second": round(summary.training_tokens_per_second or 0, 1),
         "step_seconds": round(seconds, 4), "planned_step_seconds": checked.get("step_seconds", {}).get("planned"),
         "mfu": round(step_flops / seconds / peak, 3) if peak else None,
         "measured_peak_gib": round(memory["measured"] / 2**30, 3) if memory else None,
         "planned_peak_gib": round(memory["planned"] / 2**30, 3) if memory else None,
         "memory_error": memory.get("error"),
         "reference_gap": log[0].get("reference_gap"),
-        "activation_checkpointing": summary["activation_checkpointing"],
+        "activation_checkpointing": summary.activation_checkpointing,
         "attention_ops": attention_ops(model_dir, device, config_overrides(config), prompt, answer),
         "seconds": round(time.perf_counter() - started, 1),
     }

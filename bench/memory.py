@@ -141,8 +141,8 @@ def _worker(rank: int, world: int, port: int, job: dict, results) -> None:
     summary = train(config, job["rows"], job["model"], job["train_dir"], job["export_dir"],
                     WorkerContext(rank, world, on_step=on_step))
     results[rank] = {"rss_start": rss_start, **marks, "train_peak": _status("VmHWM"),
-                     "tokens_per_second": summary["training_tokens_per_second"],
-                     "training_seconds": summary["training_seconds"], "steps": summary["steps"]}
+                     "tokens_per_second": summary.training_tokens_per_second,
+                     "training_seconds": summary.training_seconds, "steps": summary.steps}
     if world > 1:
         dist.destroy_process_group()
 

@@ -44,8 +44,8 @@ def trial(model: str, shape: str, shared: bool, scratch: str) -> dict:
     summary = train(config, rows, model, os.path.join(where, "train"), os.path.join(where, "model"))
     with open(os.path.join(where, "train", "metrics.jsonl")) as handle:
         losses = [json.loads(line)["loss"] for line in handle]
-    return {"tokens_per_second": summary["training_tokens_per_second"], "seconds": summary["training_seconds"],
-            "steps": summary["steps"], "losses": losses}
+    return {"tokens_per_second": summary.training_tokens_per_second, "seconds": summary.training_seconds,
+            "steps": summary.steps, "losses": losses}
 
 
 def main() -> int:

@@ -12,7 +12,7 @@ from spin_ray import __version__
 from spin_ray.config import ConfigError, load_config
 from spin_ray.data.prepare import check_inputs, format_summary, validate
 from spin_ray.data.records import DataError
-from spin_ray.generation.pipeline import format_generation_summary, run_generation
+from spin_ray.generation.pipeline import run_generation
 from spin_ray.generation.shards import GenerationError, parquet_files, shards_dataset
 from spin_ray.logs import quiet_library_logs
 from spin_ray.models.adapters import ADAPTER_CONFIG, AdapterError, adapter_base
@@ -118,7 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _init_ray(args.address)
     model = resolve_model(config.model.name, config.model.cache_dir).path
     result = run_generation(config, model, layout.generation(0))
-    print(format_generation_summary(result.summary))
+    print(result.summary.line())
     print(f"output: {result.output_dir}")
     return 0
 
@@ -135,9 +135,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     pairs = shards_dataset(parquet_files(args.pairs)).materialize()
     summary = run_training(config, pairs, model.path, layout.train(args.iteration), layout.model(args.iteration),
                            source=args.pairs)
-    keys = ("steps", "resumed_from_step", "loss", "rewards/margins", "rewards/accuracies", "seconds")
-    print("training: " + ", ".join(f"{k} {summary[k]}" for k in keys if k in summary))
-    print(f"model: {summary['export_dir']}")
+    shown = {"steps": summary.steps, "resumed_from_step": summary.resumed_from_step, "loss": summary.loss,
+             **{k: summary.last_step[k] for k in ("rewards/margins", "rewards/accuracies") if k in summary.last_step},
+             "seconds": summary.seconds}
+    print("training: " + ", ".join(f"{k} {v}" for k, v in shown.items() if v is not None))
+    print(f"model: {summary.export_dir}")
     return 0
 
 

@@ -41,6 +41,7 @@ from spin_ray.generation.shards import (
     write_completion,
 )
 from spin_ray.generation.stages import REFERENCE_COLUMNS
+from spin_ray.generation.summary import Completion, GenerationSummary
 from spin_ray.models.resolution import load_tokenizer
 
 # Ray 2.60's map_batches takes bounded actor restarts (max_restarts, max_task_retries) only as extra remote
@@ -58,7 +59,7 @@ RowStage = Callable[[object], object]
 class GenerationResult:
     output_dir: str
     dataset: object  # ray.data.Dataset, materialized in the object store
-    summary: dict
+    summary: GenerationSummary
     generated_now: bool = False  # answered by this call (else read back, complete, from an earlier one)
 
 
@@ -106,8 +107,8 @@ def run_pass(config: Config, model: str, tasks: list[PassTask], preference_stage
         done = read_completion(task.output_dir)
         if done is not None:
             log.info("generation already complete: %s", task.output_dir)
-            results[index] = GenerationResult(task.output_dir, shards_dataset(done["shards"]).materialize(),
-                                              done["summary"])
+            results[index] = GenerationResult(task.output_dir, shards_dataset(done.shards).materialize(),
+                                              done.summary)
             continue
         split = _load_prompts(task.config, model, task.source)
         expected = split.records.column("prompt_id").to_pylist()
@@ -155,10 +156,10 @@ def run_pass(config: Config, model: str, tasks: list[PassTask], preference_stage
     starts, startup = engine_startups(new_shards)
     for index, task, split, shards, todo in verified:
         expected = split.records.num_rows
-        summary = {**_summarise(task.config, shards, split, model, seconds, len(todo), preference_stage is not None),
-                   "engine_starts": starts, "pass_startup_seconds": startup, "pass_prompt_sets": len(tasks),
-                   **shutdowns}
-        write_completion(task.output_dir, shards, summary)
+        summary = _summarise(task.config, shards, split, model, seconds, len(todo), preference_stage is not None,
+                             engine_starts=starts, pass_startup_seconds=startup, pass_prompt_sets=len(tasks),
+                             **shutdowns)
+        write_completion(task.output_dir, Completion(shards, summary))
         # Rows generated now are already in the object store (one set answered whole); else they are read back once.
         whole = len(tasks) == 1 and len(todo) == expected
         dataset = new_rows if whole else shards_dataset(shards).materialize()
@@ -349,38 +350,38 @@ def _verify(output_dir: str, expected: set[str]) -> list[str]:
 
 
 def _summarise(config: Config, shards: list[str], split: TokenizedSplit, model: str, seconds: float,
-               generated_now: int, with_oracle: bool) -> dict:
-    """Counts, lengths and timings of a completed generation folder (only the columns they need are read)."""
+               generated_now: int, with_oracle: bool, **pass_counts) -> GenerationSummary:
+    """Counts, lengths and timings of a completed generation folder (only the columns they need are read);
+    `pass_counts` are the engine pass's (engine starts, their start-up seconds, prompt sets, the tally's counts)."""
     gen = config.generation
     table = read_shards(shards, ["generated_tokens", "finish_reasons"])
     lengths = np.array([n for row in table.column("generated_tokens").to_pylist() for n in row])
     reasons = [r for row in table.column("finish_reasons").to_pylist() for r in row]
     total = int(lengths.sum()) if lengths.size else 0
     timings = shard_timings(shards)
-    summary = {
-        "prompts": table.num_rows,
-        "prompts_generated_this_run": generated_now,
-        "responses": int(lengths.size),
-        "generated_tokens": total,
-        "seconds": round(seconds, 2),
-        "tokens_per_second": round(total / seconds, 2) if seconds > 0 and generated_now == table.num_rows else None,
-        "mean_response_tokens": round(float(lengths.mean()), 1) if lengths.size else 0.0,
-        "max_response_tokens": int(lengths.max()) if lengths.size else 0,
-        "share_hit_max_new_tokens": round(reasons.count("length") / max(len(reasons), 1), 4),
-        "max_new_tokens": gen.max_new_tokens,
+    oracle = _oracle_summary(read_shards(shards, ["oracle_scores", "win_rates"])) if with_oracle else {}
+    return GenerationSummary(
+        prompts=table.num_rows,
+        prompts_generated_this_run=generated_now,
+        responses=int(lengths.size),
+        generated_tokens=total,
+        seconds=round(seconds, 2),
+        tokens_per_second=round(total / seconds, 2) if seconds > 0 and generated_now == table.num_rows else None,
+        mean_response_tokens=round(float(lengths.mean()), 1) if lengths.size else 0.0,
+        max_response_tokens=int(lengths.max()) if lengths.size else 0,
+        share_hit_max_new_tokens=round(reasons.count("length") / max(len(reasons), 1), 4),
+        max_new_tokens=gen.max_new_tokens,
         **timings,
-        "engine_tokens_per_second": round(total / timings["engine_seconds"], 2)
-        if timings["engine_seconds"] > 0
+        engine_tokens_per_second=round(total / timings["engine_seconds"], 2) if timings["engine_seconds"] > 0
         else None,
-        "engine": gen.engine,
-        "model": model,
-        "answers_per_prompt": gen.num_samples,
-        "overlong_dropped": split.lengths.dropped,
-        "overlong_truncated": split.lengths.truncated,
-    }
-    if with_oracle:
-        summary.update(_oracle_summary(read_shards(shards, ["oracle_scores", "win_rates"])))
-    return summary
+        engine=gen.engine,
+        model=model,
+        answers_per_prompt=gen.num_samples,
+        overlong_dropped=split.lengths.dropped,
+        overlong_truncated=split.lengths.truncated,
+        **oracle,
+        **pass_counts,
+    )
 
 
 def _oracle_summary(table: pa.Table) -> dict:
@@ -393,20 +394,3 @@ def _oracle_summary(table: pa.Table) -> dict:
         "oracle_mean_score": round(float(np.mean(flat)), 4) if flat else None,
         "oracle_all_tied_share": round(sum(max(r) - min(r) < 1e-9 for r in rates) / len(rates), 4) if rates else None,
     }
-
-
-def format_generation_summary(summary: dict) -> str:
-    tps = summary["tokens_per_second"]
-    engine_tps = summary.get("engine_tokens_per_second")
-    return (
-        f"generation ({summary.get('engine', 'hf')}): {summary['prompts']} prompts "
-        f"({summary['prompts_generated_this_run']} generated this run), "
-        f"{summary['generated_tokens']:,} tokens in {summary['seconds']}s"
-        + (f" = {tps} tok/s end to end" if tps else "")
-        + f"; engines {summary.get('engine_seconds', 0)}s"
-        + (f" ({engine_tps} tok/s)" if engine_tps else "")
-        + f", start-up {summary.get('startup_seconds', 0)}s,"
-        + f" reference {summary.get('reference_seconds', 0)}s of actor time"
-        + f"; response tokens mean {summary['mean_response_tokens']}, max {summary['max_response_tokens']}; "
-        f"{summary['share_hit_max_new_tokens']:.1%} hit max_new_tokens ({summary['max_new_tokens']})"
-    )

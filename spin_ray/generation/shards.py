@@ -14,6 +14,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spin_ray.generation.summary import Completion
 from spin_ray.storage import atomic_write_bytes, atomic_write_json, filesystem, find_files, join, list_dir, read_json
 
 COMPLETE_MARKER = "_COMPLETE.json"
@@ -165,10 +166,11 @@ def shards_dataset(files: list[str]):
     return ray.data.from_arrow_refs([read.remote(file) for file in files])
 
 
-def read_completion(output_dir: str) -> dict | None:
-    """The completion record ({shards, summary}) of a finished generation folder, else None."""
-    return read_json(join(output_dir, COMPLETE_MARKER))
+def read_completion(output_dir: str) -> Completion | None:
+    """The completion record of a finished generation folder, else None."""
+    record = read_json(join(output_dir, COMPLETE_MARKER))
+    return None if record is None else Completion.from_record(record)
 
 
-def write_completion(output_dir: str, shards: list[str], summary: dict) -> None:
-    atomic_write_json(join(output_dir, COMPLETE_MARKER), {"shards": shards, "summary": summary})
+def write_completion(output_dir: str, completion: Completion) -> None:
+    atomic_write_json(join(output_dir, COMPLETE_MARKER), completion.to_record())

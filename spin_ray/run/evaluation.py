@@ -196,8 +196,8 @@ def finish_evaluation(pending: PendingEvaluation, result) -> dict:
         "nll_per_token": _mean(scores.column("nll_per_token").to_pylist()),
         "mean_answer_tokens": _mean(scores.column("answer_tokens").to_pylist()),
         "share_hit_max_new_tokens": _mean(scores.column("hit_max_new_tokens").to_pylist()),
-        "generation_seconds": result.summary["seconds"],
-        "generation_tokens_per_second": result.summary.get("tokens_per_second"),
+        "generation_seconds": result.summary.seconds,
+        "generation_tokens_per_second": result.summary.tokens_per_second,
         "answers": result.output_dir,
     }
     if opponent_answers is not None:

@@ -41,6 +41,7 @@ from spin_ray.training.data import Schedule, examples_from_rows
 from spin_ray.training.measure import PeakMemory, predict_phase, resident_now, settle_cpu_rate
 from spin_ray.training.parallel import DTYPES, compute_context, load_for_training, set_accumulating
 from spin_ray.training.reference import trainer_reference
+from spin_ray.training.summary import TrainingSummary
 
 
 @dataclass
@@ -164,7 +165,7 @@ def train(
     source: str = "pairs",
     early_stop: EarlyStop | None = None,
     merged_dir: str | None = None,
-) -> dict:
+) -> TrainingSummary:
     """Train one iteration on `rows` (generation-stage rows) starting from `model_path`; resume if a
     checkpoint is committed under `train_dir`. Returns the final summary (on every rank). With `early_stop`, the
     validation NLL is measured at each epoch's end (`validation_nll` in that step's record) and training ends once
@@ -211,7 +212,7 @@ class LoopState:
     pending: object | None = None  # a background save in flight
     checkpoint_seconds: float = 0.0  # what saving held training up
     tokens_this_run: float = 0.0
-    summary: dict = field(default_factory=dict)  # the last step's metrics
+    last_step: dict = field(default_factory=dict)  # the last step's metrics
     stopping: bool = False
 
     @property
@@ -365,7 +366,7 @@ def end_step(run: LoopState, step: int, metrics: dict) -> None:
             export_hf(run.model, run.tokenizer, join(run.train_dir, "best_model"), context.rank,
                       run.config.model.dtype)
         run.stopping = len(run.history) - 1 - run.history.index(min(run.history)) >= run.patience
-    run.summary = metrics
+    run.last_step = metrics
     if context.rank == 0:
         global_indices = run.schedule.global_batch(step)
         run.log.append({**metrics, "world_size": context.world_size,
@@ -405,7 +406,7 @@ def checkpoint_if_due(run: LoopState, done: int) -> None:
     run.checkpoint_seconds += time.monotonic() - blocked
 
 
-def finish(run: LoopState, export_dir: str, merged_dir: str | None) -> dict:
+def finish(run: LoopState, export_dir: str, merged_dir: str | None) -> TrainingSummary:
     """The last background save committed, the plan checked, the model exported (the best epoch's where a later
     one was worse on validation; with LoRA the adapter, and `merged_dir` the merged model), the checkpoints dropped;
     returns the phase's summary."""
@@ -432,29 +433,29 @@ def finish(run: LoopState, export_dir: str, merged_dir: str | None) -> dict:
     if merged_dir and is_adapted(run.model):
         export_merged(export_dir, merged_dir, config.model.dtype, config.model.trust_remote_code, context.rank)
     drop_checkpoints(run.train_dir, context.rank)
-    return {
-        **run.summary,
-        **stopped,
+    return TrainingSummary(
+        export_dir=export_dir,
+        steps=run.last_step.get("step", run.schedule.total_steps) if stopped else run.schedule.total_steps,
+        resumed_from_step=run.start_step,
+        pairs=len(run.examples),
+        pairs_left_out_per_epoch=len(run.examples) - run.schedule.steps_per_epoch * training.global_batch_size,
+        last_step=run.last_step,
+        seconds=round(time.perf_counter() - run.started, 2),
+        setup_seconds=round(run.setup_seconds, 2),
+        training_seconds=round(train_seconds, 2),
+        checkpoint_seconds=round(run.checkpoint_seconds, 2),  # what saving held training up, not background writes
+        export_seconds=round(time.perf_counter() - export_started, 2),
+        training_tokens_per_second=round(run.tokens_this_run / train_seconds, 1) if run.tokens_this_run else None,
+        compute_dtype=training.compute_dtype,
+        lora_rank=run.model.peft_config["default"].r if is_adapted(run.model) else 0,
+        trainable_parameters=trainable_parameters(run.model),
+        activation_checkpointing=run.memory_layout.activation_checkpointing,
+        sharded_accumulation=run.memory_layout.sharded_accumulation,
+        reference_source=config.reference_source if run.algorithm.uses_reference(config) else None,
+        plan_check=checked,
         **run.reference,
-        "reference_source": config.reference_source if run.algorithm.uses_reference(config) else None,
-        "training_tokens_per_second": round(run.tokens_this_run / train_seconds, 1) if run.tokens_this_run else None,
-        "setup_seconds": round(run.setup_seconds, 2),
-        "compute_dtype": training.compute_dtype,
-        "lora_rank": run.model.peft_config["default"].r if is_adapted(run.model) else 0,
-        "trainable_parameters": trainable_parameters(run.model),
-        "activation_checkpointing": run.memory_layout.activation_checkpointing,
-        "sharded_accumulation": run.memory_layout.sharded_accumulation,
-        "training_seconds": round(train_seconds, 2),
-        "checkpoint_seconds": round(run.checkpoint_seconds, 2),  # what saving held training up (not background writes)
-        **({"plan_check": checked} if checked else {}),
-        "export_seconds": round(time.perf_counter() - export_started, 2),
-        "steps": run.summary.get("step", run.schedule.total_steps) if stopped else run.schedule.total_steps,
-        "resumed_from_step": run.start_step,
-        "pairs": len(run.examples),
-        "pairs_left_out_per_epoch": len(run.examples) - run.schedule.steps_per_epoch * training.global_batch_size,
-        "seconds": round(time.perf_counter() - run.started, 2),
-        "export_dir": export_dir,
-    }
+        **stopped,
+    )
 
 
 class CheckpointCadence:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -13,9 +14,10 @@ from collections.abc import Callable
 from spin_ray.config import Config, build_config
 from spin_ray.logs import quiet_library_logs
 from spin_ray.objectives.algorithms import TrainingDataError, objective
-from spin_ray.storage import atomic_write_json, is_local, join, read_json, remove
+from spin_ray.storage import atomic_write_json, is_local, join, remove
 from spin_ray.training.checkpoint import export_complete
 from spin_ray.training.parallel import process_group_backend
+from spin_ray.training.summary import SUMMARY, TrainingSummary, read_summary
 
 
 def _quiet_per_report_lines() -> None:
@@ -81,8 +83,8 @@ def _worker_entry(loop_config: dict) -> None:
     if rank == 0:
         # Ray Data's streaming read of the pairs into this worker: with the model load (`setup_seconds`) and Ray
         # Train's worker-group start, part of a training phase's fixed cost
-        summary["ingest_seconds"] = round(ingest_seconds, 2)
-        atomic_write_json(join(loop_config["train_dir"], "summary.json"), summary)
+        summary = dataclasses.replace(summary, ingest_seconds=round(ingest_seconds, 2))
+        atomic_write_json(join(loop_config["train_dir"], SUMMARY), summary.to_record())
 
 
 def validate_pairs(config: Config, dataset, source: str) -> None:
@@ -125,18 +127,19 @@ def _ray_train_storage(train_dir: str) -> str:
 
 def run_training(config: Config, dataset, model_path: str, train_dir: str, export_dir: str, source: str = "pairs",
                  on_step: Callable | None = None, validation=None, patience: int = 1,
-                 merged_dir: str | None = None) -> dict:
+                 merged_dir: str | None = None) -> TrainingSummary:
     """Train the model at `model_path` (p_t) into `export_dir` (p_{t+1}) on a Ray Dataset of pairs; resumes from the
-    last checkpoint committed under `train_dir` (also home of metrics.jsonl and summary.json), and returns at
-    once if the export is already complete. `on_step(step, context, train_dir)` runs on every worker before
-    each optimizer step. `validation` (a Ray Dataset of SFT rows) turns on early stopping (loop.EarlyStop). With
-    LoRA, `merged_dir` receives the merged model beside the adapter export."""
+    last checkpoint committed under `train_dir` (also home of metrics.jsonl and summary.json), and returns its
+    summary at once if an earlier call finished (the export complete, the summary written). `on_step(step, context,
+    train_dir)` runs on every worker before each optimizer step. `validation` (a Ray Dataset of SFT rows) turns on
+    early stopping (loop.EarlyStop). With LoRA, `merged_dir` receives the merged model beside the adapter export."""
     import ray.train
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if export_complete(export_dir):
-        return read_json(join(train_dir, "summary.json")) or {"export_dir": export_dir}
+    done = read_summary(train_dir)
+    if done is not None and export_complete(export_dir):
+        return done
     training = config.training
     validate_pairs(config, dataset, source)
     low, high = training.num_workers
@@ -176,7 +179,7 @@ def run_training(config: Config, dataset, model_path: str, train_dir: str, expor
             raise TrainingDataError(refused) from None
         raise
     remove(join(train_dir, WORKER_GROUP))  # Ray Train removed the group with the finished fit
-    summary = read_json(join(train_dir, "summary.json"))
+    summary = read_summary(train_dir)
     if summary is None or not export_complete(export_dir):
         raise RuntimeError(f"training into {export_dir} ended without an export")
     return summary
@@ -188,11 +191,11 @@ class TrainingRun:
     attempt
     end all of them by name."""
 
-    def fit(self, arguments: dict) -> dict:
+    def fit(self, arguments: dict) -> TrainingSummary:
         return run_training(**arguments)
 
 
-def run_training_named(actor_options: dict, **arguments) -> dict:
+def run_training_named(actor_options: dict, **arguments) -> TrainingSummary:
     """`run_training(**arguments)` in a TrainingRun actor with `actor_options` (its name and namespace), on this node
     (Ray Train's controller runs on its starter's node); the actor is ended once the phase is. A user error (bad pairs,
     a refused stage) comes back as itself, not wrapped in Ray's task error."""

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 def _greedy_answers(answers_dir: str) -> dict[str, list[int]]:
     from spin_ray.generation.shards import read_completion, read_shards
 
-    table = read_shards(read_completion(answers_dir)["shards"], ["prompt_id", "generated_token_ids"])
+    table = read_shards(read_completion(answers_dir).shards, ["prompt_id", "generated_token_ids"])
     return {pid: answers[0] for pid, answers in zip(table.column("prompt_id").to_pylist(),
                                                     table.column("generated_token_ids").to_pylist(), strict=True)}
 
@@ -63,7 +63,7 @@ def test_a_lora_demo_run_serves_base_plus_adapter_merged_as_vllm_lora_requests_d
         "generation": config.generation.model_copy(update={"lora_serving": "adapter"})}))
     requested = run_generation(as_adapter, str(adapter), str(tmp_path / "adapter_answers"), source=config.data.eval,
                                score_reference=False)
-    assert requested.summary["prompts"] == 8
+    assert requested.summary.prompts == 8
     through_lora = _greedy_answers(str(tmp_path / "adapter_answers"))
     assert len(merged_answers) == len(through_lora) == 8
     same = sum(merged_answers[pid] == through_lora[pid] for pid in through_lora)

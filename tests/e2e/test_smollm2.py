@@ -77,7 +77,7 @@ def test_generation_on_16_gsm8k_prompts(ray_session, smollm2_path, tmp_path, eng
     )
     result = run_generation(config, smollm2_path, RunLayout.of(config).generation(0))
     rows = result.dataset.take_all()
-    kept = 16 - result.summary["overlong_dropped"]  # the drop policy may remove a long human answer
+    kept = 16 - result.summary.overlong_dropped  # the drop policy may remove a long human answer
     assert kept >= 14 and len(rows) == kept and len({r["prompt_id"] for r in rows}) == kept
     for row in rows:
         text = row["generated"][0]
@@ -86,9 +86,9 @@ def test_generation_on_16_gsm8k_prompts(ray_session, smollm2_path, tmp_path, eng
             assert marker not in text
         assert row["ref_logp_real"] < 0 and row["ref_logp_generated"][0] < 0
     summary = result.summary
-    assert summary["engine"] == engine and all(r["engine"] == engine for r in rows)
-    assert summary["generated_tokens"] == sum(r["generated_tokens"][0] for r in rows)
-    assert 0 < summary["mean_response_tokens"] <= 64 and summary["tokens_per_second"] > 0
+    assert summary.engine == engine and all(r["engine"] == engine for r in rows)
+    assert summary.generated_tokens == sum(r["generated_tokens"][0] for r in rows)
+    assert 0 < summary.mean_response_tokens <= 64 and summary.tokens_per_second > 0
 
 
 @pytest.mark.ray
@@ -111,9 +111,9 @@ def test_training_two_steps_on_real_gsm8k_pairs(ray_session, smollm2_path, tmp_p
     layout = RunLayout.of(config)
     rows = run_generation(config, smollm2_path, layout.generation(0)).dataset
     summary = run_training(config, rows, smollm2_path, layout.train(0), layout.model(0))
-    assert summary["steps"] == 2 and summary["pairs"] >= 8
+    assert summary.steps == 2 and summary.pairs >= 8
 
-    exported = summary["export_dir"]
+    exported = summary.export_dir
     model, tokenizer = load_model(exported), load_tokenizer(exported)
     chat = ChatFormat(tokenizer)
     pairs = rows.take_all()

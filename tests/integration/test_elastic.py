@@ -59,8 +59,8 @@ def test_losing_a_node_shrinks_the_worker_group_and_the_run_finishes(two_node_cl
 
     threading.Thread(target=lose_a_node, daemon=True).start()
     summary = run_training(config, ray.data.from_items(rows).materialize(), tiny_model_dir, train_dir, layout.model(0))
-    assert removed["after_step"] >= 3 and summary["steps"] == 8
-    assert summary["resumed_from_step"] >= 2  # restarted from a committed checkpoint, not from scratch
+    assert removed["after_step"] >= 3 and summary.steps == 8
+    assert summary.resumed_from_step >= 2  # restarted from a committed checkpoint, not from scratch
     log = read_metrics_log(train_dir)
     assert [line["step"] for line in log] == list(range(1, 9))
     sizes = [line["world_size"] for line in log]

@@ -68,12 +68,12 @@ def test_every_prompt_once_with_exact_reference_logps(ray_session, tmp_path, tin
     rows = result.dataset.take_all()
     ids = [r["prompt_id"] for r in rows]
     assert len(ids) == 12 and len(set(ids)) == 12
-    assert result.summary["prompts"] == 12 and result.summary["responses"] == 12
+    assert result.summary.prompts == 12 and result.summary.responses == 12
     assert os.path.exists(os.path.join(result.output_dir, COMPLETE_MARKER))
     assert len(committed_shards(result.output_dir)) == 3  # 12 prompts / 4 per shard
     # two replicas: the one that answered the last shard freed its engine before the pass returned; the other one
     # is gone with its process soon after
-    assert result.summary["engines_started"] == 2 and result.summary["engines_shut_down"] >= 1
+    assert result.summary.engines_started == 2 and result.summary.engines_shut_down >= 1
     assert _engine_processes_gone(within_s=30)
 
     model = load_model(tiny_model_dir)
@@ -98,7 +98,7 @@ def test_resume_generates_only_the_missing_prompts(ray_session, tmp_path, tiny_m
     # The separate reference pool (the layout the vLLM engine uses) must give the same log-probs.
     config = _config(tmp_path, tiny_model_dir, run="resume", **{"generation.fuse_reference": False})
     first = run_generation(config)
-    assert first.summary["reference_seconds"] > 0 and first.summary["engine_seconds"] > 0
+    assert first.summary.reference_seconds > 0 and first.summary.engine_seconds > 0
     fused = {
         r["prompt_id"]: r for r in run_generation(_config(tmp_path, tiny_model_dir, run="fused")).dataset.take_all()
     }
@@ -110,8 +110,8 @@ def test_resume_generates_only_the_missing_prompts(ray_session, tmp_path, tiny_m
     os.remove(shards[1])
     os.remove(os.path.join(first.output_dir, COMPLETE_MARKER))
     resumed = run_generation(config)
-    assert resumed.summary["prompts_generated_this_run"] == 4
-    assert resumed.summary["prompts"] == 12
+    assert resumed.summary.prompts_generated_this_run == 4
+    assert resumed.summary.prompts == 12
     ids = [r["prompt_id"] for r in resumed.dataset.take_all()]
     assert sorted(ids) == sorted(r["prompt_id"] for r in first.dataset.take_all())
 
@@ -193,11 +193,11 @@ def test_vllm_engine_answers_as_the_hf_engine_with_exact_reference_logps(ray_ses
         assert torch.allclose(torch.tensor([r["also_scored_logps"][k] for r in rows], dtype=torch.float32), expected,
                               atol=1e-4)
     summary = result.summary
-    assert summary["engine"] == "vllm" and summary["startup_seconds"] > 0 and summary["engine_seconds"] > 0
-    assert summary["engine_tokens_per_second"] > 0 and summary["prompts"] == 12
+    assert summary.engine == "vllm" and summary.startup_seconds > 0 and summary.engine_seconds > 0
+    assert summary.engine_tokens_per_second > 0 and summary.prompts == 12
     # the replica that answered the last shard shut its engine down before the pass returned, and no engine
     # process is left after it (its engine core ran in the replica's own process)
-    assert summary["engines_started"] == summary["engines_shut_down"] == 1
+    assert summary.engines_started == summary.engines_shut_down == 1
     assert _engine_processes_gone(within_s=30)
 
 
@@ -232,7 +232,7 @@ def test_killed_engine_actor_still_gives_one_row_per_prompt(ray_session, tmp_pat
     assert killed, "no engine actor was killed mid-run; the test proved nothing"
     ids = [r["prompt_id"] for r in result.dataset.take_all()]
     assert len(ids) == 24 and len(set(ids)) == 24
-    assert result.summary["prompts"] == 24
+    assert result.summary.prompts == 24
 
 
 def test_bad_input_is_refused(ray_session, tmp_path, tiny_model_dir):
@@ -246,8 +246,8 @@ def test_bad_input_is_refused(ray_session, tmp_path, tiny_model_dir):
         run_generation(too_long)
     some_long = _config(tmp_path, tiny_model_dir, run="somelong", **{"data.max_prompt_tokens": 44})
     result = run_generation(some_long)
-    assert result.summary["overlong_dropped"] > 0
-    assert result.summary["prompts"] == 12 - result.summary["overlong_dropped"]
+    assert result.summary.overlong_dropped > 0
+    assert result.summary.prompts == 12 - result.summary.overlong_dropped
     with pytest.raises(Exception, match="generation.engine"):
         load_config(overrides=["generation.engine=tgi"])
 
@@ -269,7 +269,7 @@ def test_one_engine_pass_answers_several_prompt_sets_as_separate_passes_would(ra
 
     apart = [pipeline.run_pass(config, varied_model_dir, [task])[0] for task in tasks(tmp_path / "apart")]
     together = pipeline.run_pass(config, varied_model_dir, tasks(tmp_path / "together"))
-    assert together[0].summary["engine_starts"] == 1 == together[1].summary["engine_starts"]
+    assert together[0].summary.engine_starts == 1 == together[1].summary.engine_starts
     columns = ["prompt_id", "generated_token_ids", "ref_logp_real", "ref_logp_generated", "sampling"]
     for one, other in zip(apart, together, strict=True):
         a = read_shards(committed_shards(one.output_dir), columns).sort_by("prompt_id").to_pydict()
@@ -288,7 +288,7 @@ def test_one_engine_pass_answers_several_prompt_sets_as_separate_passes_would(ra
         os.remove(sorted(committed_shards(result.output_dir))[0])
     again = pipeline.run_pass(config, varied_model_dir, tasks(tmp_path / "together"))
     for before, after in zip(together, again, strict=True):
-        assert after.summary["prompts_generated_this_run"] == 4 and after.summary["prompts"] == 12
+        assert after.summary.prompts_generated_this_run == 4 and after.summary.prompts == 12
         ids = read_shards(committed_shards(after.output_dir), ["prompt_id"]).column("prompt_id").to_pylist()
         assert sorted(ids) == sorted(before.dataset.unique("prompt_id")) and len(ids) == len(set(ids)) == 12
 

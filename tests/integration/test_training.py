@@ -70,11 +70,11 @@ def test_killed_worker_resumes_to_the_same_weights(ray_session, tmp_path, tiny_m
     clean = _config(tmp_path, tiny_model_dir, "clean")
     pairs = _generate(clean, tiny_model_dir)
     reference = _train(clean, pairs, tiny_model_dir)
-    assert reference["steps"] == 4 and reference["resumed_from_step"] == 0
+    assert reference.steps == 4 and reference.resumed_from_step == 0
 
     faulty = _config(tmp_path, tiny_model_dir, "faulty")
     summary = _train(faulty, pairs, tiny_model_dir, on_step=fail_once_at(2))
-    assert summary["resumed_from_step"] == 2  # the restarted group loaded the step-2 checkpoint
+    assert summary.resumed_from_step == 2  # the restarted group loaded the step-2 checkpoint
     log = read_metrics_log(_dir(faulty, "train"))
     assert [line["step"] for line in log] == [1, 2, 3, 4]
     for epoch in (0, 1):
@@ -86,7 +86,7 @@ def test_killed_worker_resumes_to_the_same_weights(ray_session, tmp_path, tiny_m
     assert faulty.training.nll_weight == 0.2  # SPIN's recommended default
     assert log[0]["loss"] == pytest.approx(0.6931 + 0.2 * log[0]["nll/real"], abs=1e-3)
     # a finished iteration is not trained again
-    assert _train(faulty, pairs, tiny_model_dir)["steps"] == 4
+    assert _train(faulty, pairs, tiny_model_dir).steps == 4
 
 
 def test_checkpoint_of_2_workers_resumes_with_1(ray_session, tmp_path, tiny_model_dir):
@@ -98,7 +98,7 @@ def test_checkpoint_of_2_workers_resumes_with_1(ray_session, tmp_path, tiny_mode
     assert [line["step"] for line in read_metrics_log(train_dir)] == [1, 2]  # died entering step 3
     one = _config(tmp_path, tiny_model_dir, "reshard", **{"training.num_workers": "[1,1]"})
     summary = _train(one, pairs, tiny_model_dir)
-    assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
+    assert summary.resumed_from_step == 2 and summary.steps == 4
     log = read_metrics_log(train_dir)
     assert [line["step"] for line in log] == [1, 2, 3, 4]  # the loss continues from step 3, nothing redone twice
     clean = _config(tmp_path, tiny_model_dir, "reshard-clean")
@@ -138,10 +138,10 @@ def test_one_step_single_process_equals_two_fsdp_workers(ray_session, tmp_path, 
     single_dir = tmp_path / "single"
     alone = train(config, pairs.take_all(), tiny_model_dir, str(single_dir / "train"), str(single_dir / "model"))
     fsdp = _train(config, pairs, tiny_model_dir)  # 2 gloo workers, FSDP2
-    assert alone["steps"] == fsdp["steps"] == 1
-    assert fsdp["loss"] == pytest.approx(alone["loss"], abs=1e-5)
-    assert fsdp["rewards/margins"] == pytest.approx(alone["rewards/margins"], abs=1e-5)
-    assert fsdp["grad_norm"] == pytest.approx(alone["grad_norm"], rel=1e-4)
+    assert alone.steps == fsdp.steps == 1
+    assert fsdp.loss == pytest.approx(alone.loss, abs=1e-5)
+    assert fsdp.last_step["rewards/margins"] == pytest.approx(alone.last_step["rewards/margins"], abs=1e-5)
+    assert fsdp.last_step["grad_norm"] == pytest.approx(alone.last_step["grad_norm"], rel=1e-4)
     before = _weights(tiny_model_dir)
     single, sharded = _weights(single_dir / "model"), _weights(_dir(config, "model"))
     assert not torch.allclose(single, before)  # the step did move the weights

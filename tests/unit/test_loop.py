@@ -138,18 +138,18 @@ def test_early_stop_keeps_the_best_epoch_and_stops_when_validation_nll_rises(tin
     )
     summary = train(config, rows, tiny_model_dir, str(tmp_path / "train"), str(tmp_path / "model"),
                     early_stop=EarlyStop(validation, patience=1))
-    history = summary["validation_nll_by_epoch"]
+    history = summary.validation_nll_by_epoch
     logged = [r["validation_nll"] for r in read_metrics_log(str(tmp_path / "train")) if "validation_nll" in r]
     assert logged == pytest.approx(history)
     exported = load_file(str(tmp_path / "model" / "model.safetensors"))
     best = load_file(str(tmp_path / "train" / "best_model" / "model.safetensors"))
     assert all(torch.equal(exported[k], best[k]) for k in exported)  # the export is the best epoch's weights
     if validation_like_training:  # improves every epoch: all 4 run, the last is the best
-        assert summary["epochs_run"] == 4 and summary["best_epoch"] == 4 and history == sorted(history, reverse=True)
-        assert summary["steps"] == 4
+        assert summary.epochs_run == 4 and summary.best_epoch == 4 and history == sorted(history, reverse=True)
+        assert summary.steps == 4
     else:  # worse after every epoch: epoch 1 is the best, epoch 2 is the one without a new best, then it stops
-        assert summary["epochs_run"] == 2 and summary["best_epoch"] == 1 and history[1] > history[0]
-        assert summary["steps"] == 2 and summary["validation_nll"] == pytest.approx(history[0], abs=1e-6)
+        assert summary.epochs_run == 2 and summary.best_epoch == 1 and history[1] > history[0]
+        assert summary.steps == 2 and summary.validation_nll == pytest.approx(history[0], abs=1e-6)
 
 
 def test_checkpoints_are_taken_while_training_and_dropped_once_the_model_is_exported(tiny_model_dir, chat, tmp_path):
@@ -165,7 +165,7 @@ def test_checkpoints_are_taken_while_training_and_dropped_once_the_model_is_expo
     context = WorkerContext(on_step=lambda step, _, where: seen.append(committed_steps(where)))
     summary = train(config, _sft_rows(chat, ["one", "two"], "t"), tiny_model_dir, train_dir, str(tmp_path / "model"),
                     context)
-    assert summary["steps"] == 3 and summary["setup_seconds"] > 0  # the load before step 1, reported apart
+    assert summary.steps == 3 and summary.setup_seconds > 0  # the load before step 1, reported apart
     assert seen == [[], [1], [2]]  # one per step before the last, only the newest kept
     assert export_complete(str(tmp_path / "model"))
     assert committed_steps(train_dir) == [] and not (tmp_path / "train" / "checkpoints").exists()
@@ -257,7 +257,7 @@ def test_a_stage_stopped_mid_way_resumes_to_the_uninterrupted_weights_with_backg
     committed = committed_steps(train_dir)
     assert committed and committed[-1] in ((2,) if asynchronous else (3,)) + ((3,) if asynchronous else ())
     resumed = train(config, rows, tiny_model_dir, train_dir, str(tmp_path / "cut" / "model"))
-    assert resumed["resumed_from_step"] == committed[-1] and resumed["steps"] == 4
+    assert resumed.resumed_from_step == committed[-1] and resumed.steps == 4
     expected = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
     got = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
     for key, value in expected.items():

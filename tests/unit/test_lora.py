@@ -47,7 +47,7 @@ def test_lora_trains_the_adapter_alone_exports_it_for_peft_and_trains_on_from_it
     rows = spin_rows(chat, tiny_model_dir)
     summary = train(config, rows, tiny_model_dir, str(tmp_path / "train"), str(tmp_path / "model"),
                     merged_dir=str(tmp_path / "merged"))
-    assert summary["lora_rank"] == 4 and summary["trainable_parameters"] == 8192 and summary["steps"] == 2
+    assert summary.lora_rank == 4 and summary.trainable_parameters == 8192 and summary.steps == 2
     exported = sorted(os.listdir(tmp_path / "model"))
     assert "adapter_model.safetensors" in exported and "adapter_config.json" in exported
     assert not any(name.startswith("model") for name in exported)  # no whole-model weights
@@ -69,7 +69,7 @@ def test_lora_trains_the_adapter_alone_exports_it_for_peft_and_trains_on_from_it
     # iteration 1: p_1 (base + adapter) scores its own references; training goes on from the adapter
     rows_1 = spin_rows(chat, str(tmp_path / "model"))
     next_summary = train(config, rows_1, str(tmp_path / "model"), str(tmp_path / "train_1"), str(tmp_path / "model_1"))
-    assert next_summary["steps"] == 2
+    assert next_summary.steps == 2
     first = json.loads((tmp_path / "train_1" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["reference_gap"] < 1e-5 and abs(first["rewards/margins"]) < 1e-5  # p_1 is its own reference
     assert adapter_base(str(tmp_path / "model_1")) == tiny_model_dir
@@ -96,7 +96,7 @@ def lora_on_ranks(rank, world, model_dir, rows, train_dir, export_dir, overrides
     from spin_ray.training.loop import WorkerContext, train
 
     summary = train(_config(model_dir, *overrides), rows, model_dir, train_dir, export_dir, WorkerContext(rank, world))
-    return {key: summary[key] for key in ("steps", "trainable_parameters")}
+    return {key: getattr(summary, key) for key in ("steps", "trainable_parameters")}
 
 
 def test_lora_on_two_fsdp2_ranks_loaded_by_rank0_trains_as_one_process(tiny_model_dir, chat, tmp_path):
@@ -112,8 +112,8 @@ def test_lora_on_two_fsdp2_ranks_loaded_by_rank0_trains_as_one_process(tiny_mode
                          train_dir=str(tmp_path / "two" / "train"), export_dir=str(tmp_path / "two" / "model"),
                           overrides=["training.load_on_rank0=true", "training.gradient_accumulation=sharded",
                                      "training.activation_checkpointing=true"])
-    assert summaries[0]["steps"] == one["steps"] == 2
-    assert summaries[0]["trainable_parameters"] == one["trainable_parameters"] == 8192  # global, not per shard
+    assert summaries[0]["steps"] == one.steps == 2
+    assert summaries[0]["trainable_parameters"] == one.trainable_parameters == 8192  # global, not per shard
     assert logged_losses(tmp_path / "two" / "train") == pytest.approx(logged_losses(tmp_path / "one" / "train"),
                                                                       abs=1e-5)
     alone = load_file(str(tmp_path / "one" / "model" / "adapter_model.safetensors"))
@@ -152,7 +152,7 @@ def test_a_lora_stage_interrupted_mid_iteration_resumes_to_the_uninterrupted_ada
     base_bytes = os.path.getsize(os.path.join(tiny_model_dir, "model.safetensors"))
     assert sizes["checkpoint"] < 0.1 * base_bytes  # adapters + AdamW moments of 8,192 parameters, twice kept
     summary = train(config, rows, tiny_model_dir, train_dir, str(tmp_path / "resumed" / "model"))
-    assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
+    assert summary.resumed_from_step == 2 and summary.steps == 4
     assert logged_losses(tmp_path / "resumed" / "train") == pytest.approx(logged_losses(tmp_path / "whole" / "train"),
                                                                           abs=1e-6)
     whole = load_file(str(tmp_path / "whole" / "model" / "adapter_model.safetensors"))

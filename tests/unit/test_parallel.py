@@ -47,7 +47,7 @@ def test_bf16_compute_steps_float32_master_weights_where_bf16_weights_round_ever
         config = _config(tiny_model_dir, f"training.compute_dtype={dtype}", "training.global_batch_size=1",
                          "training.epochs=3")
         summary = train(config, rows[:1], tiny_model_dir, str(out / "train"), str(out / "model"))
-        assert summary["steps"] == 3 and summary["compute_dtype"] == dtype
+        assert summary.steps == 3 and summary.compute_dtype == dtype
         after = load_file(str(out / "model" / "model.safetensors"))
         assert all(v.dtype == torch.float32 for v in after.values())
         assert _moved(before, after) >= 0.99, dtype
@@ -112,7 +112,7 @@ def test_the_reference_check_is_silent_on_a_true_reference_and_refuses_a_perturb
     config = _config(tiny_model_dir)
     summary = train(config, rows, tiny_model_dir, str(tmp_path / "ok" / "train"), str(tmp_path / "ok" / "model"))
     first = json.loads((tmp_path / "ok" / "train" / "metrics.jsonl").read_text().splitlines()[0])
-    assert 0 <= first["reference_gap"] < 1e-4 and summary["steps"] == 1  # padded fp32 scoring vs packed training
+    assert 0 <= first["reference_gap"] < 1e-4 and summary.steps == 1  # padded fp32 scoring vs packed training
 
     bad = [dict(row) for row in rows]
     answer_tokens = len(bad[2]["generated_token_ids"][0])
@@ -128,7 +128,7 @@ def test_the_reference_check_is_silent_on_a_true_reference_and_refuses_a_perturb
     # off: trains
     off = config.model_copy(update={"training": config.training.model_copy(update={"reference_check_tolerance": None})})
     assert (
-        train(off, bad, tiny_model_dir, str(tmp_path / "off" / "train"), str(tmp_path / "off" / "model"))["steps"] == 1
+        train(off, bad, tiny_model_dir, str(tmp_path / "off" / "train"), str(tmp_path / "off" / "model")).steps == 1
     )
 
 
@@ -183,7 +183,8 @@ def train_on_ranks(rank, world, model_dir, rows, train_dir, export_dir, override
                                 "training.global_batch_size=4", "training.micro_batch_size=1", "training.epochs=2",
                                 *overrides])
     summary = train(config, rows, model_dir, train_dir, export_dir, WorkerContext(rank, world))
-    return {key: summary[key] for key in ("steps", "sharded_accumulation", "activation_checkpointing", "compute_dtype")}
+    shown = ("steps", "sharded_accumulation", "activation_checkpointing", "compute_dtype")
+    return {key: getattr(summary, key) for key in shown}
 
 
 def test_sharded_accumulation_checkpointing_and_bf16_on_two_ranks_train_like_the_default(tiny_model_dir, chat,

@@ -76,10 +76,10 @@ def test_a_bf16_engines_reference_is_off_at_step_0_where_the_trainers_own_pass_i
             config, rows, tiny_model_dir, str(tmp_path / source / "train"), str(tmp_path / source / "model")
         )
         gaps[source] = _first_step(tmp_path / source / "train")["reference_gap"]
-        assert summary["reference_source"] == source
+        assert summary.reference_source == source
     assert gaps["engine"] > 1e-4
     assert gaps["trainer"] < 1e-7
-    assert summary["reference_pass"] == "scored" and summary["reference_pass_seconds"] > 0
+    assert summary.reference_pass == "scored" and summary.reference_pass_seconds > 0
 
     from spin_ray.objectives.algorithms import TrainingDataError
     from spin_ray.training.loop import train
@@ -93,7 +93,7 @@ def test_a_bf16_engines_reference_is_off_at_step_0_where_the_trainers_own_pass_i
     bare = [{k: v for k, v in row.items() if not k.startswith("ref_")} for row in rows]
     config = _config(tiny_model_dir, "model.dtype=bfloat16")  # auto: the trainer's pass
     summary = train(config, bare, tiny_model_dir, str(tmp_path / "bare" / "train"), str(tmp_path / "bare" / "model"))
-    assert summary["reference_source"] == "trainer" and _first_step(tmp_path / "bare" / "train")["reference_gap"] < 1e-7
+    assert summary.reference_source == "trainer" and _first_step(tmp_path / "bare" / "train")["reference_gap"] < 1e-7
 
 
 def test_the_reference_pass_covers_every_example_once_with_step_0s_micro_batches_first():
@@ -120,7 +120,7 @@ def train_with_trainer_reference(rank, world, model_dir, rows, train_dir, export
                                 "training.global_batch_size=4", "training.micro_batch_size=1", "training.epochs=2",
                                 "training.reference=trainer", *overrides])
     summary = train(config, rows, model_dir, train_dir, export_dir, WorkerContext(rank, world))
-    return {key: summary[key] for key in ("steps", "reference_pass", "reference_source")}
+    return {key: getattr(summary, key) for key in ("steps", "reference_pass", "reference_source")}
 
 
 def test_two_fsdp2_ranks_score_the_same_reference_as_one_process_and_bf16_meets_its_own(tiny_model_dir, chat, tmp_path):
@@ -163,11 +163,11 @@ def test_a_restarted_stage_reads_its_reference_back_and_ends_where_an_uninterrup
     config = _config(tiny_model_dir, "training.reference=trainer", "training.checkpoint_every=1",
                      "training.global_batch_size=2", "training.micro_batch_size=1")
     whole = train(config, rows, tiny_model_dir, str(tmp_path / "whole" / "train"), str(tmp_path / "whole" / "model"))
-    assert whole["steps"] == 4 and whole["reference_pass"] == "scored"
+    assert whole.steps == 4 and whole.reference_pass == "scored"
     train_dir = str(tmp_path / "cut" / "train")
     train_stopped_at(2, config, rows, tiny_model_dir, train_dir, str(tmp_path / "cut" / "model"))
     resumed = train(config, rows, tiny_model_dir, train_dir, str(tmp_path / "cut" / "model"))
-    assert resumed["resumed_from_step"] == 2 and resumed["reference_pass"] == "stored"
+    assert resumed.resumed_from_step == 2 and resumed.reference_pass == "stored"
     assert logged_losses(train_dir) == pytest.approx(logged_losses(tmp_path / "whole" / "train"), abs=1e-6)
     expected = load_file(os.path.join(tmp_path / "whole" / "model", "model.safetensors"))
     got = load_file(os.path.join(tmp_path / "cut" / "model", "model.safetensors"))
@@ -208,7 +208,7 @@ def test_a_training_phase_sets_its_peak_memory_and_step_time_beside_the_plans(ti
     summary = train(config, rows, tiny_model_dir, str(tmp_path / "train"), str(tmp_path / "model"))
     steps = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
     assert all(step["peak_memory_bytes"] > 100 * 2**20 for step in steps)  # the interpreter and torch are in it
-    checked = summary["plan_check"]
+    checked = summary.plan_check
     assert set(checked) == {"peak_memory", "step_seconds"}
     assert checked["peak_memory"]["measured"] == max(step["peak_memory_bytes"] for step in steps)
     assert checked["peak_memory"]["tolerance"] == PLAN_TOLERANCE["peak_memory"]
