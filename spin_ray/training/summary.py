@@ -58,9 +58,12 @@ class TrainingSummary:
 
     @classmethod
     def from_record(cls, record: dict) -> TrainingSummary:
-        """Read back summary.json; keys this version does not know are left out."""
+        """Read back summary.json. One written before the summary had a `last_step` held the last step's metrics beside
+        its own keys: they are read back as `last_step`, so a run trained then still resumes."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in record.items() if key in known})
+        own = {key: value for key, value in record.items() if key in known}
+        own.setdefault("last_step", {key: value for key, value in record.items() if key not in known})
+        return cls(**own)
 
 
 def read_summary(train_dir: str) -> TrainingSummary | None:
