@@ -21,7 +21,10 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 
+from spin_ray.data.records import BUILTIN_DATASETS, resolve_source
+from spin_ray.models.resolution import resolve_model
 from spin_ray.objectives.algorithms import objective
+from spin_ray.storage import join, read_json
 
 GB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -108,7 +111,6 @@ def read_model_config(model: str, cache_dir: str | None = None, trust_remote_cod
     (its converted folder), a local folder, a storage URL, or the hub (only that file)."""
     from importlib import resources
 
-    from spin_ray.models.resolution import resolve_model
 
     shipped = resources.files("spin_ray") / "builtin_data" / "model_configs" / (model.replace("/", "--") + ".json")
     if shipped.is_file():  # a copy of a public model's config.json: no hub round trip (and none offline)
@@ -118,7 +120,6 @@ def read_model_config(model: str, cache_dir: str | None = None, trust_remote_cod
     except Exception:
         resolved = None
     if resolved is not None and resolved.source != "hub":
-        from spin_ray.storage import join, read_json
 
         raw = read_json(join(resolved.path, "config.json"))
         if raw is not None:
@@ -550,7 +551,6 @@ def count_prompts(config, assumptions: Assumptions) -> tuple[int, str]:
         return assumptions.prompts, "--assume prompts"
     if config.data.limit:
         return config.data.limit, "data.limit"
-    from spin_ray.data.records import BUILTIN_DATASETS, resolve_source
 
     source, _ = resolve_source(config.data.train, config.data)
     try:

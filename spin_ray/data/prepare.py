@@ -9,6 +9,7 @@ import pyarrow as pa
 from spin_ray.config import Config
 from spin_ray.data.records import LoadReport, check_records, load_records
 from spin_ray.data.tokenization import ChatFormat, LengthReport, apply_length_policy
+from spin_ray.models.adapters import AdapterError, adapter_base, inject, lora_config
 from spin_ray.models.resolution import ResolvedModel, check_model, load_tokenizer, local_model_path, resolve_model
 
 
@@ -74,7 +75,6 @@ def check_lora(config: Config, model: str) -> str:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from spin_ray.models.adapters import AdapterError, adapter_base, inject, lora_config
 
     path = local_model_path(model, config.model.cache_dir, weights=False)
     if adapter_base(path):  # a LoRA model already: its own adapter trains on

@@ -16,6 +16,9 @@ import pyarrow as pa
 
 from spin_ray.data.gsm8k import final_answer
 
+# The reward model's actors import this module at Ray's niceness 15: what brings torch is imported inside their
+# methods, after `prepare_compute_process` claims normal priority (workers.py: measured).
+
 
 def win_rates(matrix: np.ndarray) -> np.ndarray:
     """P_hat(y_i) = mean_j P(y_i beats y_j) over all K answers, the self-pair counted as 1/2."""

@@ -40,7 +40,7 @@ from spin_ray.generation.shards import (
     shards_dataset,
     write_completion,
 )
-from spin_ray.generation.stages import REFERENCE_COLUMNS
+from spin_ray.generation.stages import REFERENCE_COLUMNS, GenerateStage, ReferenceStage
 from spin_ray.generation.summary import Completion, GenerationSummary
 from spin_ray.models.resolution import load_tokenizer
 
@@ -279,7 +279,6 @@ def _pipeline(config: Config, blocks: list[pa.Table], model: str, tasks: list[Pa
     count their answers into `tally` (an AnswerTally actor) and say when they start and shut down."""
     import ray
 
-    from spin_ray.generation.stages import GenerateStage
 
     gen = config.generation
     specs = tuple(
@@ -317,7 +316,6 @@ def score_under(dataset, config: Config, model: str, columns: tuple[str, str] = 
     under p_t, and scoring the opponent's held-out answers under the new model."""
     import ray
 
-    from spin_ray.generation.stages import ReferenceStage
 
     gen = config.generation
     return dataset.map_batches(

@@ -12,6 +12,9 @@ from spin_ray.generation.shards import ALSO_SCORE_COLUMNS, SHARD_COLUMN, TASK_CO
 
 REFERENCE_COLUMNS = ("ref_logp_real", "ref_logp_generated")
 
+# The actors built from these classes import this module at Ray's niceness 15; what brings torch, transformers or vLLM
+# is imported inside the methods, after `prepare_compute_process` claims normal priority (workers.py: measured).
+
 
 def score_rows(
     model, rows: list[dict], pad_id: int, batch_size: int, columns: tuple[str, str] = REFERENCE_COLUMNS

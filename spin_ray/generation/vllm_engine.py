@@ -23,6 +23,8 @@ from typing import Any
 
 from spin_ray.data.tokenization import ChatFormat
 from spin_ray.generation.engine import Completion, release_device_memory
+from spin_ray.logs import quiet_library_logs, vllm_logging_config
+from spin_ray.models.adapters import adapter_modules, adapter_rank
 
 # Settings of the CPU build, measured on the 2-core box with SmolLM2 (warm compile cache):
 # - in-process engine core (no EngineCore/worker subprocesses): 300 tok/s and 24 s start-up against
@@ -138,7 +140,6 @@ class VLLMEngine:
             # actor (ray-project/ray#54364) and keep the GPU's memory, which the next phase's training worker then
             # cannot have. In the replica's own process it goes with the process. Several GPUs need their workers.
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from spin_ray.logs import quiet_library_logs, vllm_logging_config
 
         # vLLM logs every engine step's stats at INFO: in a job log they would bury the run's own lines
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -173,7 +174,6 @@ class VLLMEngine:
             # generation.vllm_engine_kwargs {enforce_eager: false} compiles.
             kwargs["enforce_eager"] = True
         if adapter:  # `model_path` is the base; every request applies the adapter (one LoRA slot, built for its rank)
-            from spin_ray.models.adapters import adapter_modules, adapter_rank
 
             kwargs.update(lora_engine_kwargs(adapter_rank(adapter), adapter_modules(adapter)))
         kwargs.update(engine_kwargs or {})

@@ -26,6 +26,16 @@ import torch
 from filelock import FileLock
 
 from spin_ray.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_base, merged_model
+from spin_ray.storage import (
+    atomic_write_json,
+    download_folder,
+    exists,
+    filesystem,
+    join,
+    list_dir,
+    read_json,
+    upload_folder,
+)
 
 # Marker written last into a converted folder; a folder without it is an interrupted conversion.
 _COMPLETE_MARKER = "spin_ray_converted.json"
@@ -138,7 +148,6 @@ def resolve_model(spec: str | os.PathLike, cache_dir: str | Path | None = None) 
                     _convert_gguf(gguf, target)
         return ResolvedModel(spec=spec, path=str(target), source="alias")
     if _is_storage_url(spec):
-        from spin_ray.storage import exists, join, list_dir
 
         if not list_dir(spec):
             raise ModelResolutionError(f"model {spec!r}: no such folder in storage")
@@ -212,8 +221,6 @@ def folder_digest(folder: str) -> dict:
 def publish_folder(folder: str, url: str) -> str:
     """Copy a local model folder to `url`, marker last (with the content hash); returns the hash. A folder already
     published there with the same content is left as it is."""
-    from spin_ray.storage import atomic_write_json, join, read_json, upload_folder
-
     digest = folder_digest(folder)
     existing = read_json(join(url, FOLDER_MARKER))
     if existing and existing.get("content_hash") == digest["content_hash"]:
@@ -227,8 +234,6 @@ def content_fingerprint(path: str) -> str | None:
     """The content hash of a model folder (local, or published to storage with its marker) without its model card;
     None for a hub id or a folder whose content cannot be known without downloading it. A run rewrites the card of
     its models with its latest report, which changes no answer the model gives."""
-    from spin_ray.storage import join, read_json
-
     if _is_storage_url(path):
         marker = read_json(join(path, FOLDER_MARKER)) or {}
         files = marker.get("files")
@@ -244,16 +249,12 @@ def content_fingerprint(path: str) -> str | None:
 
 
 def folder_complete(url: str) -> bool:
-    from spin_ray.storage import exists, join
-
     return exists(join(url, FOLDER_MARKER))
 
 
 def _content_key(url: str) -> str:
     """The staging key of a storage folder: its published content hash, else a hash of its listing (names,
     sizes, ETags or modification times) for a folder someone else uploaded."""
-    from spin_ray.storage import filesystem, join, read_json
-
     marker = read_json(join(url, FOLDER_MARKER))
     if marker and marker.get("content_hash"):
         return marker["content_hash"][:32]
@@ -276,8 +277,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 def stage_model(url: str, cache_dir: str | Path | None = None, weights: bool = True) -> str:
     """This node's local copy of the model folder at a storage URL (downloaded once per content); with
     `weights=False` only its config and tokenizer files."""
-    from spin_ray.storage import download_folder, join, read_json
-
     root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "staged"
     target = root / (_content_key(url) + ("" if weights else "-tokenizer"))
     published = (read_json(join(url, FOLDER_MARKER)) or {}).get("files") or {}

@@ -19,6 +19,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from spin_ray.run.cluster import ResourceError
+
 NAMESPACE = "spin_ray"
 PREFIX = "spin-ray-attempt"
 
@@ -99,7 +101,6 @@ def end_earlier_attempts(attempt: Attempt, limit_s: float, echo=print) -> dict |
         if left:
             time.sleep(0.5)
     if left:
-        from spin_ray.run.cluster import ResourceError
 
         raise ResourceError(f"actors of an earlier attempt of run {attempt.run_name!r} outlived {limit_s:.0f}s "
                            f"(run.resource_wait_s) after being ended: {', '.join(left)}")

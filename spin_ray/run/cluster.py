@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import yaml
 
 from spin_ray.objectives.algorithms import objective
+from spin_ray.storage import join, read_json, remove
 
 
 class ResourceError(RuntimeError):
@@ -196,7 +197,7 @@ def end_earlier_worker_group(train_dir: str, limit_s: float, echo=print) -> dict
     which ends the workers in it. Returns what was ended and how long it took, or None when nothing was left."""
     from ray.core.generated import gcs_pb2
 
-    from spin_ray.storage import join, read_json, remove
+    # torch.distributed's checkpoint modules come with the trainer: 0.75 s of every spin-ray command's start otherwise
     from spin_ray.training.trainer import WORKER_GROUP
 
     record = read_json(join(train_dir, WORKER_GROUP))

@@ -24,6 +24,10 @@ import pyarrow.parquet as pq
 
 from spin_ray.config import Config
 from spin_ray.data.gsm8k import final_answer, harness_flexible, harness_match, harness_strict, has_answer_format
+from spin_ray.data.records import load_records
+from spin_ray.generation.pipeline import PassTask, run_pass, score_under
+from spin_ray.generation.shards import ALSO_SCORE_COLUMNS, committed_shards, read_shards, shards_dataset
+from spin_ray.models.resolution import content_fingerprint
 from spin_ray.storage import atomic_write_bytes, atomic_write_json, exists, join, read_json, remove
 
 log = logging.getLogger(__name__)
@@ -131,8 +135,6 @@ def prepare_evaluation(config: Config, model: str, output_dir: str, opponent_ans
     there has the same model, data and settings, else the plan of its engine pass (an earlier result of another
     model or settings is removed). With `opponent_answers` (the answers folder of the opponent's own evaluation)
     the pass also scores the opponent's answers under `model`, for the reward accuracy."""
-    from spin_ray.generation.pipeline import PassTask
-
     source = data or config.data.eval
     if source is None:
         raise ValueError("evaluation needs held-out data: set data.eval (e.g. gsm8k:test)")
@@ -163,8 +165,6 @@ def evaluate_model(config: Config, model: str, output_dir: str, opponent_answers
                    data: str | None = None) -> dict:
     """Evaluate `model` on the held-out split (`prepare_evaluation`, one engine pass, `finish_evaluation`). Results go
     to {output_dir}/metrics.json and scores.parquet (per prompt)."""
-    from spin_ray.generation.pipeline import run_pass
-
     pending = prepare_evaluation(config, model, output_dir, opponent_answers, data)
     if isinstance(pending, dict):
         return pending
@@ -177,8 +177,6 @@ def finish_evaluation(pending: PendingEvaluation, result) -> dict:
     length and NLL per prompt, and the rewards against the opponent; written to metrics.json and scores.parquet."""
     import ray
 
-    from spin_ray.generation.pipeline import score_under
-    from spin_ray.generation.shards import committed_shards, shards_dataset
 
     config, model, opponent_answers = pending.config, pending.model, pending.opponent_answers
     # The light per-row stages reserve no CPU (num_cpus=0): on a small node the scoring actor holds
@@ -231,8 +229,6 @@ def finish_evaluation(pending: PendingEvaluation, result) -> dict:
 
 def _opponent_rows(answers_dir: str) -> dict:
     """The opponent's held-out answers and their log-probs under the opponent (it generated them)."""
-    from spin_ray.generation.shards import committed_shards, read_shards
-
     return read_shards(committed_shards(answers_dir),
                        ["prompt_id", "generated_token_ids", "ref_logp_real", "ref_logp_generated"]).to_pydict()
 
@@ -243,7 +239,6 @@ def _fused_rewards(dataset, opponent: dict, beta: float) -> pa.Table | None:
     by a version that did not score them in the pass)."""
     import ray
 
-    from spin_ray.generation.shards import ALSO_SCORE_COLUMNS
 
     also = ALSO_SCORE_COLUMNS[1]
     if also not in dataset.columns():
@@ -273,8 +268,6 @@ def validation_source(config: Config, carved_file: str) -> str | None:
     """The run's validation data: data.validation, or the records carved out of data.train, written once (up to
     evaluation.validation_prompts of them) to `carved_file`, so every evaluation reads the same file; None when the
     run has no validation split."""
-    from spin_ray.data.records import load_records
-
     if config.data.validation is not None:
         return config.data.validation
     if config.data.validation_fraction <= 0:
@@ -302,7 +295,6 @@ def start_evaluation_cache(config: Config, model: str, validation: str | None) -
     cannot be fingerprinted (a hub id). A changed setting, data file or model gives another key."""
     import os
 
-    from spin_ray.models.resolution import content_fingerprint
 
     fingerprint = content_fingerprint(model)
     if fingerprint is None:

@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from spin_ray.storage import atomic_write_bytes, filesystem, is_local, protocol, read_bytes, remove
+from spin_ray.storage import atomic_write_bytes, filesystem, is_local, protocol, read_bytes, read_json, remove
 
 
 class LeaseHeld(RuntimeError):
@@ -48,8 +48,6 @@ def describe(holder: dict) -> str:
 
 def live_holder(url: str) -> dict | None:
     """The holder of the lease at `url` if it is alive (renewed within 2/3 of its TTL), else None."""
-    from spin_ray.storage import read_json
-
     try:
         holder = read_json(url)
     except ValueError:  # torn or foreign: nobody alive wrote it

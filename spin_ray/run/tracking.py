@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 from spin_ray.config import Config, flatten
 from spin_ray.run.layout import RunLayout
-from spin_ray.storage import is_local, join, read_json_lines, upload_folder
+from spin_ray.storage import download_folder, is_local, join, read_json_lines, upload_folder
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ class TensorBoard:
         self.target = join(layout.root, "tensorboard")
         self.local = self.target if is_local(self.target) else tempfile.mkdtemp(prefix="spin-ray-tb-")
         if not is_local(self.target):
-            from spin_ray.storage import download_folder
 
             download_folder(self.target, self.local)  # earlier jobs' event files stay with the run
         self.writer = SummaryWriter(self.local)

@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from spin_ray.config import Config
+from spin_ray.data.prepare import tokenize_split
+from spin_ray.data.tokenization import ChatFormat
 from spin_ray.generation.pipeline import score_under
 from spin_ray.generation.shards import ALSO_SCORE_COLUMNS, PAIRS_SCHEMA, committed_shards, read_shards, shards_dataset
+from spin_ray.models.resolution import load_tokenizer
 from spin_ray.objectives.algorithms import objective
 from spin_ray.run.layout import RunLayout
 
@@ -41,9 +44,6 @@ def sft_rows(config: Config, model: str, source: str | None = None):
     """The SFT data (data.train, or `source`) as token-id rows (no generated answer) for the warm start."""
     import ray
 
-    from spin_ray.data.prepare import tokenize_split
-    from spin_ray.data.tokenization import ChatFormat
-    from spin_ray.models.resolution import load_tokenizer
 
     chat = ChatFormat(load_tokenizer(model, config.model.trust_remote_code, config.model.cache_dir))
     if source is not None:  # a validation file: already cut to its size, whatever data.limit says of data.train

@@ -24,7 +24,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from spin_ray.models.adapters import is_adapted, write_adapter
-from spin_ray.models.resolution import FOLDER_MARKER, folder_complete, folder_digest, publish_folder
+from spin_ray.models.resolution import (
+    FOLDER_MARKER,
+    folder_complete,
+    folder_digest,
+    load_model,
+    load_tokenizer,
+    publish_folder,
+)
 from spin_ray.storage import (
     atomic_write_json,
     download_folder,
@@ -198,7 +205,6 @@ def export_merged(adapter_url: str, target_url: str, dtype: str, trust_remote_co
     if rank != 0:
         _barrier()
         return None
-    from spin_ray.models.resolution import load_model, load_tokenizer
 
     model = load_model(adapter_url, dtype, trust_remote_code)
     tokenizer = load_tokenizer(adapter_url, trust_remote_code)

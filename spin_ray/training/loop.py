@@ -22,10 +22,23 @@ import torch.distributed as dist
 
 from spin_ray.config import Config
 from spin_ray.models.adapters import adapter_base, is_adapted
+from spin_ray.models.resolution import load_tokenizer, local_model_path
 from spin_ray.objectives.algorithms import Algorithm, Example, TrainingDataError, objective
 from spin_ray.objectives.logprobs import answer_logps
 from spin_ray.objectives.packed_attention import use_packed_kernel
-from spin_ray.plan import AUTO_CHECKPOINT_MIN_S, AUTO_CHECKPOINT_SHARE
+from spin_ray.plan import (
+    AUTO_CHECKPOINT_MIN_S,
+    AUTO_CHECKPOINT_SHARE,
+    FIT_SHARE,
+    GPU_RUNTIME_BYTES,
+    ModelShape,
+    PlanError,
+    choose_layout,
+    describe_check,
+    plan_check,
+    training_memory,
+    training_shape,
+)
 from spin_ray.storage import JsonLines, atomic_write_json, join, read_json, read_json_lines
 from spin_ray.training.checkpoint import (
     committed_steps,
@@ -38,8 +51,9 @@ from spin_ray.training.checkpoint import (
     save_checkpoint_async,
 )
 from spin_ray.training.data import Schedule, examples_from_rows
+from spin_ray.training.gpu import GPU_RELEASE_WAIT_S, GPUBusyError, wait_for_free_gpu
 from spin_ray.training.measure import PeakMemory, predict_phase, resident_now, settle_cpu_rate
-from spin_ray.training.parallel import DTYPES, compute_context, load_for_training, set_accumulating
+from spin_ray.training.parallel import DTYPES, compute_context, is_sharded, load_for_training, set_accumulating
 from spin_ray.training.reference import trainer_reference
 from spin_ray.training.summary import TrainingSummary
 
@@ -228,8 +242,6 @@ def set_up(config: Config, rows: list[dict], model_path: str, train_dir: str, co
            early_stop: EarlyStop | None) -> LoopState:
     """Examples and their schedule, the model (sharded, checkpointed as the plan chose), optimizer and schedule, the
     plan's prediction, the trainer's reference pass where it is needed, and a committed checkpoint's state."""
-    from spin_ray.models.resolution import load_tokenizer
-
     setup_started = time.perf_counter()
     resident_before = resident_now() or 0  # the plan's runtime share on a CPU: interpreter, libraries, the rows
     training = config.training
@@ -489,8 +501,6 @@ def _max_over_ranks(value: int | None, device) -> int | None:
 def check_against_plan(prediction: dict | None, peaks: list[int], step_times: list[float]) -> dict:
     """This run's steps against the plan: the largest peak memory and the median step time, each beside its
     prediction; one warning line in the log for what is past the plan's tolerance."""
-    from spin_ray.plan import describe_check, plan_check
-
     if not prediction or not step_times:
         return {}
     measured = {"peak_memory": max(peaks) if peaks else None, "step_seconds": statistics.median(step_times)}
@@ -546,9 +556,6 @@ def training_layout(config: Config, model_path: str, world: int, device: torch.d
     """(memory layout, model shape): training.activation_checkpointing and training.gradient_accumulation with auto
     decided by the memory plan against this worker's GPU (on CPU auto means off and unsharded), and the model's shape
     as the plan reads it (None on CPU, or for a model the plan does not describe)."""
-    from spin_ray.models.resolution import local_model_path
-    from spin_ray.plan import GPU_RUNTIME_BYTES, ModelShape, PlanError, choose_layout
-
     device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     shape = None
     if device_bytes:
@@ -566,9 +573,6 @@ def wait_for_gpu_memory(config: Config, shape, memory_layout, context: WorkerCon
     """Before the load: wait (bounded) until this worker's GPU has the memory the plan gives a worker free, else refuse
     the stage in one line naming the processes that hold it (no restart: recorded as a refusal). A model the plan does
     not describe needs 90% of the GPU free."""
-    from spin_ray.plan import FIT_SHARE, GPU_RUNTIME_BYTES, training_memory, training_shape
-    from spin_ray.training.gpu import GPU_RELEASE_WAIT_S, GPUBusyError, wait_for_free_gpu
-
     index = context.device.index if context.device.index is not None else torch.cuda.current_device()
     if shape is not None:
         run = training_shape(config, context.world_size, memory_layout.activation_checkpointing,
@@ -588,8 +592,6 @@ def wait_for_gpu_memory(config: Config, shape, memory_layout, context: WorkerCon
 def loss_scaler(model, device: torch.device):
     """float16's dynamic loss scale (bfloat16 has float32's range and needs none); FSDP's scaler agrees on overflow
     over all ranks."""
-    from spin_ray.training.parallel import is_sharded
-
     if is_sharded(model):
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 

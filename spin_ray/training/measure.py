@@ -11,6 +11,8 @@ import statistics
 
 import torch
 
+from spin_ray.plan import ACCELERATORS, Assumptions, ModelShape, PlanError, cpu_training_flops, phase_prediction
+
 
 class PeakMemory:
     """One device's peak memory over a span of work (a step): `reset()` before it, `peak()` after."""
@@ -61,8 +63,6 @@ def predict_phase(config, model: torch.nn.Module, examples, memory_layout, world
     for the model as loaded (None for a model the plan does not describe, or a GPU it has no rate for).
     `runtime_bytes` is what the process held before the model (its interpreter, libraries and rows on a CPU); on a
     GPU the allocator's peak is compared with the planned tensors alone (the CUDA context is not the allocator's)."""
-    from spin_ray.plan import ACCELERATORS, Assumptions, ModelShape, PlanError, cpu_training_flops, phase_prediction
-
     try:
         shape = ModelShape.from_config(model.config.to_dict())
     except (PlanError, KeyError, AttributeError):
@@ -98,7 +98,6 @@ def settle_cpu_rate(prediction: dict | None, device: torch.device, cpus: float, 
     and now, at its end. Compute time scales with the rate; communication does not."""
     if not prediction or device.type == "cuda":
         return prediction
-    from spin_ray.plan import Assumptions, cpu_training_flops
 
     now = cpu_training_flops(cpus, workers, Assumptions())
     if now <= prediction["flops_per_second"]:

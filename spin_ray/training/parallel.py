@@ -14,6 +14,9 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from spin_ray.models.adapters import adapter_base, inject, load_adapter, lora_config, saved_config
+from spin_ray.models.resolution import load_model, local_model_path
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -141,9 +144,6 @@ def load_for_training(model_path: str, trust_remote_code: bool, device: torch.de
     LoRA: a `model_path` holding an adapter (an earlier iteration's export) is its base with that adapter, trained
     on; a whole model with `lora.rank` > 0 gets a fresh adapter (`training.lora`). Only the adapter is trainable.
     """
-    from spin_ray.models.adapters import adapter_base
-    from spin_ray.models.resolution import load_model, local_model_path
-
     path = local_model_path(model_path)
     base = adapter_base(path)
     weights = local_model_path(base) if base else path
@@ -194,8 +194,6 @@ def hold_frozen_in(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.
 def _with_adapter(model, adapter: str | None, lora, base: str, weights: bool = True):
     """`model` with the adapter saved in `adapter` (its weights only when `weights`: a meta-device model receives
     them by broadcast), or with a fresh one when `lora.rank` > 0, or as it is."""
-    from spin_ray.models.adapters import inject, load_adapter, lora_config, saved_config
-
     if adapter:
         return load_adapter(model, adapter) if weights else inject(model, saved_config(adapter))
     if lora is not None and lora.rank > 0:

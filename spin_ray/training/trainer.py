@@ -16,8 +16,11 @@ from spin_ray.logs import quiet_library_logs
 from spin_ray.objectives.algorithms import TrainingDataError, objective
 from spin_ray.storage import atomic_write_json, is_local, join, remove
 from spin_ray.training.checkpoint import export_complete
+from spin_ray.training.data import Schedule, examples_from_rows
+from spin_ray.training.loop import REFUSAL, EarlyStop, WorkerContext, read_refusal, train
 from spin_ray.training.parallel import process_group_backend
 from spin_ray.training.summary import SUMMARY, TrainingSummary, read_summary
+from spin_ray.workers import prepare_compute_process
 
 
 def _quiet_per_report_lines() -> None:
@@ -49,15 +52,12 @@ def record_worker_group(train_dir: str) -> None:
 
 
 def _worker_entry(loop_config: dict) -> None:
-    from spin_ray.workers import prepare_compute_process
-
     config = build_config(loop_config["config"])
     # One torch thread per reserved CPU, set explicitly: the worker process does not get it from Ray.
     prepare_compute_process(max(1, int(config.training.cpus_per_worker)))
     import ray.train
     import ray.train.torch
 
-    from spin_ray.training.loop import EarlyStop, WorkerContext, train
 
     _quiet_per_report_lines()
     quiet_library_logs()  # `spin-ray run`'s job hook did this; a training started otherwise (a benchmark) needs it here
@@ -92,8 +92,6 @@ def validate_pairs(config: Config, dataset, source: str) -> None:
 
     Only the ids, reference log-probs and win rates are read (a few floats per row), never the token ids.
     """
-    from spin_ray.training.data import Schedule, examples_from_rows
-
     training = config.training
     needed = objective(config).needed_columns(config)
     names = dataset.schema().names if dataset.schema() is not None else []
@@ -168,7 +166,6 @@ def run_training(config: Config, dataset, model_path: str, train_dir: str, expor
         datasets={"train": dataset, **({"validation": validation} if validation is not None else {})},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    from spin_ray.training.loop import REFUSAL, read_refusal
 
     remove(join(train_dir, REFUSAL))  # a refusal of an earlier job is for its config; this one checks again
     try:
