@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from spin_ray.objectives.algorithms import ALGORITHMS, RECOMMENDABLE, objective
 
@@ -545,8 +554,7 @@ class Config(_Section):
         for key in RECOMMENDABLE:  # a null key takes the trained objective's recommended value
             section, name = key.split(".")
             if getattr(getattr(self, section), name) is None:
-                # not an explicit setting, so a resumed run adopts its stored value (manifest.resume_config)
-                getattr(self, section).__dict__[name] = trained.setting(key)
+                _set_derived_default(getattr(self, section), name, trained.setting(key))
         ignored = trained.unsupported_options(self.training)
         if ignored:
             what = "training.objective sft" if trained.name == "sft" else f"algorithm {trained.name}"
@@ -673,6 +681,14 @@ def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys that shape results whose values differ between two config dicts (missing counts as differing)."""
     a, b = flatten(old), flatten(new)
     return sorted(k for k in set(a) | set(b) if not is_operational(k) and a.get(k, "<unset>") != b.get(k, "<unset>"))
+
+
+def _set_derived_default(section: BaseModel, name: str, value: Any) -> None:
+    """Give `section.name` a value derived from other keys as its default: checked against the field's type, and left
+    out of model_fields_set, so that a resumed run adopts its stored value for it (manifest.resume_config). An
+    assignment would mark it set and, under validate_assignment, run the validators of the config being built again
+    (pydantic issue 8185), hence the write to the instance's __dict__."""
+    section.__dict__[name] = TypeAdapter(type(section).model_fields[name].annotation).validate_python(value)
 
 
 def explicit_keys(config: BaseModel, prefix: str = "") -> set[str]:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from spin_ray.config import ConfigError, config_keys, load_config
+from spin_ray.config import ConfigError, config_keys, explicit_keys, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,6 +103,8 @@ def test_a_null_stabiliser_takes_the_trained_objectives_recommended_value():
     spin = load_config()
     assert (spin.training.nll_weight, spin.training.length_normalize, spin.training.dpop_lambda) == (0.2, True, 0.0)
     assert spin.training.nll_weight == ALGORITHMS["spin"].recommended["training.nll_weight"]
+    # a default, not a setting: a resumed run adopts its stored value (manifest.resume_config)
+    assert not {"training.nll_weight", "training.length_normalize"} & explicit_keys(spin)
     tspin = load_config(overrides=["algorithm=tspin"])
     assert (tspin.training.nll_weight, tspin.tspin.reward_scale, tspin.tspin.length_normalize,
             tspin.tspin.reference_free) == (0.2, 0.1, True, False)
