@@ -14,16 +14,18 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from spin_ray.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_base, merged_model
 from spin_ray.storage import (
@@ -36,6 +38,8 @@ from spin_ray.storage import (
     read_json,
     upload_folder,
 )
+
+log = logging.getLogger(__name__)
 
 # Marker written last into a converted folder; a folder without it is an interrupted conversion.
 _COMPLETE_MARKER = "spin_ray_converted.json"
@@ -270,6 +274,12 @@ def _content_key(url: str) -> str:
 # Downloads of one model folder before staging gives up: a copy that lost files (its folder cleaned under it) is
 # downloaded again.
 STAGE_ATTEMPTS = 3
+
+# Model folders a node's cache keeps of each kind (staged copies of storage URLs, merged LoRA models), the most recently
+# used: a run in a bucket stages every iteration's model on every node that loads it (14 GiB each for a 7B model in
+# bf16), and an iteration needs at most three at once (p_t, p_{t+1} and a LoRA base). 0 keeps every one.
+NODE_CACHE_KEEP_ENV = "SPIN_RAY_NODE_CACHE_KEEP"
+NODE_CACHE_KEEP = 4
 # Weight files: a tokenizer-only staging (the driver tokenizing prompts) leaves them in the bucket.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -298,6 +308,8 @@ def stage_model(url: str, cache_dir: str | Path | None = None, weights: bool = T
         except FileNotFoundError:  # the staging folder itself went away under the download
             if attempt == STAGE_ATTEMPTS:
                 raise
+    if weights:
+        prune_node_cache(root, target)
     return str(target)
 
 
@@ -307,6 +319,7 @@ def build_once(target: Path, build: Callable[[Path], dict | None]) -> bool:
     concurrent processes build it once and nobody reads half of it. `build` returns None for a folder to build
     again (nothing is kept). True when `target` is complete."""
     if (target / _COMPLETE_MARKER).is_file():
+        _mark_used(target)
         return True
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target.parent / f".{target.name}.lock")):
@@ -327,6 +340,51 @@ def build_once(target: Path, build: Callable[[Path], dict | None]) -> bool:
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+
+
+def _mark_used(folder: Path) -> None:
+    """Record a use of a complete cached folder (its marker's modification time), for `prune_node_cache`."""
+    try:
+        os.utime(folder / _COMPLETE_MARKER)
+    except OSError:  # removed meanwhile, or a read-only cache: nothing to record
+        pass
+
+
+def node_cache_keep() -> int:
+    value = os.environ.get(NODE_CACHE_KEEP_ENV, "").strip()
+    if not value:
+        return NODE_CACHE_KEEP
+    if not value.isdigit():
+        raise ModelResolutionError(f"{NODE_CACHE_KEEP_ENV}={value!r}: give a whole number of model folders to keep "
+                                   "per node (0 keeps every one)")
+    return int(value)
+
+
+def prune_node_cache(root: Path, in_use: Path) -> list[str]:
+    """Remove the least recently used complete model folders under `root` beyond `node_cache_keep()`, never `in_use`
+    (just returned to a loader) and never a tokenizer-only copy (kilobytes). Each goes under its own build lock,
+    renamed aside before it is deleted, so no process finds half of one; a folder whose lock another process holds is
+    left for the next time. Returns the names removed."""
+    keep = node_cache_keep()
+    if keep == 0:
+        return []
+    complete = [folder for folder in root.iterdir() if folder.is_dir() and not folder.name.startswith(".")
+                and not folder.name.endswith("-tokenizer") and (folder / _COMPLETE_MARKER).is_file()]
+    complete.sort(key=lambda folder: (folder / _COMPLETE_MARKER).stat().st_mtime, reverse=True)
+    removed = []
+    for folder in [f for f in complete if f != in_use][max(keep - 1, 0):]:
+        try:
+            with FileLock(str(root / f".{folder.name}.lock"), timeout=0):
+                aside = root / f".{folder.name}.removing-{uuid.uuid4().hex[:8]}"
+                os.replace(folder, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+                removed.append(folder.name)
+        except (Timeout, FileNotFoundError):  # being built or removed by another process
+            continue
+    if removed:
+        log.info("node cache %s: removed %d least recently used model folder(s) beyond %d: %s", root, len(removed),
+                 keep, ", ".join(removed))
+    return removed
 
 
 def local_model_path(spec: str, cache_dir: str | Path | None = None, weights: bool = True) -> str:
@@ -380,6 +438,7 @@ def merged_model_path(adapter_folder: str, dtype: str, trust_remote_code: bool =
         return {"source": adapter_folder, "merged": True}
 
     build_once(target, merge)
+    prune_node_cache(root, target)
     return str(target)
 
 
