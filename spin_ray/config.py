@@ -350,7 +350,6 @@ class TrainingConfig(_Section):
     )
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
 
-
     @model_validator(mode="after")
     def _batch_fits(self) -> "TrainingConfig":
         if self.micro_batch_size > self.global_batch_size:

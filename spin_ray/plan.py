@@ -111,7 +111,6 @@ def read_model_config(model: str, cache_dir: str | None = None, trust_remote_cod
     (its converted folder), a local folder, a storage URL, or the hub (only that file)."""
     from importlib import resources
 
-
     shipped = resources.files("spin_ray") / "builtin_data" / "model_configs" / (model.replace("/", "--") + ".json")
     if shipped.is_file():  # a copy of a public model's config.json: no hub round trip (and none offline)
         return json.loads(shipped.read_text())

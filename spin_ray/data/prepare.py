@@ -75,7 +75,6 @@ def check_lora(config: Config, model: str) -> str:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-
     path = local_model_path(model, config.model.cache_dir, weights=False)
     if adapter_base(path):  # a LoRA model already: its own adapter trains on
         return f"LoRA: trains on the adapter at {model}"

@@ -279,7 +279,6 @@ def _pipeline(config: Config, blocks: list[pa.Table], model: str, tasks: list[Pa
     count their answers into `tally` (an AnswerTally actor) and say when they start and shut down."""
     import ray
 
-
     gen = config.generation
     specs = tuple(
         EngineSpec.from_config(task.config, model, score_reference=task.score_reference and gen.fuse_reference)
@@ -315,7 +314,6 @@ def score_under(dataset, config: Config, model: str, columns: tuple[str, str] = 
     the reference when generation does not score it, rescoring the previous iteration's pairs (and T-SPIN's y_0)
     under p_t, and scoring the opponent's held-out answers under the new model."""
     import ray
-
 
     gen = config.generation
     return dataset.map_batches(

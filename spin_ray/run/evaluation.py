@@ -177,7 +177,6 @@ def finish_evaluation(pending: PendingEvaluation, result) -> dict:
     length and NLL per prompt, and the rewards against the opponent; written to metrics.json and scores.parquet."""
     import ray
 
-
     config, model, opponent_answers = pending.config, pending.model, pending.opponent_answers
     # The light per-row stages reserve no CPU (num_cpus=0): on a small node the scoring actor holds
     # every CPU, and a stage that waits for one would wait forever.
@@ -239,7 +238,6 @@ def _fused_rewards(dataset, opponent: dict, beta: float) -> pa.Table | None:
     by a version that did not score them in the pass)."""
     import ray
 
-
     also = ALSO_SCORE_COLUMNS[1]
     if also not in dataset.columns():
         return None
@@ -294,7 +292,6 @@ def start_evaluation_cache(config: Config, model: str, validation: str | None) -
     the same evaluation data and settings ({storage_path}/_cache/start_eval/<key>); None when the model's content
     cannot be fingerprinted (a hub id). A changed setting, data file or model gives another key."""
     import os
-
 
     fingerprint = content_fingerprint(model)
     if fingerprint is None:

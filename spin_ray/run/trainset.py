@@ -44,7 +44,6 @@ def sft_rows(config: Config, model: str, source: str | None = None):
     """The SFT data (data.train, or `source`) as token-id rows (no generated answer) for the warm start."""
     import ray
 
-
     chat = ChatFormat(load_tokenizer(model, config.model.trust_remote_code, config.model.cache_dir))
     if source is not None:  # a validation file: already cut to its size, whatever data.limit says of data.train
         config = config.model_copy(update={"data": config.data.model_copy(update={"limit": None})})

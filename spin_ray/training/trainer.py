@@ -58,7 +58,6 @@ def _worker_entry(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-
     _quiet_per_report_lines()
     quiet_library_logs()  # `spin-ray run`'s job hook did this; a training started otherwise (a benchmark) needs it here
     context = ray.train.get_context()
