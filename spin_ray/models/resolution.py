@@ -276,8 +276,9 @@ def _content_key(url: str) -> str:
 STAGE_ATTEMPTS = 3
 
 # Model folders a node's cache keeps of each kind (staged copies of storage URLs, merged LoRA models), the most recently
-# used: a run in a bucket stages every iteration's model on every node that loads it (14 GiB each for a 7B model in
-# bf16), and an iteration needs at most three at once (p_t, p_{t+1} and a LoRA base). 0 keeps every one.
+# used: a run in a bucket stages every iteration's model on every node that loads it (an estimate for a 7B model in
+# bf16: 7e9 parameters x 2 bytes = 13 GiB each), and an iteration needs at most three at once (p_t, p_{t+1} and a
+# LoRA base). 0 keeps every one.
 NODE_CACHE_KEEP_ENV = "SPIN_RAY_NODE_CACHE_KEEP"
 NODE_CACHE_KEEP = 4
 # Weight files: a tokenizer-only staging (the driver tokenizing prompts) leaves them in the bucket.
@@ -303,21 +304,20 @@ def stage_model(url: str, cache_dir: str | Path | None = None, weights: bool = T
 
     for attempt in range(1, STAGE_ATTEMPTS + 1):
         try:
-            if build_once(target, lambda staging: download(staging, attempt == STAGE_ATTEMPTS)):
+            if build_once(target, lambda staging: download(staging, attempt == STAGE_ATTEMPTS), prune=weights):
                 break
         except FileNotFoundError:  # the staging folder itself went away under the download
             if attempt == STAGE_ATTEMPTS:
                 raise
-    if weights:
-        prune_node_cache(root, target)
     return str(target)
 
 
-def build_once(target: Path, build: Callable[[Path], dict | None]) -> bool:
+def build_once(target: Path, build: Callable[[Path], dict | None], prune: bool = False) -> bool:
     """Build the folder `target` once on this node: under a file lock beside it, `build(staging)` fills a temporary
     folder and returns the record of the completion marker, written last before the folder is renamed into place, so
     concurrent processes build it once and nobody reads half of it. `build` returns None for a folder to build
-    again (nothing is kept). True when `target` is complete."""
+    again (nothing is kept). True when `target` is complete. A use of a complete folder is recorded; with `prune`,
+    a folder just added makes room under its parent (`prune_node_cache`)."""
     if (target / _COMPLETE_MARKER).is_file():
         _mark_used(target)
         return True
@@ -336,10 +336,12 @@ def build_once(target: Path, build: Callable[[Path], dict | None]) -> bool:
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)
-            return True
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+    if prune:
+        prune_node_cache(target.parent, target)
+    return True
 
 
 def _mark_used(folder: Path) -> None:
@@ -437,8 +439,7 @@ def merged_model_path(adapter_folder: str, dtype: str, trust_remote_code: bool =
         load_tokenizer(adapter_folder, trust_remote_code, cache_dir).save_pretrained(staging)
         return {"source": adapter_folder, "merged": True}
 
-    build_once(target, merge)
-    prune_node_cache(root, target)
+    build_once(target, merge, prune=True)
     return str(target)
 
 

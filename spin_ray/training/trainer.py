@@ -134,8 +134,8 @@ def run_training(config: Config, dataset, model_path: str, train_dir: str, expor
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    done = read_summary(train_dir)
-    if done is not None and export_complete(export_dir):
+    done = read_summary(train_dir) if export_complete(export_dir) else None
+    if done is not None:
         return done
     training = config.training
     validate_pairs(config, dataset, source)
